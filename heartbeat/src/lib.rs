@@ -1,0 +1,3 @@
+//! UDP heartbeats, the failure detector and the split-brain arbiter.
+//! Filled in by the "Failover" issue.
+#![forbid(unsafe_code)]
