@@ -68,7 +68,7 @@ impl BusDevice for Clock {
                     .clock_ns(ctx.exit)
                     .map_err(|source| DeviceError::Hook { device: "clock", source })?;
                 self.latched = now;
-                self.readings += 1;
+                self.readings = self.readings.wrapping_add(1);
                 // Low half: truncation is the point.
                 read_u32_reg(now as u32, data);
             }

@@ -1,0 +1,252 @@
+//! A KVM virtual machine ready to run: guest memory in one memslot, the
+//! guest ELF loaded, boot structures written, one vCPU in long mode with the
+//! fixed CPUID, and the devices on their buses.
+
+use std::io::Cursor;
+use std::net::Ipv4Addr;
+
+use ftvm_abi::{BootParams, KERNEL_LOAD_ADDR, MAX_MEMORY_MIB, MIN_MEMORY_MIB, PARAMS_LEN};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use linux_loader::loader::{Elf, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot;
+use crate::bus::{Bus, BusError};
+use crate::cpuid;
+use crate::devices::{clock, entropy, health, power, pvpanic, serial, testdev, timer};
+use crate::hook::{ExitIndex, InputSource, OutputSink};
+use crate::memory::GuestMem;
+use crate::vcpu::{Peripherals, RunOutcome, StopHandle, Vcpu, VcpuError};
+
+/// What a VM is made of.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM in MiB, from guest-physical 0.
+    pub memory_mib: u64,
+    /// The guest: a static x86_64 ELF linked at `KERNEL_LOAD_ADDR`.
+    pub elf: Vec<u8>,
+    /// Network settings and `--param` values for the boot-parameter block.
+    pub boot: BootSettings,
+}
+
+/// The guest-visible settings written into the boot-parameter block.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BootSettings {
+    /// The NIC's MAC, when the guest has a NIC.
+    pub mac: Option<[u8; 6]>,
+    /// Address and prefix length.
+    pub ip: Option<(Ipv4Addr, u8)>,
+    /// Default gateway.
+    pub gateway: Option<Ipv4Addr>,
+    /// `--param` pairs, in order.
+    pub params: Vec<(String, String)>,
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available, and may this user use it?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// KVM lacks something ftvm needs.
+    #[error("this host's KVM lacks {0}")]
+    MissingCapability(&'static str),
+    /// A KVM ioctl failed while setting the VM up.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Memory size outside the accepted range.
+    #[error("guest memory of {mib} MiB is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB} MiB")]
+    MemorySize { mib: u64 },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    Memory {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// The guest image is not a loadable ELF.
+    #[error("the guest image is not a loadable x86_64 ELF linked at {KERNEL_LOAD_ADDR:#x} within guest memory")]
+    Load(#[source] linux_loader::loader::Error),
+    /// The `--param` values do not fit the boot-parameter block.
+    #[error("the --param values take {len} bytes, more than the {PARAMS_LEN} the boot-parameter block holds")]
+    ParamsTooLong { len: usize },
+    /// Writing the boot structures failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The CPUID template cannot be used on this host.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// Devices could not be placed on a bus.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// Setting up the vCPU's stop handle failed.
+    #[error("cannot set up the vCPU stop handle")]
+    StopHandle(#[source] std::io::Error),
+    /// Installing the vCPU kick signal handler failed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] std::io::Error),
+    /// The vCPU thread could not be started.
+    #[error("cannot start the vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// The vCPU thread panicked (a bug in ftvm, never the guest's doing).
+    #[error("the vCPU thread panicked")]
+    VcpuPanicked,
+    /// The vCPU stopped with an error.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+impl VmError {
+    /// True when the guest caused the error.
+    pub fn is_guest_fault(&self) -> bool {
+        matches!(self, VmError::Vcpu(e) if e.is_guest_fault())
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Build the boot-parameter block for `mem_size` bytes and `settings`.
+pub fn boot_params(mem_size: u64, settings: &BootSettings) -> Result<BootParams, VmError> {
+    let mut bp = BootParams::new(mem_size);
+    if let Some(mac) = settings.mac {
+        bp.mac = mac;
+        bp.has_net = 1;
+    }
+    if let Some((ip, prefix)) = settings.ip {
+        bp.ip = ip.octets();
+        bp.ip_prefix = prefix;
+    }
+    if let Some(gw) = settings.gateway {
+        bp.gateway = gw.octets();
+    }
+    let mut encoded = Vec::new();
+    for (k, v) in &settings.params {
+        encoded.extend_from_slice(k.as_bytes());
+        encoded.push(b'=');
+        encoded.extend_from_slice(v.as_bytes());
+        encoded.push(0);
+    }
+    let dst = bp.params.get_mut(..encoded.len()).ok_or(VmError::ParamsTooLong { len: encoded.len() })?;
+    dst.copy_from_slice(&encoded);
+    // Bounded by PARAMS_LEN just above.
+    bp.params_len = encoded.len() as u32;
+    Ok(bp)
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order is drop order: the vCPU before the VM fd before /dev/kvm.
+    vcpu: Vcpu,
+    stop: StopHandle,
+    mem: GuestMem,
+    _vm: VmFd,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Create the VM, load the guest, and attach the devices. Inputs come
+    /// from `input`, outputs go to `output`.
+    pub fn new(config: &VmConfig, input: Box<dyn InputSource>, output: Box<dyn OutputSink>) -> Result<Vm, VmError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
+            return Err(VmError::MemorySize { mib: config.memory_mib });
+        }
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for (cap, name) in [(Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"), (Cap::UserMemory, "KVM_CAP_USER_MEMORY")] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(name));
+            }
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let mem_size = config.memory_mib << 20;
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .map_err(|source| VmError::Memory { mib: config.memory_mib, source })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let region_desc = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the host range [userspace_addr, +memory_size) is the
+            // region's own anonymous mapping, which `mem` keeps alive; `mem`
+            // is stored in the returned Vm next to the VmFd and dropped only
+            // after it (field order), so the mapping outlives the memslot.
+            unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_err("register guest memory"))?;
+        }
+
+        let loaded = Elf::load(&mem, None, &mut Cursor::new(&config.elf), Some(GuestAddress(KERNEL_LOAD_ADDR)))
+            .map_err(VmError::Load)?;
+        let params = boot_params(mem_size, &config.boot)?;
+        boot::write_boot_structures(&mem, &params)?;
+
+        let fd = vm.create_vcpu(0).map_err(kvm_err("create the vCPU"))?;
+        fd.set_cpuid2(&cpuid::build(&kvm)?).map_err(kvm_err("set the vCPU's CPUID"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err("read the vCPU's special registers"))?;
+        fd.set_sregs(&boot::long_mode_sregs(sregs)).map_err(kvm_err("enter long mode"))?;
+        fd.set_fpu(&boot::entry_fpu()).map_err(kvm_err("set the FPU state"))?;
+        fd.set_regs(&boot::entry_regs(loaded.kernel_load.0)).map_err(kvm_err("set the entry registers"))?;
+
+        let run_size = kvm.get_vcpu_mmap_size().map_err(kvm_err("report the kvm_run size"))?;
+        let stop = StopHandle::new(&fd, run_size).map_err(VmError::StopHandle)?;
+        crate::vcpu::install_kick_handler().map_err(VmError::Signal)?;
+
+        let (pio, mmio, deadline) = devices()?;
+        let peripherals = Peripherals { pio, mmio, deadline, input, output, exit_index: ExitIndex(0) };
+        Ok(Vm { vcpu: Vcpu::new(fd, peripherals, stop.clone()), stop, mem, _vm: vm, _kvm: kvm })
+    }
+
+    /// Stops this VM's vCPU from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The vCPU, for the benchmark's bare loop.
+    pub fn vcpu_mut(&mut self) -> &mut Vcpu {
+        &mut self.vcpu
+    }
+
+    /// Run the guest on its own vCPU thread until it powers off, faults, or
+    /// is stopped; the calling thread waits.
+    pub fn run(mut self) -> Result<RunOutcome, VmError> {
+        let outcome = std::thread::scope(|s| {
+            let vcpu = &mut self.vcpu;
+            let thread = std::thread::Builder::new()
+                .name("vcpu0".into())
+                .spawn_scoped(s, move || vcpu.run())
+                .map_err(VmError::Thread)?;
+            thread.join().map_err(|_| VmError::VcpuPanicked)
+        })?;
+        Ok(outcome?)
+    }
+}
+
+/// The standard devices: PIO bus, MMIO bus, and the timer's deadline handle.
+fn devices() -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
+    use ftvm_abi as abi;
+    let mut pio = Bus::new();
+    let timer_dev = timer::Timer::new();
+    let deadline = timer_dev.deadline_handle();
+    pio.insert(u64::from(abi::COM1_PORT), u64::from(abi::COM1_LEN), Box::new(serial::Serial::new()))?;
+    pio.insert(u64::from(abi::PVPANIC_PORT), pvpanic::LEN, Box::new(pvpanic::PvPanic::new()))?;
+    pio.insert(u64::from(abi::CLOCK_LO_PORT), clock::LEN, Box::new(clock::Clock::new()))?;
+    pio.insert(u64::from(abi::ENTROPY_PORT), entropy::LEN, Box::new(entropy::Entropy::new()))?;
+    pio.insert(u64::from(abi::TIMER_LO_PORT), timer::LEN, Box::new(timer_dev))?;
+    pio.insert(u64::from(abi::HEALTH_PORT), health::LEN, Box::new(health::Health::new()))?;
+    pio.insert(u64::from(abi::POWER_PORT), power::LEN, Box::new(power::Power::new()))?;
+    pio.insert(u64::from(abi::TESTDEV_PORT), testdev::PIO_LEN, Box::new(testdev::TestDev::new()))?;
+    let mut mmio = Bus::new();
+    mmio.insert(abi::TESTDEV_MMIO_ADDR, testdev::MMIO_LEN, Box::new(testdev::TestDev::new()))?;
+    Ok((pio, mmio, deadline))
+}
