@@ -1,0 +1,984 @@
+//! A lab of network namespaces for end-to-end tests and benchmarks (DESIGN.md, "Testing").
+//!
+//! Integration tests include it with `mod lab;`. A lab is a handful of namespaces wired together
+//! with the `ip` command; everything lives inside those namespaces, so no frame ever reaches an
+//! interface of the root namespace, and everything goes away when the [`Lab`] is dropped, also
+//! when the test panics.
+//!
+//! ```text
+//!   client ns "…cl"            switch ns "…sw"                 host ns "…a"  (and "…b")
+//!   cl-TAG 10.0.0.100 ──veth── pc-TAG ┐                      ┌─ lan-TAG ┐
+//!                                     ├─ br-TAG (LAN bridge) ─┤          ├─ br-TAG 10.0.0.1 (.2 on b)
+//!                                     └─ pa-TAG (pb-TAG) ─veth┘  tap-TAG ┘   └ the VM's TAP
+//!
+//!   dedicated link (pair labs only):  a: ln-TAG 10.0.1.1/24 ──veth── b: ln-TAG 10.0.1.2/24
+//! ```
+//!
+//! Each host namespace has its own bridge joining its TAP and its LAN veth, so a VM on the TAP sits
+//! on the LAN with the client. The guest's address is [`GUEST_IP`] whichever host runs it.
+//!
+//! Names: a lab's namespaces are `ftlab<pid>-<n>-[<label>-]<role>` (see [`Lab::prefix`]); the
+//! pid lets [`sweep_stale`] remove namespaces whose test process died without tearing down.
+//! Interface names are scoped by their namespace, but still carry the lab's short tag
+//! (`<pid base36>-<n base36>`, [`Lab::ifname_tag`]) so that any of them showing up where it does
+//! not belong (the root namespace) can be recognised; they stay within IFNAMSIZ.
+//!
+//! Addresses are fixed: labs are separate namespaces, so parallel labs cannot collide.
+//!
+//! Needs root and the `ip` and `tc` programs of iproute2; nothing else (pings are sent from this
+//! process, see [`Netns::ping`], because Debian's minimal images have no `ping`).
+
+// Each test binary includes this module and uses only part of it; without this every helper that
+// one binary leaves unused would be a warning there.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::{Mutex, Once, OnceLock};
+use std::time::{Duration, Instant};
+
+/// First characters of every lab namespace; [`sweep_stale`] only looks at names with it.
+pub const NETNS_PREFIX: &str = "ftlab";
+/// Where `ip netns` keeps its namespace files.
+pub const NETNS_RUN_DIR: &str = "/var/run/netns";
+/// Longest interface name the kernel accepts (IFNAMSIZ less the terminating NUL).
+pub const IFNAME_MAX: usize = 15;
+
+/// The LAN shared by the client, the hosts and the guest: 10.0.0.0/24.
+pub const LAN_PREFIX_LEN: u8 = 24;
+/// Host a's and host b's own LAN addresses, on the bridge in each host namespace. They stand in
+/// for the guest while no VM runs and let a test check the LAN before it boots one.
+pub const HOST_LAN_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2)];
+/// The address to give the VM, whichever host it runs on.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+/// The client's LAN address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+/// The dedicated point-to-point link between host a and host b: 10.0.1.0/24.
+pub const LINK_PREFIX_LEN: u8 = 24;
+/// Host a's and host b's ends of the dedicated link.
+pub const LINK_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 0, 1, 2)];
+
+/// Bound on how long a process killed during teardown may take to exit.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Returns whether the caller may go on with a test that needs root.
+///
+/// Without root it prints a skip note and returns false, unless `FTVM_REQUIRE_KVM=1` (as CI sets
+/// it), where a test must fail rather than skip: then it panics.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("this test")
+        .to_owned();
+    if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
+        panic!(
+            "{test} needs root (network namespaces, TAP devices) and FTVM_REQUIRE_KVM=1 forbids \
+             skipping it: run the tests as root"
+        );
+    }
+    eprintln!("skipping {test}: needs root for network namespaces (FTVM_REQUIRE_KVM=1 makes this a failure)");
+    false
+}
+
+/// Polls `condition` with a short backoff (1 ms doubling up to 50 ms) until it holds or `timeout`
+/// has passed; returns whether it held.
+///
+/// Only for external conditions that offer nothing to wait on: an address becoming pingable, a
+/// carrier coming up. Whatever gives an event (a channel, a line of a child's output, a process
+/// exit) must be awaited directly, with its timeout as the failure bound: STYLE.md forbids
+/// sleeping for synchronisation everywhere else.
+pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        if condition() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        std::thread::sleep(backoff.min(left));
+        backoff = (backoff * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Runs `cmd` to completion with stdin closed; on a failure to start or a non-zero exit returns a
+/// message with the command line, the status and its stderr.
+pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("`{cmd:?}` could not start: {e}"))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(format!(
+            "`{cmd:?}` failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `cmd` to completion and returns its stdout; panics with its stderr if it fails.
+pub fn run(cmd: &mut Command) -> String {
+    match try_run(cmd) {
+        Ok(output) => String::from_utf8_lossy(&output.stdout).into_owned(),
+        Err(message) => panic!("{message}"),
+    }
+}
+
+/// `ip ARGS` in the root namespace (only `ip netns` and read-only queries are ever run there).
+fn ip(args: &[&str]) -> String {
+    run(Command::new("ip").args(args))
+}
+
+/// Names of all namespaces `ip netns` knows, lab or not.
+pub fn netns_list() -> Vec<String> {
+    // Lines read "NAME" or "NAME (id: N)".
+    ip(&["netns", "list"])
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Names of the root namespace's interfaces.
+pub fn root_ifnames() -> Vec<String> {
+    // Lines read "4: eth0: <...", or "5: veth0@if4: <..." for a device with a peer.
+    ip(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .collect()
+}
+
+/// Serialises `ip netns add`: the first one mounts NETNS_RUN_DIR onto itself, and two racing
+/// first adds stack two such mounts, hiding the namespace mounted under the lower one.
+static NETNS_ADD: Mutex<()> = Mutex::new(());
+
+/// A named network namespace (`ip netns add`), deleted on drop together with every process in it.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace `name` and brings its loopback up.
+    pub fn create(name: impl Into<String>) -> Netns {
+        let name = name.into();
+        {
+            let _serialised = NETNS_ADD
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            ip(&["netns", "add", &name]);
+        }
+        // From here on the namespace is deleted on drop, also if a later step panics.
+        let netns = Netns { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// The name `ip netns` knows it by.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace file, for `setns` or `nsenter --net=`.
+    pub fn path(&self) -> PathBuf {
+        Path::new(NETNS_RUN_DIR).join(&self.name)
+    }
+
+    /// `ip -n NAME ARGS`; returns stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// `tc -n NAME ARGS`; returns stdout.
+    pub fn tc(&self, args: &[&str]) -> String {
+        run(Command::new("tc").args(["-n", &self.name]).args(args))
+    }
+
+    /// `ip netns exec NAME PROGRAM`, ready for arguments, pipes and spawning. The program runs with
+    /// this namespace as its network namespace; a program that opens a TAP must run in the
+    /// namespace that holds the TAP.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `argv` (program first) in this namespace to completion; returns its stdout, panics
+    /// with its stderr if it fails.
+    pub fn exec(&self, argv: &[&str]) -> String {
+        let (program, args) = argv.split_first().expect("exec needs a program");
+        run(self.command(program).args(args))
+    }
+
+    /// Starts `program args` in this namespace with stdin closed and stdout and stderr inherited;
+    /// the returned child is killed on drop. For pipes, build it with [`Netns::command`] and
+    /// [`LabChild::spawn`].
+    pub fn spawn(&self, program: &str, args: &[&str]) -> LabChild {
+        LabChild::spawn(self.command(program).args(args).stdin(Stdio::null()))
+    }
+
+    /// Runs `f` on a new thread of this process that has entered this namespace, and returns its
+    /// result (a panic in `f` is passed on). Sockets `f` creates belong to this namespace for
+    /// their whole life, also when used from other threads afterwards; while one is open the
+    /// namespace, with its interfaces, outlives its deletion.
+    pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let file = File::open(self.path())
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.path().display()));
+        let name = &self.name;
+        std::thread::scope(|scope| {
+            let thread = std::thread::Builder::new()
+                .name(format!("netns {name}"))
+                .spawn_scoped(scope, move || {
+                    // SAFETY: `file` is an open namespace file for the duration of the call;
+                    // setns(CLONE_NEWNET) changes only the calling thread's network namespace,
+                    // and this thread ends when `f` returns.
+                    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                    if rc != 0 {
+                        panic!("setns into {name}: {}", io::Error::last_os_error());
+                    }
+                    drop(file);
+                    f()
+                })
+                .unwrap_or_else(|e| panic!("spawning a thread for {name}: {e}"));
+            thread
+                .join()
+                .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+        })
+    }
+
+    /// Sends one ICMP echo request from this namespace to `dst` and returns the round-trip time,
+    /// or `None` if no reply came within `timeout` or `dst` is unreachable.
+    pub fn ping(&self, dst: Ipv4Addr, timeout: Duration) -> Option<Duration> {
+        match self.run(move || icmp_echo(dst, timeout)) {
+            Ok(rtt) => rtt,
+            Err(e)
+                if [
+                    libc::ENETUNREACH,
+                    libc::EHOSTUNREACH,
+                    libc::EHOSTDOWN,
+                    libc::ENETDOWN,
+                ]
+                .contains(&e.raw_os_error().unwrap_or(0)) =>
+            {
+                None
+            }
+            Err(e) => panic!("pinging {dst} from {}: {e}", self.name),
+        }
+    }
+
+    /// Pings `dst` until it answers or `timeout` passes; returns whether it answered.
+    pub fn wait_pingable(&self, dst: Ipv4Addr, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        // An address becoming reachable is an external condition with no event to wait on;
+        // each ping waits for its reply, the backoff only matters when a ping fails at once.
+        wait_for(timeout, || {
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.ping(dst, left.min(Duration::from_millis(200)))
+                .is_some()
+        })
+    }
+
+    /// Sets interface `dev` up or down, e.g. to cut the dedicated link.
+    pub fn set_link_up(&self, dev: &str, up: bool) {
+        self.ip(&["link", "set", dev, if up { "up" } else { "down" }]);
+    }
+
+    /// Pids of the processes whose network namespace this is (`ip netns pids`), this process
+    /// excluded.
+    pub fn pids(&self) -> Vec<u32> {
+        netns_pids(&self.name).unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(message) = teardown_netns(&self.name) {
+            // A panic while unwinding would abort the whole test binary.
+            if std::thread::panicking() {
+                eprintln!("lab teardown: {message}");
+            } else {
+                panic!("lab teardown: {message}");
+            }
+        }
+    }
+}
+
+fn netns_pids(name: &str) -> Result<Vec<u32>, String> {
+    let output = try_run(Command::new("ip").args(["netns", "pids", name]))?;
+    let own = std::process::id();
+    Ok(String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .filter(|&pid| pid != own)
+        .collect())
+}
+
+/// Kills every process in the namespace and deletes it. Deleting the last reference to a network
+/// namespace destroys its interfaces, and a veth pair dies with either end, so the peers in the
+/// other lab namespaces go too; a process left in it would keep it (and its veths) alive.
+fn teardown_netns(name: &str) -> Result<(), String> {
+    for pid in netns_pids(name)? {
+        kill_and_await(pid).map_err(|e| format!("killing pid {pid} in {name}: {e}"))?;
+    }
+    try_run(Command::new("ip").args(["netns", "delete", name]))?;
+    Ok(())
+}
+
+/// SIGKILLs `pid` through a pidfd (so a recycled pid is never hit) and waits for it to exit.
+fn kill_and_await(pid: u32) -> Result<(), String> {
+    let raw_pid = libc::pid_t::try_from(pid).map_err(|e| e.to_string())?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        // ESRCH: it has already exited.
+        return if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(())
+        } else {
+            Err(e.to_string())
+        };
+    }
+    let fd = i32::try_from(fd).map_err(|e| e.to_string())?;
+    // SAFETY: fd is the fresh descriptor pidfd_open just returned; nothing else owns it.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: pidfd is a valid pidfd; a null siginfo is allowed and means a plain kill(2).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(())
+        } else {
+            Err(e.to_string())
+        };
+    }
+    // A pidfd becomes readable when its process exits: an event, not a poll loop.
+    if poll_readable(&pidfd, KILL_TIMEOUT)? {
+        Ok(())
+    } else {
+        Err(format!("still running {KILL_TIMEOUT:?} after SIGKILL"))
+    }
+}
+
+/// Waits up to `timeout` for `fd` to become readable; returns whether it did.
+fn poll_readable(fd: &OwnedFd, timeout: Duration) -> Result<bool, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Round up so a sub-millisecond remainder still waits instead of spinning.
+        let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e.to_string());
+            }
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
+/// A child process killed (and reaped) on drop. Derefs to [`Child`].
+pub struct LabChild {
+    child: Child,
+}
+
+impl LabChild {
+    /// Spawns `cmd`, typically built with [`Netns::command`]; panics if it cannot start.
+    pub fn spawn(cmd: &mut Command) -> LabChild {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning `{cmd:?}`: {e}"));
+        LabChild { child }
+    }
+}
+
+impl std::ops::Deref for LabChild {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for LabChild {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for LabChild {
+    fn drop(&mut self) {
+        // Fails only if it has already been reaped; either way it is gone afterwards.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Applies a netem qdisc to `dev` in `netns`, e.g. `netem(ns, dev, "loss 10% delay 5ms 5ms")`;
+/// replaces any netem set before. Panics if the kernel has no netem: see [`netem_available`].
+pub fn netem(netns: &Netns, dev: &str, spec: &str) {
+    let mut cmd = Command::new("tc");
+    cmd.args([
+        "-n",
+        netns.name(),
+        "qdisc",
+        "replace",
+        "dev",
+        dev,
+        "root",
+        "netem",
+    ])
+    .args(spec.split_whitespace());
+    if let Err(message) = try_run(&mut cmd) {
+        let hint = if message.contains("unknown") {
+            " (this kernel has no sch_netem, CONFIG_NET_SCH_NETEM: check lab::netem_available())"
+        } else {
+            ""
+        };
+        panic!("{message}{hint}");
+    }
+}
+
+/// Removes the qdisc [`netem`] put on `dev`.
+pub fn netem_clear(netns: &Netns, dev: &str) {
+    netns.tc(&["qdisc", "del", "dev", dev, "root"]);
+}
+
+/// Whether the running kernel has the netem qdisc (tried once per process, on the loopback of a
+/// throwaway namespace). Not every kernel does: a test that needs it must say so when it is
+/// missing.
+pub fn netem_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let probe = Netns::create(format!("{}probe", next_prefix("").0));
+        let mut cmd = Command::new("tc");
+        cmd.args([
+            "-n",
+            probe.name(),
+            "qdisc",
+            "add",
+            "dev",
+            "lo",
+            "root",
+            "netem",
+            "delay",
+            "1ms",
+        ]);
+        match try_run(&mut cmd) {
+            Ok(_) => true,
+            // tc: "Error: Specified qdisc kind is unknown."
+            Err(message) if message.contains("unknown") => false,
+            Err(message) => panic!("probing for netem: {message}"),
+        }
+    })
+}
+
+/// Deletes lab namespaces whose owning process (the pid in their name) is gone, with any process
+/// still in them; returns their names. Runs once per process before its first lab; another test
+/// process sweeping at the same time may win the race for a namespace, which is fine.
+///
+/// The owner is judged by pid in this pid namespace: a container sharing /var/run/netns with other
+/// pid namespaces must not run it.
+pub fn sweep_stale() -> Vec<String> {
+    let own = std::process::id();
+    let mut removed = Vec::new();
+    for name in netns_list() {
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
+        if pid == own || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match teardown_netns(&name) {
+            Ok(()) => removed.push(name),
+            Err(message) => eprintln!("lab sweep: {message}"),
+        }
+    }
+    removed
+}
+
+/// The pid in a lab namespace's name (`ftlab<pid>-...`), or `None` for other names.
+fn owner_pid(name: &str) -> Option<u32> {
+    let (pid, _) = name.strip_prefix(NETNS_PREFIX)?.split_once('-')?;
+    pid.parse().ok()
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh namespace-name prefix `ftlab<pid>-<n>-[<label>-]` and its `n`; `label` is cut to at
+/// most 10 lowercase letters and digits.
+fn next_prefix(label: &str) -> (String, u32) {
+    let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let label: String = label
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .take(10)
+        .collect();
+    let pid = std::process::id();
+    let prefix = if label.is_empty() {
+        format!("{NETNS_PREFIX}{pid}-{n}-")
+    } else {
+        format!("{NETNS_PREFIX}{pid}-{n}-{label}-")
+    };
+    (prefix, n)
+}
+
+fn base36(mut n: u32) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).expect("base36 digits are ASCII")
+}
+
+/// A host namespace of a lab: a TAP and the LAN veth on a bridge, and in a pair lab one end of the
+/// dedicated link.
+pub struct LabHost {
+    netns: Netns,
+    bridge: String,
+    tap: String,
+    lan_dev: String,
+    lan_ip: Ipv4Addr,
+    link: Option<(String, Ipv4Addr)>,
+}
+
+impl LabHost {
+    /// The host's namespace: run its VMM there (`netns().command(...)`).
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The TAP the VM on this host uses; it exists only in [`LabHost::netns`].
+    pub fn tap(&self) -> &str {
+        &self.tap
+    }
+
+    /// The bridge in the host namespace joining the TAP and the LAN veth.
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    /// The host's veth to the LAN switch (a port of [`LabHost::bridge`]).
+    pub fn lan_dev(&self) -> &str {
+        &self.lan_dev
+    }
+
+    /// The host's own LAN address (on its bridge); one of [`HOST_LAN_IPS`].
+    pub fn lan_ip(&self) -> Ipv4Addr {
+        self.lan_ip
+    }
+
+    /// This host's end of the dedicated link. Panics in a single-host lab.
+    pub fn link_dev(&self) -> &str {
+        &self
+            .link
+            .as_ref()
+            .expect("a single-host lab has no dedicated link")
+            .0
+    }
+
+    /// This host's address on the dedicated link; one of [`LINK_IPS`]. Panics in a single-host
+    /// lab.
+    pub fn link_ip(&self) -> Ipv4Addr {
+        self.link
+            .as_ref()
+            .expect("a single-host lab has no dedicated link")
+            .1
+    }
+}
+
+/// A LAN of one or two hosts and a client, plus a dedicated link between two hosts; see the module
+/// documentation for the picture and [`HOST_LAN_IPS`] and the other consts for the address plan.
+/// Dropping it kills every process in its namespaces and deletes them.
+pub struct Lab {
+    prefix: String,
+    tag: String,
+    // Dropped in this order; the order does not matter for correctness, since a veth pair dies
+    // with either end.
+    hosts: Vec<LabHost>,
+    client: Netns,
+    client_dev: String,
+    switch: Netns,
+    switch_bridge: String,
+}
+
+impl Lab {
+    /// Host a with a TAP on the LAN, and the client. `name` (a short test name, may be empty)
+    /// only makes the namespace names easier to recognise.
+    pub fn single(name: &str) -> Lab {
+        Lab::build(name, 1)
+    }
+
+    /// Hosts a and b, each with a TAP on the LAN, the client, and the dedicated link a-b.
+    pub fn pair(name: &str) -> Lab {
+        Lab::build(name, 2)
+    }
+
+    fn build(name: &str, hosts: usize) -> Lab {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(|| {
+            sweep_stale();
+        });
+
+        let (prefix, n) = next_prefix(name);
+        let tag = format!("{}-{}", base36(std::process::id()), base36(n));
+        let ifname = |role: &str| {
+            let name = format!("{role}-{tag}");
+            assert!(
+                name.len() <= IFNAME_MAX,
+                "interface name {name} is longer than IFNAMSIZ allows"
+            );
+            name
+        };
+        let lan_cidr = |ip: Ipv4Addr| format!("{ip}/{LAN_PREFIX_LEN}");
+
+        // Every namespace is owned by a local as soon as it exists, so a failing step below
+        // unwinds through their drops and leaves nothing behind.
+        let switch = Netns::create(format!("{prefix}sw"));
+        quiet(&switch);
+        let switch_bridge = ifname("br");
+        switch.ip(&["link", "add", &switch_bridge, "type", "bridge"]);
+        switch.set_link_up(&switch_bridge, true);
+
+        let client = Netns::create(format!("{prefix}cl"));
+        quiet(&client);
+        let client_dev = ifname("cl");
+        plug(&switch, &switch_bridge, &ifname("pc"), &client, &client_dev);
+        client.ip(&["addr", "add", &lan_cidr(CLIENT_IP), "dev", &client_dev]);
+        client.set_link_up(&client_dev, true);
+
+        let mut lab_hosts: Vec<LabHost> = Vec::new();
+        for (index, letter) in ["a", "b"].into_iter().enumerate().take(hosts) {
+            let netns = Netns::create(format!("{prefix}{letter}"));
+            quiet(&netns);
+            let bridge = ifname("br");
+            let tap = ifname("tap");
+            let lan_dev = ifname("lan");
+            let lan_ip = HOST_LAN_IPS[index];
+            netns.ip(&["link", "add", &bridge, "type", "bridge"]);
+            plug(
+                &switch,
+                &switch_bridge,
+                &ifname(&format!("p{letter}")),
+                &netns,
+                &lan_dev,
+            );
+            // Persistent and single-queue: the VMM opens it with IFF_TAP | IFF_NO_PI and no
+            // IFF_MULTI_QUEUE. It has no carrier until opened, so the bridge forwards nothing to
+            // it before then.
+            netns.ip(&["tuntap", "add", &tap, "mode", "tap"]);
+            for port in [&lan_dev, &tap] {
+                netns.ip(&["link", "set", port, "master", &bridge]);
+                netns.set_link_up(port, true);
+            }
+            netns.ip(&["addr", "add", &lan_cidr(lan_ip), "dev", &bridge]);
+            netns.set_link_up(&bridge, true);
+            lab_hosts.push(LabHost {
+                netns,
+                bridge,
+                tap,
+                lan_dev,
+                lan_ip,
+                link: None,
+            });
+        }
+
+        if let [a, b] = lab_hosts.as_mut_slice() {
+            let dev = ifname("ln");
+            // Both ends are created in their own namespace, never in the root one.
+            a.netns.ip(&[
+                "link",
+                "add",
+                &dev,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &dev,
+                "netns",
+                b.netns.name(),
+            ]);
+            for (host, ip) in [(&mut *a, LINK_IPS[0]), (&mut *b, LINK_IPS[1])] {
+                host.netns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{ip}/{LINK_PREFIX_LEN}"),
+                    "dev",
+                    &dev,
+                ]);
+                host.netns.set_link_up(&dev, true);
+                host.link = Some((dev.clone(), ip));
+            }
+        }
+
+        Lab {
+            prefix,
+            tag,
+            hosts: lab_hosts,
+            client,
+            client_dev,
+            switch,
+            switch_bridge,
+        }
+    }
+
+    /// The start of every namespace name of this lab (ends in '-').
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The tag every interface name of this lab ends with (after a '-').
+    pub fn ifname_tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The namespace holding the LAN bridge.
+    pub fn switch(&self) -> &Netns {
+        &self.switch
+    }
+
+    /// The LAN bridge in [`Lab::switch`]; netem on its ports impairs the LAN.
+    pub fn switch_bridge(&self) -> &str {
+        &self.switch_bridge
+    }
+
+    /// The client's namespace, on the LAN with the hosts and the guest.
+    pub fn client(&self) -> &Netns {
+        &self.client
+    }
+
+    /// The client's LAN interface.
+    pub fn client_dev(&self) -> &str {
+        &self.client_dev
+    }
+
+    /// [`CLIENT_IP`].
+    pub fn client_ip(&self) -> Ipv4Addr {
+        CLIENT_IP
+    }
+
+    /// [`GUEST_IP`]: the address to give the VM.
+    pub fn guest_ip(&self) -> Ipv4Addr {
+        GUEST_IP
+    }
+
+    /// The guest's address with its prefix length, "10.0.0.10/24".
+    pub fn guest_cidr(&self) -> String {
+        format!("{GUEST_IP}/{LAN_PREFIX_LEN}")
+    }
+
+    /// All hosts: one, or a and b.
+    pub fn hosts(&self) -> &[LabHost] {
+        &self.hosts
+    }
+
+    /// Host a.
+    pub fn host_a(&self) -> &LabHost {
+        &self.hosts[0]
+    }
+
+    /// Host b. Panics in a single-host lab.
+    pub fn host_b(&self) -> &LabHost {
+        self.hosts.get(1).expect("a single-host lab has no host b")
+    }
+}
+
+/// Connects `other` to the LAN: a veth pair with `port` in the switch namespace, enslaved to the
+/// bridge, and `dev` in `other`. Both ends are created directly in their namespaces.
+fn plug(switch: &Netns, bridge: &str, port: &str, other: &Netns, dev: &str) {
+    switch.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        dev,
+        "netns",
+        other.name(),
+    ]);
+    switch.ip(&["link", "set", port, "master", bridge]);
+    switch.set_link_up(port, true);
+}
+
+/// Turns IPv6 off in a lab namespace before its interfaces exist, so the LAN carries only what
+/// tests send (and ARP): no router solicitations, MLD or DAD that a guest would receive as input.
+fn quiet(netns: &Netns) {
+    netns.run(|| {
+        for knob in ["all", "default"] {
+            let path = format!("/proc/sys/net/ipv6/conf/{knob}/disable_ipv6");
+            // Absent when the kernel runs without IPv6, which is just as quiet.
+            if Path::new(&path).exists() {
+                std::fs::write(&path, "1").unwrap_or_else(|e| panic!("writing {path}: {e}"));
+            }
+        }
+    });
+}
+
+/// Sends one ICMP echo request to `dst` from the calling thread's namespace (a raw socket: root)
+/// and waits up to `timeout` for the matching reply.
+fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
+    static SEQUENCE: AtomicU16 = AtomicU16::new(0);
+    // Raw ICMP sockets see every ICMP packet of the namespace; identifier and sequence number
+    // pick out the reply to this request among concurrent pings.
+    let ident = (std::process::id() & 0xffff) as u16;
+    let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
+
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is the fresh descriptor socket just returned; nothing else owns it.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+
+    let mut request = [0u8; 64];
+    request[0] = 8; // echo request, code 0
+    request[4..6].copy_from_slice(&ident.to_be_bytes());
+    request[6..8].copy_from_slice(&seq.to_be_bytes());
+    for (i, byte) in request[8..].iter_mut().enumerate() {
+        *byte = i as u8;
+    }
+    let checksum = internet_checksum(&request);
+    request[2..4].copy_from_slice(&checksum.to_be_bytes());
+
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let start = Instant::now();
+    // SAFETY: request and addr are valid for the lengths passed and outlive the call.
+    let sent = unsafe {
+        libc::sendto(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+            std::ptr::from_ref(&addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+
+    let deadline = start + timeout;
+    let mut buf = [0u8; 2048];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !poll_readable(&socket, left).map_err(io::Error::other)? {
+            return Ok(None);
+        }
+        // SAFETY: buf is valid for writes of buf.len() bytes.
+        let len = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if len < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                continue;
+            }
+            return Err(e);
+        }
+        let packet = &buf[..len as usize];
+        if is_echo_reply(packet, dst, ident, seq) {
+            return Ok(Some(start.elapsed()));
+        }
+    }
+}
+
+/// Whether `packet` (IPv4 header included, as raw sockets deliver it) is the echo reply from `src`
+/// with `ident` and `seq`.
+fn is_echo_reply(packet: &[u8], src: Ipv4Addr, ident: u16, seq: u16) -> bool {
+    let Some(&first) = packet.first() else {
+        return false;
+    };
+    let header_len = usize::from(first & 0x0f) * 4;
+    if packet.len() < header_len + 8 || header_len < 20 {
+        return false;
+    }
+    let from = Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]);
+    let icmp = &packet[header_len..];
+    from == src
+        && icmp[0] == 0 // echo reply
+        && icmp[1] == 0
+        && icmp[4..6] == ident.to_be_bytes()
+        && icmp[6..8] == seq.to_be_bytes()
+}
+
+/// RFC 1071 checksum.
+fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|pair| {
+            u32::from(u16::from_be_bytes([
+                pair[0],
+                pair.get(1).copied().unwrap_or(0),
+            ]))
+        })
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
