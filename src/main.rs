@@ -1,1 +1,4 @@
+mod cli;
+mod config;
+
 fn main() {}

@@ -1,0 +1,361 @@
+//! The `ftvm` command line (DESIGN.md, "Command line"), as clap derive types.
+//!
+//! This module only describes what can be typed; [`crate::config`] turns the
+//! GUEST-OPTS ([`GuestArgs`]) and the `--config` file into validated settings.
+//!
+//! Parsing: the binary calls [`clap::Parser::try_parse`] on [`Cli`] and, on
+//! error, `err.exit()`. clap then prints its own message and exits with
+//! [`EXIT_USAGE`] (2) for a command line it cannot parse (unknown flag, missing
+//! subcommand, a number that is not a number, `--seconds 0`), or 0 after
+//! printing `--help` / `--version`. `Cli::parse()` would do the same; calling
+//! `try_parse` keeps the decision visible in `main`.
+//!
+//! Flags that have a default are `Option`s here, with the default stated in
+//! their help line, because a flag that was not typed must not hide the value
+//! from the `--config` file: the defaults are applied in [`crate::config`].
+
+// `main` wires these types in next; until then most of them are unused.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB};
+
+/// Exit status for an error that is not the command line's fault (DESIGN.md,
+/// "Exit status": 1 error, one clear line on stderr).
+pub const EXIT_ERROR: i32 = 1;
+/// Exit status for bad usage: a command line that cannot be parsed, or a flag
+/// value that is invalid in itself. clap uses the same value for its errors.
+pub const EXIT_USAGE: i32 = 2;
+
+/// `ftvm`: fault-tolerant virtual machines on KVM.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ftvm",
+    version,
+    about = "Fault-tolerant virtual machines on KVM: lockstep record/replay with fast failover",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands. Later issues add `primary`, `secondary`, `status` and
+/// `demo` (DESIGN.md lists them); they are deliberately absent until they do
+/// something.
+// One value per process, parsed once: boxing `RunArgs` would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the guest images embedded in this binary.
+    Guests(GuestsArgs),
+    /// Run one guest, unprotected (no secondary).
+    Run(RunArgs),
+    /// Benchmarks that print tables (and JSON).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `ftvm guests`.
+#[derive(Debug, Args)]
+pub struct GuestsArgs {
+    /// Also list the test guests (used by tests and benchmarks).
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// `ftvm run GUEST-OPTS`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The guest to run and its settings.
+    #[command(flatten)]
+    pub guest: GuestArgs,
+}
+
+/// GUEST-OPTS, shared by every subcommand that runs a guest (`run` now;
+/// `primary` and `secondary` later). Raw strings: [`crate::config::resolve`]
+/// merges them with the `--config` file and validates the result, so a value
+/// from either source passes the same checks and gives the same error.
+#[derive(Debug, Default, Clone, Args)]
+pub struct GuestArgs {
+    /// `--guest NAME|PATH`; the help line is [`guest_help`]'s.
+    #[arg(long, value_name = "NAME|PATH", help = guest_help())]
+    pub guest: Option<String>,
+
+    /// `--memory-mib N`; the help line is [`memory_help`]'s.
+    #[arg(long, value_name = "N", help = memory_help())]
+    pub memory_mib: Option<u64>,
+
+    /// Name of this VM in logs and for its control socket: 1 to 64 characters
+    /// from A-Z a-z 0-9 _ . - [default: the guest's name; for a PATH, its
+    /// file name without extension]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+
+    /// Host TAP device backing the guest's NIC (1 to 15 bytes) [default:
+    /// none: the guest has no NIC]
+    #[arg(long, value_name = "IFNAME")]
+    pub tap: Option<String>,
+
+    /// Guest MAC address, six hex pairs separated by `:`, unicast [default:
+    /// 02:xx:xx:xx:xx:xx, locally administered, xx = the first five bytes of
+    /// the 64-bit FNV-1a hash of --name]
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<String>,
+
+    /// Guest IPv4 address and prefix length, ADDR/PREFIX with PREFIX in
+    /// 1..=32 (e.g. 10.0.0.2/24); needs --tap [default: none]
+    #[arg(long, value_name = "ADDR/PREFIX")]
+    pub ip: Option<String>,
+
+    /// Guest default gateway, an IPv4 address inside the --ip subnet
+    /// [default: none]
+    #[arg(long, value_name = "IP")]
+    pub gateway: Option<String>,
+
+    /// A KEY=VALUE setting passed to the guest; repeatable (e.g. streamer:
+    /// dest=IP:PORT, rate=PPS); keys must be unique [default: none]
+    #[arg(long = "param", value_name = "KEY=VALUE")]
+    pub params: Vec<String>,
+
+    /// Where the guest's serial console goes: `stdout` or a FILE path
+    /// [default: stdout]
+    #[arg(long, value_name = "stdout|FILE")]
+    pub serial: Option<String>,
+
+    /// TOML file carrying any of these settings under the same names without
+    /// dashes (memory-mib = 64, param = ["rate=100"]); flags override it
+    /// [default: none]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The help lines that quote a constant, so the text cannot drift from it.
+fn guest_help() -> String {
+    format!(
+        "Guest image: an embedded image's NAME (see `ftvm guests`) or an ELF file's PATH; \
+         a value containing `/`, ending in `.elf` or naming an existing file is a path \
+         [default: {DEFAULT_GUEST}]"
+    )
+}
+
+fn memory_help() -> String {
+    format!(
+        "Guest RAM in MiB, {}..={} [default: {DEFAULT_MEMORY_MIB}]",
+        ftvm_abi::MIN_MEMORY_MIB,
+        ftvm_abi::MAX_MEMORY_MIB
+    )
+}
+
+/// `ftvm bench ...`: one variant per benchmark.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Guest exits per second: a test guest that does nothing but exit, on
+    /// real KVM (needs /dev/kvm).
+    Exits(ExitsArgs),
+}
+
+/// `ftvm bench exits`.
+#[derive(Debug, Args)]
+pub struct ExitsArgs {
+    // clap appends "[default: 5]" itself, from default_value_t.
+    /// How long to measure, in whole seconds (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub seconds: u64,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ExitsArgs {
+    /// The measuring time.
+    pub fn duration(&self) -> Duration {
+        Duration::from_secs(self.seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ftvm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        // Catches conflicting names, bad defaults and the like, which clap
+        // otherwise reports only when the faulty path is parsed.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn guests_with_and_without_all() {
+        let Command::Guests(g) = parse(&["guests"]).unwrap().command else {
+            panic!("`ftvm guests` parsed as another subcommand");
+        };
+        assert!(!g.all);
+        let Command::Guests(g) = parse(&["guests", "--all"]).unwrap().command else {
+            panic!("`ftvm guests --all` parsed as another subcommand");
+        };
+        assert!(g.all);
+    }
+
+    #[test]
+    fn bench_exits_seconds_and_json() {
+        let Command::Bench(BenchCommand::Exits(e)) = parse(&["bench", "exits", "--seconds", "1"])
+            .unwrap()
+            .command
+        else {
+            panic!("`ftvm bench exits` parsed as another subcommand");
+        };
+        assert_eq!(e.seconds, 1);
+        assert_eq!(e.duration(), Duration::from_secs(1));
+        assert!(!e.json);
+
+        let Command::Bench(BenchCommand::Exits(e)) =
+            parse(&["bench", "exits", "--json"]).unwrap().command
+        else {
+            panic!("`ftvm bench exits --json` parsed as another subcommand");
+        };
+        assert_eq!(e.seconds, 5);
+        assert!(e.json);
+    }
+
+    #[test]
+    fn bench_exits_refuses_zero_and_non_numbers() {
+        for bad in ["0", "-1", "five", ""] {
+            let err = parse(&["bench", "exits", "--seconds", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), EXIT_USAGE, "--seconds {bad:?}");
+        }
+    }
+
+    #[test]
+    fn bench_needs_a_benchmark() {
+        let err = parse(&["bench"]).unwrap_err();
+        assert_eq!(err.exit_code(), EXIT_USAGE);
+    }
+
+    #[test]
+    fn run_without_flags_leaves_everything_to_config() {
+        let Command::Run(r) = parse(&["run"]).unwrap().command else {
+            panic!("`ftvm run` parsed as another subcommand");
+        };
+        let g = r.guest;
+        assert_eq!(g.guest, None);
+        assert_eq!(g.memory_mib, None);
+        assert_eq!(g.name, None);
+        assert_eq!(g.tap, None);
+        assert_eq!(g.mac, None);
+        assert_eq!(g.ip, None);
+        assert_eq!(g.gateway, None);
+        assert!(g.params.is_empty());
+        assert_eq!(g.serial, None);
+        assert_eq!(g.config, None);
+    }
+
+    #[test]
+    fn run_takes_every_guest_flag() {
+        let Command::Run(r) = parse(&[
+            "run",
+            "--guest",
+            "streamer",
+            "--memory-mib",
+            "32",
+            "--name",
+            "web1",
+            "--tap",
+            "tap0",
+            "--mac",
+            "02:00:00:00:00:01",
+            "--ip",
+            "10.0.0.2/24",
+            "--gateway",
+            "10.0.0.1",
+            "--param",
+            "rate=100",
+            "--param",
+            "dest=10.0.0.9:5000",
+            "--serial",
+            "out.log",
+            "--config",
+            "vm.toml",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("`ftvm run` parsed as another subcommand");
+        };
+        let g = r.guest;
+        assert_eq!(g.guest.as_deref(), Some("streamer"));
+        assert_eq!(g.memory_mib, Some(32));
+        assert_eq!(g.name.as_deref(), Some("web1"));
+        assert_eq!(g.tap.as_deref(), Some("tap0"));
+        assert_eq!(g.mac.as_deref(), Some("02:00:00:00:00:01"));
+        assert_eq!(g.ip.as_deref(), Some("10.0.0.2/24"));
+        assert_eq!(g.gateway.as_deref(), Some("10.0.0.1"));
+        assert_eq!(g.params, ["rate=100", "dest=10.0.0.9:5000"]);
+        assert_eq!(g.serial.as_deref(), Some("out.log"));
+        assert_eq!(g.config, Some(PathBuf::from("vm.toml")));
+    }
+
+    #[test]
+    fn unparsable_command_lines_exit_2() {
+        for args in [
+            &[][..],
+            &["frobnicate"],
+            &["run", "--memory-mib", "lots"],
+            &["run", "--memory-mib", "-1"],
+            &["run", "--no-such-flag"],
+            &["run", "--guest"],
+            // Not added yet: they must not parse until they do something.
+            &["primary"],
+            &["secondary"],
+            &["status"],
+            &["demo"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert_eq!(err.exit_code(), EXIT_USAGE, "ftvm {args:?}");
+        }
+    }
+
+    #[test]
+    fn help_lines_state_defaults_and_forms() {
+        let mut cmd = Cli::command();
+        let run = cmd.find_subcommand_mut("run").expect("run is a subcommand");
+        let help = run.render_help().to_string();
+        for needle in [
+            "[default: hello]",
+            "[default: 64]",
+            &format!(
+                "{}..={}",
+                ftvm_abi::MIN_MEMORY_MIB,
+                ftvm_abi::MAX_MEMORY_MIB
+            ),
+            &format!("1 to {} characters", crate::config::MAX_NAME_LEN),
+            &format!("1 to {} bytes", crate::config::MAX_TAP_LEN),
+            "[default: the guest's name",
+            "[default: none: the guest has no NIC]",
+            "02:xx:xx:xx:xx:xx",
+            "ADDR/PREFIX",
+            "KEY=VALUE",
+            "stdout|FILE",
+            "[default: stdout]",
+            "--config <FILE>",
+        ] {
+            assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
+        }
+    }
+}
