@@ -1,0 +1,26 @@
+//! `mmio-loop`: benchmark guest. Does `--param count=N` (default 1000000)
+//! volatile 32-bit writes to the test device's MMIO slot in a tight loop,
+//! then powers off with 0. Prints nothing unless the parameter is bad (then
+//! powers off with 1).
+#![no_std]
+#![no_main]
+
+rt::entry!(main);
+
+const DEFAULT_COUNT: u64 = 1_000_000;
+
+fn main(boot: &rt::BootParams) -> u32 {
+    let count = match boot.param("count").map(str::parse::<u64>) {
+        None => DEFAULT_COUNT,
+        Some(Ok(count)) => count,
+        Some(Err(_)) => {
+            rt::println!("mmio-loop: --param count must be a whole number");
+            return 1;
+        }
+    };
+    for i in 0..count {
+        // The value is irrelevant: the low bits of the index.
+        rt::testdev_mmio_write(i as u32);
+    }
+    0
+}
