@@ -25,16 +25,7 @@ const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// for build scripts) would silently replace the guests' rustflags;
 /// `RUSTC_WRAPPER`/`RUSTC_WORKSPACE_WRAPPER` (clippy) and the rest describe
 /// the outer build, not the guests'.
-const OUTER_ONLY: &[&str] = &[
-    "RUSTFLAGS",
-    "TARGET",
-    "HOST",
-    "OUT_DIR",
-    "PROFILE",
-    "OPT_LEVEL",
-    "DEBUG",
-    "NUM_JOBS",
-];
+const OUTER_ONLY: &[&str] = &["RUSTFLAGS", "TARGET", "HOST", "OUT_DIR", "PROFILE", "OPT_LEVEL", "DEBUG", "NUM_JOBS"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env_var("CARGO_MANIFEST_DIR"));
@@ -79,9 +70,8 @@ fn build_guests(guests_dir: &Path, target_dir: &Path) {
         .arg(target_dir);
     for (key, _) in env::vars_os() {
         let Some(key) = key.to_str() else { continue };
-        let outer = (key.starts_with("CARGO") && key != "CARGO_HOME")
-            || key.starts_with("RUSTC")
-            || OUTER_ONLY.contains(&key);
+        let outer =
+            (key.starts_with("CARGO") && key != "CARGO_HOME") || key.starts_with("RUSTC") || OUTER_ONLY.contains(&key);
         if outer {
             command.env_remove(key);
         }
@@ -142,9 +132,7 @@ fn track_sources(guests_dir: &Path, manifest_dir: &Path) {
 
 fn read_dir(dir: &Path) -> Vec<PathBuf> {
     match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .filter_map(|entry| Some(entry.ok()?.path()))
-            .collect(),
+        Ok(entries) => entries.filter_map(|entry| Some(entry.ok()?.path())).collect(),
         Err(err) => fail(&format!("cannot list {}: {err}", dir.display())),
     }
 }

@@ -29,7 +29,7 @@ fn loop_vm(guest: &str, count: u64) -> Result<Vm> {
         elf: image.elf.to_vec(),
         boot: BootSettings { params: vec![("count".into(), count.to_string())], ..Default::default() },
     };
-    let vm = Vm::new(&config, Box::new(LiveInput::new(0, Vec::new())), Box::new(Discard))?;
+    let vm = Vm::new(&config, |_| Box::new(LiveInput::new(0, Vec::new())), Box::new(Discard))?;
     Ok(vm)
 }
 
@@ -128,7 +128,9 @@ pub fn exits(seconds: u64, rounds: u32, json: bool) -> Result<()> {
     println!("guest exits per second (best of {rounds} rounds, same process, same machine)");
     println!();
     println!("{:<6} {:>16} {:>16} {:>12} {:>10}", "exit", "ftvm exit path", "bare KVM_RUN", "µs/exit ftvm", "overhead");
-    for (name, v, b, o) in [("PIO", pio_vmm, pio_bare, report.pio_overhead), ("MMIO", mmio_vmm, mmio_bare, report.mmio_overhead)] {
+    for (name, v, b, o) in
+        [("PIO", pio_vmm, pio_bare, report.pio_overhead), ("MMIO", mmio_vmm, mmio_bare, report.mmio_overhead)]
+    {
         println!(
             "{:<6} {:>16.0} {:>16.0} {:>12.2} {:>9.1}%",
             name,

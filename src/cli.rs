@@ -15,7 +15,7 @@
 //! from the `--config` file: the defaults are applied in [`crate::config`].
 
 // `main` wires these types in next; until then most of them are unused.
-#![allow(dead_code)]
+#![allow(dead_code)] // (some items serve later subcommands)
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -215,9 +215,7 @@ mod tests {
 
     #[test]
     fn bench_exits_seconds_and_json() {
-        let Command::Bench(BenchCommand::Exits(e)) = parse(&["bench", "exits", "--seconds", "1"])
-            .unwrap()
-            .command
+        let Command::Bench(BenchCommand::Exits(e)) = parse(&["bench", "exits", "--seconds", "1"]).unwrap().command
         else {
             panic!("`ftvm bench exits` parsed as another subcommand");
         };
@@ -225,9 +223,7 @@ mod tests {
         assert_eq!(e.duration(), Duration::from_secs(1));
         assert!(!e.json);
 
-        let Command::Bench(BenchCommand::Exits(e)) =
-            parse(&["bench", "exits", "--json"]).unwrap().command
-        else {
+        let Command::Bench(BenchCommand::Exits(e)) = parse(&["bench", "exits", "--json"]).unwrap().command else {
             panic!("`ftvm bench exits --json` parsed as another subcommand");
         };
         assert_eq!(e.seconds, 5);
@@ -339,11 +335,7 @@ mod tests {
         for needle in [
             "[default: hello]",
             "[default: 64]",
-            &format!(
-                "{}..={}",
-                ftvm_abi::MIN_MEMORY_MIB,
-                ftvm_abi::MAX_MEMORY_MIB
-            ),
+            &format!("{}..={}", ftvm_abi::MIN_MEMORY_MIB, ftvm_abi::MAX_MEMORY_MIB),
             &format!("1 to {} characters", crate::config::MAX_NAME_LEN),
             &format!("1 to {} bytes", crate::config::MAX_TAP_LEN),
             "[default: the guest's name",

@@ -47,7 +47,7 @@
 //! settings as the command line, so bad content is bad usage.
 
 // `main` wires these types in next; until then most of them are unused.
-#![allow(dead_code)]
+#![allow(dead_code)] // (some items serve later subcommands)
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -139,9 +139,7 @@ pub enum ConfigError {
         max = ftvm_abi::MAX_MEMORY_MIB
     )]
     MemoryOutOfRange { value: u64 },
-    #[error(
-        "--name {value:?} is not a valid name: use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -"
-    )]
+    #[error("--name {value:?} is not a valid name: use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -")]
     NameInvalid { value: String },
     #[error(
         "the name {name:?} taken from --guest {guest:?} is not a valid name: give --name (1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 _ . -)"
@@ -170,25 +168,16 @@ pub enum ConfigError {
     #[error("--gateway {value:?} is not an IPv4 address")]
     GatewaySyntax { value: String },
     #[error("--gateway {value} cannot be a gateway: it is {reason}")]
-    GatewayUnusable {
-        value: Ipv4Addr,
-        reason: &'static str,
-    },
+    GatewayUnusable { value: Ipv4Addr, reason: &'static str },
     #[error("--gateway {gateway} is outside the subnet of --ip {ip}/{prefix}")]
-    GatewayOutsideSubnet {
-        gateway: Ipv4Addr,
-        ip: Ipv4Addr,
-        prefix: u8,
-    },
+    GatewayOutsideSubnet { gateway: Ipv4Addr, ip: Ipv4Addr, prefix: u8 },
     #[error("--gateway {gateway} is the guest's own address (--ip)")]
     GatewayIsIp { gateway: Ipv4Addr },
     #[error("--param {value:?} is not of the form KEY=VALUE")]
     ParamSyntax { value: String },
     #[error("--param {value:?} has an empty key")]
     ParamEmptyKey { value: String },
-    #[error(
-        "--param {value:?} contains a NUL byte, which separates parameters in the boot-parameter block"
-    )]
+    #[error("--param {value:?} contains a NUL byte, which separates parameters in the boot-parameter block")]
     ParamNul { value: String },
     #[error("--param key {key:?} is given more than once")]
     ParamDuplicate { key: String },
@@ -257,10 +246,7 @@ struct ConfigFile {
 
 impl ConfigFile {
     fn load(path: &Path) -> Result<Self, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|source| ConfigError::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| ConfigError::ConfigRead { path: path.to_owned(), source })?;
         Self::parse(path, &bytes)
     }
 
@@ -299,17 +285,10 @@ pub fn resolve(args: &GuestArgs) -> Result<GuestSettings, ConfigError> {
 fn merge(args: &GuestArgs, file: ConfigFile) -> Result<GuestSettings, ConfigError> {
     // Checked in flag order, so the first error reported is the first bad
     // flag in `--help`.
-    let guest_value = args
-        .guest
-        .clone()
-        .or(file.guest)
-        .unwrap_or_else(|| DEFAULT_GUEST.to_owned());
+    let guest_value = args.guest.clone().or(file.guest).unwrap_or_else(|| DEFAULT_GUEST.to_owned());
     let guest = GuestSource::parse(&guest_value)?;
 
-    let memory_mib = args
-        .memory_mib
-        .or(file.memory_mib)
-        .unwrap_or(DEFAULT_MEMORY_MIB);
+    let memory_mib = args.memory_mib.or(file.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
     if !(ftvm_abi::MIN_MEMORY_MIB..=ftvm_abi::MAX_MEMORY_MIB).contains(&memory_mib) {
         return Err(ConfigError::MemoryOutOfRange { value: memory_mib });
     }
@@ -320,10 +299,7 @@ fn merge(args: &GuestArgs, file: ConfigFile) -> Result<GuestSettings, ConfigErro
         None => {
             let name = guest.default_name();
             if !is_valid_name(&name) {
-                return Err(ConfigError::DerivedNameInvalid {
-                    guest: guest_value,
-                    name,
-                });
+                return Err(ConfigError::DerivedNameInvalid { guest: guest_value, name });
             }
             name
         }
@@ -354,12 +330,7 @@ fn merge(args: &GuestArgs, file: ConfigFile) -> Result<GuestSettings, ConfigErro
         })
         .transpose()?;
 
-    let gateway = args
-        .gateway
-        .clone()
-        .or(file.gateway)
-        .map(|gw| parse_gateway(&gw, ip))
-        .transpose()?;
+    let gateway = args.gateway.clone().or(file.gateway).map(|gw| parse_gateway(&gw, ip)).transpose()?;
 
     let params = merge_params(&file.param, &args.params)?;
 
@@ -370,17 +341,7 @@ fn merge(args: &GuestArgs, file: ConfigFile) -> Result<GuestSettings, ConfigErro
         Some(s) => SerialTarget::File(PathBuf::from(s)),
     };
 
-    Ok(GuestSettings {
-        guest,
-        memory_mib,
-        name,
-        tap,
-        mac,
-        ip,
-        gateway,
-        params,
-        serial,
-    })
+    Ok(GuestSettings { guest, memory_mib, name, tap, mac, ip, gateway, params, serial })
 }
 
 impl GuestSource {
@@ -410,10 +371,7 @@ impl GuestSource {
     fn default_name(&self) -> String {
         match self {
             GuestSource::Embedded(name) => name.clone(),
-            GuestSource::File(path) => path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            GuestSource::File(path) => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         }
     }
 }
@@ -422,9 +380,7 @@ impl GuestSource {
 /// path, a log field and a shell word.
 fn is_valid_name(name: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 /// What Linux's `dev_valid_name()` accepts: 1 to IFNAMSIZ-1 bytes, not `.`
@@ -433,16 +389,12 @@ fn is_valid_ifname(name: &str) -> bool {
     (1..=MAX_TAP_LEN).contains(&name.len())
         && name != "."
         && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
+        && !name.bytes().any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
 /// `xx:xx:xx:xx:xx:xx`, hex digits in either case; unicast and not all zero.
 fn parse_mac(value: &str) -> Result<[u8; 6], ConfigError> {
-    let syntax = || ConfigError::MacSyntax {
-        value: value.to_owned(),
-    };
+    let syntax = || ConfigError::MacSyntax { value: value.to_owned() };
     let mut mac = [0u8; 6];
     let mut parts = value.split(':');
     for byte in &mut mac {
@@ -457,14 +409,10 @@ fn parse_mac(value: &str) -> Result<[u8; 6], ConfigError> {
         return Err(syntax());
     }
     if mac[0] & 1 != 0 {
-        return Err(ConfigError::MacMulticast {
-            value: value.to_owned(),
-        });
+        return Err(ConfigError::MacMulticast { value: value.to_owned() });
     }
     if mac == [0; 6] {
-        return Err(ConfigError::MacZero {
-            value: value.to_owned(),
-        });
+        return Err(ConfigError::MacZero { value: value.to_owned() });
     }
     Ok(mac)
 }
@@ -483,9 +431,7 @@ pub fn default_mac(name: &str) -> [u8; 6] {
 fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .fold(OFFSET_BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
+    bytes.iter().fold(OFFSET_BASIS, |h, &b| (h ^ u64::from(b)).wrapping_mul(PRIME))
 }
 
 /// The network mask of a prefix length in 1..=32.
@@ -528,9 +474,7 @@ fn subnet_reason(addr: Ipv4Addr, prefix: u8) -> Option<&'static str> {
 /// `ADDR/PREFIX`, PREFIX in 1..=32. Prefix 0 is refused: it would put the
 /// whole Internet on the guest's link, which is never what is meant.
 fn parse_ip(value: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
-    let syntax = || ConfigError::IpSyntax {
-        value: value.to_owned(),
-    };
+    let syntax = || ConfigError::IpSyntax { value: value.to_owned() };
     let (addr, prefix) = value.split_once('/').ok_or_else(syntax)?;
     let addr: Ipv4Addr = addr.parse().map_err(|_| syntax())?;
     // Digits only: u8's parser would also take "+24".
@@ -541,14 +485,9 @@ fn parse_ip(value: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
         .parse::<u8>()
         .ok()
         .filter(|p| (1..=32).contains(p))
-        .ok_or_else(|| ConfigError::IpPrefix {
-            value: value.to_owned(),
-        })?;
+        .ok_or_else(|| ConfigError::IpPrefix { value: value.to_owned() })?;
     if let Some(reason) = unusable_reason(addr).or_else(|| subnet_reason(addr, prefix)) {
-        return Err(ConfigError::IpUnusable {
-            value: value.to_owned(),
-            reason,
-        });
+        return Err(ConfigError::IpUnusable { value: value.to_owned(), reason });
     }
     Ok((addr, prefix))
 }
@@ -557,31 +496,19 @@ fn parse_ip(value: &str) -> Result<(Ipv4Addr, u8), ConfigError> {
 /// Without `ip` there is nothing to check it against (the guest may get its
 /// address otherwise later), so it is kept as given.
 fn parse_gateway(value: &str, ip: Option<(Ipv4Addr, u8)>) -> Result<Ipv4Addr, ConfigError> {
-    let gateway: Ipv4Addr = value.parse().map_err(|_| ConfigError::GatewaySyntax {
-        value: value.to_owned(),
-    })?;
+    let gateway: Ipv4Addr = value.parse().map_err(|_| ConfigError::GatewaySyntax { value: value.to_owned() })?;
     if let Some(reason) = unusable_reason(gateway) {
-        return Err(ConfigError::GatewayUnusable {
-            value: gateway,
-            reason,
-        });
+        return Err(ConfigError::GatewayUnusable { value: gateway, reason });
     }
     if let Some((addr, prefix)) = ip {
         if u32::from(gateway) & mask(prefix) != u32::from(addr) & mask(prefix) {
-            return Err(ConfigError::GatewayOutsideSubnet {
-                gateway,
-                ip: addr,
-                prefix,
-            });
+            return Err(ConfigError::GatewayOutsideSubnet { gateway, ip: addr, prefix });
         }
         if gateway == addr {
             return Err(ConfigError::GatewayIsIp { gateway });
         }
         if let Some(reason) = subnet_reason(gateway, prefix) {
-            return Err(ConfigError::GatewayUnusable {
-                value: gateway,
-                reason,
-            });
+            return Err(ConfigError::GatewayUnusable { value: gateway, reason });
         }
     }
     Ok(gateway)
@@ -590,20 +517,12 @@ fn parse_gateway(value: &str, ip: Option<(Ipv4Addr, u8)>) -> Result<Ipv4Addr, Co
 /// One `KEY=VALUE`, split at the first `=`: the key cannot contain `=`, the
 /// value may.
 fn parse_param(value: &str) -> Result<(String, String), ConfigError> {
-    let (key, val) = value
-        .split_once('=')
-        .ok_or_else(|| ConfigError::ParamSyntax {
-            value: value.to_owned(),
-        })?;
+    let (key, val) = value.split_once('=').ok_or_else(|| ConfigError::ParamSyntax { value: value.to_owned() })?;
     if key.is_empty() {
-        return Err(ConfigError::ParamEmptyKey {
-            value: value.to_owned(),
-        });
+        return Err(ConfigError::ParamEmptyKey { value: value.to_owned() });
     }
     if value.contains('\0') {
-        return Err(ConfigError::ParamNul {
-            value: value.to_owned(),
-        });
+        return Err(ConfigError::ParamNul { value: value.to_owned() });
     }
     Ok((key.to_owned(), val.to_owned()))
 }
@@ -741,27 +660,18 @@ mod tests {
 
     #[test]
     fn serial_stdout_spelled_out() {
-        assert_eq!(
-            run(&["--serial", "stdout"]).unwrap().serial,
-            SerialTarget::Stdout
-        );
+        assert_eq!(run(&["--serial", "stdout"]).unwrap().serial, SerialTarget::Stdout);
         refused(&["--serial", ""], 2, &["--serial"]);
     }
 
     #[test]
     fn guest_source_rule() {
         use GuestSource::*;
-        assert_eq!(
-            GuestSource::classify("hello", false),
-            Embedded("hello".into())
-        );
+        assert_eq!(GuestSource::classify("hello", false), Embedded("hello".into()));
         assert_eq!(GuestSource::classify("hello", true), File("hello".into()));
         assert_eq!(GuestSource::classify("x.elf", false), File("x.elf".into()));
         assert_eq!(GuestSource::classify("./x", false), File("./x".into()));
-        assert_eq!(
-            GuestSource::classify("/abs/path", false),
-            File("/abs/path".into())
-        );
+        assert_eq!(GuestSource::classify("/abs/path", false), File("/abs/path".into()));
         // An existing file found by its path.
         let f = config_file(b"\x7fELF");
         let path = f.path().to_str().expect("temp path is UTF-8");
@@ -780,15 +690,8 @@ mod tests {
         let s = run(&["--guest", "streamer", "--name", "web1"]).unwrap();
         assert_eq!(s.name, "web1");
         assert_eq!(s.mac, default_mac("web1"));
-        let err = refused(
-            &["--guest", "bad name"],
-            2,
-            &["--guest", "\"bad name\"", "--name"],
-        );
-        assert!(
-            matches!(err, ConfigError::DerivedNameInvalid { .. }),
-            "{err:?}"
-        );
+        let err = refused(&["--guest", "bad name"], 2, &["--guest", "\"bad name\"", "--name"]);
+        assert!(matches!(err, ConfigError::DerivedNameInvalid { .. }), "{err:?}");
     }
 
     #[test]
@@ -796,10 +699,7 @@ mod tests {
         // FNV-1a-64("hello") = 0xa430d84680aabd0b. Pinned: the primary and
         // the secondary may run different builds and must agree.
         assert_eq!(default_mac("hello"), [0x02, 0xa4, 0x30, 0xd8, 0x46, 0x80]);
-        assert_eq!(
-            default_mac("streamer"),
-            [0x02, 0x52, 0x86, 0x62, 0x16, 0x4e]
-        );
+        assert_eq!(default_mac("streamer"), [0x02, 0x52, 0x86, 0x62, 0x16, 0x4e]);
         assert_ne!(default_mac("a"), default_mac("b"));
         for name in ["", "x", "web1", "a-very-long-name.with_all.the-chars"] {
             let mac = default_mac(name);
@@ -811,14 +711,8 @@ mod tests {
     fn memory_range() {
         let min = ftvm_abi::MIN_MEMORY_MIB;
         let max = ftvm_abi::MAX_MEMORY_MIB;
-        assert_eq!(
-            run(&["--memory-mib", &min.to_string()]).unwrap().memory_mib,
-            min
-        );
-        assert_eq!(
-            run(&["--memory-mib", &max.to_string()]).unwrap().memory_mib,
-            max
-        );
+        assert_eq!(run(&["--memory-mib", &min.to_string()]).unwrap().memory_mib, min);
+        assert_eq!(run(&["--memory-mib", &max.to_string()]).unwrap().memory_mib, max);
         for bad in [0, min - 1, max + 1, u64::MAX] {
             let v = bad.to_string();
             refused(&["--memory-mib", &v], 2, &["--memory-mib", &v]);
@@ -866,24 +760,13 @@ mod tests {
 
     #[test]
     fn mac_multicast_and_zero_refused() {
-        for bad in [
-            "01:00:5e:00:00:01",
-            "ff:ff:ff:ff:ff:ff",
-            "03:00:00:00:00:01",
-        ] {
+        for bad in ["01:00:5e:00:00:01", "ff:ff:ff:ff:ff:ff", "03:00:00:00:00:01"] {
             let err = refused(&["--mac", bad], 2, &["--mac", bad, "multicast"]);
             assert!(matches!(err, ConfigError::MacMulticast { .. }), "{err:?}");
         }
-        refused(
-            &["--mac", "00:00:00:00:00:00"],
-            2,
-            &["--mac", "00:00:00:00:00:00"],
-        );
+        refused(&["--mac", "00:00:00:00:00:00"], 2, &["--mac", "00:00:00:00:00:00"]);
         // A universally administered unicast MAC is fine.
-        assert_eq!(
-            run(&["--mac", "52:54:00:12:34:56"]).unwrap().mac,
-            [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]
-        );
+        assert_eq!(run(&["--mac", "52:54:00:12:34:56"]).unwrap().mac, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
     }
 
     #[test]
@@ -892,54 +775,23 @@ mod tests {
         assert_eq!(ok.ip, Some((Ipv4Addr::new(192, 168, 1, 7), 32)));
         let ok = run(&["--tap", "tap0", "--ip", "10.0.0.0/31"]).unwrap();
         assert_eq!(ok.ip, Some((Ipv4Addr::new(10, 0, 0, 0), 31)));
-        for bad in [
-            "10.0.0.2",
-            "10.0.0.2/",
-            "10.0.0/24",
-            "10.0.0.2/+24",
-            "x/24",
-            "10.0.0.2/24/1",
-        ] {
-            let err = refused(
-                &["--tap", "tap0", "--ip", bad],
-                2,
-                &["--ip", &format!("{bad:?}")],
-            );
-            assert!(
-                matches!(err, ConfigError::IpSyntax { .. }),
-                "{bad}: {err:?}"
-            );
+        for bad in ["10.0.0.2", "10.0.0.2/", "10.0.0/24", "10.0.0.2/+24", "x/24", "10.0.0.2/24/1"] {
+            let err = refused(&["--tap", "tap0", "--ip", bad], 2, &["--ip", &format!("{bad:?}")]);
+            assert!(matches!(err, ConfigError::IpSyntax { .. }), "{bad}: {err:?}");
         }
         for bad in ["10.0.0.2/0", "10.0.0.2/33", "10.0.0.2/999"] {
             let err = refused(&["--tap", "tap0", "--ip", bad], 2, &["--ip", bad, "1..=32"]);
-            assert!(
-                matches!(err, ConfigError::IpPrefix { .. }),
-                "{bad}: {err:?}"
-            );
+            assert!(matches!(err, ConfigError::IpPrefix { .. }), "{bad}: {err:?}");
         }
-        for bad in [
-            "0.0.0.0/8",
-            "127.0.0.1/8",
-            "224.0.0.1/4",
-            "255.255.255.255/32",
-            "10.0.0.0/24",
-            "10.0.0.255/24",
-        ] {
+        for bad in ["0.0.0.0/8", "127.0.0.1/8", "224.0.0.1/4", "255.255.255.255/32", "10.0.0.0/24", "10.0.0.255/24"] {
             let err = refused(&["--tap", "tap0", "--ip", bad], 2, &["--ip", bad]);
-            assert!(
-                matches!(err, ConfigError::IpUnusable { .. }),
-                "{bad}: {err:?}"
-            );
+            assert!(matches!(err, ConfigError::IpUnusable { .. }), "{bad}: {err:?}");
         }
     }
 
     #[test]
     fn ip_needs_tap_but_mac_and_gateway_do_not() {
-        refused(
-            &["--ip", "10.0.0.2/24"],
-            2,
-            &["--ip", "10.0.0.2/24", "--tap"],
-        );
+        refused(&["--ip", "10.0.0.2/24"], 2, &["--ip", "10.0.0.2/24", "--tap"]);
         let s = run(&["--mac", "02:00:00:00:00:01", "--gateway", "10.0.0.1"]).unwrap();
         assert_eq!(s.mac, [2, 0, 0, 0, 0, 1]);
         assert_eq!(s.gateway, Some(Ipv4Addr::new(10, 0, 0, 1)));
@@ -950,45 +802,21 @@ mod tests {
     fn gateway_checks() {
         let net = ["--tap", "tap0", "--ip", "10.0.0.2/24", "--gateway"];
         let with = |gw: &'static str| [&net[..], &[gw]].concat();
-        assert_eq!(
-            run(&with("10.0.0.254")).unwrap().gateway,
-            Some(Ipv4Addr::new(10, 0, 0, 254))
-        );
-        let err = refused(
-            &with("10.0.1.1"),
-            2,
-            &["--gateway", "10.0.1.1", "10.0.0.2/24"],
-        );
-        assert!(
-            matches!(err, ConfigError::GatewayOutsideSubnet { .. }),
-            "{err:?}"
-        );
+        assert_eq!(run(&with("10.0.0.254")).unwrap().gateway, Some(Ipv4Addr::new(10, 0, 0, 254)));
+        let err = refused(&with("10.0.1.1"), 2, &["--gateway", "10.0.1.1", "10.0.0.2/24"]);
+        assert!(matches!(err, ConfigError::GatewayOutsideSubnet { .. }), "{err:?}");
         let err = refused(&with("10.0.0.2"), 2, &["--gateway", "10.0.0.2"]);
         assert!(matches!(err, ConfigError::GatewayIsIp { .. }), "{err:?}");
         for bad in ["10.0.0.0", "10.0.0.255"] {
             let err = refused(&with(bad), 2, &["--gateway", bad]);
-            assert!(
-                matches!(err, ConfigError::GatewayUnusable { .. }),
-                "{err:?}"
-            );
+            assert!(matches!(err, ConfigError::GatewayUnusable { .. }), "{err:?}");
         }
         for bad in ["10.0.0", "gw", "10.0.0.1/24", ""] {
             let err = refused(&with(bad), 2, &["--gateway", &format!("{bad:?}")]);
             assert!(matches!(err, ConfigError::GatewaySyntax { .. }), "{err:?}");
         }
         // /32: no other host shares the subnet.
-        refused(
-            &[
-                "--tap",
-                "tap0",
-                "--ip",
-                "10.0.0.2/32",
-                "--gateway",
-                "10.0.0.1",
-            ],
-            2,
-            &["--gateway", "10.0.0.1"],
-        );
+        refused(&["--tap", "tap0", "--ip", "10.0.0.2/32", "--gateway", "10.0.0.1"], 2, &["--gateway", "10.0.0.1"]);
         // Unusable addresses are refused even without --ip.
         refused(&["--gateway", "224.0.0.1"], 2, &["--gateway", "224.0.0.1"]);
     }
@@ -999,17 +827,10 @@ mod tests {
         refused(&["--param", "=v"], 2, &["--param", "\"=v\"", "empty key"]);
         refused(&["--param", "k\0ey=v"], 2, &["--param", "NUL"]);
         refused(&["--param", "key=v\0"], 2, &["--param", "NUL"]);
-        let err = refused(
-            &["--param", "a=1", "--param", "b=2", "--param", "a=3"],
-            2,
-            &["--param", "\"a\""],
-        );
+        let err = refused(&["--param", "a=1", "--param", "b=2", "--param", "a=3"], 2, &["--param", "\"a\""]);
         assert!(matches!(err, ConfigError::ParamDuplicate { .. }), "{err:?}");
         // An empty value is a value.
-        assert_eq!(
-            run(&["--param", "flag="]).unwrap().params,
-            [("flag".to_owned(), String::new())]
-        );
+        assert_eq!(run(&["--param", "flag="]).unwrap().params, [("flag".to_owned(), String::new())]);
     }
 
     #[test]
@@ -1060,10 +881,7 @@ serial = "file.log"
                 mac: [2, 0, 0, 0, 0, 9],
                 ip: Some((Ipv4Addr::new(10, 0, 0, 9), 24)),
                 gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
-                params: vec![
-                    ("rate".into(), "100".into()),
-                    ("dest".into(), "10.0.0.5:5000".into())
-                ],
+                params: vec![("rate".into(), "100".into()), ("dest".into(), "10.0.0.5:5000".into())],
                 serial: SerialTarget::File("file.log".into()),
             }
         );
@@ -1106,12 +924,7 @@ serial = "file.log"
         let path = f.path().to_str().expect("temp path is UTF-8");
         refused(&["--config", path], 2, &["--memory-mib", "0"]);
         // ... unless a flag replaces the bad value.
-        assert_eq!(
-            run(&["--config", path, "--memory-mib", "8"])
-                .unwrap()
-                .memory_mib,
-            8
-        );
+        assert_eq!(run(&["--config", path, "--memory-mib", "8"]).unwrap().memory_mib, 8);
 
         // Within the file, a key given twice is refused too.
         let f = config_file(br#"param = ["a=1", "a=2"]"#);
@@ -1130,10 +943,7 @@ serial = "file.log"
         let f = config_file(b"memory-mib = 64\n\ncolour = \"blue\"\n");
         let path = f.path().to_str().expect("temp path is UTF-8");
         let err = refused(&["--config", path], 2, &[path, "colour", "line 3"]);
-        assert!(
-            matches!(err, ConfigError::ConfigParse { line: Some(3), .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, ConfigError::ConfigParse { line: Some(3), .. }), "{err:?}");
         // The flag-only key is not a file key either.
         let f = config_file(b"config = \"other.toml\"\n");
         let path = f.path().to_str().expect("temp path is UTF-8");
@@ -1152,10 +962,7 @@ serial = "file.log"
             let f = config_file(content);
             let path = f.path().to_str().expect("temp path is UTF-8");
             let err = refused(&["--config", path], 2, &[path, &format!("line {line}")]);
-            assert!(
-                matches!(err, ConfigError::ConfigParse { line: Some(l), .. } if l == line),
-                "{content:?}: {err:?}"
-            );
+            assert!(matches!(err, ConfigError::ConfigParse { line: Some(l), .. } if l == line), "{content:?}: {err:?}");
         }
     }
 

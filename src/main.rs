@@ -1,4 +1,193 @@
+//! `ftvm`: parses the command line, wires the VMM, the replication layer and
+//! the heartbeat together, and maps every outcome to a documented exit status
+//! (DESIGN.md, "Command line"): 0 guest powered off cleanly, 1 error,
+//! 2 bad usage, 3 guest fault, 128+N stopped by signal N.
+
+mod bench;
 mod cli;
 mod config;
 
-fn main() {}
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vmm::vcpu::RunOutcome;
+use vmm::world::{LiveInput, LiveOutput};
+use vmm::{BootSettings, Vm, VmConfig, VmError};
+
+use crate::cli::{BenchCommand, Cli, Command, EXIT_ERROR, EXIT_USAGE};
+use crate::config::{GuestSettings, GuestSource, SerialTarget};
+
+/// Exit status: the guest faulted (pvpanic, triple fault, unserved exit).
+const EXIT_GUEST_FAULT: i32 = 3;
+
+/// An error with the exit status it maps to.
+struct Failure {
+    code: i32,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        let code = if let Some(c) = error.downcast_ref::<config::ConfigError>() {
+            c.exit_code()
+        } else if let Some(v) = error.downcast_ref::<VmError>() {
+            if v.is_guest_fault() {
+                EXIT_GUEST_FAULT
+            } else {
+                EXIT_ERROR
+            }
+        } else if error.downcast_ref::<UsageError>().is_some() {
+            EXIT_USAGE
+        } else {
+            EXIT_ERROR
+        };
+        Failure { code, error }
+    }
+}
+
+/// A flag value that is invalid in itself but only the binary can tell
+/// (an embedded guest name that does not exist).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(Failure { code, error }) => {
+            // The whole chain, once, on one line.
+            let mut line = format!("ftvm: {error}");
+            for cause in error.chain().skip(1) {
+                line.push_str(&format!(": {cause}"));
+            }
+            let _ = writeln!(std::io::stderr(), "{line}");
+            code
+        }
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn dispatch(cli: Cli) -> Result<i32, Failure> {
+    match cli.command {
+        Command::Guests(args) => {
+            list_guests(args.all);
+            Ok(0)
+        }
+        Command::Run(args) => run(&config::resolve(&args.guest)?),
+        Command::Bench(BenchCommand::Exits(args)) => {
+            bench::exits(args.seconds, 3, args.json)?;
+            Ok(0)
+        }
+    }
+}
+
+fn list_guests(all: bool) {
+    let width = guest_images::GUESTS.iter().map(|g| g.name.len()).max().unwrap_or(0);
+    for g in guest_images::GUESTS.iter().filter(|g| all || !g.test_only) {
+        let tag = if g.test_only { " (test guest)" } else { "" };
+        println!("{:<width$}  {}{tag}", g.name, g.description);
+    }
+}
+
+/// The guest image's bytes.
+fn load_image(source: &GuestSource) -> Result<Vec<u8>, Failure> {
+    match source {
+        GuestSource::Embedded(name) => match guest_images::find(name) {
+            Some(g) => Ok(g.elf.to_vec()),
+            None => {
+                Err(UsageError(format!("--guest {name:?}: no embedded guest has that name (`ftvm guests` lists them)"))
+                    .into())
+            }
+        },
+        GuestSource::File(path) => {
+            Ok(std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?)
+        }
+    }
+}
+
+/// Stop the VM on SIGINT/SIGTERM/SIGHUP; remember which signal it was.
+fn stop_on_signals(vm: &Vm) -> Result<Arc<AtomicI32>> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let caught = Arc::new(AtomicI32::new(0));
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
+    let stop = vm.stop_handle();
+    let seen = caught.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                seen.store(signal, Ordering::SeqCst);
+                stop.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(caught)
+}
+
+/// `ftvm run`: one guest, unprotected.
+fn run(settings: &GuestSettings) -> Result<i32, Failure> {
+    let elf = load_image(&settings.guest)?;
+    let serial: Box<dyn Write + Send> = match &settings.serial {
+        SerialTarget::Stdout => Box::new(std::io::stdout()),
+        SerialTarget::File(path) => Box::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create serial file {}", path.display()))?,
+        ),
+    };
+    let config = VmConfig {
+        memory_mib: settings.memory_mib,
+        elf,
+        boot: BootSettings {
+            mac: settings.tap.as_ref().map(|_| settings.mac),
+            ip: settings.ip,
+            gateway: settings.gateway,
+            params: settings.params.clone(),
+        },
+    };
+    let output = Box::new(LiveOutput::new(serial));
+    let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {
+        Box::new(LiveInput::new(0, vec![stop.wake_fd()]))
+    };
+    let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let caught = stop_on_signals(&vm)?;
+    tracing::info!(vm = %settings.name, memory_mib = settings.memory_mib, "guest starting");
+    match vm.run() {
+        Ok(RunOutcome::PoweredOff { status: 0, exit_index }) => {
+            tracing::info!(vm = %settings.name, %exit_index, "guest powered off");
+            Ok(0)
+        }
+        Ok(RunOutcome::PoweredOff { status, exit_index }) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "ftvm: guest {} powered off with status {status} (exit {exit_index})",
+                settings.name
+            );
+            Ok(EXIT_ERROR)
+        }
+        Ok(RunOutcome::Stopped { exit_index }) => {
+            let signal = caught.load(Ordering::SeqCst);
+            let _ = writeln!(
+                std::io::stderr(),
+                "ftvm: guest {} stopped by signal {signal} at exit {exit_index}",
+                settings.name
+            );
+            Ok(128 + signal)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context(format!("guest {} stopped", settings.name)).into()),
+    }
+}

@@ -20,19 +20,13 @@ const REACHABLE: Duration = Duration::from_secs(5);
 
 /// Lab namespaces still listed by `ip netns` whose names start with `prefix`.
 fn leftovers(prefix: &str) -> Vec<String> {
-    lab::netns_list()
-        .into_iter()
-        .filter(|name| name.starts_with(prefix))
-        .collect()
+    lab::netns_list().into_iter().filter(|name| name.starts_with(prefix)).collect()
 }
 
 /// Root-namespace interfaces carrying a lab's tag.
 fn root_ifnames_tagged(tag: &str) -> Vec<String> {
     let suffix = format!("-{tag}");
-    lab::root_ifnames()
-        .into_iter()
-        .filter(|name| name.ends_with(&suffix))
-        .collect()
+    lab::root_ifnames().into_iter().filter(|name| name.ends_with(&suffix)).collect()
 }
 
 /// Opens the TAP `name` in `netns` as a VMM would (IFF_TAP | IFF_NO_PI).
@@ -52,12 +46,7 @@ fn open_tap(netns: &Netns, name: &str) -> File {
         ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-        assert_eq!(
-            rc,
-            0,
-            "TUNSETIFF {name}: {}",
-            std::io::Error::last_os_error()
-        );
+        assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
         file
     })
 }
@@ -69,29 +58,17 @@ fn await_arp_request(tap: &mut File, target: Ipv4Addr, timeout: Duration) -> boo
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        let mut pfd = libc::pollfd {
-            fd: tap.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: tap.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: pfd is one valid pollfd for the duration of the call.
         let ready = unsafe { libc::poll(&mut pfd, 1, ms) };
-        assert!(
-            ready >= 0,
-            "poll on the TAP: {}",
-            std::io::Error::last_os_error()
-        );
+        assert!(ready >= 0, "poll on the TAP: {}", std::io::Error::last_os_error());
         if ready == 0 {
             return false;
         }
         let len = tap.read(&mut frame).expect("reading the TAP");
         let frame = &frame[..len];
         // Ethernet type 0x0806 (ARP), operation 1 (request), target protocol address at 38..42.
-        if len >= 42
-            && frame[12..14] == [0x08, 0x06]
-            && frame[20..22] == [0, 1]
-            && frame[38..42] == target.octets()
-        {
+        if len >= 42 && frame[12..14] == [0x08, 0x06] && frame[20..22] == [0, 1] && frame[38..42] == target.octets() {
             return true;
         }
     }
@@ -109,34 +86,18 @@ fn netns_root_single_lab_client_reaches_host_and_tap() {
     assert!(host.netns().name().starts_with(lab.prefix()));
 
     // The host's own LAN address stands in for the guest until there is a VM.
-    assert!(
-        lab.client().wait_pingable(host.lan_ip(), REACHABLE),
-        "client cannot ping host a at {}",
-        host.lan_ip()
-    );
-    assert!(
-        host.netns().ping(lab.client_ip(), REACHABLE).is_some(),
-        "host a cannot ping the client"
-    );
+    assert!(lab.client().wait_pingable(host.lan_ip(), REACHABLE), "client cannot ping host a at {}", host.lan_ip());
+    assert!(host.netns().ping(lab.client_ip(), REACHABLE).is_some(), "host a cannot ping the client");
 
     // The TAP and the LAN veth are ports of the host's bridge...
-    let ports = host
-        .netns()
-        .ip(&["-o", "link", "show", "master", host.bridge()]);
+    let ports = host.netns().ip(&["-o", "link", "show", "master", host.bridge()]);
     for port in [host.tap(), host.lan_dev()] {
-        assert!(
-            ports.contains(&format!(": {port}")),
-            "{port} is not on {}: {ports}",
-            host.bridge()
-        );
+        assert!(ports.contains(&format!(": {port}")), "{port} is not on {}: {ports}", host.bridge());
     }
     // ...so what the client sends towards the guest reaches the TAP: its ARP request for the
     // guest address. The ping itself times out, there is no guest to answer it.
     let mut tap = open_tap(host.netns(), host.tap());
-    assert!(lab
-        .client()
-        .ping(lab.guest_ip(), Duration::from_millis(100))
-        .is_none());
+    assert!(lab.client().ping(lab.guest_ip(), Duration::from_millis(100)).is_none());
     assert!(
         await_arp_request(&mut tap, lab.guest_ip(), REACHABLE),
         "no ARP request for {} on {}",
@@ -162,51 +123,24 @@ fn netns_root_pair_lab_dedicated_link_and_netem() {
     }
     let lab = Lab::pair("pair");
     let (a, b) = (lab.host_a(), lab.host_b());
-    assert_eq!(
-        (a.link_ip(), b.link_ip()),
-        (lab::LINK_IPS[0], lab::LINK_IPS[1])
-    );
+    assert_eq!((a.link_ip(), b.link_ip()), (lab::LINK_IPS[0], lab::LINK_IPS[1]));
 
-    assert!(
-        a.netns().wait_pingable(b.link_ip(), REACHABLE),
-        "a cannot ping b over the link"
-    );
-    assert!(
-        b.netns().ping(a.link_ip(), REACHABLE).is_some(),
-        "b cannot ping a over the link"
-    );
+    assert!(a.netns().wait_pingable(b.link_ip(), REACHABLE), "a cannot ping b over the link");
+    assert!(b.netns().ping(a.link_ip(), REACHABLE).is_some(), "b cannot ping a over the link");
     // Both hosts and the client share the LAN.
-    assert!(
-        a.netns().ping(b.lan_ip(), REACHABLE).is_some(),
-        "a cannot ping b over the LAN"
-    );
+    assert!(a.netns().ping(b.lan_ip(), REACHABLE).is_some(), "a cannot ping b over the LAN");
     for host in lab.hosts() {
-        assert!(
-            lab.client().ping(host.lan_ip(), REACHABLE).is_some(),
-            "client cannot ping {}",
-            host.lan_ip()
-        );
+        assert!(lab.client().ping(host.lan_ip(), REACHABLE).is_some(), "client cannot ping {}", host.lan_ip());
     }
     assert_eq!(root_ifnames_tagged(lab.ifname_tag()), Vec::<String>::new());
 
     // The link is a route of its own: cut it and b's link address is gone while its LAN address
     // still answers.
     a.netns().set_link_up(a.link_dev(), false);
-    assert!(
-        a.netns()
-            .ping(b.link_ip(), Duration::from_millis(200))
-            .is_none(),
-        "link is down yet b answers"
-    );
-    assert!(
-        a.netns().ping(b.lan_ip(), REACHABLE).is_some(),
-        "cutting the link cut the LAN"
-    );
+    assert!(a.netns().ping(b.link_ip(), Duration::from_millis(200)).is_none(), "link is down yet b answers");
+    assert!(a.netns().ping(b.lan_ip(), REACHABLE).is_some(), "cutting the link cut the LAN");
     a.netns().set_link_up(a.link_dev(), true);
-    assert!(
-        a.netns().wait_pingable(b.link_ip(), REACHABLE),
-        "link did not come back"
-    );
+    assert!(a.netns().wait_pingable(b.link_ip(), REACHABLE), "link did not come back");
 
     const DELAY: Duration = Duration::from_millis(50);
     if !lab::netem_available() {
@@ -214,36 +148,14 @@ fn netns_root_pair_lab_dedicated_link_and_netem() {
         eprintln!("netem part skipped: this kernel has no sch_netem (CONFIG_NET_SCH_NETEM)");
         return;
     }
-    let baseline = a
-        .netns()
-        .ping(b.link_ip(), REACHABLE)
-        .expect("no reply before netem");
-    assert!(
-        baseline < DELAY,
-        "link is already slower than the netem delay: {baseline:?}"
-    );
-    lab::netem(
-        a.netns(),
-        a.link_dev(),
-        &format!("delay {}ms", DELAY.as_millis()),
-    );
-    let delayed = a
-        .netns()
-        .ping(b.link_ip(), REACHABLE)
-        .expect("no reply with netem");
-    assert!(
-        delayed >= DELAY,
-        "netem delay {DELAY:?} but RTT {delayed:?}"
-    );
+    let baseline = a.netns().ping(b.link_ip(), REACHABLE).expect("no reply before netem");
+    assert!(baseline < DELAY, "link is already slower than the netem delay: {baseline:?}");
+    lab::netem(a.netns(), a.link_dev(), &format!("delay {}ms", DELAY.as_millis()));
+    let delayed = a.netns().ping(b.link_ip(), REACHABLE).expect("no reply with netem");
+    assert!(delayed >= DELAY, "netem delay {DELAY:?} but RTT {delayed:?}");
     lab::netem_clear(a.netns(), a.link_dev());
-    let cleared = a
-        .netns()
-        .ping(b.link_ip(), REACHABLE)
-        .expect("no reply after netem");
-    assert!(
-        cleared < DELAY,
-        "netem still delays after clearing: {cleared:?}"
-    );
+    let cleared = a.netns().ping(b.link_ip(), REACHABLE).expect("no reply after netem");
+    assert!(cleared < DELAY, "netem still delays after clearing: {cleared:?}");
 }
 
 #[test]
@@ -256,18 +168,11 @@ fn netns_root_lab_dropped_by_panic_leaves_nothing() {
         let lab = Lab::pair("panic");
         let child = lab.host_a().netns().spawn("sleep", &["1000"]);
         // A daemon the lab never heard of: only `ip netns pids` finds it at teardown.
-        lab.host_b()
-            .netns()
-            .exec(&["sh", "-c", "sleep 1000 >/dev/null 2>&1 &"]);
+        lab.host_b().netns().exec(&["sh", "-c", "sleep 1000 >/dev/null 2>&1 &"]);
         let strays = lab.host_b().netns().pids();
         assert_eq!(strays.len(), 1, "expected one daemon in host b: {strays:?}");
         sender
-            .send((
-                lab.prefix().to_owned(),
-                lab.ifname_tag().to_owned(),
-                child.id(),
-                strays[0],
-            ))
+            .send((lab.prefix().to_owned(), lab.ifname_tag().to_owned(), child.id(), strays[0]))
             .expect("the test thread waits for this");
         panic!("deliberate panic with a live lab (expected in this test)");
     });
@@ -279,14 +184,8 @@ fn netns_root_lab_dropped_by_panic_leaves_nothing() {
     for pid in [child, stray] {
         // Teardown waited for both to exit: gone, or a zombie until init reaps the daemon.
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(") ")
-            .next()
-            .and_then(|rest| rest.chars().next());
-        assert!(
-            stat.is_empty() || state == Some('Z'),
-            "pid {pid} survived teardown: {stat}"
-        );
+        let state = stat.rsplit(") ").next().and_then(|rest| rest.chars().next());
+        assert!(stat.is_empty() || state == Some('Z'), "pid {pid} survived teardown: {stat}");
     }
 }
 
@@ -300,25 +199,13 @@ fn netns_root_parallel_labs() {
         .map(|i| {
             let sender = sender.clone();
             thread::spawn(move || {
-                let lab = if i % 2 == 0 {
-                    Lab::single(&format!("par{i}"))
-                } else {
-                    Lab::pair(&format!("par{i}"))
-                };
-                sender
-                    .send(lab.prefix().to_owned())
-                    .expect("the test thread waits for this");
+                let lab = if i % 2 == 0 { Lab::single(&format!("par{i}")) } else { Lab::pair(&format!("par{i}")) };
+                sender.send(lab.prefix().to_owned()).expect("the test thread waits for this");
                 // Same addresses in every lab, without interference: each is its own world.
-                assert!(
-                    lab.client().wait_pingable(lab.host_a().lan_ip(), REACHABLE),
-                    "lab {i}: no LAN"
-                );
+                assert!(lab.client().wait_pingable(lab.host_a().lan_ip(), REACHABLE), "lab {i}: no LAN");
                 if i % 2 == 1 {
                     let (a, b) = (lab.host_a(), lab.host_b());
-                    assert!(
-                        a.netns().wait_pingable(b.link_ip(), REACHABLE),
-                        "lab {i}: no link"
-                    );
+                    assert!(a.netns().wait_pingable(b.link_ip(), REACHABLE), "lab {i}: no link");
                 }
             })
         })
@@ -343,9 +230,7 @@ fn netns_root_sweeper_removes_namespaces_of_dead_processes() {
         return;
     }
     // A pid that is certainly dead: a child that has exited and been reaped.
-    let mut child = std::process::Command::new("true")
-        .spawn()
-        .expect("spawning true");
+    let mut child = std::process::Command::new("true").spawn().expect("spawning true");
     let dead = child.id();
     child.wait().expect("waiting for true");
     assert!(!Path::new(&format!("/proc/{dead}")).exists());
@@ -365,9 +250,5 @@ fn netns_root_sweeper_removes_namespaces_of_dead_processes() {
     let lab = Lab::single("sweep");
     lab::sweep_stale();
     // switch, client, host a
-    assert_eq!(
-        leftovers(lab.prefix()).len(),
-        3,
-        "sweep_stale removed a live lab"
-    );
+    assert_eq!(leftovers(lab.prefix()).len(), 3, "sweep_stale removed a live lab");
 }

@@ -145,11 +145,7 @@ mod tests {
         assert_eq!(&elf[..4], b"\x7fELF", "{name}: not an ELF file");
         assert_eq!(elf[4], 2, "{name}: not ELF64");
         assert_eq!(elf[5], 1, "{name}: not little-endian");
-        assert_eq!(
-            u16_at(elf, 16),
-            ET_EXEC,
-            "{name}: not a static executable (ET_EXEC)"
-        );
+        assert_eq!(u16_at(elf, 16), ET_EXEC, "{name}: not a static executable (ET_EXEC)");
         assert_eq!(u16_at(elf, 18), EM_X86_64, "{name}: not x86_64");
         let entry = u64_at(elf, 24);
         let (phoff, shoff) = (usize_at(elf, 32), usize_at(elf, 40));
@@ -170,9 +166,7 @@ mod tests {
                 }
             })
             .collect();
-        let sections = (0..shnum)
-            .map(|i| u32_at(elf, shoff + i * shentsize + 4))
-            .collect();
+        let sections = (0..shnum).map(|i| u32_at(elf, shoff + i * shentsize + 4)).collect();
         (entry, segments, sections)
     }
 
@@ -182,10 +176,7 @@ mod tests {
         for guest in GUESTS {
             let name = guest.name;
             let (entry, segments, sections) = parse(name, guest.elf);
-            assert!(
-                entry >= KERNEL_LOAD_ADDR,
-                "{name}: entry {entry:#x} below 1 MiB"
-            );
+            assert!(entry >= KERNEL_LOAD_ADDR, "{name}: entry {entry:#x} below 1 MiB");
             for kind in [PT_INTERP, PT_DYNAMIC] {
                 assert!(
                     segments.iter().all(|s| s.kind != kind),
@@ -202,30 +193,18 @@ mod tests {
             assert!(!loads.is_empty(), "{name}: nothing to load");
             for s in &loads {
                 assert_eq!(s.vaddr, s.paddr, "{name}: segment not identity-mapped");
-                assert!(
-                    s.paddr >= KERNEL_LOAD_ADDR,
-                    "{name}: segment at {:#x} below 1 MiB",
-                    s.paddr
-                );
+                assert!(s.paddr >= KERNEL_LOAD_ADDR, "{name}: segment at {:#x} below 1 MiB", s.paddr);
                 assert!(
                     s.paddr + s.memsz <= ram_end,
                     "{name}: segment {:#x}+{:#x} does not fit the smallest guest RAM",
                     s.paddr,
                     s.memsz
                 );
-                assert!(
-                    s.filesz <= s.memsz,
-                    "{name}: segment file size exceeds memory size"
-                );
-                assert!(
-                    s.offset + s.filesz <= guest.elf.len() as u64,
-                    "{name}: segment runs past the end of the file"
-                );
+                assert!(s.filesz <= s.memsz, "{name}: segment file size exceeds memory size");
+                assert!(s.offset + s.filesz <= guest.elf.len() as u64, "{name}: segment runs past the end of the file");
             }
             assert!(
-                loads
-                    .iter()
-                    .any(|s| s.flags & PF_X != 0 && (s.vaddr..s.vaddr + s.filesz).contains(&entry)),
+                loads.iter().any(|s| s.flags & PF_X != 0 && (s.vaddr..s.vaddr + s.filesz).contains(&entry)),
                 "{name}: entry {entry:#x} is not in an executable loaded segment"
             );
         }
@@ -284,12 +263,7 @@ mod tests {
                       100008:\trdseed rax\n  10000c:\trdtscp\n";
         assert_eq!(
             forbidden_instructions(sample),
-            [
-                "  100001:\trdtsc",
-                "  100003:\trdrand eax",
-                "  100008:\trdseed rax",
-                "  10000c:\trdtscp"
-            ]
+            ["  100001:\trdtsc", "  100003:\trdrand eax", "  100008:\trdseed rax", "  10000c:\trdtscp"]
         );
     }
 
@@ -310,17 +284,9 @@ mod tests {
             assert!(output.status.success(), "objdump failed on {}", guest.name);
             let text = String::from_utf8(output.stdout).unwrap();
             // Guards against a vacuous pass (no disassembly at all).
-            assert!(
-                text.contains("<_start>:"),
-                "{}: no _start in the disassembly",
-                guest.name
-            );
+            assert!(text.contains("<_start>:"), "{}: no _start in the disassembly", guest.name);
             let found = forbidden_instructions(&text);
-            assert!(
-                found.is_empty(),
-                "{} uses forbidden instructions: {found:#?}",
-                guest.name
-            );
+            assert!(found.is_empty(), "{} uses forbidden instructions: {found:#?}", guest.name);
         }
         fs::remove_dir_all(&dir).unwrap();
     }

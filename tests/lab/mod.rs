@@ -77,10 +77,7 @@ pub fn require_root() -> bool {
     if euid == 0 {
         return true;
     }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("this test")
-        .to_owned();
+    let test = std::thread::current().name().unwrap_or("this test").to_owned();
     if std::env::var("FTVM_REQUIRE_KVM").as_deref() == Ok("1") {
         panic!(
             "{test} needs root (network namespaces, TAP devices) and FTVM_REQUIRE_KVM=1 forbids \
@@ -117,18 +114,11 @@ pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool 
 /// Runs `cmd` to completion with stdin closed; on a failure to start or a non-zero exit returns a
 /// message with the command line, the status and its stderr.
 pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
-    let output = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("`{cmd:?}` could not start: {e}"))?;
+    let output = cmd.stdin(Stdio::null()).output().map_err(|e| format!("`{cmd:?}` could not start: {e}"))?;
     if output.status.success() {
         Ok(output)
     } else {
-        Err(format!(
-            "`{cmd:?}` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
+        Err(format!("`{cmd:?}` failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim()))
     }
 }
 
@@ -148,11 +138,7 @@ fn ip(args: &[&str]) -> String {
 /// Names of all namespaces `ip netns` knows, lab or not.
 pub fn netns_list() -> Vec<String> {
     // Lines read "NAME" or "NAME (id: N)".
-    ip(&["netns", "list"])
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
+    ip(&["netns", "list"]).lines().filter_map(|line| line.split_whitespace().next()).map(str::to_owned).collect()
 }
 
 /// Names of the root namespace's interfaces.
@@ -179,9 +165,7 @@ impl Netns {
     pub fn create(name: impl Into<String>) -> Netns {
         let name = name.into();
         {
-            let _serialised = NETNS_ADD
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let _serialised = NETNS_ADD.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             ip(&["netns", "add", &name]);
         }
         // From here on the namespace is deleted on drop, also if a later step panics.
@@ -238,8 +222,7 @@ impl Netns {
     /// their whole life, also when used from other threads afterwards; while one is open the
     /// namespace, with its interfaces, outlives its deletion.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let file = File::open(self.path())
-            .unwrap_or_else(|e| panic!("opening {}: {e}", self.path().display()));
+        let file = File::open(self.path()).unwrap_or_else(|e| panic!("opening {}: {e}", self.path().display()));
         let name = &self.name;
         std::thread::scope(|scope| {
             let thread = std::thread::Builder::new()
@@ -256,9 +239,7 @@ impl Netns {
                     f()
                 })
                 .unwrap_or_else(|e| panic!("spawning a thread for {name}: {e}"));
-            thread
-                .join()
-                .unwrap_or_else(|payload| std::panic::resume_unwind(payload))
+            thread.join().unwrap_or_else(|payload| std::panic::resume_unwind(payload))
         })
     }
 
@@ -268,13 +249,8 @@ impl Netns {
         match self.run(move || icmp_echo(dst, timeout)) {
             Ok(rtt) => rtt,
             Err(e)
-                if [
-                    libc::ENETUNREACH,
-                    libc::EHOSTUNREACH,
-                    libc::EHOSTDOWN,
-                    libc::ENETDOWN,
-                ]
-                .contains(&e.raw_os_error().unwrap_or(0)) =>
+                if [libc::ENETUNREACH, libc::EHOSTUNREACH, libc::EHOSTDOWN, libc::ENETDOWN]
+                    .contains(&e.raw_os_error().unwrap_or(0)) =>
             {
                 None
             }
@@ -289,8 +265,7 @@ impl Netns {
         // each ping waits for its reply, the backoff only matters when a ping fails at once.
         wait_for(timeout, || {
             let left = deadline.saturating_duration_since(Instant::now());
-            self.ping(dst, left.min(Duration::from_millis(200)))
-                .is_some()
+            self.ping(dst, left.min(Duration::from_millis(200))).is_some()
         })
     }
 
@@ -348,11 +323,7 @@ fn kill_and_await(pid: u32) -> Result<(), String> {
     if fd < 0 {
         let e = io::Error::last_os_error();
         // ESRCH: it has already exited.
-        return if e.raw_os_error() == Some(libc::ESRCH) {
-            Ok(())
-        } else {
-            Err(e.to_string())
-        };
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(e.to_string()) };
     }
     let fd = i32::try_from(fd).map_err(|e| e.to_string())?;
     // SAFETY: fd is the fresh descriptor pidfd_open just returned; nothing else owns it.
@@ -369,11 +340,7 @@ fn kill_and_await(pid: u32) -> Result<(), String> {
     };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ESRCH) {
-            Ok(())
-        } else {
-            Err(e.to_string())
-        };
+        return if e.raw_os_error() == Some(libc::ESRCH) { Ok(()) } else { Err(e.to_string()) };
     }
     // A pidfd becomes readable when its process exits: an event, not a poll loop.
     if poll_readable(&pidfd, KILL_TIMEOUT)? {
@@ -390,11 +357,7 @@ fn poll_readable(fd: &OwnedFd, timeout: Duration) -> Result<bool, String> {
         let left = deadline.saturating_duration_since(Instant::now());
         // Round up so a sub-millisecond remainder still waits instead of spinning.
         let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: pfd is one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         if n > 0 {
@@ -420,9 +383,7 @@ pub struct LabChild {
 impl LabChild {
     /// Spawns `cmd`, typically built with [`Netns::command`]; panics if it cannot start.
     pub fn spawn(cmd: &mut Command) -> LabChild {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning `{cmd:?}`: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning `{cmd:?}`: {e}"));
         LabChild { child }
     }
 }
@@ -452,17 +413,7 @@ impl Drop for LabChild {
 /// replaces any netem set before. Panics if the kernel has no netem: see [`netem_available`].
 pub fn netem(netns: &Netns, dev: &str, spec: &str) {
     let mut cmd = Command::new("tc");
-    cmd.args([
-        "-n",
-        netns.name(),
-        "qdisc",
-        "replace",
-        "dev",
-        dev,
-        "root",
-        "netem",
-    ])
-    .args(spec.split_whitespace());
+    cmd.args(["-n", netns.name(), "qdisc", "replace", "dev", dev, "root", "netem"]).args(spec.split_whitespace());
     if let Err(message) = try_run(&mut cmd) {
         let hint = if message.contains("unknown") {
             " (this kernel has no sch_netem, CONFIG_NET_SCH_NETEM: check lab::netem_available())"
@@ -486,18 +437,7 @@ pub fn netem_available() -> bool {
     *AVAILABLE.get_or_init(|| {
         let probe = Netns::create(format!("{}probe", next_prefix("").0));
         let mut cmd = Command::new("tc");
-        cmd.args([
-            "-n",
-            probe.name(),
-            "qdisc",
-            "add",
-            "dev",
-            "lo",
-            "root",
-            "netem",
-            "delay",
-            "1ms",
-        ]);
+        cmd.args(["-n", probe.name(), "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"]);
         match try_run(&mut cmd) {
             Ok(_) => true,
             // tc: "Error: Specified qdisc kind is unknown."
@@ -543,12 +483,8 @@ static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 /// most 10 lowercase letters and digits.
 fn next_prefix(label: &str) -> (String, u32) {
     let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let label: String = label
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .map(|c| c.to_ascii_lowercase())
-        .take(10)
-        .collect();
+    let label: String =
+        label.chars().filter(char::is_ascii_alphanumeric).map(|c| c.to_ascii_lowercase()).take(10).collect();
     let pid = std::process::id();
     let prefix = if label.is_empty() {
         format!("{NETNS_PREFIX}{pid}-{n}-")
@@ -611,20 +547,13 @@ impl LabHost {
 
     /// This host's end of the dedicated link. Panics in a single-host lab.
     pub fn link_dev(&self) -> &str {
-        &self
-            .link
-            .as_ref()
-            .expect("a single-host lab has no dedicated link")
-            .0
+        &self.link.as_ref().expect("a single-host lab has no dedicated link").0
     }
 
     /// This host's address on the dedicated link; one of [`LINK_IPS`]. Panics in a single-host
     /// lab.
     pub fn link_ip(&self) -> Ipv4Addr {
-        self.link
-            .as_ref()
-            .expect("a single-host lab has no dedicated link")
-            .1
+        self.link.as_ref().expect("a single-host lab has no dedicated link").1
     }
 }
 
@@ -665,10 +594,7 @@ impl Lab {
         let tag = format!("{}-{}", base36(std::process::id()), base36(n));
         let ifname = |role: &str| {
             let name = format!("{role}-{tag}");
-            assert!(
-                name.len() <= IFNAME_MAX,
-                "interface name {name} is longer than IFNAMSIZ allows"
-            );
+            assert!(name.len() <= IFNAME_MAX, "interface name {name} is longer than IFNAMSIZ allows");
             name
         };
         let lan_cidr = |ip: Ipv4Addr| format!("{ip}/{LAN_PREFIX_LEN}");
@@ -697,13 +623,7 @@ impl Lab {
             let lan_dev = ifname("lan");
             let lan_ip = HOST_LAN_IPS[index];
             netns.ip(&["link", "add", &bridge, "type", "bridge"]);
-            plug(
-                &switch,
-                &switch_bridge,
-                &ifname(&format!("p{letter}")),
-                &netns,
-                &lan_dev,
-            );
+            plug(&switch, &switch_bridge, &ifname(&format!("p{letter}")), &netns, &lan_dev);
             // Persistent and single-queue: the VMM opens it with IFF_TAP | IFF_NO_PI and no
             // IFF_MULTI_QUEUE. It has no carrier until opened, so the bridge forwards nothing to
             // it before then.
@@ -714,53 +634,21 @@ impl Lab {
             }
             netns.ip(&["addr", "add", &lan_cidr(lan_ip), "dev", &bridge]);
             netns.set_link_up(&bridge, true);
-            lab_hosts.push(LabHost {
-                netns,
-                bridge,
-                tap,
-                lan_dev,
-                lan_ip,
-                link: None,
-            });
+            lab_hosts.push(LabHost { netns, bridge, tap, lan_dev, lan_ip, link: None });
         }
 
         if let [a, b] = lab_hosts.as_mut_slice() {
             let dev = ifname("ln");
             // Both ends are created in their own namespace, never in the root one.
-            a.netns.ip(&[
-                "link",
-                "add",
-                &dev,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &dev,
-                "netns",
-                b.netns.name(),
-            ]);
+            a.netns.ip(&["link", "add", &dev, "type", "veth", "peer", "name", &dev, "netns", b.netns.name()]);
             for (host, ip) in [(&mut *a, LINK_IPS[0]), (&mut *b, LINK_IPS[1])] {
-                host.netns.ip(&[
-                    "addr",
-                    "add",
-                    &format!("{ip}/{LINK_PREFIX_LEN}"),
-                    "dev",
-                    &dev,
-                ]);
+                host.netns.ip(&["addr", "add", &format!("{ip}/{LINK_PREFIX_LEN}"), "dev", &dev]);
                 host.netns.set_link_up(&dev, true);
                 host.link = Some((dev.clone(), ip));
             }
         }
 
-        Lab {
-            prefix,
-            tag,
-            hosts: lab_hosts,
-            client,
-            client_dev,
-            switch,
-            switch_bridge,
-        }
+        Lab { prefix, tag, hosts: lab_hosts, client, client_dev, switch, switch_bridge }
     }
 
     /// The start of every namespace name of this lab (ends in '-').
@@ -827,18 +715,7 @@ impl Lab {
 /// Connects `other` to the LAN: a veth pair with `port` in the switch namespace, enslaved to the
 /// bridge, and `dev` in `other`. Both ends are created directly in their namespaces.
 fn plug(switch: &Netns, bridge: &str, port: &str, other: &Netns, dev: &str) {
-    switch.ip(&[
-        "link",
-        "add",
-        port,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        dev,
-        "netns",
-        other.name(),
-    ]);
+    switch.ip(&["link", "add", port, "type", "veth", "peer", "name", dev, "netns", other.name()]);
     switch.ip(&["link", "set", port, "master", bridge]);
     switch.set_link_up(port, true);
 }
@@ -867,13 +744,7 @@ fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
     let seq = SEQUENCE.fetch_add(1, Ordering::Relaxed);
 
     // SAFETY: socket(2) with constant arguments; the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMP,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -893,9 +764,7 @@ fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
     let addr = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(dst).to_be(),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
         sin_zero: [0; 8],
     };
     let start = Instant::now();
@@ -922,20 +791,10 @@ fn icmp_echo(dst: Ipv4Addr, timeout: Duration) -> io::Result<Option<Duration>> {
             return Ok(None);
         }
         // SAFETY: buf is valid for writes of buf.len() bytes.
-        let len = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let len = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         if len < 0 {
             let e = io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-            ) {
+            if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) {
                 continue;
             }
             return Err(e);
@@ -968,15 +827,8 @@ fn is_echo_reply(packet: &[u8], src: Ipv4Addr, ident: u16, seq: u16) -> bool {
 
 /// RFC 1071 checksum.
 fn internet_checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|pair| {
-            u32::from(u16::from_be_bytes([
-                pair[0],
-                pair.get(1).copied().unwrap_or(0),
-            ]))
-        })
-        .sum();
+    let mut sum: u32 =
+        data.chunks(2).map(|pair| u32::from(u16::from_be_bytes([pair[0], pair.get(1).copied().unwrap_or(0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

@@ -6,7 +6,9 @@
 //! STACK_TOP`, `rdi = BOOT_PARAMS_ADDR`, SSE enabled, interrupts off and no
 //! IDT: any exception is a triple fault, which the VMM reports.
 
-use ftvm_abi::{BootParams, BOOT_PARAMS_ADDR, GDT_ADDR, PAGE_SIZE, PD_ADDR, PD_COUNT, PDPT_ADDR, PML4_ADDR, STACK_TOP, TSS_ADDR};
+use ftvm_abi::{
+    BootParams, BOOT_PARAMS_ADDR, GDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR, STACK_TOP, TSS_ADDR,
+};
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -81,14 +83,11 @@ pub fn write_boot_structures(mem: &GuestMem, params: &BootParams) -> Result<(), 
     write(mem, "GDT", GDT_ADDR, &gdt)?;
     write(mem, "TSS", TSS_ADDR, &[0u8; TSS_LIMIT as usize + 1])?;
     write(mem, "PML4", PML4_ADDR, &(PDPT_ADDR | PTE_PRESENT_RW).to_le_bytes())?;
-    let pdpt: Vec<u8> = (0..PD_COUNT)
-        .flat_map(|i| (PD_ADDR + i * PAGE_SIZE | PTE_PRESENT_RW).to_le_bytes())
-        .collect();
+    let pdpt: Vec<u8> =
+        (0..PD_COUNT).flat_map(|i| ((PD_ADDR + i * PAGE_SIZE) | PTE_PRESENT_RW).to_le_bytes()).collect();
     write(mem, "PDPT", PDPT_ADDR, &pdpt)?;
     // 4 page directories × 512 entries × 2 MiB: identity map of 0..4 GiB.
-    let pds: Vec<u8> = (0..PD_COUNT * 512)
-        .flat_map(|i| ((i << 21) | PDE_2M_PAGE).to_le_bytes())
-        .collect();
+    let pds: Vec<u8> = (0..PD_COUNT * 512).flat_map(|i| ((i << 21) | PDE_2M_PAGE).to_le_bytes()).collect();
     write(mem, "page directories", PD_ADDR, &pds)?;
     Ok(())
 }

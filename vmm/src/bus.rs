@@ -45,12 +45,7 @@ pub enum BusError {
     ZeroLength { name: &'static str, base: u64 },
     /// Two devices' ranges overlap.
     #[error("device {name} at {base:#x}+{len:#x} overlaps device {other}")]
-    Overlap {
-        name: &'static str,
-        base: u64,
-        len: u64,
-        other: &'static str,
-    },
+    Overlap { name: &'static str, base: u64, len: u64, other: &'static str },
 }
 
 struct Entry {
@@ -81,12 +76,7 @@ impl Bus {
         // below the new base.
         if let Some((&other_base, other)) = self.entries.range(..end).next_back() {
             if other_base.saturating_add(other.len) > base {
-                return Err(BusError::Overlap {
-                    name,
-                    base,
-                    len,
-                    other: other.device.name(),
-                });
+                return Err(BusError::Overlap { name, base, len, other: other.device.name() });
             }
         }
         self.entries.insert(base, Entry { len, device });

@@ -19,11 +19,7 @@ pub enum CpuidError {
     Supported(#[source] kvm_ioctls::Error),
     /// The host's KVM lacks a feature the template shows.
     #[error("this host's KVM does not support CPUID leaf {leaf:#x} {register} bits {missing:#010x}, which the fixed CPUID template requires")]
-    Missing {
-        leaf: u32,
-        register: &'static str,
-        missing: u32,
-    },
+    Missing { leaf: u32, register: &'static str, missing: u32 },
     /// The template did not fit KVM's CPUID container.
     #[error("cannot build the CPUID table")]
     Build,
@@ -103,7 +99,8 @@ pub fn template() -> Vec<kvm_cpuid_entry2> {
 pub fn build(kvm: &Kvm) -> Result<CpuId, CpuidError> {
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(CpuidError::Supported)?;
     let find = |leaf: u32| supported.as_slice().iter().find(|e| e.function == leaf && e.index == 0).copied();
-    let checks: [(u32, &'static str, u32, fn(&kvm_cpuid_entry2) -> u32); 4] = [
+    type Register = fn(&kvm_cpuid_entry2) -> u32;
+    let checks: [(u32, &'static str, u32, Register); 4] = [
         (1, "EDX", LEAF1_EDX, |e| e.edx),
         (1, "ECX", LEAF1_ECX, |e| e.ecx),
         (0x8000_0001, "EDX", EXT1_EDX, |e| e.edx),
@@ -140,7 +137,10 @@ mod tests {
         let b = template();
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(&b) {
-            assert_eq!((x.function, x.index, x.eax, x.ebx, x.ecx, x.edx), (y.function, y.index, y.eax, y.ebx, y.ecx, y.edx));
+            assert_eq!(
+                (x.function, x.index, x.eax, x.ebx, x.ecx, x.edx),
+                (y.function, y.index, y.eax, y.ebx, y.ecx, y.edx)
+            );
         }
     }
 

@@ -32,6 +32,15 @@ pub enum Access {
     Write,
 }
 
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        })
+    }
+}
+
 /// What a guest exit was, as the replayer compares it: everything here is
 /// decided by the guest alone, so it is identical on both hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,11 +91,7 @@ pub enum HookError {
     /// The replayer saw an exit or a request for an input that the log does
     /// not have at this exit index.
     #[error("diverged at exit {exit_index}: the log has {expected}, this guest did {found}")]
-    Diverged {
-        exit_index: ExitIndex,
-        expected: String,
-        found: String,
-    },
+    Diverged { exit_index: ExitIndex, expected: String, found: String },
     /// The input source has nothing more to give (end of log, stop asked).
     #[error("the input source ended at exit {exit_index}")]
     Ended { exit_index: ExitIndex },

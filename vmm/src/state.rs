@@ -52,13 +52,7 @@ pub enum StateError {
     WrongKind { expected: &'static str, found: String },
     /// A version this build cannot read.
     #[error("{kind} state version {found_major}.{found_minor} cannot be read by version {major}.{minor}")]
-    WrongVersion {
-        kind: &'static str,
-        major: u16,
-        minor: u16,
-        found_major: u16,
-        found_minor: u16,
-    },
+    WrongVersion { kind: &'static str, major: u16, minor: u16, found_major: u16, found_minor: u16 },
     /// The declared payload is larger than any valid state.
     #[error("{kind} state payload of {len} bytes exceeds the {MAX_PAYLOAD}-byte cap")]
     TooLarge { kind: &'static str, len: u32 },
@@ -151,10 +145,8 @@ pub fn decode<T: DeserializeOwned>(version: StateVersion, blob: &[u8]) -> Result
     if found != expected_crc {
         return Err(StateError::CrcMismatch { kind: version.kind, expected: expected_crc, found });
     }
-    let (value, rest) = postcard::take_from_bytes(payload).map_err(|e| StateError::Decode {
-        kind: version.kind,
-        reason: e.to_string(),
-    })?;
+    let (value, rest) = postcard::take_from_bytes(payload)
+        .map_err(|e| StateError::Decode { kind: version.kind, reason: e.to_string() })?;
     if !rest.is_empty() {
         return Err(StateError::Trailing { kind: version.kind, extra: rest.len() });
     }

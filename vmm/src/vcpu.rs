@@ -40,21 +40,11 @@ pub enum RunOutcome {
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// The guest accessed a port no device serves.
-    #[error("guest {access:?} of {size} bytes at port {port:#x}, which no device serves (exit {exit_index})")]
-    UnknownPort {
-        port: u16,
-        size: usize,
-        access: Access,
-        exit_index: ExitIndex,
-    },
+    #[error("guest {access} of {size} bytes at port {port:#x}, which no device serves (exit {exit_index})")]
+    UnknownPort { port: u16, size: usize, access: Access, exit_index: ExitIndex },
     /// The guest accessed an address outside RAM that no device serves.
-    #[error("guest {access:?} of {size} bytes at MMIO address {addr:#x}, which no device serves (exit {exit_index})")]
-    UnknownMmio {
-        addr: u64,
-        size: usize,
-        access: Access,
-        exit_index: ExitIndex,
-    },
+    #[error("guest {access} of {size} bytes at MMIO address {addr:#x}, which no device serves (exit {exit_index})")]
+    UnknownMmio { addr: u64, size: usize, access: Access, exit_index: ExitIndex },
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     #[error("guest triple fault at rip {rip:#x} (exit {exit_index})")]
     TripleFault { rip: u64, exit_index: ExitIndex },
@@ -195,9 +185,7 @@ impl Peripherals {
 
     fn halt(&mut self) -> Result<Flow, VcpuError> {
         let exit_index = self.begin_exit(ExitKind::Hlt)?;
-        self.input
-            .halt(exit_index, self.deadline.get())
-            .map_err(|source| VcpuError::Hook { exit_index, source })?;
+        self.input.halt(exit_index, self.deadline.get()).map_err(|source| VcpuError::Hook { exit_index, source })?;
         Ok(Flow::Continue)
     }
 }
@@ -526,7 +514,10 @@ mod tests {
     fn unserved_exits_are_typed_errors() {
         let (mut p, _) = peripherals();
         let e = handle_exit(&mut p, VcpuExit::IoOut(0x1234, &[0])).unwrap_err();
-        assert!(matches!(e, VcpuError::UnknownPort { port: 0x1234, size: 1, access: Access::Write, exit_index: ExitIndex(1) }));
+        assert!(matches!(
+            e,
+            VcpuError::UnknownPort { port: 0x1234, size: 1, access: Access::Write, exit_index: ExitIndex(1) }
+        ));
         assert!(e.is_guest_fault());
         let mut b = [0u8; 8];
         let e = handle_exit(&mut p, VcpuExit::MmioRead(0xdead_0000, &mut b)).unwrap_err();

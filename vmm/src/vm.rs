@@ -151,8 +151,14 @@ pub struct Vm {
 
 impl Vm {
     /// Create the VM, load the guest, and attach the devices. Inputs come
-    /// from `input`, outputs go to `output`.
-    pub fn new(config: &VmConfig, input: Box<dyn InputSource>, output: Box<dyn OutputSink>) -> Result<Vm, VmError> {
+    /// from the source `input` builds (it gets the VM's stop handle, whose
+    /// [`StopHandle::wake_fd`] a live source's HLT sleep must wait on);
+    /// outputs go to `output`.
+    pub fn new(
+        config: &VmConfig,
+        input: impl FnOnce(&StopHandle) -> Box<dyn InputSource>,
+        output: Box<dyn OutputSink>,
+    ) -> Result<Vm, VmError> {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
             return Err(VmError::MemorySize { mib: config.memory_mib });
         }
@@ -198,6 +204,7 @@ impl Vm {
         crate::vcpu::install_kick_handler().map_err(VmError::Signal)?;
 
         let (pio, mmio, deadline) = devices()?;
+        let input = input(&stop);
         let peripherals = Peripherals { pio, mmio, deadline, input, output, exit_index: ExitIndex(0) };
         Ok(Vm { vcpu: Vcpu::new(fd, peripherals, stop.clone()), stop, mem, _vm: vm, _kvm: kvm })
     }

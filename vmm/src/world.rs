@@ -41,7 +41,8 @@ impl LiveInput {
 /// Block until one of `fds` is readable or `timeout` passes (`None`: no
 /// timeout). Returns whether an fd became readable.
 pub fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Option<std::time::Duration>) -> std::io::Result<bool> {
-    let mut pfds: Vec<libc::pollfd> = fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+    let mut pfds: Vec<libc::pollfd> =
+        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
         // Always below 1e9: fits.
@@ -126,7 +127,8 @@ impl OutputSink for LiveOutput {
     fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
         match signal {
             GuestSignal::Healthy { .. } => self.healthy += 1,
-            GuestSignal::Panicked { event } => tracing::warn!(%exit, event, "guest reported a panic"),
+            // The vCPU loop stops the guest and reports the panic as its error.
+            GuestSignal::Panicked { event } => tracing::debug!(%exit, event, "guest reported a panic"),
         }
         Ok(())
     }

@@ -63,10 +63,8 @@ impl BusDevice for Clock {
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data.len()) {
             (LO, 4) => {
-                let now = ctx
-                    .input
-                    .clock_ns(ctx.exit)
-                    .map_err(|source| DeviceError::Hook { device: "clock", source })?;
+                let now =
+                    ctx.input.clock_ns(ctx.exit).map_err(|source| DeviceError::Hook { device: "clock", source })?;
                 self.latched = now;
                 self.readings = self.readings.wrapping_add(1);
                 // Low half: truncation is the point.

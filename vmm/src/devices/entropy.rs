@@ -66,20 +66,10 @@ impl BusDevice for Entropy {
         NAME
     }
 
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &mut [u8],
-        ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data.len()) {
             (DATA, 1 | 2 | 4) => {
-                ctx.input
-                    .entropy(ctx.exit, data)
-                    .map_err(|source| DeviceError::Hook {
-                        device: NAME,
-                        source,
-                    })?;
+                ctx.input.entropy(ctx.exit, data).map_err(|source| DeviceError::Hook { device: NAME, source })?;
                 // Counters come back from a peer's checkpoint: wrap, never
                 // overflow-panic.
                 self.reads = self.reads.wrapping_add(1);
@@ -92,12 +82,7 @@ impl BusDevice for Entropy {
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        _offset: u64,
-        _data: &[u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, _offset: u64, _data: &[u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         self.ignored = self.ignored.wrapping_add(1);
         Ok(())
     }
@@ -113,17 +98,10 @@ impl BusDevice for Entropy {
 
 impl Persist for Entropy {
     type State = EntropyState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> EntropyState {
-        EntropyState {
-            reads: self.reads,
-            ignored: self.ignored,
-        }
+        EntropyState { reads: self.reads, ignored: self.ignored }
     }
 
     fn restore(&mut self, state: &EntropyState) -> Result<(), StateError> {
@@ -184,10 +162,7 @@ mod tests {
             dev.read(DATA, &mut buf, &mut ctx).unwrap();
             got.extend(buf);
         }
-        assert_eq!(
-            src.asked,
-            vec![(ExitIndex(5), 4), (ExitIndex(6), 1), (ExitIndex(9), 2)]
-        );
+        assert_eq!(src.asked, vec![(ExitIndex(5), 4), (ExitIndex(6), 1), (ExitIndex(9), 2)]);
         assert_eq!(got, vec![1, 2, 3, 4, 5, 6, 7]);
         assert_eq!(dev.reads(), 3);
         assert_eq!(dev.ignored(), 0);
@@ -213,17 +188,10 @@ mod tests {
     fn an_exhausted_source_is_a_hook_error_at_this_exit() {
         let mut world = Scripted::with_entropy(vec![1]);
         let mut dev = Entropy::new();
-        let err = world
-            .with_ctx(ExitIndex(17), |ctx| dev.read(DATA, &mut [0u8; 4], ctx))
-            .unwrap_err();
+        let err = world.with_ctx(ExitIndex(17), |ctx| dev.read(DATA, &mut [0u8; 4], ctx)).unwrap_err();
         assert!(matches!(
             err,
-            DeviceError::Hook {
-                device: "entropy",
-                source: HookError::Ended {
-                    exit_index: ExitIndex(17)
-                }
-            }
+            DeviceError::Hook { device: "entropy", source: HookError::Ended { exit_index: ExitIndex(17) } }
         ));
         assert_eq!(dev.reads(), 0, "a failed read is not counted as served");
     }

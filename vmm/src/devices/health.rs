@@ -60,9 +60,7 @@ impl Health {
 
     /// The last report: its value and the exit index it was made at.
     pub fn last(&self) -> Option<(u32, ExitIndex)> {
-        self.state
-            .last_exit
-            .map(|exit| (self.state.last_value, exit))
+        self.state.last_exit.map(|exit| (self.state.last_value, exit))
     }
 }
 
@@ -71,12 +69,7 @@ impl BusDevice for Health {
         NAME
     }
 
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &mut [u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data.len()) {
             (REPORT, 1 | 2 | 4) => {
                 // The low 32 bits of the count, without an `as` cast.
@@ -91,12 +84,7 @@ impl BusDevice for Health {
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, offset: u64, data: &[u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         let value = match (offset, write_u32_reg(data)) {
             (REPORT, Some(value)) => value,
             _ => {
@@ -112,10 +100,7 @@ impl BusDevice for Health {
         self.state.last_exit = Some(ctx.exit);
         ctx.output
             .signal(ctx.exit, GuestSignal::Healthy { value })
-            .map_err(|source| DeviceError::Hook {
-                device: NAME,
-                source,
-            })
+            .map_err(|source| DeviceError::Hook { device: NAME, source })
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -129,11 +114,7 @@ impl BusDevice for Health {
 
 impl Persist for Health {
     type State = HealthState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> HealthState {
         self.state.clone()
@@ -155,17 +136,9 @@ mod tests {
     fn writes_signal_healthy_at_their_exit() {
         let mut world = Scripted::default();
         let mut dev = Health::new();
-        world
-            .with_ctx(ExitIndex(10), |ctx| {
-                dev.write(REPORT, &0xdead_beef_u32.to_le_bytes(), ctx)
-            })
-            .unwrap();
-        world
-            .with_ctx(ExitIndex(12), |ctx| dev.write(REPORT, &[0x34, 0x12], ctx))
-            .unwrap();
-        world
-            .with_ctx(ExitIndex(15), |ctx| dev.write(REPORT, &[0x80], ctx))
-            .unwrap();
+        world.with_ctx(ExitIndex(10), |ctx| dev.write(REPORT, &0xdead_beef_u32.to_le_bytes(), ctx)).unwrap();
+        world.with_ctx(ExitIndex(12), |ctx| dev.write(REPORT, &[0x34, 0x12], ctx)).unwrap();
+        world.with_ctx(ExitIndex(15), |ctx| dev.write(REPORT, &[0x80], ctx)).unwrap();
         assert_eq!(
             world.signals,
             vec![

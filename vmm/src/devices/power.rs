@@ -59,12 +59,7 @@ impl BusDevice for Power {
         NAME
     }
 
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &mut [u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data.len()) {
             (STATUS, 1 | 2 | 4) => read_u32_reg(0, data),
             _ => {
@@ -75,12 +70,7 @@ impl BusDevice for Power {
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, offset: u64, data: &[u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, write_u32_reg(data)) {
             (STATUS, Some(status)) => {
                 self.powered_off = Some(status);
@@ -104,17 +94,10 @@ impl BusDevice for Power {
 
 impl Persist for Power {
     type State = PowerState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> PowerState {
-        PowerState {
-            powered_off: self.powered_off,
-            ignored: self.ignored,
-        }
+        PowerState { powered_off: self.powered_off, ignored: self.ignored }
     }
 
     fn restore(&mut self, state: &PowerState) -> Result<(), StateError> {

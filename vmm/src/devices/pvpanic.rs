@@ -76,12 +76,7 @@ impl BusDevice for PvPanic {
         NAME
     }
 
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &mut [u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data) {
             (EVENT, [byte]) => *byte = SUPPORTED,
             (_, data) => {
@@ -92,12 +87,7 @@ impl BusDevice for PvPanic {
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, offset: u64, data: &[u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         let written = match (offset, data) {
             (EVENT, &[byte]) => byte,
             _ => {
@@ -121,10 +111,7 @@ impl BusDevice for PvPanic {
         ctx.request_stop(StopRequest::Panic { event });
         ctx.output
             .signal(ctx.exit, GuestSignal::Panicked { event })
-            .map_err(|source| DeviceError::Hook {
-                device: NAME,
-                source,
-            })
+            .map_err(|source| DeviceError::Hook { device: NAME, source })
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -138,11 +125,7 @@ impl BusDevice for PvPanic {
 
 impl Persist for PvPanic {
     type State = PvPanicState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> PvPanicState {
         self.state.clone()
@@ -183,9 +166,7 @@ mod tests {
         let mut world = Scripted::default();
         let mut dev = PvPanic::new();
         let mut b = [0u8; 1];
-        world
-            .with_ctx(ExitIndex(1), |ctx| dev.read(EVENT, &mut b, ctx))
-            .unwrap();
+        world.with_ctx(ExitIndex(1), |ctx| dev.read(EVENT, &mut b, ctx)).unwrap();
         assert_eq!(b, [PVPANIC_PANICKED | PVPANIC_CRASH_LOADED]);
         assert_eq!(b, [0b11]);
     }
@@ -195,21 +176,8 @@ mod tests {
         let mut world = Scripted::default();
         let mut dev = PvPanic::new();
         let stop = write(&mut dev, &mut world, 99, PVPANIC_PANICKED);
-        assert_eq!(
-            stop,
-            Some(StopRequest::Panic {
-                event: PVPANIC_PANICKED
-            })
-        );
-        assert_eq!(
-            world.signals,
-            vec![(
-                ExitIndex(99),
-                GuestSignal::Panicked {
-                    event: PVPANIC_PANICKED
-                }
-            )]
-        );
+        assert_eq!(stop, Some(StopRequest::Panic { event: PVPANIC_PANICKED }));
+        assert_eq!(world.signals, vec![(ExitIndex(99), GuestSignal::Panicked { event: PVPANIC_PANICKED })]);
         assert_eq!(dev.events(), 1);
         assert_eq!(dev.last_event(), Some(PVPANIC_PANICKED));
     }
@@ -221,10 +189,7 @@ mod tests {
         let stop = write(&mut dev, &mut world, 5, 0xf0 | PVPANIC_CRASH_LOADED);
         let event = PVPANIC_CRASH_LOADED;
         assert_eq!(stop, Some(StopRequest::Panic { event }));
-        assert_eq!(
-            world.signals,
-            vec![(ExitIndex(5), GuestSignal::Panicked { event })]
-        );
+        assert_eq!(world.signals, vec![(ExitIndex(5), GuestSignal::Panicked { event })]);
         assert_eq!(dev.save().ignored, 0);
     }
 
@@ -247,8 +212,7 @@ mod tests {
         let mut dev = PvPanic::new();
         let stop = world.with_ctx(ExitIndex(1), |ctx| {
             dev.write(EVENT, &[PVPANIC_PANICKED, 0], ctx).unwrap();
-            dev.write(EVENT, &u32::from(PVPANIC_PANICKED).to_le_bytes(), ctx)
-                .unwrap();
+            dev.write(EVENT, &u32::from(PVPANIC_PANICKED).to_le_bytes(), ctx).unwrap();
             let mut two = [0u8; 2];
             dev.read(EVENT, &mut two, ctx).unwrap();
             assert_eq!(two, [UNMAPPED_READ; 2]);
@@ -263,18 +227,8 @@ mod tests {
     fn restore_refuses_an_impossible_event() {
         let mut dev = PvPanic::new();
         for event in [0, 0x04, 0x81] {
-            let bad = PvPanicState {
-                events: 1,
-                last_event: Some(event),
-                ignored: 0,
-            };
-            assert!(matches!(
-                dev.restore(&bad),
-                Err(StateError::Invalid {
-                    kind: "pvpanic",
-                    ..
-                })
-            ));
+            let bad = PvPanicState { events: 1, last_event: Some(event), ignored: 0 };
+            assert!(matches!(dev.restore(&bad), Err(StateError::Invalid { kind: "pvpanic", .. })));
         }
         assert_eq!(dev.save(), PvPanicState::default());
     }

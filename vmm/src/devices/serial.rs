@@ -151,10 +151,7 @@ impl Default for Serial {
 impl Serial {
     /// A UART in its reset state.
     pub fn new() -> Self {
-        Serial {
-            uart: Uart::new(NoInterrupt, Vec::new()),
-            ignored: 0,
-        }
+        Serial { uart: Uart::new(NoInterrupt, Vec::new()), ignored: 0 }
     }
 
     fn ignore(&mut self) {
@@ -181,10 +178,7 @@ impl Serial {
         // Clear even if the sink failed: these bytes belong to this exit and
         // must never leave later, tagged with another one.
         out.clear();
-        sent.map_err(|source| DeviceError::Hook {
-            device: NAME,
-            source,
-        })
+        sent.map_err(|source| DeviceError::Hook { device: NAME, source })
     }
 }
 
@@ -193,12 +187,7 @@ impl BusDevice for Serial {
         NAME
     }
 
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &mut [u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (Serial::register(offset, data.len()), data) {
             (Some(reg), [byte]) => *byte = self.uart.read(reg),
             (_, data) => {
@@ -209,12 +198,7 @@ impl BusDevice for Serial {
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, offset: u64, data: &[u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         let (Some(reg), [value]) = (Serial::register(offset, data.len()), data) else {
             self.ignore();
             return Ok(());
@@ -242,36 +226,23 @@ impl BusDevice for Serial {
 
 impl Persist for Serial {
     type State = SerialDeviceState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> SerialDeviceState {
-        SerialDeviceState {
-            uart: self.uart.state().into(),
-            ignored: self.ignored,
-        }
+        SerialDeviceState { uart: self.uart.state().into(), ignored: self.ignored }
     }
 
     fn restore(&mut self, state: &SerialDeviceState) -> Result<(), StateError> {
-        let uart = Uart::from_state(
-            &vm_superio::SerialState::from(&state.uart),
-            NoInterrupt,
-            NoEvents,
-            Vec::new(),
-        )
-        .map_err(|e| StateError::Invalid {
-            kind: NAME,
-            reason: match e {
-                vm_superio::serial::Error::FullFifo => format!(
-                    "receive FIFO holds {} bytes, more than the UART's",
-                    state.uart.in_buffer.len()
-                ),
-                other => other.to_string(),
-            },
-        })?;
+        let uart = Uart::from_state(&vm_superio::SerialState::from(&state.uart), NoInterrupt, NoEvents, Vec::new())
+            .map_err(|e| StateError::Invalid {
+                kind: NAME,
+                reason: match e {
+                    vm_superio::serial::Error::FullFifo => {
+                        format!("receive FIFO holds {} bytes, more than the UART's", state.uart.in_buffer.len())
+                    }
+                    other => other.to_string(),
+                },
+            })?;
         self.uart = uart;
         self.ignored = state.ignored;
         Ok(())
@@ -298,16 +269,12 @@ mod tests {
     const LSR_THR_EMPTY: u8 = 0x20;
 
     fn write(dev: &mut Serial, world: &mut Scripted, exit: u64, offset: u64, value: u8) {
-        world
-            .with_ctx(ExitIndex(exit), |ctx| dev.write(offset, &[value], ctx))
-            .unwrap();
+        world.with_ctx(ExitIndex(exit), |ctx| dev.write(offset, &[value], ctx)).unwrap();
     }
 
     fn read(dev: &mut Serial, world: &mut Scripted, offset: u64) -> u8 {
         let mut b = [0u8; 1];
-        world
-            .with_ctx(ExitIndex(1), |ctx| dev.read(offset, &mut b, ctx))
-            .unwrap();
+        world.with_ctx(ExitIndex(1), |ctx| dev.read(offset, &mut b, ctx)).unwrap();
         b[0]
     }
 
@@ -321,11 +288,7 @@ mod tests {
         }
         assert_eq!(
             world.serial,
-            vec![
-                (ExitIndex(3), b"h".to_vec()),
-                (ExitIndex(4), b"i".to_vec()),
-                (ExitIndex(7), b"\n".to_vec()),
-            ]
+            vec![(ExitIndex(3), b"h".to_vec()), (ExitIndex(4), b"i".to_vec()), (ExitIndex(7), b"\n".to_vec()),]
         );
         assert_eq!(world.serial_bytes(), b"hi\n");
         assert!(dev.uart.writer().is_empty(), "buffer not drained");
@@ -415,12 +378,7 @@ mod tests {
         let err = dev.write(THR, b"x", &mut ctx).unwrap_err();
         assert!(matches!(
             err,
-            DeviceError::Hook {
-                device: "serial",
-                source: HookError::Ended {
-                    exit_index: ExitIndex(8)
-                }
-            }
+            DeviceError::Hook { device: "serial", source: HookError::Ended { exit_index: ExitIndex(8) } }
         ));
         let mut world = Scripted::default();
         write(&mut dev, &mut world, 9, THR, b'y');
@@ -445,10 +403,7 @@ mod tests {
         assert_eq!(ours.scratch, 9);
         assert_eq!(ours.in_buffer, vec![10, 11]);
         assert_eq!(vm_superio::SerialState::from(&ours), theirs);
-        assert_eq!(
-            SerialState::default(),
-            SerialState::from(vm_superio::SerialState::default())
-        );
+        assert_eq!(SerialState::default(), SerialState::from(vm_superio::SerialState::default()));
     }
 
     #[test]
@@ -459,15 +414,8 @@ mod tests {
         let mut state = dev.save();
         state.uart.in_buffer = vec![0; 65];
         state.uart.scratch = 0x11;
-        assert!(matches!(
-            dev.restore(&state),
-            Err(StateError::Invalid { kind: "serial", .. })
-        ));
-        assert_eq!(
-            read(&mut dev, &mut world, SCR),
-            0x77,
-            "a refused state changed the UART"
-        );
+        assert!(matches!(dev.restore(&state), Err(StateError::Invalid { kind: "serial", .. })));
+        assert_eq!(read(&mut dev, &mut world, SCR), 0x77, "a refused state changed the UART");
         // 64 is the UART's own bound, and accepted.
         state.uart.in_buffer = vec![0; 64];
         dev.restore(&state).unwrap();

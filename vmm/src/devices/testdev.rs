@@ -76,23 +76,13 @@ impl BusDevice for TestDev {
         NAME
     }
 
-    fn read(
-        &mut self,
-        _offset: u64,
-        data: &mut [u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, _offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         data.fill(0);
         self.reads = self.reads.wrapping_add(1);
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        _offset: u64,
-        data: &[u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, _offset: u64, data: &[u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         let mut bytes = [0u8; 8];
         // zip stops at the shorter side: no index, no panic on any width.
         for (dst, src) in bytes.iter_mut().zip(data) {
@@ -114,18 +104,10 @@ impl BusDevice for TestDev {
 
 impl Persist for TestDev {
     type State = TestDevState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> TestDevState {
-        TestDevState {
-            writes: self.writes,
-            last_value: self.last_value,
-            reads: self.reads,
-        }
+        TestDevState { writes: self.writes, last_value: self.last_value, reads: self.reads }
     }
 
     fn restore(&mut self, state: &TestDevState) -> Result<(), StateError> {
@@ -161,8 +143,7 @@ mod tests {
             assert_eq!(dev.last_value(), 0x3322);
             dev.write(0, &0xaabb_ccddu32.to_le_bytes(), ctx).unwrap();
             assert_eq!(dev.last_value(), 0xaabb_ccdd);
-            dev.write(0x800, &0x0102_0304_0506_0708u64.to_le_bytes(), ctx)
-                .unwrap();
+            dev.write(0x800, &0x0102_0304_0506_0708u64.to_le_bytes(), ctx).unwrap();
             assert_eq!(dev.last_value(), 0x0102_0304_0506_0708);
             // Wider than 8 bytes: the first 8 are kept.
             dev.write(0, &[9; 16], ctx).unwrap();
@@ -196,18 +177,8 @@ mod tests {
     fn serves_both_buses() {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
-        pio.insert(
-            u64::from(ftvm_abi::TESTDEV_PORT),
-            PIO_LEN,
-            Box::new(TestDev::new()),
-        )
-        .unwrap();
-        mmio.insert(
-            ftvm_abi::TESTDEV_MMIO_ADDR,
-            MMIO_LEN,
-            Box::new(TestDev::new()),
-        )
-        .unwrap();
+        pio.insert(u64::from(ftvm_abi::TESTDEV_PORT), PIO_LEN, Box::new(TestDev::new())).unwrap();
+        mmio.insert(ftvm_abi::TESTDEV_MMIO_ADDR, MMIO_LEN, Box::new(TestDev::new())).unwrap();
         let mut world = Scripted::default();
         world.with_ctx(ExitIndex(1), |ctx| {
             let port = u64::from(ftvm_abi::TESTDEV_PORT);
@@ -226,16 +197,8 @@ mod tests {
         assert_eq!(
             saved,
             vec![
-                TestDevState {
-                    writes: 1,
-                    last_value: 1,
-                    reads: 0
-                },
-                TestDevState {
-                    writes: 1,
-                    last_value: u64::from_le_bytes([2; 8]),
-                    reads: 1
-                },
+                TestDevState { writes: 1, last_value: 1, reads: 0 },
+                TestDevState { writes: 1, last_value: u64::from_le_bytes([2; 8]), reads: 1 },
             ]
         );
     }

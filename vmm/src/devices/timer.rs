@@ -116,12 +116,7 @@ impl BusDevice for Timer {
         NAME
     }
 
-    fn read(
-        &mut self,
-        offset: u64,
-        data: &mut [u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data.len()) {
             (LO, 4) => read_u32_reg(self.staged_lo, data),
             (HI, 4) => read_u32_reg(u32::from(self.deadline.get().is_some()), data),
@@ -130,12 +125,7 @@ impl BusDevice for Timer {
         Ok(())
     }
 
-    fn write(
-        &mut self,
-        offset: u64,
-        data: &[u8],
-        _ctx: &mut ExitCtx<'_>,
-    ) -> Result<(), DeviceError> {
+    fn write(&mut self, offset: u64, data: &[u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         match (offset, data) {
             (LO, &[a, b, c, d]) => self.staged_lo = u32::from_le_bytes([a, b, c, d]),
             (HI, &[a, b, c, d]) => {
@@ -160,28 +150,17 @@ impl BusDevice for Timer {
 
 impl Persist for Timer {
     type State = TimerState;
-    const VERSION: StateVersion = StateVersion {
-        kind: NAME,
-        major: 1,
-        minor: 0,
-    };
+    const VERSION: StateVersion = StateVersion { kind: NAME, major: 1, minor: 0 };
 
     fn save(&self) -> TimerState {
-        TimerState {
-            staged_lo: self.staged_lo,
-            deadline: self.deadline.get(),
-            ignored: self.ignored,
-        }
+        TimerState { staged_lo: self.staged_lo, deadline: self.deadline.get(), ignored: self.ignored }
     }
 
     fn restore(&mut self, state: &TimerState) -> Result<(), StateError> {
         // 0 is "disarmed" on the wire to the vCPU loop: a saved Some(0)
         // would silently turn into None, so a blob holding it is not ours.
         if state.deadline == Some(0) {
-            return Err(StateError::Invalid {
-                kind: NAME,
-                reason: "armed deadline of 0 (0 means disarmed)".into(),
-            });
+            return Err(StateError::Invalid { kind: NAME, reason: "armed deadline of 0 (0 means disarmed)".into() });
         }
         self.staged_lo = state.staged_lo;
         // Store into the shared cell, not a new one: the vCPU loop's handle
@@ -200,18 +179,12 @@ mod tests {
     use crate::state::check_persist;
 
     fn write32(timer: &mut Timer, world: &mut Scripted, offset: u64, value: u32) {
-        world
-            .with_ctx(ExitIndex(1), |ctx| {
-                timer.write(offset, &value.to_le_bytes(), ctx)
-            })
-            .unwrap();
+        world.with_ctx(ExitIndex(1), |ctx| timer.write(offset, &value.to_le_bytes(), ctx)).unwrap();
     }
 
     fn read32(timer: &mut Timer, world: &mut Scripted, offset: u64) -> u32 {
         let mut b = [0u8; 4];
-        world
-            .with_ctx(ExitIndex(1), |ctx| timer.read(offset, &mut b, ctx))
-            .unwrap();
+        world.with_ctx(ExitIndex(1), |ctx| timer.read(offset, &mut b, ctx)).unwrap();
         u32::from_le_bytes(b)
     }
 
@@ -297,20 +270,9 @@ mod tests {
         let mut timer = Timer::new();
         write32(&mut timer, &mut Scripted::default(), LO, 9);
         write32(&mut timer, &mut Scripted::default(), HI, 0);
-        let bad = TimerState {
-            staged_lo: 1,
-            deadline: Some(0),
-            ignored: 0,
-        };
-        assert!(matches!(
-            timer.restore(&bad),
-            Err(StateError::Invalid { kind: "timer", .. })
-        ));
-        assert_eq!(
-            timer.deadline(),
-            Some(9),
-            "a refused state changed the timer"
-        );
+        let bad = TimerState { staged_lo: 1, deadline: Some(0), ignored: 0 };
+        assert!(matches!(timer.restore(&bad), Err(StateError::Invalid { kind: "timer", .. })));
+        assert_eq!(timer.deadline(), Some(9), "a refused state changed the timer");
         assert_eq!(timer.save().staged_lo, 9);
     }
 
