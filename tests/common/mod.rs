@@ -1,0 +1,103 @@
+//! Helpers shared by the end-to-end tests: running the `ftvm` binary and
+//! waiting on what it prints.
+#![allow(dead_code)] // each test file uses part of it
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The ftvm binary cargo built for these tests.
+pub fn ftvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ftvm"))
+}
+
+/// Whether KVM tests can run; panics instead when FTVM_REQUIRE_KVM=1.
+pub fn kvm() -> bool {
+    vmm::testing::kvm_available()
+}
+
+/// Run `ftvm args...` to completion (bounded: a hung VMM fails the test).
+pub fn run(args: &[&str]) -> Output {
+    let mut child = ftvm().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn ftvm");
+    let (tx, rx) = mpsc::channel();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        out.read_to_end(&mut v).unwrap();
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        err.read_to_end(&mut v).unwrap();
+        v
+    });
+    let pid = child.id();
+    std::thread::spawn(move || tx.send(child.wait()));
+    let status = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(s) => s.expect("wait ftvm"),
+        Err(_) => {
+            // SAFETY-free: kill by pid through the command line tool.
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("ftvm {args:?} did not finish within 60 s");
+        }
+    };
+    Output { status, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+}
+
+/// Assert stderr is exactly one line, starting `ftvm: `, with no panic or
+/// backtrace text, and return it.
+pub fn one_error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr is not one line: {err:?}");
+    assert!(lines[0].starts_with("ftvm: "), "stderr line does not start with `ftvm: `: {err:?}");
+    for bad in ["panicked", "RUST_BACKTRACE", "stack backtrace"] {
+        assert!(!err.contains(bad), "stderr has panic text: {err:?}");
+    }
+    lines[0].to_string()
+}
+
+/// A running ftvm whose stdout lines arrive on a channel.
+pub struct Running {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn spawn(args: &[&str]) -> Running {
+        let mut child = ftvm().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn ftvm");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Wait for a stdout line equal to `want`; fail after `timeout`.
+    pub fn expect_line(&self, want: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == want => return,
+                Ok(_) => continue,
+                Err(e) => panic!("no line {want:?} on stdout: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
