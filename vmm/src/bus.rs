@@ -25,6 +25,15 @@ pub trait BusDevice: Send {
     /// The guest writes `data` at `offset` into the device's range.
     fn write(&mut self, offset: u64, data: &[u8], ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError>;
 
+    /// The guest woke from HLT (the exit `ctx.exit`). A device whose inputs
+    /// arrive on the host's schedule (the NIC's frames) takes now those the
+    /// guest can consume. The vCPU loop calls it (through [`Bus::after_halt`])
+    /// after every HLT exit, whatever woke the guest, so that primary and
+    /// secondary ask at the same exits. Default: nothing.
+    fn after_halt(&mut self, _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
+        Ok(())
+    }
+
     /// The device's state as a versioned blob (`state::encode`). Required:
     /// a device without a snapshot story does not go on a bus.
     fn snapshot(&self) -> Vec<u8>;
@@ -108,6 +117,13 @@ impl Bus {
             Some((offset, entry)) => entry.device.write(offset, data, ctx).map(|()| true),
             None => Ok(false),
         }
+    }
+
+    /// Call [`BusDevice::after_halt`] on every device, in address order (a
+    /// fixed order, so both hosts take inputs in the same sequence). Stops
+    /// at the first error.
+    pub fn after_halt(&mut self, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
+        self.entries.values_mut().try_for_each(|e| e.device.after_halt(ctx))
     }
 
     /// Every device with its base address, in address order.

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod hook;
 pub mod memory;
 pub mod state;
+pub mod tap;
 pub mod testing;
 pub mod vcpu;
 pub mod vm;

@@ -12,6 +12,8 @@ pub mod pvpanic;
 pub mod serial;
 pub mod testdev;
 pub mod timer;
+pub mod virtio_mmio;
+pub mod virtio_net;
 
 #[cfg(test)]
 pub(crate) mod testing;
@@ -28,6 +30,10 @@ pub enum DeviceError {
         #[source]
         source: HookError,
     },
+    /// The guest broke the virtio-net protocol; the device set
+    /// DEVICE_NEEDS_RESET.
+    #[error("the guest misused its virtio-net device")]
+    Net(#[from] virtio_net::NetError),
 }
 
 /// Read `data.len()` (1, 2 or 4) little-endian bytes of `value`, as a

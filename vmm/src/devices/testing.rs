@@ -18,6 +18,12 @@ pub struct Scripted {
     pub signals: Vec<(ExitIndex, GuestSignal)>,
     /// Deadlines HLT was called with.
     pub halts: Vec<(ExitIndex, Option<u64>)>,
+    /// Received frames to serve, in order; then `None` (nothing arrived).
+    pub frames: std::collections::VecDeque<Vec<u8>>,
+    /// Exit indices at which a frame was asked for.
+    pub frame_reads: Vec<ExitIndex>,
+    /// Frames transmitted, with exit indices.
+    pub transmitted: Vec<(ExitIndex, Vec<u8>)>,
 }
 
 impl Scripted {
@@ -31,6 +37,11 @@ impl Scripted {
         Scripted { entropy: entropy.into(), ..Default::default() }
     }
 
+    /// A source that serves these received frames.
+    pub fn with_frames(frames: Vec<Vec<u8>>) -> Self {
+        Scripted { frames: frames.into(), ..Default::default() }
+    }
+
     /// Run `f` with a context for exit `exit` whose input and output are
     /// this script (two halves kept apart so both can be borrowed).
     pub fn with_ctx<R>(&mut self, exit: ExitIndex, f: impl FnOnce(&mut ExitCtx<'_>) -> R) -> R {
@@ -39,6 +50,8 @@ impl Scripted {
             entropy: std::mem::take(&mut self.entropy),
             clock_reads: Vec::new(),
             halts: Vec::new(),
+            frames: std::mem::take(&mut self.frames),
+            frame_reads: Vec::new(),
         };
         let mut output = ScriptOut::default();
         let r = {
@@ -49,6 +62,9 @@ impl Scripted {
         self.entropy = input.entropy;
         self.clock_reads.extend(input.clock_reads);
         self.halts.extend(input.halts);
+        self.frames = input.frames;
+        self.frame_reads.extend(input.frame_reads);
+        self.transmitted.extend(output.transmitted);
         self.serial.extend(output.serial);
         self.signals.extend(output.signals);
         r
@@ -65,6 +81,8 @@ struct ScriptIn {
     entropy: std::collections::VecDeque<u8>,
     clock_reads: Vec<ExitIndex>,
     halts: Vec<(ExitIndex, Option<u64>)>,
+    frames: std::collections::VecDeque<Vec<u8>>,
+    frame_reads: Vec<ExitIndex>,
 }
 
 impl InputSource for ScriptIn {
@@ -84,12 +102,18 @@ impl InputSource for ScriptIn {
         self.halts.push((exit, deadline));
         Ok(Wake::Deadline)
     }
+
+    fn receive_frame(&mut self, exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        self.frame_reads.push(exit);
+        Ok(self.frames.pop_front())
+    }
 }
 
 #[derive(Default)]
 struct ScriptOut {
     serial: Vec<(ExitIndex, Vec<u8>)>,
     signals: Vec<(ExitIndex, GuestSignal)>,
+    transmitted: Vec<(ExitIndex, Vec<u8>)>,
 }
 
 impl OutputSink for ScriptOut {
@@ -100,6 +124,11 @@ impl OutputSink for ScriptOut {
 
     fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
         self.signals.push((exit, signal));
+        Ok(())
+    }
+
+    fn transmit_frame(&mut self, exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        self.transmitted.push((exit, frame.to_vec()));
         Ok(())
     }
 }
