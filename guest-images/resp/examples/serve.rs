@@ -20,9 +20,7 @@ use kvstore_resp::{Conn, ConnStatus, Store};
 fn serve(mut stream: TcpStream, store: Arc<Mutex<Store>>, start: Instant) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let adjust = |delta: isize| {
-        let mut s = store
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let n = s.connected_clients().saturating_add_signed(delta);
         s.set_connected_clients(n);
     };
@@ -37,19 +35,13 @@ fn serve_conn(stream: &mut TcpStream, store: &Mutex<Store>, start: Instant) -> s
     let mut buf = vec![0u8; 16 * 1024];
     let mut out = Vec::new();
     loop {
-        let n = if conn.has_pending_input() {
-            0
-        } else {
-            stream.read(&mut buf)?
-        };
+        let n = if conn.has_pending_input() { 0 } else { stream.read(&mut buf)? };
         if n == 0 && !conn.has_pending_input() {
             return Ok(());
         }
         let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let status = {
-            let mut store = store
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             conn.feed(buf.get(..n).unwrap_or(&[]), &mut store, now_ns, &mut out)
         };
         stream.write_all(&out)?;

@@ -57,12 +57,8 @@ const WRITE: u8 = 1;
 const READONLY: u8 = 2;
 const DENYOOM: u8 = 4;
 const FAST: u8 = 8;
-const FLAG_NAMES: [(u8, &[u8]); 4] = [
-    (WRITE, b"write"),
-    (READONLY, b"readonly"),
-    (DENYOOM, b"denyoom"),
-    (FAST, b"fast"),
-];
+const FLAG_NAMES: [(u8, &[u8]); 4] =
+    [(WRITE, b"write"), (READONLY, b"readonly"), (DENYOOM, b"denyoom"), (FAST, b"fast")];
 
 /// A command, as Redis's command table describes it.
 struct Spec {
@@ -78,14 +74,7 @@ struct Spec {
 }
 
 const fn cmd(name: &'static str, arity: i32, flags: u8, keys: (i8, i8, i8), run: Handler) -> Spec {
-    Spec {
-        name,
-        arity,
-        flags,
-        keys,
-        run,
-        subcommands: &[],
-    }
+    Spec { name, arity, flags, keys, run, subcommands: &[] }
 }
 
 const NOKEYS: (i8, i8, i8) = (0, 0, 0);
@@ -131,10 +120,7 @@ static COMMANDS: &[Spec] = &[
         flags: 0,
         keys: NOKEYS,
         run: container_help,
-        subcommands: &[
-            cmd("get", -3, 0, NOKEYS, config_get),
-            cmd("help", 2, 0, NOKEYS, container_help),
-        ],
+        subcommands: &[cmd("get", -3, 0, NOKEYS, config_get), cmd("help", 2, 0, NOKEYS, container_help)],
     },
     cmd("dbsize", 1, READONLY | FAST, NOKEYS, dbsize),
     cmd("decr", 2, WRITE | DENYOOM | FAST, KEY1, decr),
@@ -173,9 +159,7 @@ static COMMANDS: &[Spec] = &[
 ];
 
 fn lookup<'a>(table: &'a [Spec], name: &[u8]) -> Option<&'a Spec> {
-    table
-        .iter()
-        .find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
+    table.iter().find(|s| s.name.as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// Argument `i`; the arity check has run, so a missing one only reads as empty.
@@ -222,15 +206,7 @@ pub(crate) fn execute(argv: &[Vec<u8>], ctx: &mut Ctx<'_>) {
     let argc = usize_to_i64(argv.len());
     let arity = i64::from(spec.arity);
     if (arity > 0 && arity != argc) || argc < arity.saturating_neg() {
-        wrong_args(
-            ctx,
-            if core::ptr::eq(spec, base) {
-                None
-            } else {
-                Some(base)
-            },
-            spec,
-        );
+        wrong_args(ctx, if core::ptr::eq(spec, base) { None } else { Some(base) }, spec);
         return;
     }
     if spec.flags & DENYOOM != 0 && ctx.store.would_exceed(growth_bound(argv)) {
@@ -245,16 +221,9 @@ pub(crate) fn execute(argv: &[Vec<u8>], ctx: &mut Ctx<'_>) {
 /// each key twice (the map and the deadline index), plus per-entry overheads and room for
 /// a 20-digit number (INCR on a missing key).
 fn growth_bound(argv: &[Vec<u8>]) -> usize {
-    let bytes: usize = argv
-        .iter()
-        .map(Vec::len)
-        .fold(0usize, usize::saturating_add);
-    let per_arg = ENTRY_OVERHEAD
-        .saturating_add(EXPIRY_OVERHEAD)
-        .saturating_add(20);
-    bytes
-        .saturating_mul(2)
-        .saturating_add(per_arg.saturating_mul(argv.len()))
+    let bytes: usize = argv.iter().map(Vec::len).fold(0usize, usize::saturating_add);
+    let per_arg = ENTRY_OVERHEAD.saturating_add(EXPIRY_OVERHEAD).saturating_add(20);
+    bytes.saturating_mul(2).saturating_add(per_arg.saturating_mul(argv.len()))
 }
 
 fn unknown_command(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
@@ -271,12 +240,7 @@ fn unknown_command(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
     }
     reply::error_fmt(
         ctx.out,
-        &[
-            b"unknown command '",
-            reply::c_str_prefix(arg(argv, 0), 128),
-            b"', with args beginning with: ",
-            &args,
-        ],
+        &[b"unknown command '", reply::c_str_prefix(arg(argv, 0), 128), b"', with args beginning with: ", &args],
     );
 }
 
@@ -285,29 +249,16 @@ fn wrong_args(ctx: &mut Ctx<'_>, parent: Option<&Spec>, spec: &Spec) {
         Some(p) => [p.name.as_bytes(), b"|", spec.name.as_bytes()].concat(),
         None => spec.name.as_bytes().to_vec(),
     };
-    reply::error_fmt(
-        ctx.out,
-        &[b"wrong number of arguments for '", &full, b"' command"],
-    );
+    reply::error_fmt(ctx.out, &[b"wrong number of arguments for '", &full, b"' command"]);
 }
 
 /// `addReplyErrorArity`: for commands that check their argument count themselves.
 fn wrong_args_named(ctx: &mut Ctx<'_>, name: &str) {
-    reply::error_fmt(
-        ctx.out,
-        &[
-            b"wrong number of arguments for '",
-            name.as_bytes(),
-            b"' command",
-        ],
-    );
+    reply::error_fmt(ctx.out, &[b"wrong number of arguments for '", name.as_bytes(), b"' command"]);
 }
 
 fn invalid_expire(ctx: &mut Ctx<'_>, name: &str) {
-    reply::error_fmt(
-        ctx.out,
-        &[b"invalid expire time in '", name.as_bytes(), b"' command"],
-    );
+    reply::error_fmt(ctx.out, &[b"invalid expire time in '", name.as_bytes(), b"' command"]);
 }
 
 /// `getLongLongFromObjectOrReply`: the integer, or the standard error reply.
@@ -409,14 +360,7 @@ fn hello(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
             }
             next = next.saturating_add(2);
         } else {
-            reply::error_fmt(
-                ctx.out,
-                &[
-                    b"Syntax error in HELLO option '",
-                    reply::c_str_prefix(opt, usize::MAX),
-                    b"'",
-                ],
-            );
+            reply::error_fmt(ctx.out, &[b"Syntax error in HELLO option '", reply::c_str_prefix(opt, usize::MAX), b"'"]);
             return;
         }
     }
@@ -455,21 +399,11 @@ fn client_setinfo(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
     // Redis 7.2's CLIENT SETINFO: newer clients send it on connect. Accepted, not stored.
     let (attr, value) = (arg(argv, 2), arg(argv, 3));
     if !eq(attr, "lib-name") && !eq(attr, "lib-ver") {
-        reply::error_fmt(
-            ctx.out,
-            &[
-                b"Unrecognized option '",
-                reply::c_str_prefix(attr, usize::MAX),
-                b"'",
-            ],
-        );
+        reply::error_fmt(ctx.out, &[b"Unrecognized option '", reply::c_str_prefix(attr, usize::MAX), b"'"]);
     } else if value.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
         reply::error_fmt(
             ctx.out,
-            &[
-                &attr.to_ascii_lowercase(),
-                b" cannot contain spaces, newlines or special characters.",
-            ],
+            &[&attr.to_ascii_lowercase(), b" cannot contain spaces, newlines or special characters."],
         );
     } else {
         ctx.ok();
@@ -501,18 +435,11 @@ fn container_help(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
 fn command_entry(out: &mut Vec<u8>, spec: &Spec, parent: Option<&Spec>) {
     reply::array(out, 10);
     match parent {
-        Some(p) => reply::bulk(
-            out,
-            &[p.name.as_bytes(), b"|", spec.name.as_bytes()].concat(),
-        ),
+        Some(p) => reply::bulk(out, &[p.name.as_bytes(), b"|", spec.name.as_bytes()].concat()),
         None => reply::bulk(out, spec.name.as_bytes()),
     }
     reply::int(out, i64::from(spec.arity));
-    let flags: Vec<&[u8]> = FLAG_NAMES
-        .iter()
-        .filter(|(bit, _)| spec.flags & bit != 0)
-        .map(|(_, n)| *n)
-        .collect();
+    let flags: Vec<&[u8]> = FLAG_NAMES.iter().filter(|(bit, _)| spec.flags & bit != 0).map(|(_, n)| *n).collect();
     reply::array(out, flags.len());
     for f in flags {
         reply::status(out, f);
@@ -575,11 +502,7 @@ fn command_list(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
 
 fn config_get(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
     let limit = ctx.store.limit_bytes();
-    let maxmemory = if limit == usize::MAX {
-        0
-    } else {
-        usize_to_u64(limit)
-    };
+    let maxmemory = if limit == usize::MAX { 0 } else { usize_to_u64(limit) };
     let number = |n: u64| {
         let mut v = Vec::new();
         write_u64(&mut v, n);
@@ -602,11 +525,7 @@ fn config_get(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
     for pattern in argv.get(2..).unwrap_or(&[]) {
         let is_glob = pattern.iter().any(|b| matches!(b, b'[' | b'*' | b'?'));
         for (name, value) in &params {
-            let hit = if is_glob {
-                glob::matches(pattern, name, true)
-            } else {
-                pattern.eq_ignore_ascii_case(name)
-            };
+            let hit = if is_glob { glob::matches(pattern, name, true) } else { pattern.eq_ignore_ascii_case(name) };
             let reported: &[u8] = if is_glob { name } else { pattern };
             if hit && !hits.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
                 hits.push((reported, value));
@@ -624,10 +543,7 @@ fn info(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
     let sections: [&str; 5] = ["server", "clients", "memory", "stats", "keyspace"];
     let wanted = |s: &str| {
         argv.len() == 1
-            || argv
-                .iter()
-                .skip(1)
-                .any(|a| eq(a, s) || eq(a, "all") || eq(a, "default") || eq(a, "everything"))
+            || argv.iter().skip(1).any(|a| eq(a, s) || eq(a, "all") || eq(a, "default") || eq(a, "everything"))
     };
     ctx.store.purge_expired(ctx.now);
     let store = &*ctx.store;
@@ -658,36 +574,20 @@ fn info(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
             "clients" => {
                 // redis-cli --stat reads these two.
                 text.extend_from_slice(b"# Clients\r\n");
-                field(
-                    &mut text,
-                    "connected_clients",
-                    usize_to_u64(store.connected_clients()),
-                );
+                field(&mut text, "connected_clients", usize_to_u64(store.connected_clients()));
                 text.extend_from_slice(b"blocked_clients:0\r\n");
             }
             "memory" => {
                 text.extend_from_slice(b"# Memory\r\n");
                 field(&mut text, "used_memory", usize_to_u64(store.used_bytes()));
                 let limit = store.limit_bytes();
-                field(
-                    &mut text,
-                    "maxmemory",
-                    if limit == usize::MAX {
-                        0
-                    } else {
-                        usize_to_u64(limit)
-                    },
-                );
+                field(&mut text, "maxmemory", if limit == usize::MAX { 0 } else { usize_to_u64(limit) });
                 text.extend_from_slice(b"maxmemory_policy:noeviction\r\n");
             }
             "stats" => {
                 text.extend_from_slice(b"# Stats\r\n");
                 let s = store.stats;
-                field(
-                    &mut text,
-                    "total_connections_received",
-                    s.connections_received,
-                );
+                field(&mut text, "total_connections_received", s.connections_received);
                 field(&mut text, "total_commands_processed", s.commands_processed);
                 field(&mut text, "expired_keys", s.expired_keys);
                 field(&mut text, "keyspace_hits", s.keyspace_hits);
@@ -826,10 +726,7 @@ fn mget(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
     let keys = argv.get(1..).unwrap_or(&[]);
     let mut size = 0usize;
     for key in keys {
-        let len = ctx
-            .store
-            .get(key, ctx.now)
-            .map_or(5, |v| reply::bulk_size(v.len()));
+        let len = ctx.store.get(key, ctx.now).map_or(5, |v| reply::bulk_size(v.len()));
         size = size.saturating_add(len);
     }
     if size > MAX_REPLY_BYTES {
@@ -921,11 +818,7 @@ fn set(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {
         } else if eq(opt, "keepttl") && expire.is_none() {
             keepttl = true;
         } else if let (true, Some(next)) = (eq(opt, "ex") || eq(opt, "px"), next) {
-            let unit = if eq(opt, "ex") {
-                Unit::Seconds
-            } else {
-                Unit::Millis
-            };
+            let unit = if eq(opt, "ex") { Unit::Seconds } else { Unit::Millis };
             // Redis lets EX repeat and PX repeat, but not mix with each other or KEEPTTL.
             if keepttl || expire.is_some_and(|(u, _)| u != unit) {
                 ctx.err(errs::SYNTAX);
@@ -984,8 +877,7 @@ fn setex_generic(ctx: &mut Ctx<'_>, argv: &[Vec<u8>], unit: Unit, name: &str) {
     let Some(deadline) = expire_arg(ctx, arg(argv, 2), unit, name) else {
         return;
     };
-    ctx.store
-        .insert(arg(argv, 1), arg(argv, 3).to_vec(), Some(deadline));
+    ctx.store.insert(arg(argv, 1), arg(argv, 3).to_vec(), Some(deadline));
     ctx.ok();
 }
 
@@ -1053,11 +945,7 @@ fn ttl_generic(ctx: &mut Ctx<'_>, argv: &[Vec<u8>], unit: Unit) {
         Some(Some(t)) => {
             let ms = i64::try_from(t.saturating_sub(ctx.now) / NS_PER_MS).unwrap_or(i64::MAX);
             // Redis rounds TTL to the nearest second.
-            let v = if unit == Unit::Millis {
-                ms
-            } else {
-                ms.saturating_add(500) / 1000
-            };
+            let v = if unit == Unit::Millis { ms } else { ms.saturating_add(500) / 1000 };
             ctx.int(v);
         }
     }
@@ -1094,10 +982,7 @@ fn expire_generic(ctx: &mut Ctx<'_>, argv: &[Vec<u8>], unit: Unit, name: &str) {
         } else if eq(opt, "lt") {
             lt = true;
         } else {
-            reply::error_fmt(
-                ctx.out,
-                &[b"Unsupported option ", reply::c_str_prefix(opt, usize::MAX)],
-            );
+            reply::error_fmt(ctx.out, &[b"Unsupported option ", reply::c_str_prefix(opt, usize::MAX)]);
             return;
         }
     }
@@ -1131,8 +1016,7 @@ fn expire_generic(ctx: &mut Ctx<'_>, argv: &[Vec<u8>], unit: Unit, name: &str) {
         return;
     };
     // Deadlines compared in i128 nanoseconds: the new one may lie in the past.
-    let new = i128::from(ctx.now)
-        .saturating_add(i128::from(rel_ms).saturating_mul(i128::from(NS_PER_MS)));
+    let new = i128::from(ctx.now).saturating_add(i128::from(rel_ms).saturating_mul(i128::from(NS_PER_MS)));
     let current_ns = current.map(i128::from);
     let refused = (nx && current.is_some())
         || (xx && current.is_none())
@@ -1145,8 +1029,7 @@ fn expire_generic(ctx: &mut Ctx<'_>, argv: &[Vec<u8>], unit: Unit, name: &str) {
     if new <= i128::from(ctx.now) {
         ctx.store.remove(key);
     } else {
-        ctx.store
-            .set_deadline(key, Some(u64::try_from(new).unwrap_or(u64::MAX)));
+        ctx.store.set_deadline(key, Some(u64::try_from(new).unwrap_or(u64::MAX)));
     }
     ctx.int(1);
 }
@@ -1166,12 +1049,7 @@ mod tests {
     #[test]
     fn table_is_sorted_lowercase_and_unique() {
         for pair in COMMANDS.windows(2) {
-            assert!(
-                pair[0].name < pair[1].name,
-                "{} {}",
-                pair[0].name,
-                pair[1].name
-            );
+            assert!(pair[0].name < pair[1].name, "{} {}", pair[0].name, pair[1].name);
         }
         for spec in COMMANDS {
             assert_eq!(spec.name, spec.name.to_ascii_lowercase());

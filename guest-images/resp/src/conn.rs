@@ -37,12 +37,7 @@ impl Default for Conn {
 impl Conn {
     /// A new connection, before any byte has arrived.
     pub fn new() -> Self {
-        Self {
-            parser: Parser::new(),
-            client: Client::default(),
-            closed: false,
-            pending: false,
-        }
+        Self { parser: Parser::new(), client: Client::default(), closed: false, pending: false }
     }
 
     /// Consumes `input` (any fragment of the byte stream: part of a request, many requests)
@@ -58,13 +53,7 @@ impl Conn {
     /// the socket (TCP flow control makes the client wait), drains `out`, and calls `feed`
     /// again with no new input. A caller that keeps feeding instead gets the connection
     /// closed once [`crate::limits::MAX_BUFFERED_INPUT`] bytes are buffered.
-    pub fn feed(
-        &mut self,
-        input: &[u8],
-        store: &mut Store,
-        now_ns: u64,
-        out: &mut Vec<u8>,
-    ) -> ConnStatus {
+    pub fn feed(&mut self, input: &[u8], store: &mut Store, now_ns: u64, out: &mut Vec<u8>) -> ConnStatus {
         if self.closed {
             return ConnStatus::Close;
         }
@@ -83,12 +72,7 @@ impl Conn {
                 Step::NeedMore => break,
                 Step::Empty => {}
                 Step::Command(argv) => {
-                    let mut ctx = Ctx {
-                        store,
-                        now: now_ns,
-                        out,
-                        client: &mut self.client,
-                    };
+                    let mut ctx = Ctx { store, now: now_ns, out, client: &mut self.client };
                     command::execute(&argv, &mut ctx);
                     if self.client.close_after_reply {
                         return self.close();

@@ -144,10 +144,7 @@ mod tests {
             (b"h[^e]llo", b"hello"),
             (b"h?llo", b"hllo"),
             (b"a\\*b", b"axb"),
-            (
-                b"*a*a*a*a*a*a*a*a*a*a*b",
-                b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-            ),
+            (b"*a*a*a*a*a*a*a*a*a*a*b", b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
             (b"", b"a"),
         ];
         for (p, s) in no {

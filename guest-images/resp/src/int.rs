@@ -32,9 +32,7 @@ pub(crate) fn parse_i64(s: &[u8]) -> Option<i64> {
         if !d.is_ascii_digit() {
             return None;
         }
-        v = v
-            .checked_mul(10)?
-            .checked_add(u64::from(d.wrapping_sub(b'0')))?;
+        v = v.checked_mul(10)?.checked_add(u64::from(d.wrapping_sub(b'0')))?;
     }
     if negative {
         // -(i64::MIN) = 2^63 fits u64 but not i64: build the result from the magnitude.

@@ -71,11 +71,7 @@ impl ProtocolError {
                 };
                 crate::reply::error_fmt(
                     out,
-                    &[
-                        b"Protocol error: expected '$', got '",
-                        got,
-                        if c == 0 { b"" } else { b"'" },
-                    ],
+                    &[b"Protocol error: expected '$', got '", got, if c == 0 { b"" } else { b"'" }],
                 );
                 return;
             }
@@ -97,10 +93,7 @@ enum State {
     Idle,
     /// Inside a multibulk request: `remaining` arguments to read; `bulk` is the length of
     /// the one being read once its `$` line was parsed.
-    Multibulk {
-        remaining: usize,
-        bulk: Option<usize>,
-    },
+    Multibulk { remaining: usize, bulk: Option<usize> },
 }
 
 /// The parser and its buffer of received, not yet consumed bytes.
@@ -123,14 +116,7 @@ pub(crate) struct Parser {
 
 impl Parser {
     pub(crate) fn new() -> Self {
-        Self {
-            buf: Vec::new(),
-            pos: 0,
-            scanned: 0,
-            state: State::Idle,
-            argv: Vec::new(),
-            argv_bytes: 0,
-        }
+        Self { buf: Vec::new(), pos: 0, scanned: 0, state: State::Idle, argv: Vec::new(), argv_bytes: 0 }
     }
 
     /// Appends received bytes.
@@ -146,8 +132,7 @@ impl Parser {
     /// Bytes held for the connection: the unconsumed input and the arguments of a partly
     /// read request.
     pub(crate) fn buffered_len(&self) -> usize {
-        self.unparsed_len()
-            .saturating_add(self.argv.iter().map(Vec::len).sum::<usize>())
+        self.unparsed_len().saturating_add(self.argv.iter().map(Vec::len).sum::<usize>())
     }
 
     /// Drops consumed bytes from the front of the buffer. Called once per feed, not per
@@ -208,10 +193,7 @@ impl Parser {
     ///
     /// As in Redis, the line ends at the first CR and the byte after it is skipped
     /// unchecked; a line with no CR within the inline limit is an error.
-    fn header_line(
-        &mut self,
-        too_big: ProtocolError,
-    ) -> Result<Option<(Vec<u8>, usize)>, ProtocolError> {
+    fn header_line(&mut self, too_big: ProtocolError) -> Result<Option<(Vec<u8>, usize)>, ProtocolError> {
         let Some(cr) = self.find(b'\r') else {
             if self.unparsed_len() > MAX_INLINE_LEN {
                 return Err(too_big);
@@ -234,9 +216,7 @@ impl Parser {
         };
         let count = match parse_i64(&line) {
             None => return Step::Error(ProtocolError::InvalidMultibulkLength),
-            Some(n) if n > i64::from(i32::MAX) => {
-                return Step::Error(ProtocolError::InvalidMultibulkLength)
-            }
+            Some(n) if n > i64::from(i32::MAX) => return Step::Error(ProtocolError::InvalidMultibulkLength),
             Some(n) => n,
         };
         self.advance(consumed);
@@ -249,10 +229,7 @@ impl Parser {
         };
         self.argv = Vec::with_capacity(count);
         self.argv_bytes = 0;
-        self.state = State::Multibulk {
-            remaining: count,
-            bulk: None,
-        };
+        self.state = State::Multibulk { remaining: count, bulk: None };
         self.multibulk_args()
     }
 
@@ -288,10 +265,7 @@ impl Parser {
                         _ => return Step::Error(ProtocolError::BigRequest),
                     };
                     self.advance(consumed);
-                    self.state = State::Multibulk {
-                        remaining,
-                        bulk: Some(len),
-                    };
+                    self.state = State::Multibulk { remaining, bulk: Some(len) };
                     len
                 }
             };
@@ -303,10 +277,7 @@ impl Parser {
             let arg = self.rest().get(..len).unwrap_or(&[]).to_vec();
             self.argv.push(arg);
             self.advance(need);
-            self.state = State::Multibulk {
-                remaining: remaining.saturating_sub(1),
-                bulk: None,
-            };
+            self.state = State::Multibulk { remaining: remaining.saturating_sub(1), bulk: None };
         }
     }
 
@@ -372,10 +343,7 @@ pub(crate) fn split_args(line: &[u8]) -> Result<Vec<Vec<u8>>, ProtocolError> {
             let c = at(p);
             let next = at(p.saturating_add(1));
             if in_dq {
-                let hex = (
-                    hex_value(at(p.saturating_add(2))),
-                    hex_value(at(p.saturating_add(3))),
-                );
+                let hex = (hex_value(at(p.saturating_add(2))), hex_value(at(p.saturating_add(3))));
                 if let (b'\\', b'x', (Some(hi), Some(lo))) = (c, next, hex) {
                     current.push(hi.wrapping_mul(16).wrapping_add(lo));
                     p = p.saturating_add(3);
@@ -459,13 +427,7 @@ mod tests {
     fn multibulk_and_inline() {
         assert_eq!(
             parse_all(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n\r\n*0\r\necho  \"a b\"\n"),
-            vec![
-                cmd(&[b"GET", b"k"]),
-                cmd(&[b"PING"]),
-                Step::Empty,
-                Step::Empty,
-                cmd(&[b"echo", b"a b"])
-            ]
+            vec![cmd(&[b"GET", b"k"]), cmd(&[b"PING"]), Step::Empty, Step::Empty, cmd(&[b"echo", b"a b"])]
         );
     }
 
@@ -473,12 +435,7 @@ mod tests {
     fn split_args_quotes() {
         assert_eq!(
             split_args(b"set \"a\\x41\\n\" 'it\\'s' x\"y z\""),
-            Ok(vec![
-                b"set".to_vec(),
-                b"aA\n".to_vec(),
-                b"it's".to_vec(),
-                b"xy z".to_vec()
-            ])
+            Ok(vec![b"set".to_vec(), b"aA\n".to_vec(), b"it's".to_vec(), b"xy z".to_vec()])
         );
         assert_eq!(split_args(b"\"abc"), Err(ProtocolError::UnbalancedQuotes));
         assert_eq!(split_args(b"'abc'd"), Err(ProtocolError::UnbalancedQuotes));
@@ -488,22 +445,10 @@ mod tests {
 
     #[test]
     fn header_errors() {
-        assert_eq!(
-            parse_all(b"*x\r\n"),
-            vec![Step::Error(ProtocolError::InvalidMultibulkLength)]
-        );
-        assert_eq!(
-            parse_all(b"*1\r\n$-1\r\n"),
-            vec![Step::Error(ProtocolError::InvalidBulkLength)]
-        );
-        assert_eq!(
-            parse_all(b"*1\r\n:1\r\n"),
-            vec![Step::Error(ProtocolError::ExpectedDollar(b':'))]
-        );
-        assert_eq!(
-            parse_all(b"*1025\r\n"),
-            vec![Step::Error(ProtocolError::InvalidMultibulkLength)]
-        );
+        assert_eq!(parse_all(b"*x\r\n"), vec![Step::Error(ProtocolError::InvalidMultibulkLength)]);
+        assert_eq!(parse_all(b"*1\r\n$-1\r\n"), vec![Step::Error(ProtocolError::InvalidBulkLength)]);
+        assert_eq!(parse_all(b"*1\r\n:1\r\n"), vec![Step::Error(ProtocolError::ExpectedDollar(b':'))]);
+        assert_eq!(parse_all(b"*1025\r\n"), vec![Step::Error(ProtocolError::InvalidMultibulkLength)]);
         assert_eq!(parse_all(b"*-5\r\n"), vec![Step::Empty]);
     }
 }

@@ -79,10 +79,7 @@ pub(crate) fn error_fmt(out: &mut Vec<u8>, parts: &[&[u8]]) {
     while matches!(msg.last(), Some(b'\r' | b'\n')) {
         msg.pop();
     }
-    let lead = msg
-        .iter()
-        .position(|b| !matches!(b, b'\r' | b'\n'))
-        .unwrap_or(msg.len());
+    let lead = msg.iter().position(|b| !matches!(b, b'\r' | b'\n')).unwrap_or(msg.len());
     msg.drain(..lead);
     for b in &mut msg {
         if matches!(*b, b'\r' | b'\n') {
@@ -122,10 +119,7 @@ mod tests {
         array(&mut out, 2);
         error(&mut out, b"x");
         error(&mut out, b"-NOPROTO y");
-        assert_eq!(
-            out,
-            b"+OK\r\n$-1\r\n:-3\r\n$0\r\n\r\n$2\r\nab\r\n*2\r\n-ERR x\r\n-NOPROTO y\r\n"
-        );
+        assert_eq!(out, b"+OK\r\n$-1\r\n:-3\r\n$0\r\n\r\n$2\r\nab\r\n*2\r\n-ERR x\r\n-NOPROTO y\r\n");
     }
 
     #[test]

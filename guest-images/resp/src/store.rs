@@ -137,20 +137,13 @@ impl Store {
 
     /// Whether a command that could grow the store by up to `growth` bytes must be refused.
     pub(crate) fn would_exceed(&self, growth: usize) -> bool {
-        self.used
-            .checked_add(growth)
-            .is_none_or(|total| total > self.limit)
+        self.used.checked_add(growth).is_none_or(|total| total > self.limit)
     }
 
     fn cost(key: &[u8], entry: &Entry) -> usize {
-        let base = key
-            .len()
-            .saturating_add(entry.value.len())
-            .saturating_add(ENTRY_OVERHEAD);
+        let base = key.len().saturating_add(entry.value.len()).saturating_add(ENTRY_OVERHEAD);
         match entry.expires_at {
-            Some(_) => base
-                .saturating_add(key.len())
-                .saturating_add(EXPIRY_OVERHEAD),
+            Some(_) => base.saturating_add(key.len()).saturating_add(EXPIRY_OVERHEAD),
             None => base,
         }
     }
@@ -274,11 +267,8 @@ mod tests {
         fn assert_consistent(&self) {
             let used: usize = self.map.iter().map(|(k, e)| Store::cost(k, e)).sum();
             assert_eq!(self.used, used);
-            let deadlines: BTreeSet<(Nanos, Vec<u8>)> = self
-                .map
-                .iter()
-                .filter_map(|(k, e)| e.expires_at.map(|t| (t, k.clone())))
-                .collect();
+            let deadlines: BTreeSet<(Nanos, Vec<u8>)> =
+                self.map.iter().filter_map(|(k, e)| e.expires_at.map(|t| (t, k.clone()))).collect();
             assert_eq!(self.expiries, deadlines);
         }
     }
@@ -299,14 +289,9 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         let deadline = proptest::option::of(0u64..200);
         prop_oneof![
-            (
-                0u8..8,
-                proptest::collection::vec(any::<u8>(), 0..8),
-                deadline.clone()
-            )
+            (0u8..8, proptest::collection::vec(any::<u8>(), 0..8), deadline.clone())
                 .prop_map(|(k, v, d)| Op::Insert(k, v, d)),
-            (0u8..8, proptest::collection::vec(any::<u8>(), 0..8))
-                .prop_map(|(k, v)| Op::Update(k, v)),
+            (0u8..8, proptest::collection::vec(any::<u8>(), 0..8)).prop_map(|(k, v)| Op::Update(k, v)),
             (0u8..8).prop_map(Op::Remove),
             (0u8..8, deadline).prop_map(|(k, d)| Op::SetDeadline(k, d)),
             (0u8..8).prop_map(Op::Get),
@@ -350,10 +335,7 @@ mod tests {
         let mut s = Store::new();
         s.insert(b"a", vec![1, 2, 3], None);
         s.insert(b"b", vec![1], Some(10));
-        assert_eq!(
-            s.used_bytes(),
-            (1 + 3 + ENTRY_OVERHEAD) + (1 + 1 + ENTRY_OVERHEAD + 1 + EXPIRY_OVERHEAD)
-        );
+        assert_eq!(s.used_bytes(), (1 + 3 + ENTRY_OVERHEAD) + (1 + 1 + ENTRY_OVERHEAD + 1 + EXPIRY_OVERHEAD));
         s.set_deadline(b"a", Some(5));
         s.set_deadline(b"b", None);
         s.insert(b"a", vec![], None);

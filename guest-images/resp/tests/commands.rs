@@ -33,18 +33,11 @@ struct Session {
 
 impl Session {
     fn new() -> Self {
-        Self {
-            store: Store::new(),
-            conn: Conn::new(),
-            now: 1_000 * SEC,
-        }
+        Self { store: Store::new(), conn: Conn::new(), now: 1_000 * SEC }
     }
 
     fn with_limit(limit: usize) -> Self {
-        Self {
-            store: Store::with_limit(limit),
-            ..Self::new()
-        }
+        Self { store: Store::with_limit(limit), ..Self::new() }
     }
 
     fn feed(&mut self, input: &[u8]) -> (Vec<u8>, ConnStatus) {
@@ -81,23 +74,14 @@ fn ping_echo_quit() {
         &[
             (&["PING"], "+PONG\r\n"),
             (&["ping", "hi there"], "$8\r\nhi there\r\n"),
-            (
-                &["PiNg", "a", "b"],
-                "-ERR wrong number of arguments for 'ping' command\r\n",
-            ),
+            (&["PiNg", "a", "b"], "-ERR wrong number of arguments for 'ping' command\r\n"),
             (&["ECHO", "x"], "$1\r\nx\r\n"),
             (&["ECHO", ""], "$0\r\n\r\n"),
-            (
-                &["ECHO"],
-                "-ERR wrong number of arguments for 'echo' command\r\n",
-            ),
+            (&["ECHO"], "-ERR wrong number of arguments for 'echo' command\r\n"),
         ],
     );
     let (out, status) = s.feed(b"QUIT\r\nPING\r\n");
-    assert_eq!(
-        (out.as_slice(), status),
-        (&b"+OK\r\n"[..], ConnStatus::Close)
-    );
+    assert_eq!((out.as_slice(), status), (&b"+OK\r\n"[..], ConnStatus::Close));
     assert_eq!(s.feed(b"PING\r\n"), (Vec::new(), ConnStatus::Close));
     assert!(s.conn.is_closed());
 }
@@ -113,10 +97,7 @@ fn set_get_and_options() {
             (&["get", "k"], "$1\r\nv\r\n"),
             (&["GET"], WRONG_GET),
             (&["GET", "a", "b"], WRONG_GET),
-            (
-                &["SET", "k"],
-                "-ERR wrong number of arguments for 'set' command\r\n",
-            ),
+            (&["SET", "k"], "-ERR wrong number of arguments for 'set' command\r\n"),
             (&["SET", "n", "1", "NX"], "+OK\r\n"),
             (&["SET", "n", "2", "nx"], "$-1\r\n"),
             (&["SET", "n", "3", "XX"], "+OK\r\n"),
@@ -132,18 +113,9 @@ fn set_get_and_options() {
             (&["SET", "k", "v", "EX"], SYNTAX),
             (&["SET", "k", "v", "EX", "abc"], NOT_INT),
             (&["SET", "k", "v", "EX", "01"], NOT_INT),
-            (
-                &["SET", "k", "v", "EX", "0"],
-                "-ERR invalid expire time in 'set' command\r\n",
-            ),
-            (
-                &["SET", "k", "v", "PX", "-1"],
-                "-ERR invalid expire time in 'set' command\r\n",
-            ),
-            (
-                &["SET", "k", "v", "EX", "9223372036854776"],
-                "-ERR invalid expire time in 'set' command\r\n",
-            ),
+            (&["SET", "k", "v", "EX", "0"], "-ERR invalid expire time in 'set' command\r\n"),
+            (&["SET", "k", "v", "PX", "-1"], "-ERR invalid expire time in 'set' command\r\n"),
+            (&["SET", "k", "v", "EX", "9223372036854776"], "-ERR invalid expire time in 'set' command\r\n"),
             (&["SET", "k", "v", "EX", "1", "PX", "1"], SYNTAX),
             (&["SET", "k", "v", "EX", "10", "KEEPTTL"], SYNTAX),
             (&["SET", "k", "v", "KEEPTTL", "PX", "10"], SYNTAX),
@@ -181,18 +153,12 @@ fn setnx_setex_psetex_getset_getdel_append_strlen() {
             (&["SETNX", "a", "2"], ":0\r\n"),
             (&["SETEX", "b", "100", "v"], "+OK\r\n"),
             (&["TTL", "b"], ":100\r\n"),
-            (
-                &["SETEX", "b", "0", "v"],
-                "-ERR invalid expire time in 'setex' command\r\n",
-            ),
+            (&["SETEX", "b", "0", "v"], "-ERR invalid expire time in 'setex' command\r\n"),
             (&["SETEX", "b", "x", "v"], NOT_INT),
             (&["PSETEX", "c", "1500", "v"], "+OK\r\n"),
             (&["PTTL", "c"], ":1500\r\n"),
             (&["TTL", "c"], ":2\r\n"),
-            (
-                &["PSETEX", "c", "-5", "v"],
-                "-ERR invalid expire time in 'psetex' command\r\n",
-            ),
+            (&["PSETEX", "c", "-5", "v"], "-ERR invalid expire time in 'psetex' command\r\n"),
             (&["GETSET", "b", "x"], "$1\r\nv\r\n"),
             (&["TTL", "b"], ":-1\r\n"),
             (&["GETSET", "new", "y"], "$-1\r\n"),
@@ -214,10 +180,7 @@ fn append_is_bounded_by_the_bulk_limit() {
     let mut s = Session::new();
     let big = "x".repeat(MAX_BULK_LEN);
     assert_eq!(s.cmd(&["SET", "k", &big]), "+OK\r\n");
-    assert_eq!(
-        s.cmd(&["APPEND", "k", "y"]),
-        "-ERR string exceeds maximum allowed size (proto-max-bulk-len)\r\n"
-    );
+    assert_eq!(s.cmd(&["APPEND", "k", "y"]), "-ERR string exceeds maximum allowed size (proto-max-bulk-len)\r\n");
 }
 
 #[test]
@@ -240,25 +203,13 @@ fn incr_decr() {
             (&["SET", "s", "-0"], "+OK\r\n"),
             (&["INCR", "s"], NOT_INT),
             (&["SET", "m", "9223372036854775807"], "+OK\r\n"),
-            (
-                &["INCR", "m"],
-                "-ERR increment or decrement would overflow\r\n",
-            ),
+            (&["INCR", "m"], "-ERR increment or decrement would overflow\r\n"),
             (&["INCRBY", "m", "0"], ":9223372036854775807\r\n"),
             (&["SET", "m", "-9223372036854775808"], "+OK\r\n"),
-            (
-                &["DECR", "m"],
-                "-ERR increment or decrement would overflow\r\n",
-            ),
-            (
-                &["DECRBY", "x", "-9223372036854775808"],
-                "-ERR decrement would overflow\r\n",
-            ),
+            (&["DECR", "m"], "-ERR increment or decrement would overflow\r\n"),
+            (&["DECRBY", "x", "-9223372036854775808"], "-ERR decrement would overflow\r\n"),
             (&["INCRBY", "x", "9223372036854775808"], NOT_INT),
-            (
-                &["INCR"],
-                "-ERR wrong number of arguments for 'incr' command\r\n",
-            ),
+            (&["INCR"], "-ERR wrong number of arguments for 'incr' command\r\n"),
         ],
     );
 }
@@ -270,14 +221,8 @@ fn keyspace_commands() {
         &mut s,
         &[
             (&["MSET", "a", "1", "b", "2", "c", "3"], "+OK\r\n"),
-            (
-                &["MSET", "a", "1", "b"],
-                "-ERR wrong number of arguments for 'mset' command\r\n",
-            ),
-            (
-                &["MGET", "a", "x", "b"],
-                "*3\r\n$1\r\n1\r\n$-1\r\n$1\r\n2\r\n",
-            ),
+            (&["MSET", "a", "1", "b"], "-ERR wrong number of arguments for 'mset' command\r\n"),
+            (&["MGET", "a", "x", "b"], "*3\r\n$1\r\n1\r\n$-1\r\n$1\r\n2\r\n"),
             (&["EXISTS", "a", "a", "zz", "b"], ":3\r\n"),
             (&["DBSIZE"], ":3\r\n"),
             (&["DEL", "a", "zz", "a"], ":1\r\n"),
@@ -286,10 +231,7 @@ fn keyspace_commands() {
             (&["MSETNX", "c", "9", "q", "9"], ":0\r\n"),
             (&["MSETNX", "q", "9", "r", "8"], ":1\r\n"),
             (&["KEYS", "[qr]"], "*2\r\n$1\r\nq\r\n$1\r\nr\r\n"),
-            (
-                &["DBSIZE", "x"],
-                "-ERR wrong number of arguments for 'dbsize' command\r\n",
-            ),
+            (&["DBSIZE", "x"], "-ERR wrong number of arguments for 'dbsize' command\r\n"),
             (&["FLUSHALL", "bad"], SYNTAX),
             (&["FLUSHDB", "ASYNC"], "+OK\r\n"),
             (&["DBSIZE"], ":0\r\n"),
@@ -322,10 +264,7 @@ fn expiry_on_a_fake_clock() {
         ],
     );
     s.now += 1_499 * MS;
-    check(
-        &mut s,
-        &[(&["PTTL", "k"], ":1\r\n"), (&["DBSIZE"], ":2\r\n")],
-    );
+    check(&mut s, &[(&["PTTL", "k"], ":1\r\n"), (&["DBSIZE"], ":2\r\n")]);
     s.now += MS;
     check(
         &mut s,
@@ -339,10 +278,7 @@ fn expiry_on_a_fake_clock() {
     );
     // DBSIZE and EXISTS never count an expired key, touched or not.
     s.now += 10 * SEC;
-    check(
-        &mut s,
-        &[(&["DBSIZE"], ":1\r\n"), (&["EXISTS", "e"], ":0\r\n")],
-    );
+    check(&mut s, &[(&["DBSIZE"], ":1\r\n"), (&["EXISTS", "e"], ":0\r\n")]);
     assert_eq!(s.store.stored_keys(), 1);
 }
 
@@ -371,19 +307,10 @@ fn expire_and_persist() {
                 &["EXPIRE", "k", "10", "NX", "XX"],
                 "-ERR NX and XX, GT or LT options at the same time are not compatible\r\n",
             ),
-            (
-                &["EXPIRE", "k", "10", "GT", "LT"],
-                "-ERR GT and LT options at the same time are not compatible\r\n",
-            ),
-            (
-                &["EXPIRE", "k", "10", "foo"],
-                "-ERR Unsupported option foo\r\n",
-            ),
+            (&["EXPIRE", "k", "10", "GT", "LT"], "-ERR GT and LT options at the same time are not compatible\r\n"),
+            (&["EXPIRE", "k", "10", "foo"], "-ERR Unsupported option foo\r\n"),
             (&["EXPIRE", "k", "abc"], NOT_INT),
-            (
-                &["EXPIRE", "k", "9223372036854776"],
-                "-ERR invalid expire time in 'expire' command\r\n",
-            ),
+            (&["EXPIRE", "k", "9223372036854776"], "-ERR invalid expire time in 'expire' command\r\n"),
             (&["PEXPIRE", "k", "2500"], ":1\r\n"),
             (&["PTTL", "k"], ":2500\r\n"),
             (&["TTL", "k"], ":3\r\n"),
@@ -419,50 +346,20 @@ fn sweep_reclaims_expired_keys_within_budget() {
 fn errors_for_unknown_commands_and_arity() {
     let mut s = Session::new();
     let long_a = "a".repeat(200);
-    let expected_long = format!(
-        "-ERR unknown command 'FOO', with args beginning with: '{}' \r\n",
-        "a".repeat(128)
-    );
+    let expected_long = format!("-ERR unknown command 'FOO', with args beginning with: '{}' \r\n", "a".repeat(128));
     check(
         &mut s,
         &[
-            (
-                &["FOO"],
-                "-ERR unknown command 'FOO', with args beginning with: \r\n",
-            ),
-            (
-                &["foo", "bar", "baz"],
-                "-ERR unknown command 'foo', with args beginning with: 'bar' 'baz' \r\n",
-            ),
+            (&["FOO"], "-ERR unknown command 'FOO', with args beginning with: \r\n"),
+            (&["foo", "bar", "baz"], "-ERR unknown command 'foo', with args beginning with: 'bar' 'baz' \r\n"),
             (&["FOO", &long_a], &expected_long),
-            (
-                &["FOO", "x\r\ny"],
-                "-ERR unknown command 'FOO', with args beginning with: 'x  y' \r\n",
-            ),
-            (
-                &["", "a"],
-                "-ERR unknown command '', with args beginning with: 'a' \r\n",
-            ),
-            (
-                &["CONFIG"],
-                "-ERR wrong number of arguments for 'config' command\r\n",
-            ),
-            (
-                &["CONFIG", "GET"],
-                "-ERR wrong number of arguments for 'config|get' command\r\n",
-            ),
-            (
-                &["CLIENT", "ID", "x"],
-                "-ERR wrong number of arguments for 'client|id' command\r\n",
-            ),
-            (
-                &["config", "foo", "bar"],
-                "-ERR unknown subcommand 'foo'. Try CONFIG HELP.\r\n",
-            ),
-            (
-                &["CLIENT", "nosuch"],
-                "-ERR unknown subcommand 'nosuch'. Try CLIENT HELP.\r\n",
-            ),
+            (&["FOO", "x\r\ny"], "-ERR unknown command 'FOO', with args beginning with: 'x  y' \r\n"),
+            (&["", "a"], "-ERR unknown command '', with args beginning with: 'a' \r\n"),
+            (&["CONFIG"], "-ERR wrong number of arguments for 'config' command\r\n"),
+            (&["CONFIG", "GET"], "-ERR wrong number of arguments for 'config|get' command\r\n"),
+            (&["CLIENT", "ID", "x"], "-ERR wrong number of arguments for 'client|id' command\r\n"),
+            (&["config", "foo", "bar"], "-ERR unknown subcommand 'foo'. Try CONFIG HELP.\r\n"),
+            (&["CLIENT", "nosuch"], "-ERR unknown subcommand 'nosuch'. Try CLIENT HELP.\r\n"),
         ],
     );
 }
@@ -515,10 +412,7 @@ fn connection_and_introspection_commands() {
     );
     // COMMAND with no arguments lists every command.
     let all = s.cmd(&["COMMAND"]);
-    assert!(
-        all.starts_with("*39\r\n*10\r\n$6\r\nappend\r\n:3\r\n"),
-        "{all}"
-    );
+    assert!(all.starts_with("*39\r\n*10\r\n$6\r\nappend\r\n:3\r\n"), "{all}");
     let help = s.cmd(&["CONFIG", "HELP"]);
     assert!(help.starts_with("*3\r\n+CONFIG <subcommand>"), "{help}");
 }
@@ -530,29 +424,14 @@ fn info_reports_version_memory_and_keyspace() {
     s.cmd(&["SET", "b", "2", "EX", "100"]);
     let info = s.cmd(&["INFO"]);
     let body = info.split_once("\r\n").map(|(_, b)| b).unwrap_or_default();
-    assert!(
-        body.starts_with("# Server\r\nredis_version:7.0.0\r\n"),
-        "{info}"
-    );
-    assert!(
-        body.contains("\r\n\r\n# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=0\r\n"),
-        "{info}"
-    );
-    assert!(
-        body.contains(&format!("used_memory:{}\r\n", s.store.used_bytes())),
-        "{info}"
-    );
+    assert!(body.starts_with("# Server\r\nredis_version:7.0.0\r\n"), "{info}");
+    assert!(body.contains("\r\n\r\n# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=0\r\n"), "{info}");
+    assert!(body.contains(&format!("used_memory:{}\r\n", s.store.used_bytes())), "{info}");
     assert!(body.contains("maxmemory:1048576\r\n"), "{info}");
-    let len: usize = info[1..]
-        .split_once("\r\n")
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or(0);
+    let len: usize = info[1..].split_once("\r\n").and_then(|(n, _)| n.parse().ok()).unwrap_or(0);
     assert_eq!(len + 2, body.len(), "bulk length matches");
     let ks = s.cmd(&["INFO", "KEYSPACE"]);
-    assert_eq!(
-        ks,
-        "$44\r\n# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=0\r\n\r\n"
-    );
+    assert_eq!(ks, "$44\r\n# Keyspace\r\ndb0:keys=2,expires=1,avg_ttl=0\r\n\r\n");
     assert_eq!(s.cmd(&["FLUSHALL"]), "+OK\r\n");
     assert_eq!(s.cmd(&["INFO", "keyspace"]), "$12\r\n# Keyspace\r\n\r\n");
     assert_eq!(s.cmd(&["INFO", "nosuch"]), "$0\r\n\r\n");
@@ -568,10 +447,7 @@ fn client_connection_start_sequences() {
     let (out, status) = s.feed(b"*2\r\n$7\r\nCOMMAND\r\n$4\r\nDOCS\r\n*1\r\n$4\r\nping\r\n");
     assert_eq!(
         (String::from_utf8_lossy(&out).as_ref(), status),
-        (
-            "-ERR unknown subcommand 'DOCS'. Try COMMAND HELP.\r\n+PONG\r\n",
-            ConnStatus::Open
-        )
+        ("-ERR unknown subcommand 'DOCS'. Try COMMAND HELP.\r\n+PONG\r\n", ConnStatus::Open)
     );
 
     // redis-cli -3: HELLO 3 is refused, and redis-cli carries on in RESP2.
@@ -584,14 +460,13 @@ fn client_connection_start_sequences() {
     let (out, _) = s.feed(
         b"*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$4\r\nsave\r\n*3\r\n$6\r\nCONFIG\r\n$3\r\nGET\r\n$10\r\nappendonly\r\n",
     );
-    assert_eq!(
-        out,
-        b"*2\r\n$4\r\nsave\r\n$0\r\n\r\n*2\r\n$10\r\nappendonly\r\n$2\r\nno\r\n"
-    );
+    assert_eq!(out, b"*2\r\n$4\r\nsave\r\n$0\r\n\r\n*2\r\n$10\r\nappendonly\r\n$2\r\nno\r\n");
     // ...then its tests: inline PING, multibulk PING, SET/GET on a placeholder key, MSET.
     let (out, _) = s.feed(b"PING\r\nPING\r\n*1\r\n$4\r\nPING\r\n");
     assert_eq!(out, b"+PONG\r\n+PONG\r\n+PONG\r\n");
-    let (out, _) = s.feed(b"*3\r\n$3\r\nSET\r\n$16\r\nkey:__rand_int__\r\n$3\r\nVXK\r\n*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n");
+    let (out, _) = s.feed(
+        b"*3\r\n$3\r\nSET\r\n$16\r\nkey:__rand_int__\r\n$3\r\nVXK\r\n*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n",
+    );
     assert_eq!(out, b"+OK\r\n$3\r\nVXK\r\n");
     let mut mset: Vec<&[u8]> = vec![b"MSET"];
     for _ in 0..10 {
@@ -628,18 +503,13 @@ fn pipelining_100_requests_in_one_feed() {
             _ => {
                 let prev = format!("key{}", i - 3);
                 input.extend(req(&[b"GET", prev.as_bytes()]));
-                want.extend(
-                    format!("${}\r\n{}\r\n", format!("{}", i - 3).len(), i - 3).into_bytes(),
-                );
+                want.extend(format!("${}\r\n{}\r\n", format!("{}", i - 3).len(), i - 3).into_bytes());
             }
         }
     }
     let (out, status) = s.feed(&input);
     assert_eq!(status, ConnStatus::Open);
-    assert_eq!(
-        String::from_utf8_lossy(&out),
-        String::from_utf8_lossy(&want)
-    );
+    assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want));
     assert_eq!(s.conn.buffered_bytes(), 0);
 }
 
@@ -661,12 +531,7 @@ fn a_request_split_across_feeds() {
 fn assert_protocol_error(input: &[u8], reply: &str) {
     let mut s = Session::new();
     let (out, status) = s.feed(input);
-    assert_eq!(
-        String::from_utf8_lossy(&out),
-        reply,
-        "{:?}",
-        String::from_utf8_lossy(input)
-    );
+    assert_eq!(String::from_utf8_lossy(&out), reply, "{:?}", String::from_utf8_lossy(input));
     assert_eq!(status, ConnStatus::Close);
     assert_eq!(s.conn.buffered_bytes(), 0);
 }
@@ -675,75 +540,27 @@ fn assert_protocol_error(input: &[u8], reply: &str) {
 fn protocol_errors_close_the_connection() {
     let pong = "+PONG\r\n";
     let cases: Vec<(Vec<u8>, String)> = vec![
-        (
-            b"PING\r\n*abc\r\nPING\r\n".to_vec(),
-            format!("{pong}-ERR Protocol error: invalid multibulk length\r\n"),
-        ),
-        (
-            b"*+1\r\n".to_vec(),
-            "-ERR Protocol error: invalid multibulk length\r\n".into(),
-        ),
-        (
-            b"*01\r\n".to_vec(),
-            "-ERR Protocol error: invalid multibulk length\r\n".into(),
-        ),
-        (
-            b"*1\r\n$abc\r\n".to_vec(),
-            "-ERR Protocol error: invalid bulk length\r\n".into(),
-        ),
-        (
-            b"*1\r\n$-1\r\n".to_vec(),
-            "-ERR Protocol error: invalid bulk length\r\n".into(),
-        ),
-        (
-            b"*1\r\n$4x\r\n".to_vec(),
-            "-ERR Protocol error: invalid bulk length\r\n".into(),
-        ),
-        (
-            b"*1\r\nPING\r\n".to_vec(),
-            "-ERR Protocol error: expected '$', got 'P'\r\n".into(),
-        ),
-        (
-            b"*1\r\n\r\n".to_vec(),
-            "-ERR Protocol error: expected '$', got ' '\r\n".into(),
-        ),
-        (
-            b"*2\r\n$3\r\nGET\r\n:1\r\n".to_vec(),
-            "-ERR Protocol error: expected '$', got ':'\r\n".into(),
-        ),
-        (
-            b"SET \"abc\r\n".to_vec(),
-            "-ERR Protocol error: unbalanced quotes in request\r\n".into(),
-        ),
-        (
-            b"SET 'a'b c\r\n".to_vec(),
-            "-ERR Protocol error: unbalanced quotes in request\r\n".into(),
-        ),
+        (b"PING\r\n*abc\r\nPING\r\n".to_vec(), format!("{pong}-ERR Protocol error: invalid multibulk length\r\n")),
+        (b"*+1\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n".into()),
+        (b"*01\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n".into()),
+        (b"*1\r\n$abc\r\n".to_vec(), "-ERR Protocol error: invalid bulk length\r\n".into()),
+        (b"*1\r\n$-1\r\n".to_vec(), "-ERR Protocol error: invalid bulk length\r\n".into()),
+        (b"*1\r\n$4x\r\n".to_vec(), "-ERR Protocol error: invalid bulk length\r\n".into()),
+        (b"*1\r\nPING\r\n".to_vec(), "-ERR Protocol error: expected '$', got 'P'\r\n".into()),
+        (b"*1\r\n\r\n".to_vec(), "-ERR Protocol error: expected '$', got ' '\r\n".into()),
+        (b"*2\r\n$3\r\nGET\r\n:1\r\n".to_vec(), "-ERR Protocol error: expected '$', got ':'\r\n".into()),
+        (b"SET \"abc\r\n".to_vec(), "-ERR Protocol error: unbalanced quotes in request\r\n".into()),
+        (b"SET 'a'b c\r\n".to_vec(), "-ERR Protocol error: unbalanced quotes in request\r\n".into()),
         // Our limits (Redis's are larger).
         (
             format!("*1\r\n${}\r\n", MAX_BULK_LEN + 1).into_bytes(),
             "-ERR Protocol error: invalid bulk length\r\n".into(),
         ),
-        (
-            b"*1\r\n$99999999999999999999999\r\n".to_vec(),
-            "-ERR Protocol error: invalid bulk length\r\n".into(),
-        ),
-        (
-            b"*2000\r\n".to_vec(),
-            "-ERR Protocol error: invalid multibulk length\r\n".into(),
-        ),
-        (
-            b"*1025\r\n".to_vec(),
-            "-ERR Protocol error: invalid multibulk length\r\n".into(),
-        ),
-        (
-            b"*3000000000\r\n".to_vec(),
-            "-ERR Protocol error: invalid multibulk length\r\n".into(),
-        ),
-        (
-            vec![b'P'; MAX_INLINE_LEN + 1],
-            "-ERR Protocol error: too big inline request\r\n".into(),
-        ),
+        (b"*1\r\n$99999999999999999999999\r\n".to_vec(), "-ERR Protocol error: invalid bulk length\r\n".into()),
+        (b"*2000\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n".into()),
+        (b"*1025\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n".into()),
+        (b"*3000000000\r\n".to_vec(), "-ERR Protocol error: invalid multibulk length\r\n".into()),
+        (vec![b'P'; MAX_INLINE_LEN + 1], "-ERR Protocol error: too big inline request\r\n".into()),
         (
             [b"*".as_slice(), &[b'1'; MAX_INLINE_LEN + 1]].concat(),
             "-ERR Protocol error: too big mbulk count string\r\n".into(),
@@ -764,21 +581,13 @@ fn protocol_errors_close_the_connection() {
 
 #[test]
 fn two_thousand_arguments_are_refused() {
-    let args: Vec<&[u8]> = std::iter::once(b"DEL".as_slice())
-        .chain(std::iter::repeat_n(b"k".as_slice(), 1999))
-        .collect();
-    assert_protocol_error(
-        &req(&args),
-        "-ERR Protocol error: invalid multibulk length\r\n",
-    );
+    let args: Vec<&[u8]> =
+        std::iter::once(b"DEL".as_slice()).chain(std::iter::repeat_n(b"k".as_slice(), 1999)).collect();
+    assert_protocol_error(&req(&args), "-ERR Protocol error: invalid multibulk length\r\n");
     // 1024 is the most allowed.
-    let args: Vec<&[u8]> = std::iter::once(b"DEL".as_slice())
-        .chain(std::iter::repeat_n(b"k".as_slice(), 1023))
-        .collect();
-    assert_eq!(
-        Session::new().feed(&req(&args)),
-        (b":0\r\n".to_vec(), ConnStatus::Open)
-    );
+    let args: Vec<&[u8]> =
+        std::iter::once(b"DEL".as_slice()).chain(std::iter::repeat_n(b"k".as_slice(), 1023)).collect();
+    assert_eq!(Session::new().feed(&req(&args)), (b":0\r\n".to_vec(), ConnStatus::Open));
 }
 
 #[test]
@@ -796,15 +605,9 @@ fn request_bytes_are_bounded() {
 fn quirks_redis_shares() {
     let mut s = Session::new();
     // `*0`, `*-1` and blank inline lines are consumed silently.
-    assert_eq!(
-        s.feed(b"*0\r\n*-1\r\n\r\n  \n*1\r\n$4\r\nPING\r\n").0,
-        b"+PONG\r\n"
-    );
+    assert_eq!(s.feed(b"*0\r\n*-1\r\n\r\n  \n*1\r\n$4\r\nPING\r\n").0, b"+PONG\r\n");
     // The two bytes after bulk data are skipped unchecked; so is the byte after a header CR.
-    assert_eq!(
-        s.feed(b"*1\r\n$4\r\nPINGxx*1\rX$4\r\nPING\r\n").0,
-        b"+PONG\r\n+PONG\r\n"
-    );
+    assert_eq!(s.feed(b"*1\r\n$4\r\nPINGxx*1\rX$4\r\nPING\r\n").0, b"+PONG\r\n+PONG\r\n");
 }
 
 #[test]
@@ -824,11 +627,7 @@ fn memory_limit_refuses_writes_with_oom() {
     }
     assert!(stored >= 4, "stored {stored}");
     // Writes that can grow the store are refused; reads and deletes still work.
-    assert_eq!(
-        s.cmd(&["SET", "k0", &value, "BADOPT"]),
-        OOM,
-        "refused before the syntax check, as Redis does"
-    );
+    assert_eq!(s.cmd(&["SET", "k0", &value, "BADOPT"]), OOM, "refused before the syntax check, as Redis does");
     assert_eq!(s.cmd(&["GET", "k0"]), format!("$500\r\n{value}\r\n"));
     assert_eq!(s.cmd(&["DEL", "k0", "k1"]), ":2\r\n");
     assert_eq!(s.cmd(&["SET", "small", "1"]), "+OK\r\n");
@@ -844,10 +643,7 @@ fn output_back_pressure_keeps_requests_buffered() {
     let one = req(&[b"GET", b"big"]);
     let input: Vec<u8> = one.iter().copied().cycle().take(one.len() * 10).collect();
     let mut out = Vec::new();
-    assert_eq!(
-        s.conn.feed(&input, &mut s.store, s.now, &mut out),
-        ConnStatus::Open
-    );
+    assert_eq!(s.conn.feed(&input, &mut s.store, s.now, &mut out), ConnStatus::Open);
     assert!(s.conn.has_pending_input());
     assert!(out.len() >= OUTPUT_HIGH_WATER && out.len() < OUTPUT_HIGH_WATER + 70_000);
     let mut total = out.len();
@@ -883,10 +679,7 @@ fn mget_reply_size_is_bounded() {
     s.cmd(&["SET", "big", &"v".repeat(60_000)]);
     let mut args = vec!["MGET"];
     args.extend(std::iter::repeat_n("big", 100));
-    assert_eq!(
-        s.cmd(&args),
-        "-ERR reply exceeds the server's reply size limit\r\n"
-    );
+    assert_eq!(s.cmd(&args), "-ERR reply exceeds the server's reply size limit\r\n");
 }
 
 #[test]

@@ -24,11 +24,7 @@ fn req(args: &[Vec<u8>]) -> Vec<u8> {
 
 /// Arguments that survive inline splitting unchanged.
 fn inline_safe(args: &[Vec<u8>]) -> bool {
-    args.iter().all(|a| {
-        !a.is_empty()
-            && a.iter()
-                .all(|b| b.is_ascii_graphic() && !b"\"'\\".contains(b))
-    })
+    args.iter().all(|a| !a.is_empty() && a.iter().all(|b| b.is_ascii_graphic() && !b"\"'\\".contains(b)))
 }
 
 /// A command encoded as multibulk, or inline when it can be and `inline` says so.
@@ -99,11 +95,7 @@ fn command() -> impl Strategy<Value = Vec<Vec<u8>>> {
         keys().prop_map(|ks| [vec![v("DEL")], ks].concat()),
         keys().prop_map(|ks| [vec![v("EXISTS")], ks].concat()),
         keys().prop_map(|ks| [vec![v("MGET")], ks].concat()),
-        proptest::collection::vec(prop_oneof![key(), value()], 0..6).prop_map(|a| [
-            vec![v("MSET")],
-            a
-        ]
-        .concat()),
+        proptest::collection::vec(prop_oneof![key(), value()], 0..6).prop_map(|a| [vec![v("MSET")], a].concat()),
         proptest::collection::vec(key(), 0..4).prop_map(|a| [
             vec![v("MSETNX")],
             a.into_iter().flat_map(|k| [k, v("1")]).collect()
@@ -150,44 +142,32 @@ fn command() -> impl Strategy<Value = Vec<Vec<u8>>> {
 
 /// A command's bytes, with a randomised name case and encoding.
 fn encoded_command() -> impl Strategy<Value = Vec<u8>> {
-    (
-        command(),
-        any::<bool>(),
-        any::<u64>(),
-        prop::bool::weighted(0.02),
-    )
-        .prop_map(|(mut args, inline, case, quit)| {
-            if quit {
-                return b"QUIT\r\n".to_vec();
-            }
-            if let Some(name) = args.first_mut() {
-                for (i, b) in name.iter_mut().enumerate() {
-                    if case >> (i % 64) & 1 == 1 {
-                        *b = b.to_ascii_lowercase();
-                    }
+    (command(), any::<bool>(), any::<u64>(), prop::bool::weighted(0.02)).prop_map(|(mut args, inline, case, quit)| {
+        if quit {
+            return b"QUIT\r\n".to_vec();
+        }
+        if let Some(name) = args.first_mut() {
+            for (i, b) in name.iter_mut().enumerate() {
+                if case >> (i % 64) & 1 == 1 {
+                    *b = b.to_ascii_lowercase();
                 }
             }
-            encode(&args, inline)
-        })
+        }
+        encode(&args, inline)
+    })
 }
 
 /// Epochs of commands, each with how far the clock moves before it (in ms).
 fn epochs() -> impl Strategy<Value = Vec<(u64, Vec<u8>)>> {
     proptest::collection::vec(
-        (
-            prop_oneof![Just(0u64), 0..3_000u64],
-            proptest::collection::vec(encoded_command(), 1..12),
-        )
+        (prop_oneof![Just(0u64), 0..3_000u64], proptest::collection::vec(encoded_command(), 1..12))
             .prop_map(|(ms, cmds)| (ms, cmds.concat())),
         1..6,
     )
 }
 
 /// Feeds each epoch split by `split` and returns (output, last status, store).
-fn run(
-    epochs: &[(u64, Vec<u8>)],
-    split: &dyn Fn(&[u8]) -> Vec<Vec<u8>>,
-) -> (Vec<u8>, ConnStatus, Store) {
+fn run(epochs: &[(u64, Vec<u8>)], split: &dyn Fn(&[u8]) -> Vec<Vec<u8>>) -> (Vec<u8>, ConnStatus, Store) {
     let mut store = Store::with_limit(64 * 1024);
     let mut conn = Conn::new();
     let mut out = Vec::new();
@@ -223,10 +203,7 @@ fn cut_at(cuts: &[Index]) -> impl Fn(&[u8]) -> Vec<Vec<u8>> + '_ {
 /// Checks that `out` is a sequence of complete, well-formed RESP2 replies.
 fn assert_well_formed(mut out: &[u8]) {
     fn line(buf: &[u8]) -> (&[u8], &[u8]) {
-        let end = buf
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .expect("reply line ends with CRLF");
+        let end = buf.windows(2).position(|w| w == b"\r\n").expect("reply line ends with CRLF");
         (&buf[..end], &buf[end + 2..])
     }
     fn one(buf: &[u8]) -> &[u8] {
@@ -236,26 +213,17 @@ fn assert_well_formed(mut out: &[u8]) {
         match kind {
             b'+' | b'-' => rest,
             b':' => {
-                std::str::from_utf8(l)
-                    .unwrap()
-                    .parse::<i64>()
-                    .expect("integer reply");
+                std::str::from_utf8(l).unwrap().parse::<i64>().expect("integer reply");
                 rest
             }
             b'$' if l == b"-1" => rest,
             b'$' => {
-                let n: usize = std::str::from_utf8(l)
-                    .unwrap()
-                    .parse()
-                    .expect("bulk length");
+                let n: usize = std::str::from_utf8(l).unwrap().parse().expect("bulk length");
                 assert_eq!(&rest[n..n + 2], b"\r\n");
                 &rest[n + 2..]
             }
             b'*' => {
-                let n: usize = std::str::from_utf8(l)
-                    .unwrap()
-                    .parse()
-                    .expect("array length");
+                let n: usize = std::str::from_utf8(l).unwrap().parse().expect("array length");
                 (0..n).fold(rest, |r, _| one(r))
             }
             other => panic!("bad reply type {other}"),
@@ -376,10 +344,7 @@ fn parse_key_list(out: &[u8]) -> Vec<Vec<u8>> {
     let text = out;
     let mut keys = Vec::new();
     let (header, mut rest) = text.split_at(text.windows(2).position(|w| w == b"\r\n").unwrap() + 2);
-    let n: usize = std::str::from_utf8(&header[1..header.len() - 2])
-        .unwrap()
-        .parse()
-        .unwrap();
+    let n: usize = std::str::from_utf8(&header[1..header.len() - 2]).unwrap().parse().unwrap();
     for _ in 0..n {
         let end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
         let len: usize = std::str::from_utf8(&rest[1..end]).unwrap().parse().unwrap();
