@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use kvm_ioctls::VcpuExit;
+use vmm::boot::Privilege;
 use vmm::hook::{ExitIndex, HookError, OutputSink};
 use vmm::vcpu::RunOutcome;
 use vmm::world::LiveInput;
@@ -28,6 +29,7 @@ fn loop_vm(guest: &str, count: u64) -> Result<Vm> {
         memory_mib: 16,
         elf: image.elf.to_vec(),
         boot: BootSettings { params: vec![("count".into(), count.to_string())], ..Default::default() },
+        privilege: if image.kernel_mode { Privilege::Kernel } else { Privilege::User },
     };
     let vm = Vm::new(&config, |_| Box::new(LiveInput::new(0, Vec::new())), Box::new(Discard))?;
     Ok(vm)
@@ -55,6 +57,9 @@ fn bare_loop(guest: &str, count: u64) -> Result<(u64, Duration)> {
     loop {
         match fd.run().context("KVM_RUN in the bare loop")? {
             VcpuExit::IoOut(port, _) if port == ftvm_abi::POWER_PORT => break,
+            VcpuExit::MmioWrite(addr, _) if addr == ftvm_abi::PIO_WINDOW_BASE + u64::from(ftvm_abi::POWER_PORT) => {
+                break
+            }
             VcpuExit::IoOut(..) | VcpuExit::IoIn(..) | VcpuExit::MmioWrite(..) | VcpuExit::MmioRead(..) => {}
             other => bail!("bare loop: unexpected exit {other:?}"),
         }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use vmm::boot::Privilege;
 use vmm::vcpu::RunOutcome;
 use vmm::world::{LiveInput, LiveOutput};
 use vmm::{BootSettings, Vm, VmConfig, VmError};
@@ -121,18 +122,20 @@ fn list_guests(all: bool) {
     }
 }
 
-/// The guest image's bytes.
-fn load_image(source: &GuestSource) -> Result<Vec<u8>, Failure> {
+/// The guest image's bytes and the privilege level it starts at (an ELF
+/// file starts at CPL 3, as every ftvm guest does).
+fn load_image(source: &GuestSource) -> Result<(Vec<u8>, Privilege), Failure> {
     match source {
         GuestSource::Embedded(name) => match guest_images::find(name) {
-            Some(g) => Ok(g.elf.to_vec()),
+            Some(g) => Ok((g.elf.to_vec(), if g.kernel_mode { Privilege::Kernel } else { Privilege::User })),
             None => {
                 Err(UsageError(format!("--guest {name:?}: no embedded guest has that name (`ftvm guests` lists them)"))
                     .into())
             }
         },
         GuestSource::File(path) => {
-            Ok(std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?)
+            let elf = std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?;
+            Ok((elf, Privilege::User))
         }
     }
 }
@@ -159,7 +162,7 @@ fn stop_on_signals(vm: &Vm) -> Result<Arc<AtomicI32>> {
 
 /// `ftvm run`: one guest, unprotected.
 fn run(settings: &GuestSettings) -> Result<i32, Failure> {
-    let elf = load_image(&settings.guest)?;
+    let (elf, privilege) = load_image(&settings.guest)?;
     let serial: Box<dyn Write + Send> = match &settings.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
         SerialTarget::File(path) => Box::new(
@@ -175,6 +178,7 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
             gateway: settings.gateway,
             params: settings.params.clone(),
         },
+        privilege,
     };
     let output = Box::new(LiveOutput::new(serial));
     let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {

@@ -27,6 +27,9 @@ pub struct Guest {
     /// A test or benchmark guest, not meant for users (`ftvm guests` may
     /// hide it).
     pub test_only: bool,
+    /// Start the guest at CPL 0 rather than CPL 3 (`ftvm_abi`, "Privilege"):
+    /// only for a guest that must execute `in`/`out` itself.
+    pub kernel_mode: bool,
     /// The static ELF image, as the VMM's loader reads it.
     pub elf: &'static [u8],
 }
@@ -44,48 +47,56 @@ pub static GUESTS: &[Guest] = &[
         name: "hello",
         description: "Prints \"Hello from ftvm!\" and powers off.",
         test_only: false,
+        kernel_mode: false,
         elf: elf!("hello"),
     },
     Guest {
         name: "devices",
         description: "Test: checks clock, timer sleep, entropy, heap and health; prints \"devices ok\", powers off with 0 (1 on a failed check).",
         test_only: true,
+        kernel_mode: false,
         elf: elf!("devices"),
     },
     Guest {
         name: "triple-fault",
         description: "Test: prints a line, loads an empty IDT and executes ud2, so the CPU triple-faults.",
         test_only: true,
+        kernel_mode: false,
         elf: elf!("triple-fault"),
     },
     Guest {
         name: "panic",
         description: "Test: panics with \"deliberate panic\"; the runtime prints it and reports through pvpanic.",
         test_only: true,
+        kernel_mode: false,
         elf: elf!("panic"),
     },
     Guest {
         name: "bad-port",
         description: "Test: prints a line, writes to port 0x1234 (no device), and powers off with 0 if it is let go on.",
         test_only: true,
+        kernel_mode: false,
         elf: elf!("bad-port"),
     },
     Guest {
         name: "spin",
         description: "Test: prints \"spinning\", then loops forever without a single exit.",
         test_only: true,
+        kernel_mode: false,
         elf: elf!("spin"),
     },
     Guest {
         name: "pio-loop",
         description: "Benchmark: --param count=N (default 1000000) 32-bit port writes to the test device, then powers off.",
         test_only: true,
+        kernel_mode: true,
         elf: elf!("pio-loop"),
     },
     Guest {
         name: "mmio-loop",
         description: "Benchmark: --param count=N (default 1000000) 32-bit MMIO writes to the test device, then powers off.",
         test_only: true,
+        kernel_mode: false,
         elf: elf!("mmio-loop"),
     },
 ];

@@ -4,7 +4,10 @@
 //!
 //! The guest starts at its ELF entry in long mode with paging on, `rsp =
 //! STACK_TOP`, `rdi = BOOT_PARAMS_ADDR`, SSE enabled, interrupts off and no
-//! IDT: any exception is a triple fault, which the VMM reports.
+//! IDT: any exception is a triple fault, which the VMM reports. It starts at
+//! CPL 3 ([`Privilege::User`], the default: see `ftvm_abi`'s "Privilege"
+//! for why) or CPL 0 ([`Privilege::Kernel`]). Every page is mapped
+//! user-accessible; nothing below CPL 3 exists to protect.
 
 use ftvm_abi::{
     BootParams, BOOT_PARAMS_ADDR, GDT_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR, STACK_TOP, TSS_ADDR,
@@ -33,6 +36,20 @@ pub const CODE_SELECTOR: u16 = 0x08;
 pub const DATA_SELECTOR: u16 = 0x10;
 /// TSS selector (a 16-byte system descriptor in slots 3 and 4).
 pub const TSS_SELECTOR: u16 = 0x18;
+/// User (CPL 3) code segment selector, without its RPL.
+pub const USER_CODE_SELECTOR: u16 = 0x28;
+/// User (CPL 3) data segment selector, without its RPL.
+pub const USER_DATA_SELECTOR: u16 = 0x30;
+
+/// The privilege level a guest starts at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Privilege {
+    /// CPL 0: may use `in`/`out` and HLT.
+    Kernel,
+    /// CPL 3, IOPL 0: ports through the MMIO window, halts through the halt port.
+    #[default]
+    User,
+}
 /// Size of the TSS minus one.
 const TSS_LIMIT: u32 = 0x67;
 
@@ -47,8 +64,10 @@ const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-const PTE_PRESENT_RW: u64 = 0x3;
-const PDE_2M_PAGE: u64 = 0x83;
+/// Present, writable, user-accessible.
+const PTE_PRESENT_RW: u64 = 0x7;
+/// Present, writable, user-accessible, 2 MiB page.
+const PDE_2M_PAGE: u64 = 0x87;
 
 /// A GDT entry from base, limit and the access/flags bits (Intel SDM 3.4.5).
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
@@ -59,8 +78,9 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
         | u64::from(limit & 0x0000_ffff)
 }
 
-/// The GDT: null, 64-bit code, data, and the two halves of the TSS descriptor.
-pub fn gdt() -> [u64; 5] {
+/// The GDT: null, 64-bit code, data, the two halves of the TSS descriptor,
+/// then 64-bit code and data for CPL 3.
+pub fn gdt() -> [u64; 7] {
     // TSS_ADDR sits below 4 GiB by construction of the ABI.
     let tss_base = TSS_ADDR as u32;
     [
@@ -69,6 +89,8 @@ pub fn gdt() -> [u64; 5] {
         gdt_entry(0xc093, 0, 0xfffff),
         gdt_entry(0x0089, tss_base, TSS_LIMIT),
         0, // upper half of the 16-byte TSS descriptor: base bits 63..32 = 0
+        gdt_entry(0xa0fb, 0, 0xfffff),
+        gdt_entry(0xc0f3, 0, 0xfffff),
     ]
 }
 
@@ -92,14 +114,14 @@ pub fn write_boot_structures(mem: &GuestMem, params: &BootParams) -> Result<(), 
     Ok(())
 }
 
-fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
+fn segment(selector: u16, dpl: u8, type_: u8, l: u8, db: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector,
+        selector: selector | u16::from(dpl),
         type_,
         present: 1,
-        dpl: 0,
+        dpl,
         db,
         s: 1,
         l,
@@ -110,10 +132,15 @@ fn segment(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
     }
 }
 
-/// Special registers for long mode, starting from what KVM reported.
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    sregs.cs = segment(CODE_SELECTOR, 0xb, 1, 0);
-    let data = segment(DATA_SELECTOR, 0x3, 0, 1);
+/// Special registers for long mode at `privilege`, starting from what KVM
+/// reported.
+pub fn long_mode_sregs(mut sregs: kvm_sregs, privilege: Privilege) -> kvm_sregs {
+    let (code, data, dpl) = match privilege {
+        Privilege::Kernel => (CODE_SELECTOR, DATA_SELECTOR, 0),
+        Privilege::User => (USER_CODE_SELECTOR, USER_DATA_SELECTOR, 3),
+    };
+    sregs.cs = segment(code, dpl, 0xb, 1, 0);
+    let data = segment(data, dpl, 0x3, 0, 1);
     sregs.ds = data;
     sregs.es = data;
     sregs.fs = data;
@@ -159,6 +186,12 @@ mod tests {
         let g = gdt();
         assert_eq!(g[1], 0x00af_9b00_0000_ffff);
         assert_eq!(g[2], 0x00cf_9300_0000_ffff);
+        assert_eq!(g[5], 0x00af_fb00_0000_ffff);
+        assert_eq!(g[6], 0x00cf_f300_0000_ffff);
+        let user = long_mode_sregs(kvm_sregs::default(), Privilege::User);
+        assert_eq!((user.cs.selector, user.cs.dpl, user.ss.selector), (0x2b, 3, 0x33));
+        let kernel = long_mode_sregs(kvm_sregs::default(), Privilege::Kernel);
+        assert_eq!((kernel.cs.selector, kernel.cs.dpl), (0x08, 0));
         assert_eq!(g[3] & 0xffff, u64::from(TSS_LIMIT));
     }
 

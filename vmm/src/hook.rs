@@ -155,6 +155,7 @@ pub struct ExitCtx<'a> {
     /// Outputs to the world.
     pub output: &'a mut dyn OutputSink,
     request: Option<StopRequest>,
+    halt: bool,
 }
 
 /// A device's request to end the run once the current exit is handled.
@@ -169,7 +170,18 @@ pub enum StopRequest {
 impl<'a> ExitCtx<'a> {
     /// A context for handling exit `exit`.
     pub fn new(exit: ExitIndex, input: &'a mut dyn InputSource, output: &'a mut dyn OutputSink) -> Self {
-        ExitCtx { exit, input, output, request: None }
+        ExitCtx { exit, input, output, request: None, halt: false }
+    }
+
+    /// Ask the VMM to halt the guest once this exit is handled, exactly as
+    /// if it had executed HLT (the halt port of guests at CPL 3).
+    pub fn request_halt(&mut self) {
+        self.halt = true;
+    }
+
+    /// Whether a halt was requested while handling this exit.
+    pub fn halt_requested(&self) -> bool {
+        self.halt
     }
 
     /// Ask the VMM to stop after this exit. The first request wins.

@@ -142,6 +142,25 @@ fn stop_flow(request: Option<StopRequest>, exit_index: ExitIndex) -> Result<Flow
     }
 }
 
+/// Which bus an access goes to, and where on it.
+#[derive(Clone, Copy)]
+enum Target {
+    /// The PIO bus at this port (an `in`/`out`, or the MMIO port window).
+    Port(u16),
+    /// The MMIO bus at this address.
+    Mmio(u64),
+}
+
+/// The port an MMIO access through the port window reaches, if it is one.
+fn window_port(addr: u64, size: usize) -> Option<u16> {
+    let offset = addr.checked_sub(ftvm_abi::PIO_WINDOW_BASE)?;
+    let end = offset.checked_add(u64::try_from(size).ok()?)?;
+    if end > ftvm_abi::PIO_WINDOW_SIZE {
+        return None;
+    }
+    u16::try_from(offset).ok()
+}
+
 impl Peripherals {
     /// Count a guest exit and report it to the input source.
     fn begin_exit(&mut self, kind: ExitKind) -> Result<ExitIndex, VcpuError> {
@@ -151,41 +170,61 @@ impl Peripherals {
         Ok(exit_index)
     }
 
-    fn pio(&mut self, port: u16, access: Access, data: PioData<'_>) -> Result<Flow, VcpuError> {
+    /// One PIO or MMIO access: count it, dispatch it, then act on what the
+    /// device asked (halt, stop).
+    fn access(&mut self, kind: ExitKind, target: Target, access: Access, data: PioData<'_>) -> Result<Flow, VcpuError> {
         let size = data.len();
-        // Access widths are 1, 2 or 4 bytes: the cast cannot truncate.
-        let exit_index = self.begin_exit(ExitKind::Pio { port, size: size as u8, access })?;
+        let exit_index = self.begin_exit(kind)?;
         let mut ctx = ExitCtx::new(exit_index, &mut *self.input, &mut *self.output);
+        let (bus, addr) = match target {
+            Target::Port(port) => (&mut self.pio, u64::from(port)),
+            Target::Mmio(addr) => (&mut self.mmio, addr),
+        };
         let mapped = match data {
-            PioData::In(buf) => self.pio.read(u64::from(port), buf, &mut ctx),
-            PioData::Out(buf) => self.pio.write(u64::from(port), buf, &mut ctx),
+            PioData::In(buf) => bus.read(addr, buf, &mut ctx),
+            PioData::Out(buf) => bus.write(addr, buf, &mut ctx),
         }
         .map_err(|source| VcpuError::Device { exit_index, source })?;
         if !mapped {
-            return Err(VcpuError::UnknownPort { port, size, access, exit_index });
+            return Err(match target {
+                Target::Port(port) => VcpuError::UnknownPort { port, size, access, exit_index },
+                Target::Mmio(addr) => VcpuError::UnknownMmio { addr, size, access, exit_index },
+            });
         }
-        stop_flow(ctx.stop_request(), exit_index)
+        let (request, halt) = (ctx.stop_request(), ctx.halt_requested());
+        if halt {
+            self.wait_halted(exit_index)?;
+        }
+        stop_flow(request, exit_index)
+    }
+
+    fn pio(&mut self, port: u16, access: Access, data: PioData<'_>) -> Result<Flow, VcpuError> {
+        // Access widths are 1, 2 or 4 bytes: the cast cannot truncate.
+        let kind = ExitKind::Pio { port, size: data.len() as u8, access };
+        self.access(kind, Target::Port(port), access, data)
     }
 
     fn mmio(&mut self, addr: u64, access: Access, data: PioData<'_>) -> Result<Flow, VcpuError> {
-        let size = data.len();
         // MMIO accesses are at most 8 bytes: the cast cannot truncate.
-        let exit_index = self.begin_exit(ExitKind::Mmio { addr, size: size as u8, access })?;
+        let kind = ExitKind::Mmio { addr, size: data.len() as u8, access };
+        let target = window_port(addr, data.len()).map_or(Target::Mmio(addr), Target::Port);
+        self.access(kind, target, access, data)
+    }
+
+    /// The guest halted at exit `exit_index` (HLT, or the halt port): wait
+    /// for its deadline or an event, then let devices deliver what arrived.
+    /// Done after every halt, whatever woke the guest, so that a replaying
+    /// secondary takes inputs at the same exits as the primary.
+    fn wait_halted(&mut self, exit_index: ExitIndex) -> Result<(), VcpuError> {
+        self.input.halt(exit_index, self.deadline.get()).map_err(|source| VcpuError::Hook { exit_index, source })?;
         let mut ctx = ExitCtx::new(exit_index, &mut *self.input, &mut *self.output);
-        let mapped = match data {
-            PioData::In(buf) => self.mmio.read(addr, buf, &mut ctx),
-            PioData::Out(buf) => self.mmio.write(addr, buf, &mut ctx),
-        }
-        .map_err(|source| VcpuError::Device { exit_index, source })?;
-        if !mapped {
-            return Err(VcpuError::UnknownMmio { addr, size, access, exit_index });
-        }
-        stop_flow(ctx.stop_request(), exit_index)
+        self.mmio.after_halt(&mut ctx).map_err(|source| VcpuError::Device { exit_index, source })?;
+        self.pio.after_halt(&mut ctx).map_err(|source| VcpuError::Device { exit_index, source })
     }
 
     fn halt(&mut self) -> Result<Flow, VcpuError> {
         let exit_index = self.begin_exit(ExitKind::Hlt)?;
-        self.input.halt(exit_index, self.deadline.get()).map_err(|source| VcpuError::Hook { exit_index, source })?;
+        self.wait_halted(exit_index)?;
         Ok(Flow::Continue)
     }
 }
@@ -508,6 +547,26 @@ mod tests {
         assert_eq!(idx, vec![1, 2, 3]);
         assert_eq!(rec.exits[1].1, ExitKind::Hlt);
         assert_eq!(rec.halts, vec![(ExitIndex(2), None)]);
+    }
+
+    #[test]
+    fn the_port_window_reaches_the_pio_bus_and_the_halt_port_halts() {
+        let (mut p, rec) = peripherals();
+        p.pio.insert(u64::from(ftvm_abi::HALT_PORT), 4, Box::new(crate::devices::halt::Halt::new())).unwrap();
+        let testdev = ftvm_abi::PIO_WINDOW_BASE + u64::from(ftvm_abi::TESTDEV_PORT);
+        assert_eq!(handle_exit(&mut p, VcpuExit::MmioWrite(testdev, &[1, 0, 0, 0])).unwrap(), Flow::Continue);
+        let halt = ftvm_abi::PIO_WINDOW_BASE + u64::from(ftvm_abi::HALT_PORT);
+        assert_eq!(handle_exit(&mut p, VcpuExit::MmioWrite(halt, &[0, 0, 0, 0])).unwrap(), Flow::Continue);
+        let rec_now = rec.lock().unwrap();
+        assert_eq!(rec_now.halts, vec![(ExitIndex(2), None)], "the halt port halts like HLT, at its own exit");
+        assert!(matches!(rec_now.exits[1].1, ExitKind::Mmio { addr, size: 4, access: Access::Write } if addr == halt));
+        drop(rec_now);
+        // An unserved port through the window is an unknown port, not MMIO.
+        let e = handle_exit(&mut p, VcpuExit::MmioWrite(ftvm_abi::PIO_WINDOW_BASE + 0x1234, &[0])).unwrap_err();
+        assert!(matches!(e, VcpuError::UnknownPort { port: 0x1234, .. }), "{e}");
+        assert_eq!(window_port(ftvm_abi::PIO_WINDOW_BASE + 0xffff, 1), Some(0xffff));
+        assert_eq!(window_port(ftvm_abi::PIO_WINDOW_BASE + 0xfffe, 4), None);
+        assert_eq!(window_port(ftvm_abi::PIO_WINDOW_BASE - 1, 1), None);
     }
 
     #[test]

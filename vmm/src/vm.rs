@@ -13,7 +13,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::boot;
 use crate::bus::{Bus, BusError};
 use crate::cpuid;
-use crate::devices::{clock, entropy, health, power, pvpanic, serial, testdev, timer};
+use crate::devices::{clock, entropy, halt, health, power, pvpanic, serial, testdev, timer};
 use crate::hook::{ExitIndex, InputSource, OutputSink};
 use crate::memory::GuestMem;
 use crate::vcpu::{Peripherals, RunOutcome, StopHandle, Vcpu, VcpuError};
@@ -27,6 +27,8 @@ pub struct VmConfig {
     pub elf: Vec<u8>,
     /// Network settings and `--param` values for the boot-parameter block.
     pub boot: BootSettings,
+    /// The privilege level the guest starts at.
+    pub privilege: boot::Privilege,
 }
 
 /// The guest-visible settings written into the boot-parameter block.
@@ -195,7 +197,7 @@ impl Vm {
         let fd = vm.create_vcpu(0).map_err(kvm_err("create the vCPU"))?;
         fd.set_cpuid2(&cpuid::build(&kvm)?).map_err(kvm_err("set the vCPU's CPUID"))?;
         let sregs = fd.get_sregs().map_err(kvm_err("read the vCPU's special registers"))?;
-        fd.set_sregs(&boot::long_mode_sregs(sregs)).map_err(kvm_err("enter long mode"))?;
+        fd.set_sregs(&boot::long_mode_sregs(sregs, config.privilege)).map_err(kvm_err("enter long mode"))?;
         fd.set_fpu(&boot::entry_fpu()).map_err(kvm_err("set the FPU state"))?;
         fd.set_regs(&boot::entry_regs(loaded.kernel_load.0)).map_err(kvm_err("set the entry registers"))?;
 
@@ -253,6 +255,7 @@ fn devices() -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
     pio.insert(u64::from(abi::HEALTH_PORT), health::LEN, Box::new(health::Health::new()))?;
     pio.insert(u64::from(abi::POWER_PORT), power::LEN, Box::new(power::Power::new()))?;
     pio.insert(u64::from(abi::TESTDEV_PORT), testdev::PIO_LEN, Box::new(testdev::TestDev::new()))?;
+    pio.insert(u64::from(abi::HALT_PORT), halt::LEN, Box::new(halt::Halt::new()))?;
     let mut mmio = Bus::new();
     mmio.insert(abi::TESTDEV_MMIO_ADDR, testdev::MMIO_LEN, Box::new(testdev::TestDev::new()))?;
     Ok((pio, mmio, deadline))

@@ -5,6 +5,19 @@
 //! constants as the VMM. A change here changes the ABI: bump
 //! [`BOOT_PARAMS_VERSION`] when the boot-parameter block changes layout.
 //!
+//! # Privilege: guests run at CPL 3
+//!
+//! The VMM starts a guest in 64-bit mode at CPL 3 (user mode, IOPL 0) unless
+//! it is started in kernel mode (CPL 0: only the PIO benchmark guest). At
+//! CPL 3 `in`/`out` and `hlt` fault, so a guest reaches the ports through
+//! the [`PIO_WINDOW_BASE`] MMIO window (an access of N bytes at
+//! `PIO_WINDOW_BASE + port` is delivered as an N-byte access to `port`) and
+//! halts by writing [`HALT_PORT`]. Why: on software-assisted KVM backends
+//! (kvm_pvm, measured) supervisor-mode guest code is emulated instruction by
+//! instruction (about 1 µs each) while user-mode code runs natively; both
+//! kinds of exit are points the guest chose, so lockstep is unaffected. A
+//! guest reads its CPL from CS to know which way to go.
+//!
 //! # Lockstep rules the ports follow
 //!
 //! Every input a guest can observe (time, randomness, later received frames)
@@ -50,6 +63,11 @@ pub const MMIO_SLOT_SIZE: u64 = 0x1000;
 pub const TESTDEV_MMIO_ADDR: u64 = MMIO_BASE;
 /// First MMIO slot for virtio-mmio devices (one slot each).
 pub const VIRTIO_MMIO_BASE: u64 = MMIO_BASE + MMIO_SLOT_SIZE;
+/// The port window: an access at `PIO_WINDOW_BASE + port` is delivered to
+/// the PIO bus at `port`: the whole 64 Ki port space.
+pub const PIO_WINDOW_BASE: u64 = MMIO_BASE + 0x10_0000;
+/// Bytes of the window: one per port.
+pub const PIO_WINDOW_SIZE: u64 = 0x1_0000;
 /// RAM ends below this address (3 GiB): the MMIO window must stay free.
 pub const RAM_LIMIT: u64 = 0xc000_0000;
 /// Smallest guest memory the VMM accepts, in MiB.
@@ -102,8 +120,12 @@ pub const POWER_PORT: u16 = PV_BASE + 0x18;
 /// Test device port: writes are counted and discarded, reads return 0. Used
 /// by benchmarks and test guests; never carries an input.
 pub const TESTDEV_PORT: u16 = PV_BASE + 0x1c;
+/// Halt: a 32-bit write halts the guest exactly as HLT does (the VMM
+/// sleeps until the armed deadline or an event). For guests at CPL 3, where
+/// HLT faults.
+pub const HALT_PORT: u16 = PV_BASE + 0x20;
 /// One past the last port of the paravirtual block.
-pub const PV_END: u16 = PV_BASE + 0x20;
+pub const PV_END: u16 = PV_BASE + 0x24;
 
 // ---------------------------------------------------------------------------
 // Boot-parameter block.
@@ -211,6 +233,8 @@ const _: () = {
     assert!(PD_ADDR + PD_COUNT * PAGE_SIZE <= STACK_BOTTOM);
     assert!(STACK_TOP <= KERNEL_LOAD_ADDR);
     assert!(RAM_LIMIT <= MMIO_BASE);
+    assert!(PV_END as u64 <= PIO_WINDOW_SIZE);
+    assert!(VIRTIO_MMIO_BASE + 8 * MMIO_SLOT_SIZE <= PIO_WINDOW_BASE);
     assert!(MIN_MEMORY_MIB << 20 > KERNEL_LOAD_ADDR);
     assert!(core::mem::size_of::<BootParams>() as u64 <= PAGE_SIZE);
 };

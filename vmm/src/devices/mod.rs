@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod entropy;
+pub mod halt;
 pub mod health;
 pub mod power;
 pub mod pvpanic;

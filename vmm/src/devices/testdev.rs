@@ -22,7 +22,7 @@ use crate::state::{Persist, StateError, StateVersion};
 /// Ports the test device decodes on the PIO bus: one 32-bit register, the
 /// last of the paravirtual block.
 // u16 to u64 widens (`From` is not const).
-pub const PIO_LEN: u64 = (ftvm_abi::PV_END - ftvm_abi::TESTDEV_PORT) as u64;
+pub const PIO_LEN: u64 = 4;
 /// Bytes the test device decodes on the MMIO bus: one slot.
 pub const MMIO_LEN: u64 = ftvm_abi::MMIO_SLOT_SIZE;
 

@@ -67,6 +67,12 @@ pub fn set_timer(deadline_ns: u64) {
 /// Halts until the armed deadline passes or an event arrives (the VMM
 /// sleeps meanwhile). May return early: check the clock afterwards.
 pub fn halt() {
+    if crate::port::user_mode() {
+        // SAFETY: a write of the halt port halts exactly as HLT does; the
+        // asm behind it has no `nomem` (see `port`).
+        unsafe { outl(ftvm_abi::HALT_PORT, 0) };
+        return;
+    }
     // SAFETY: HLT stops the vCPU until the VMM resumes it. No `nomem`: while
     // the guest is halted the VMM may write guest memory (a received frame
     // into a posted buffer), which the compiler must not cache across it.

@@ -42,6 +42,7 @@ extern "Rust" {
 /// Checks the boot-parameter block, sets up the heap, runs the guest and
 /// powers off with its status.
 extern "sysv64" fn start_rust(rdi: u64) -> ! {
+    crate::port::init();
     let boot = boot_params(rdi);
     crate::heap::init(boot.mem_size);
     // SAFETY: `entry!` defines `__ftvm_guest_main` with exactly this
