@@ -160,6 +160,18 @@ fn stop_on_signals(vm: &Vm) -> Result<Arc<AtomicI32>> {
     Ok(caught)
 }
 
+/// Open an existing TAP device. Refuses a name that does not exist rather
+/// than let the kernel create a transient TAP that nothing configured.
+fn open_tap(name: &str) -> Result<Arc<vmm::tap::Tap>, Failure> {
+    if !vmm::tap::Tap::exists(name) {
+        return Err(anyhow::anyhow!(
+            "TAP device {name} does not exist in this network namespace (create it with `ip tuntap add dev {name} mode tap`)"
+        )
+        .into());
+    }
+    Ok(Arc::new(vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?))
+}
+
 /// `ftvm run`: one guest, unprotected.
 fn run(settings: &GuestSettings) -> Result<i32, Failure> {
     let (elf, privilege) = load_image(&settings.guest)?;
@@ -180,9 +192,18 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
         },
         privilege,
     };
-    let output = Box::new(LiveOutput::new(serial));
+    let tap = settings.tap.as_deref().map(open_tap).transpose()?;
+    let mut output = LiveOutput::new(serial);
+    if let Some(tap) = &tap {
+        output = output.with_tap(tap.clone());
+    }
+    let output = Box::new(output);
     let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {
-        Box::new(LiveInput::new(0, vec![stop.wake_fd()]))
+        let input = LiveInput::new(0, vec![stop.wake_fd()]);
+        Box::new(match tap {
+            Some(tap) => input.with_tap(tap),
+            None => input,
+        })
     };
     let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = stop_on_signals(&vm)?;

@@ -3,8 +3,8 @@
 //! [`OutputSink`], and the vCPU loop reports every guest exit to the input
 //! source before it dispatches it.
 //!
-//! `vmm` declares the traits and a live implementation ([`LiveWorld`] in
-//! `world.rs`) that reads the real clock and entropy and writes outputs
+//! `vmm` declares the traits and a live implementation (`LiveInput` and
+//! `LiveOutput` in `world.rs`) that reads the real clock and entropy and writes outputs
 //! straight out; the recorder and replayer of the `replication` crate are
 //! other implementations. Devices never know which one they talk to.
 
@@ -85,6 +85,9 @@ pub enum HookError {
     /// Reading the host's entropy failed.
     #[error("reading host entropy failed")]
     Entropy(#[source] std::io::Error),
+    /// Reading or writing the NIC's host side failed.
+    #[error("the NIC's host device failed")]
+    Network(#[source] std::io::Error),
     /// Waiting for the guest's deadline or an event failed.
     #[error("waiting in HLT failed")]
     Wait(#[source] std::io::Error),

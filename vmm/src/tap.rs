@@ -89,6 +89,16 @@ impl Tap {
         Ok(Tap { file, name: name.into() })
     }
 
+    /// Whether a network interface called `name` exists in the calling
+    /// thread's network namespace. Lets a caller refuse a missing TAP rather
+    /// than have TUNSETIFF create a transient one that nothing configured.
+    pub fn exists(name: &str) -> bool {
+        let Ok(cname) = std::ffi::CString::new(name) else { return false };
+        // SAFETY: if_nametoindex only reads the NUL-terminated string it is
+        // given; `cname` lives for the call.
+        unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -34,7 +34,9 @@ pub struct VmConfig {
 /// The guest-visible settings written into the boot-parameter block.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BootSettings {
-    /// The NIC's MAC, when the guest has a NIC.
+    /// The NIC's MAC. `Some` gives the guest a virtio-net NIC at
+    /// `VIRTIO_MMIO_BASE`; its frames come through the input source and
+    /// leave through the output sink.
     pub mac: Option<[u8; 6]>,
     /// Address and prefix length.
     pub ip: Option<(Ipv4Addr, u8)>,
@@ -205,7 +207,11 @@ impl Vm {
         let stop = StopHandle::new(&fd, run_size).map_err(VmError::StopHandle)?;
         crate::vcpu::install_kick_handler().map_err(VmError::Signal)?;
 
-        let (pio, mmio, deadline) = devices()?;
+        let (pio, mut mmio, deadline) = devices()?;
+        if let Some(mac) = config.boot.mac {
+            let net = crate::devices::virtio_net::VirtioNet::new(mem.clone(), mac);
+            mmio.insert(ftvm_abi::VIRTIO_MMIO_BASE, crate::devices::virtio_net::LEN, Box::new(net))?;
+        }
         let input = input(&stop);
         let peripherals = Peripherals { pio, mmio, deadline, input, output, exit_index: ExitIndex(0) };
         Ok(Vm { vcpu: Vcpu::new(fd, peripherals, stop.clone()), stop, mem, _vm: vm, _kvm: kvm })

@@ -7,7 +7,10 @@
 //! logs the answer; the secondary's go-live switches from the log to them.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Instant;
+
+use crate::tap::Tap;
 
 use crate::hook::{ExitIndex, GuestSignal, HookError, InputSource, OutputSink, Wake};
 
@@ -20,14 +23,31 @@ pub struct LiveInput {
     last_ns: u64,
     /// Readable when the HLT sleep must end early (stop, frame arrival).
     wake_fds: Vec<std::os::fd::RawFd>,
+    /// Where received frames come from, if the guest has a NIC.
+    tap: Option<Arc<Tap>>,
+    rx_buf: Vec<u8>,
 }
+
+/// Bytes a received frame may have: a 64 KiB GSO frame plus headers. The
+/// TAP is opened without offloads, so frames are at most the MTU in practice.
+const MAX_FRAME: usize = 65550;
 
 impl LiveInput {
     /// A live source whose clock starts at `offset_ns` now (0 for a fresh
     /// boot; the last logged reading at a go-live). `wake_fds` end a HLT
     /// sleep when readable; they must outlive the source.
     pub fn new(offset_ns: u64, wake_fds: Vec<std::os::fd::RawFd>) -> Self {
-        LiveInput { start: Instant::now(), offset_ns, last_ns: offset_ns, wake_fds }
+        LiveInput { start: Instant::now(), offset_ns, last_ns: offset_ns, wake_fds, tap: None, rx_buf: Vec::new() }
+    }
+
+    /// Receive the NIC's frames from `tap`; a frame arriving also ends a HLT
+    /// sleep.
+    pub fn with_tap(mut self, tap: Arc<Tap>) -> Self {
+        use std::os::fd::AsRawFd;
+        self.wake_fds.push(tap.as_raw_fd());
+        self.rx_buf = vec![0; MAX_FRAME];
+        self.tap = Some(tap);
+        self
     }
 
     fn now_ns(&mut self) -> u64 {
@@ -103,6 +123,14 @@ impl InputSource for LiveInput {
         let woke = wait_readable(&self.wake_fds, timeout).map_err(HookError::Wait)?;
         Ok(if woke { Wake::Event } else { Wake::Deadline })
     }
+
+    fn receive_frame(&mut self, _exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        let Some(tap) = &self.tap else { return Ok(None) };
+        match tap.read_frame(&mut self.rx_buf).map_err(HookError::Network)? {
+            Some(n) => Ok(self.rx_buf.get(..n).map(<[u8]>::to_vec)),
+            None => Ok(None),
+        }
+    }
 }
 
 /// Outputs to the host. Serial bytes are buffered and flushed at each
@@ -110,18 +138,48 @@ impl InputSource for LiveInput {
 pub struct LiveOutput {
     serial: std::io::LineWriter<Box<dyn Write + Send>>,
     healthy: u64,
+    tap: Option<Arc<Tap>>,
+    /// Frames the TAP would not take (queue full, link down), dropped as a
+    /// NIC with no carrier drops them.
+    tx_dropped: u64,
 }
 
 impl LiveOutput {
     /// Serial output to `serial`.
     pub fn new(serial: Box<dyn Write + Send>) -> Self {
-        LiveOutput { serial: std::io::LineWriter::new(serial), healthy: 0 }
+        LiveOutput { serial: std::io::LineWriter::new(serial), healthy: 0, tap: None, tx_dropped: 0 }
+    }
+
+    /// Send the NIC's frames to `tap`.
+    pub fn with_tap(mut self, tap: Arc<Tap>) -> Self {
+        self.tap = Some(tap);
+        self
+    }
+
+    /// Frames the TAP refused and that were dropped.
+    pub fn tx_dropped(&self) -> u64 {
+        self.tx_dropped
     }
 }
 
 impl OutputSink for LiveOutput {
     fn serial(&mut self, _exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
         self.serial.write_all(bytes).map_err(HookError::Output)
+    }
+
+    fn transmit_frame(&mut self, exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        let Some(tap) = &self.tap else { return Ok(()) };
+        match tap.write_frame(frame) {
+            Ok(()) => Ok(()),
+            // Queue full, or the interface is down (EIO): the frame is lost
+            // on the wire, as with a real NIC; TCP and the application cope.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
+                self.tx_dropped += 1;
+                tracing::trace!(%exit, len = frame.len(), "TAP refused a frame; dropped");
+                Ok(())
+            }
+            Err(e) => Err(HookError::Network(e)),
+        }
     }
 
     fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
