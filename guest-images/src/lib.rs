@@ -79,6 +79,13 @@ pub static GUESTS: &[Guest] = &[
         elf: elf!("bad-port"),
     },
     Guest {
+        name: "bad-virtio",
+        description: "Test: a hostile NIC driver that posts a TX buffer outside guest memory (--param case=outside|loop|size).",
+        test_only: true,
+        kernel_mode: false,
+        elf: elf!("bad-virtio"),
+    },
+    Guest {
         name: "spin",
         description: "Test: prints \"spinning\", then loops forever without a single exit.",
         test_only: true,

@@ -290,7 +290,8 @@ impl VirtioNet {
     /// (the rings are left as they are, for the saved state).
     fn on_error(&mut self, r: Result<(), DeviceError>) -> Result<(), DeviceError> {
         if let Err(DeviceError::Net(e)) = &r {
-            tracing::warn!(error = %e, "virtio-net: guest error, device needs reset");
+            // The error itself reaches the vCPU loop, which reports it once.
+            tracing::debug!(error = %e, "virtio-net: guest error, device needs reset");
             self.transport.set_needs_reset();
         }
         r
