@@ -1,8 +1,8 @@
-//! Checks of the namespace lab itself (`tests/lab/mod.rs`): the LAN reaches the hosts and their
+//! Checks of the namespace lab itself (crate `ftvm-lab`, `tests/lab/`): the LAN reaches the hosts and their
 //! TAPs, the dedicated link works and can be impaired, labs run in parallel, and nothing is left
 //! behind, also when a test panics. All need root: `netns_root_` in their names.
 
-mod lab;
+use ftvm_lab as lab;
 
 use std::fs::File;
 use std::io::Read;

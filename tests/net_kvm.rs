@@ -4,7 +4,7 @@
 //! `streamer` delivers numbered datagrams in order.
 
 mod common;
-mod lab;
+use ftvm_lab as lab;
 
 use std::process::{Command, Stdio};
 

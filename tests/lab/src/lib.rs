@@ -1,6 +1,6 @@
 //! A lab of network namespaces for end-to-end tests and benchmarks (DESIGN.md, "Testing").
 //!
-//! Integration tests include it with `mod lab;`. A lab is a handful of namespaces wired together
+//! The end-to-end tests, `ftvm bench` and `ftvm demo` use it (crate `ftvm-lab`). A lab is a handful of namespaces wired together
 //! with the `ip` command; everything lives inside those namespaces, so no frame ever reaches an
 //! interface of the root namespace, and everything goes away when the [`Lab`] is dropped, also
 //! when the test panics.
@@ -29,8 +29,6 @@
 //! process, see [`Netns::ping`], because Debian's minimal images have no `ping`).
 
 // Each test binary includes this module and uses only part of it; without this every helper that
-// one binary leaves unused would be a warning there.
-#![allow(dead_code)]
 
 use std::ffi::OsStr;
 use std::fs::File;
