@@ -158,6 +158,38 @@ pub enum BenchCommand {
     /// Guest exits per second: a test guest that does nothing but exit, on
     /// real KVM (needs /dev/kvm).
     Exits(ExitsArgs),
+    /// The kvstore guest under redis-benchmark (-t set,get) in a lab of
+    /// network namespaces, beside a real redis-server (needs root, KVM,
+    /// redis-tools; redis-server for the reference).
+    Kvstore(KvstoreBenchArgs),
+    /// The streamer guest's highest rate with no gap, in a lab of network
+    /// namespaces (needs root and KVM).
+    Streamer(StreamerBenchArgs),
+}
+
+/// `ftvm bench kvstore`.
+#[derive(Debug, Args)]
+pub struct KvstoreBenchArgs {
+    /// Requests per test (redis-benchmark -n).
+    #[arg(long, value_name = "N", default_value_t = 20000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Parallel connections (redis-benchmark -c).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clients: u32,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm bench streamer`.
+#[derive(Debug, Args)]
+pub struct StreamerBenchArgs {
+    /// Seconds measured at each rate.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub seconds: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ftvm bench exits`.

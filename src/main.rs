@@ -4,6 +4,7 @@
 //! 2 bad usage, 3 guest fault, 128+N stopped by signal N.
 
 mod bench;
+mod bench_net;
 mod cli;
 mod config;
 
@@ -109,6 +110,14 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Run(args) => run(&config::resolve(&args.guest)?),
         Command::Bench(BenchCommand::Exits(args)) => {
             bench::exits(args.seconds, 3, args.json)?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Kvstore(args)) => {
+            bench_net::kvstore(args.requests, args.clients, args.json)?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Streamer(args)) => {
+            bench_net::streamer(args.seconds, args.json)?;
             Ok(0)
         }
     }

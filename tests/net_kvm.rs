@@ -28,11 +28,7 @@ fn kvm_netns_hostile_nic_driver_ends_in_a_typed_device_error() {
         return;
     }
     let lab = Lab::single("hostile");
-    for (case, want) in [
-        ("outside", "is outside guest memory"),
-        ("loop", "it loops"),
-        ("size", "not a power of two"),
-    ] {
+    for (case, want) in [("outside", "is outside guest memory"), ("loop", "it loops"), ("size", "not a power of two")] {
         let param = format!("case={case}");
         let out = ftvm_in(&lab, &["--guest", "bad-virtio", "--param", &param])
             .stdout(Stdio::piped())
