@@ -30,6 +30,7 @@ fn loop_vm(guest: &str, count: u64) -> Result<Vm> {
         elf: image.elf.to_vec(),
         boot: BootSettings { params: vec![("count".into(), count.to_string())], ..Default::default() },
         privilege: if image.kernel_mode { Privilege::Kernel } else { Privilege::User },
+        digest_every: None,
     };
     let vm = Vm::new(&config, |_| Box::new(LiveInput::new(0, Vec::new())), Box::new(Discard))?;
     Ok(vm)
@@ -37,7 +38,7 @@ fn loop_vm(guest: &str, count: u64) -> Result<Vm> {
 
 /// The full exit path: bus dispatch, exit counting, input-source hook.
 fn vmm_path(guest: &str, count: u64) -> Result<(u64, Duration)> {
-    let vm = loop_vm(guest, count)?;
+    let mut vm = loop_vm(guest, count)?;
     let start = Instant::now();
     let outcome = vm.run()?;
     let elapsed = start.elapsed();

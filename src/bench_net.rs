@@ -69,6 +69,7 @@ impl LabVm {
                 params: params.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
             },
             privilege: vmm::boot::Privilege::User,
+            digest_every: None,
         };
         let (line_tx, lines) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel();
@@ -78,7 +79,7 @@ impl LabVm {
                 let _ = stop_tx.send(stop.clone());
                 Box::new(LiveInput::new(0, vec![stop.wake_fd()]).with_tap(tap))
             };
-            let vm = Vm::new(&config, input, Box::new(output))?;
+            let mut vm = Vm::new(&config, input, Box::new(output))?;
             Ok(vm.run()?)
         })?;
         let stop = match stop_rx.recv_timeout(Duration::from_secs(10)) {

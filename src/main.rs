@@ -200,6 +200,7 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
             params: settings.params.clone(),
         },
         privilege,
+        digest_every: None,
     };
     let tap = settings.tap.as_deref().map(open_tap).transpose()?;
     let mut output = LiveOutput::new(serial);
@@ -214,7 +215,7 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
             None => input,
         })
     };
-    let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = stop_on_signals(&vm)?;
     tracing::info!(vm = %settings.name, memory_mib = settings.memory_mib, "guest starting");
     match vm.run() {

@@ -64,10 +64,13 @@ const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
-/// Present, writable, user-accessible.
-const PTE_PRESENT_RW: u64 = 0x7;
-/// Present, writable, user-accessible, 2 MiB page.
-const PDE_2M_PAGE: u64 = 0x87;
+/// Present, writable, user-accessible, accessed.
+const PTE_PRESENT_RW: u64 = 0x27;
+/// Present, writable, user-accessible, accessed, dirty, 2 MiB page. With
+/// accessed and dirty already set the CPU never writes the page tables, so
+/// they never show in the dirty log: what a digest hashes is what the
+/// guest's execution wrote, identical on both hosts.
+const PDE_2M_PAGE: u64 = 0xe7;
 
 /// A GDT entry from base, limit and the access/flags bits (Intel SDM 3.4.5).
 fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {

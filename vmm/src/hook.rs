@@ -126,6 +126,13 @@ pub trait InputSource: Send {
     fn receive_frame(&mut self, _exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
         Ok(None)
     }
+
+    /// The state digest computed after exit `exit` (every N exits, when the
+    /// VM was built with digests): the recorder logs it, the replayer
+    /// compares it with the logged one. Default: ignored.
+    fn digest(&mut self, _exit: ExitIndex, _digest: &crate::digest::StateDigest) -> Result<(), HookError> {
+        Ok(())
+    }
 }
 
 /// Where every output goes.

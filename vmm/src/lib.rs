@@ -6,6 +6,7 @@ pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod devices;
+pub mod digest;
 pub mod hook;
 pub mod memory;
 pub mod state;

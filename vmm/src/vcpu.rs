@@ -18,12 +18,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
 use crate::devices::timer::TimerDeadline;
 use crate::devices::DeviceError;
+use crate::digest::{devices_hash, DigestError, DirtyPages, StateDigest, VcpuState};
 use crate::hook::{Access, ExitCtx, ExitIndex, ExitKind, HookError, InputSource, OutputSink, StopRequest};
 
 /// Why a vCPU stopped without an error.
@@ -81,6 +82,13 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Computing a state digest failed.
+    #[error("cannot compute the state digest at exit {exit_index}")]
+    Digest {
+        exit_index: ExitIndex,
+        #[source]
+        source: DigestError,
+    },
     /// Reading the registers of a faulted guest failed.
     #[error("cannot read vCPU registers")]
     Registers(#[source] kvm_ioctls::Error),
@@ -101,6 +109,7 @@ impl VcpuError {
             VcpuError::UnexpectedExit { .. }
             | VcpuError::Hook { .. }
             | VcpuError::Run { .. }
+            | VcpuError::Digest { .. }
             | VcpuError::Registers(_) => false,
         }
     }
@@ -412,16 +421,45 @@ impl StopHandle {
     }
 }
 
+/// Computes a state digest every `every` exits.
+pub struct Digester {
+    /// Digest after every exit whose index is a multiple of this.
+    pub every: u64,
+    /// The guest pages written since the last digest.
+    pub dirty: DirtyPages,
+    /// The VM, for its dirty log.
+    pub vm: Arc<VmFd>,
+}
+
 /// One vCPU and everything its loop needs.
 pub struct Vcpu {
     fd: VcpuFd,
     peripherals: Peripherals,
     stop: StopHandle,
+    digester: Option<Digester>,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, peripherals: Peripherals, stop: StopHandle) -> Self {
-        Vcpu { fd, peripherals, stop }
+    pub(crate) fn new(fd: VcpuFd, peripherals: Peripherals, stop: StopHandle, digester: Option<Digester>) -> Self {
+        Vcpu { fd, peripherals, stop, digester }
+    }
+
+    /// After an exit: the state digest, if this exit index is a digest point.
+    /// Both hosts compute it at the same exit, after the exit was handled and
+    /// before the guest runs again.
+    fn digest_point(&mut self) -> Result<(), VcpuError> {
+        let Some(d) = &self.digester else { return Ok(()) };
+        let exit_index = self.peripherals.exit_index;
+        if exit_index.0 % d.every != 0 {
+            return Ok(());
+        }
+        let digest_err = |source| VcpuError::Digest { exit_index, source };
+        let vcpu = VcpuState::read(&self.fd).map_err(digest_err)?.hash();
+        let devices = devices_hash(&self.peripherals.pio, &self.peripherals.mmio);
+        let (memory, pages) = d.dirty.hash_and_reset(&d.vm).map_err(digest_err)?;
+        let digest = StateDigest { vcpu, devices, memory };
+        tracing::trace!(%exit_index, pages, ?digest, "state digest");
+        self.peripherals.input.digest(exit_index, &digest).map_err(|source| VcpuError::Hook { exit_index, source })
     }
 
     /// Guest exits so far.
@@ -447,7 +485,7 @@ impl Vcpu {
                 Err(source) => Err(VcpuError::Run { exit_index: self.peripherals.exit_index, source }),
             };
             match flow {
-                Ok(Flow::Continue) => {}
+                Ok(Flow::Continue) => self.digest_point()?,
                 Ok(Flow::Interrupted) => {
                     // Provoked by the VMM: clear immediate_exit unless a stop
                     // is pending (the top of the loop handles that).

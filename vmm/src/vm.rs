@@ -4,6 +4,7 @@
 
 use std::io::Cursor;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ftvm_abi::{BootParams, KERNEL_LOAD_ADDR, MAX_MEMORY_MIB, MIN_MEMORY_MIB, PARAMS_LEN};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -14,9 +15,10 @@ use crate::boot;
 use crate::bus::{Bus, BusError};
 use crate::cpuid;
 use crate::devices::{clock, entropy, halt, health, power, pvpanic, serial, testdev, timer};
+use crate::digest::{DigestError, DirtyPages, VcpuState};
 use crate::hook::{ExitIndex, InputSource, OutputSink};
 use crate::memory::GuestMem;
-use crate::vcpu::{Peripherals, RunOutcome, StopHandle, Vcpu, VcpuError};
+use crate::vcpu::{Digester, Peripherals, RunOutcome, StopHandle, Vcpu, VcpuError};
 
 /// What a VM is made of.
 #[derive(Clone, Debug)]
@@ -29,6 +31,9 @@ pub struct VmConfig {
     pub boot: BootSettings,
     /// The privilege level the guest starts at.
     pub privilege: boot::Privilege,
+    /// Compute a state digest every this many exits (and log dirty pages
+    /// for it); `None`: no digests.
+    pub digest_every: Option<u64>,
 }
 
 /// The guest-visible settings written into the boot-parameter block.
@@ -149,7 +154,7 @@ pub struct Vm {
     vcpu: Vcpu,
     stop: StopHandle,
     mem: GuestMem,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _kvm: Kvm,
 }
 
@@ -172,14 +177,14 @@ impl Vm {
                 return Err(VmError::MissingCapability(name));
             }
         }
-        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         let mem_size = config.memory_mib << 20;
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .map_err(|source| VmError::Memory { mib: config.memory_mib, source })?;
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_bindings::kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: if config.digest_every.is_some() { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
@@ -214,7 +219,12 @@ impl Vm {
         }
         let input = input(&stop);
         let peripherals = Peripherals { pio, mmio, deadline, input, output, exit_index: ExitIndex(0) };
-        Ok(Vm { vcpu: Vcpu::new(fd, peripherals, stop.clone()), stop, mem, _vm: vm, _kvm: kvm })
+        let digester = config.digest_every.filter(|n| *n > 0).map(|every| Digester {
+            every,
+            dirty: DirtyPages::new(mem.clone()),
+            vm: vm.clone(),
+        });
+        Ok(Vm { vcpu: Vcpu::new(fd, peripherals, stop.clone(), digester), stop, mem, _vm: vm, _kvm: kvm })
     }
 
     /// Stops this VM's vCPU from any thread.
@@ -232,9 +242,19 @@ impl Vm {
         &mut self.vcpu
     }
 
+    /// The vCPU's registers now (after [`Vm::run`] returned: where it stopped).
+    pub fn vcpu_state(&mut self) -> Result<VcpuState, DigestError> {
+        VcpuState::read(self.vcpu.fd_mut())
+    }
+
+    /// Guest exits so far.
+    pub fn exit_index(&self) -> ExitIndex {
+        self.vcpu.exit_index()
+    }
+
     /// Run the guest on its own vCPU thread until it powers off, faults, or
     /// is stopped; the calling thread waits.
-    pub fn run(mut self) -> Result<RunOutcome, VmError> {
+    pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         let outcome = std::thread::scope(|s| {
             let vcpu = &mut self.vcpu;
             let thread = std::thread::Builder::new()

@@ -1,0 +1,169 @@
+//! Digests of the guest's state, compared between primary and secondary to
+//! detect divergence (DESIGN.md, "The lockstep contract", rule 4).
+//!
+//! Every N exits both hosts compute, at the same exit index, three 64-bit
+//! XXH3 hashes: of the vCPU registers ([`VcpuState`]), of every device's
+//! saved state (bus order), and of the guest pages written since the last
+//! digest: those KVM's dirty log reports (guest writes) and those the VMM
+//! wrote itself (device DMA, tracked by vm-memory's bitmap), page number and
+//! contents, in ascending page order. The boot page tables are built with
+//! their accessed and dirty bits already set, so the CPU never writes them:
+//! what is hashed is only what the guest's execution wrote.
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::bus::Bus;
+use crate::memory::GuestMem;
+use crate::state::StateVersion;
+
+/// The three hashes compared at a digest point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// vCPU registers.
+    pub vcpu: u64,
+    /// Every device's state.
+    pub devices: u64,
+    /// Guest pages written since the previous digest.
+    pub memory: u64,
+}
+
+/// Errors computing a digest.
+#[derive(Debug, thiserror::Error)]
+pub enum DigestError {
+    /// Reading vCPU registers failed.
+    #[error("cannot read the vCPU's {what}")]
+    Registers {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Reading KVM's dirty log failed.
+    #[error("cannot read KVM's dirty-page log")]
+    DirtyLog(#[source] kvm_ioctls::Error),
+    /// Reading guest memory failed.
+    #[error("cannot read guest page {page:#x}")]
+    Memory {
+        page: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// The architectural state of the vCPU that execution depends on, as plain
+/// data: general registers, control registers, EFER, and the x87/SSE state.
+/// Hidden and host-specific fields (descriptor caches' padding, the APIC
+/// base, pending-interrupt bitmaps) are left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp, r8..r15, rip, rflags.
+    pub gprs: Vec<u64>,
+    /// cr0, cr2, cr3, cr4, cr8, efer.
+    pub control: Vec<u64>,
+    /// cs, ds, es, fs, gs, ss selectors.
+    pub selectors: Vec<u16>,
+    /// x87 registers, 8 × 16 bytes.
+    pub fpr: Vec<u8>,
+    /// fcw, fsw, ftwx, last opcode.
+    pub fpu_control: Vec<u16>,
+    /// xmm0..15, 16 × 16 bytes.
+    pub xmm: Vec<u8>,
+    /// MXCSR.
+    pub mxcsr: u32,
+}
+
+impl VcpuState {
+    /// Identity and version of this state.
+    pub const VERSION: StateVersion = StateVersion { kind: "vcpu", major: 1, minor: 0 };
+
+    /// Build from KVM's structures.
+    pub fn from_kvm(r: &kvm_regs, s: &kvm_sregs, f: &kvm_fpu) -> Self {
+        VcpuState {
+            gprs: vec![
+                r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+                r.r15, r.rip, r.rflags,
+            ],
+            control: vec![s.cr0, s.cr2, s.cr3, s.cr4, s.cr8, s.efer],
+            selectors: vec![s.cs.selector, s.ds.selector, s.es.selector, s.fs.selector, s.gs.selector, s.ss.selector],
+            fpr: f.fpr.iter().flatten().copied().collect(),
+            fpu_control: vec![f.fcw, f.fsw, u16::from(f.ftwx), f.last_opcode],
+            xmm: f.xmm.iter().flatten().copied().collect(),
+            mxcsr: f.mxcsr,
+        }
+    }
+
+    /// Read the state of `vcpu`.
+    pub fn read(vcpu: &VcpuFd) -> Result<Self, DigestError> {
+        let regs = vcpu.get_regs().map_err(|source| DigestError::Registers { what: "registers", source })?;
+        let sregs = vcpu.get_sregs().map_err(|source| DigestError::Registers { what: "special registers", source })?;
+        let fpu = vcpu.get_fpu().map_err(|source| DigestError::Registers { what: "FPU state", source })?;
+        Ok(VcpuState::from_kvm(&regs, &sregs, &fpu))
+    }
+
+    /// XXH3 of the encoded state.
+    pub fn hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(&crate::state::encode(Self::VERSION, self))
+    }
+}
+
+/// XXH3 over every device's snapshot, PIO bus then MMIO bus, address order.
+pub fn devices_hash(pio: &Bus, mmio: &Bus) -> u64 {
+    let mut h = Xxh3::new();
+    for (base, device) in pio.devices().chain(mmio.devices()) {
+        h.update(&base.to_le_bytes());
+        h.update(&device.snapshot());
+    }
+    h.digest()
+}
+
+/// Collects the pages written since the last call, from KVM's dirty log and
+/// from the VMM's own write bitmap, and hashes them.
+pub struct DirtyPages {
+    mem: GuestMem,
+    page_size: usize,
+}
+
+impl DirtyPages {
+    /// Track `mem`, whose regions are memslots 0, 1, ... in order, registered
+    /// with `KVM_MEM_LOG_DIRTY_PAGES`.
+    pub fn new(mem: GuestMem) -> Self {
+        DirtyPages { mem, page_size: ftvm_abi::PAGE_SIZE as usize }
+    }
+
+    /// Hash of the pages written since the previous call (or since the
+    /// memslots were registered), and how many there were. Resets both logs.
+    pub fn hash_and_reset(&self, vm: &VmFd) -> Result<(u64, u64), DigestError> {
+        let mut h = Xxh3::new();
+        let mut pages = 0u64;
+        let mut buf = vec![0u8; self.page_size];
+        for (slot, region) in self.mem.iter().enumerate() {
+            // One memslot per region, numbered in order (Vm::new).
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let kvm_dirty = vm.get_dirty_log(slot, len).map_err(DigestError::DirtyLog)?;
+            // The mapping's own bitmap (the region-level `bitmap()` is a slice view).
+            let vmm_dirty = std::ops::Deref::deref(region).bitmap();
+            let page_count = len / self.page_size;
+            for page in 0..page_count {
+                let by_guest = kvm_dirty.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0);
+                let offset = page * self.page_size;
+                let by_vmm = vmm_dirty.is_addr_set(offset);
+                if !(by_guest || by_vmm) {
+                    continue;
+                }
+                let addr = region.start_addr().0 + offset as u64;
+                self.mem
+                    .read_slice(&mut buf, GuestAddress(addr))
+                    .map_err(|source| DigestError::Memory { page: addr, source })?;
+                h.update(&addr.to_le_bytes());
+                h.update(&buf);
+                pages += 1;
+            }
+            vmm_dirty.reset();
+        }
+        Ok((h.digest(), pages))
+    }
+}
