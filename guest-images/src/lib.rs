@@ -86,6 +86,13 @@ pub static GUESTS: &[Guest] = &[
         elf: elf!("bad-virtio"),
     },
     Guest {
+        name: "rdtsc",
+        description: "Test: breaks the lockstep contract on purpose (RDTSC into memory), so replay diverges.",
+        test_only: true,
+        kernel_mode: false,
+        elf: elf!("rdtsc"),
+    },
+    Guest {
         name: "spin",
         description: "Test: prints \"spinning\", then loops forever without a single exit.",
         test_only: true,
@@ -291,6 +298,8 @@ mod tests {
     fn no_guest_reads_tsc_or_hardware_random() {
         let dir = std::env::temp_dir().join(format!("ftvm-guest-images-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
+        // `rdtsc` breaks the contract on purpose: it is how the divergence
+        // detector is tested. It must be the only one, and it must contain it.
         for guest in GUESTS {
             let path = dir.join(guest.name);
             fs::write(&path, guest.elf).unwrap();
@@ -304,6 +313,10 @@ mod tests {
             // Guards against a vacuous pass (no disassembly at all).
             assert!(text.contains("<_start>:"), "{}: no _start in the disassembly", guest.name);
             let found = forbidden_instructions(&text);
+            if guest.name == "rdtsc" {
+                assert!(guest.test_only && !found.is_empty(), "the rdtsc test guest lost its RDTSC");
+                continue;
+            }
             assert!(found.is_empty(), "{} uses forbidden instructions: {found:#?}", guest.name);
         }
         fs::remove_dir_all(&dir).unwrap();

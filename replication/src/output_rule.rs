@@ -1,0 +1,144 @@
+//! The output rule on the primary: an output produced at log position p is
+//! released only after the secondary acknowledged every record up to p.
+//!
+//! The vCPU thread never waits: an output that may go out at once (the
+//! secondary already holds everything up to p, and nothing is queued before
+//! it) is written straight away; any other is queued, a flush of the log is
+//! requested, and the releaser thread writes it when the ack arrives. Outputs
+//! leave in the order the guest produced them.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vmm::hook::{ExitIndex, GuestSignal, HookError, OutputSink};
+
+use crate::log::LogShared;
+use crate::record::LogPosition;
+
+/// One output waiting for its ack.
+enum Held {
+    Serial(Vec<u8>),
+    Frame(Vec<u8>),
+}
+
+struct Gate<S> {
+    sink: S,
+    held: VecDeque<(LogPosition, ExitIndex, Held)>,
+    stopped: bool,
+}
+
+/// The primary's output sink: gates every output behind the acks.
+pub struct OutputGate<S> {
+    gate: Arc<Mutex<Gate<S>>>,
+    log: Arc<LogShared>,
+}
+
+/// Releases held outputs as acks arrive; one thread per primary.
+pub struct Releaser<S> {
+    gate: Arc<Mutex<Gate<S>>>,
+    log: Arc<LogShared>,
+}
+
+/// An output gate over `sink`, and the releaser that drains it.
+pub fn gate<S: OutputSink>(sink: S, log: Arc<LogShared>) -> (OutputGate<S>, Releaser<S>) {
+    let gate = Arc::new(Mutex::new(Gate { sink, held: VecDeque::new(), stopped: false }));
+    (OutputGate { gate: gate.clone(), log: log.clone() }, Releaser { gate, log })
+}
+
+fn lock<S>(m: &Mutex<Gate<S>>) -> std::sync::MutexGuard<'_, Gate<S>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl<S: OutputSink> Gate<S> {
+    fn emit(&mut self, exit: ExitIndex, out: &Held) -> Result<(), HookError> {
+        match out {
+            Held::Serial(b) => self.sink.serial(exit, b),
+            Held::Frame(f) => self.sink.transmit_frame(exit, f),
+        }
+    }
+}
+
+impl<S: OutputSink> OutputGate<S> {
+    fn output(&mut self, exit: ExitIndex, out: Held) -> Result<(), HookError> {
+        let pos = self.log.appended();
+        let mut gate = lock(&self.gate);
+        if gate.held.is_empty() && self.log.releasable(pos) {
+            gate.emit(exit, &out)?;
+            self.log.set_released(pos);
+            return Ok(());
+        }
+        gate.held.push_back((pos, exit, out));
+        drop(gate);
+        self.log.request_flush();
+        Ok(())
+    }
+
+    /// Outputs waiting for their ack.
+    pub fn held(&self) -> usize {
+        lock(&self.gate).held.len()
+    }
+}
+
+impl<S: OutputSink> OutputSink for OutputGate<S> {
+    fn serial(&mut self, exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
+        self.output(exit, Held::Serial(bytes.to_vec()))
+    }
+
+    fn transmit_frame(&mut self, exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        self.output(exit, Held::Frame(frame.to_vec()))
+    }
+
+    fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
+        lock(&self.gate).sink.signal(exit, signal)
+    }
+}
+
+impl<S: OutputSink> Releaser<S> {
+    /// Release what the acks allow; returns how many outputs went out.
+    pub fn release_ready(&self) -> Result<usize, HookError> {
+        let mut gate = lock(&self.gate);
+        let mut n = 0;
+        while let Some((pos, _, _)) = gate.held.front() {
+            if !self.log.releasable(*pos) {
+                break;
+            }
+            let Some((pos, exit, out)) = gate.held.pop_front() else { break };
+            gate.emit(exit, &out)?;
+            self.log.set_released(pos);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Release outputs as acks arrive until [`Releaser::stop`].
+    pub fn run(&self) -> Result<(), HookError> {
+        loop {
+            self.release_ready()?;
+            let next = {
+                let gate = lock(&self.gate);
+                if gate.stopped {
+                    return Ok(());
+                }
+                gate.held.front().map(|(p, _, _)| *p)
+            };
+            match next {
+                Some(pos) => {
+                    self.log.wait_releasable(pos, Duration::from_millis(50));
+                }
+                None => self.log.wait_changed(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// End [`Releaser::run`].
+    pub fn stop(&self) {
+        lock(&self.gate).stopped = true;
+        self.log.wake_all();
+    }
+
+    /// Outputs still held.
+    pub fn held(&self) -> usize {
+        lock(&self.gate).held.len()
+    }
+}

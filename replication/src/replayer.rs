@@ -1,0 +1,151 @@
+//! The secondary's input source: every value comes from the log, at the exit
+//! index the primary logged it at. Anything else is a divergence, reported
+//! with both sides' view. A HLT does not sleep: the secondary runs as fast as
+//! the log lets it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use vmm::digest::StateDigest;
+use vmm::hook::{ExitIndex, ExitKind, HookError, InputSource, Wake};
+use vmm::vcpu::StopHandle;
+
+use crate::record::Record;
+
+/// Serves logged inputs in order.
+pub struct Replayer {
+    records: Receiver<Record>,
+    next: Option<Record>,
+    stop: StopHandle,
+    /// Records consumed: the log position the guest has reached (shared with
+    /// the output suppressor and the status report).
+    consumed: Arc<AtomicU64>,
+    /// The primary stopped cleanly at this exit: replay ends there.
+    shutdown_at: Option<ExitIndex>,
+    digests_checked: u64,
+}
+
+fn what(r: &Record) -> String {
+    match r {
+        Record::Clock { exit, .. } => format!("a clock reading at exit {exit}"),
+        Record::Entropy { exit, bytes } => format!("{} entropy bytes at exit {exit}", bytes.len()),
+        Record::Frame { exit, frame } if frame.is_empty() => format!("a frame poll with no frame at exit {exit}"),
+        Record::Frame { exit, frame } => format!("a {}-byte frame at exit {exit}", frame.len()),
+        Record::Digest { exit, vcpu, devices, memory } => {
+            format!("digest vcpu={vcpu:#018x} devices={devices:#018x} memory={memory:#018x} at exit {exit}")
+        }
+        Record::Shutdown { exit } => format!("the primary's shutdown at exit {exit}"),
+        #[allow(unreachable_patterns)]
+        other => format!("{other:?}"),
+    }
+}
+
+impl Replayer {
+    /// Replay the records arriving on `records`; `stop` ends a wait for the
+    /// next record.
+    pub fn new(records: Receiver<Record>, stop: StopHandle, consumed: Arc<AtomicU64>) -> Self {
+        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0 }
+    }
+
+    /// Records consumed so far.
+    pub fn consumed(&self) -> u64 {
+        self.consumed.load(Ordering::SeqCst)
+    }
+
+    /// Digests compared so far (all matched, or replay would have stopped).
+    pub fn digests_checked(&self) -> u64 {
+        self.digests_checked
+    }
+
+    /// The next record, waiting for it if it has not arrived.
+    fn peek(&mut self, exit: ExitIndex) -> Result<&Record, HookError> {
+        while self.next.is_none() {
+            if self.stop.is_stopped() {
+                return Err(HookError::Ended { exit_index: exit });
+            }
+            match self.records.recv_timeout(Duration::from_millis(20)) {
+                Ok(Record::Shutdown { exit: at }) => {
+                    self.shutdown_at = Some(at);
+                    return Err(HookError::Ended { exit_index: exit });
+                }
+                Ok(r) => self.next = Some(r),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(HookError::Ended { exit_index: exit }),
+            }
+        }
+        self.next.as_ref().ok_or(HookError::Ended { exit_index: exit })
+    }
+
+    /// Take the next record, which must be for `exit` and pass `matches`.
+    fn take(&mut self, exit: ExitIndex, found: &str, matches: impl Fn(&Record) -> bool) -> Result<Record, HookError> {
+        let next = self.peek(exit)?;
+        if next.exit() != exit || !matches(next) {
+            return Err(HookError::Diverged { exit_index: exit, expected: what(next), found: found.to_string() });
+        }
+        self.consumed.fetch_add(1, Ordering::SeqCst);
+        self.next.take().ok_or(HookError::Ended { exit_index: exit })
+    }
+}
+
+impl InputSource for Replayer {
+    fn on_exit(&mut self, exit: ExitIndex, _kind: &ExitKind) -> Result<(), HookError> {
+        // A record for an earlier exit than this one was never consumed: the
+        // guest skipped an input the primary's guest took.
+        if let Some(next) = &self.next {
+            if next.exit() < exit {
+                return Err(HookError::Diverged {
+                    exit_index: exit,
+                    expected: what(next),
+                    found: format!("no input consumed before exit {exit}"),
+                });
+            }
+        }
+        match self.shutdown_at {
+            Some(at) if exit > at => Err(HookError::Ended { exit_index: exit }),
+            _ => Ok(()),
+        }
+    }
+
+    fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
+        match self.take(exit, "a clock reading", |r| matches!(r, Record::Clock { .. }))? {
+            Record::Clock { ns, .. } => Ok(ns),
+            _ => Err(HookError::Ended { exit_index: exit }),
+        }
+    }
+
+    fn entropy(&mut self, exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
+        let len = buf.len();
+        let found = format!("{len} entropy bytes");
+        match self.take(exit, &found, |r| matches!(r, Record::Entropy { bytes, .. } if bytes.len() == len))? {
+            Record::Entropy { bytes, .. } => {
+                buf.copy_from_slice(&bytes);
+                Ok(())
+            }
+            _ => Err(HookError::Ended { exit_index: exit }),
+        }
+    }
+
+    fn halt(&mut self, _exit: ExitIndex, _deadline: Option<u64>) -> Result<Wake, HookError> {
+        Ok(Wake::Deadline)
+    }
+
+    fn receive_frame(&mut self, exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        match self.take(exit, "a frame poll", |r| matches!(r, Record::Frame { .. }))? {
+            Record::Frame { frame, .. } if frame.is_empty() => Ok(None),
+            Record::Frame { frame, .. } => Ok(Some(frame.to_vec())),
+            _ => Err(HookError::Ended { exit_index: exit }),
+        }
+    }
+
+    fn digest(&mut self, exit: ExitIndex, d: &StateDigest) -> Result<(), HookError> {
+        let found = format!("digest vcpu={:#018x} devices={:#018x} memory={:#018x}", d.vcpu, d.devices, d.memory);
+        self.take(exit, &found, |r| {
+            matches!(r, Record::Digest { vcpu, devices, memory, .. }
+                if *vcpu == d.vcpu && *devices == d.devices && *memory == d.memory)
+        })?;
+        self.digests_checked += 1;
+        Ok(())
+    }
+}
