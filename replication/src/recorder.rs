@@ -9,6 +9,7 @@
 //!   `Frame` record when none was waiting (a real Ethernet frame is never
 //!   empty);
 //! - each state digest.
+//!
 //! A HLT sleep is not logged: the secondary does not sleep, and what the
 //! guest sees after waking (clock, frames) is logged where it reads it.
 
