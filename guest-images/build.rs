@@ -113,7 +113,8 @@ fn guest_names(guests_dir: &Path) -> Vec<String> {
 }
 
 /// Reruns this script when a guest's source, manifest, lock file, cargo
-/// config or linker script changes, or the ABI crate does. The inner cargo
+/// config or linker script changes, or a crate outside `guests/` that guests
+/// link does (the ABI crate; `resp/`, the kvstore guest's engine). The inner cargo
 /// decides what actually needs rebuilding; its `target/` is not watched.
 fn track_sources(guests_dir: &Path, manifest_dir: &Path) {
     for path in read_dir(guests_dir) {
@@ -124,8 +125,8 @@ fn track_sources(guests_dir: &Path, manifest_dir: &Path) {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     let root = manifest_dir.join("..");
-    // The ABI crate inherits fields from the root manifest.
-    for path in [root.join("vmm/abi"), root.join("Cargo.toml")] {
+    // The ABI crate and resp/ inherit fields from the root manifest.
+    for path in [root.join("vmm/abi"), manifest_dir.join("resp"), root.join("Cargo.toml")] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
 }

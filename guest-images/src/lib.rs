@@ -51,6 +51,20 @@ pub static GUESTS: &[Guest] = &[
         elf: elf!("hello"),
     },
     Guest {
+        name: "streamer",
+        description: "Streams 1316-byte UDP datagrams (u64 LE sequence number, u64 LE guest clock ns) from port 5000 to --param dest=IP:PORT at --param rate=PPS (default 1000); needs a NIC.",
+        test_only: false,
+        kernel_mode: false,
+        elf: elf!("streamer"),
+    },
+    Guest {
+        name: "kvstore",
+        description: "Redis-protocol key-value server on TCP port 6379 for redis-cli and redis-benchmark (--param clients=N, default 64); needs a NIC and 21 MiB or more.",
+        test_only: false,
+        kernel_mode: false,
+        elf: elf!("kvstore"),
+    },
+    Guest {
         name: "devices",
         description: "Test: checks clock, timer sleep, entropy, heap and health; prints \"devices ok\", powers off with 0 (1 on a failed check).",
         test_only: true,
@@ -247,10 +261,13 @@ mod tests {
     }
 
     #[test]
-    fn hello_is_for_users_and_the_rest_are_tests() {
+    fn users_guests_come_first_and_the_rest_are_tests() {
+        const FOR_USERS: [&str; 3] = ["hello", "streamer", "kvstore"];
         for guest in GUESTS {
-            assert_eq!(guest.test_only, guest.name != "hello", "{}", guest.name);
+            assert_eq!(guest.test_only, !FOR_USERS.contains(&guest.name), "{}", guest.name);
         }
+        let first: Vec<&str> = GUESTS.iter().take(FOR_USERS.len()).map(|g| g.name).collect();
+        assert_eq!(first, FOR_USERS, "users' guests are listed first");
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub use ftvm_abi::BootParams;
 
 mod devices;
 mod heap;
+#[cfg(feature = "net")]
+pub mod net;
 mod panic;
 pub mod port;
 pub mod serial;

@@ -1,0 +1,366 @@
+//! `kvstore`: a Redis-protocol key-value server on TCP port 6379, for
+//! unmodified `redis-cli` and `redis-benchmark` (`-t ping,set,get,incr,mset`).
+//!
+//! The protocol and the keyspace are the `kvstore-resp` crate; this guest
+//! wires it to smoltcp (`rt::net`): a pool of TCP sockets all kept in LISTEN
+//! on port 6379, so that up to `clients` connections opening at once each
+//! find one; a socket that closes goes back to LISTEN.
+//!
+//! Parameters (`--param KEY=VALUE`):
+//!
+//! - `clients=N` (default 64, 1..=1024): concurrent connections served. The
+//!   pool holds N + 8 sockets: a socket spends 10 s in TIME-WAIT after the
+//!   server closes a connection (QUIT, a protocol error), and the spares
+//!   keep N connections possible meanwhile.
+//! - `maxmemory=BYTES` (optional; suffix k, m or g for KiB, MiB, GiB): the
+//!   keyspace limit; writes past it get `-OOM`. Default: half of the memory
+//!   left once the sockets and a fixed reserve are taken.
+//!
+//! Memory: every socket has a 64 KiB receive and a 64 KiB transmit buffer
+//! (values up to 64 KiB, pipelining), 9 MiB for the default pool. The guest
+//! needs the sockets + 4 MiB (image, NIC buffers, stack) + 8 MiB (keyspace
+//! and connection buffers) at least: 21 MiB with the default pool (refused
+//! below, with a message). At the VMM's default 64 MiB the keyspace limit is
+//! about 25 MiB.
+//!
+//! Back-pressure: a connection's replies wait in its output buffer while the
+//! socket's transmit buffer is full; while 64 KiB or more wait, or the engine
+//! holds requests back (its own high-water mark), nothing more is read from
+//! that socket, so TCP flow control makes the client wait.
+//!
+//! Serial output: `kvstore: network up: MAC ..., IP ..., gateway ...`,
+//! `kvstore: N clients, S sockets, keyspace limit M MiB`, then
+//! `kvstore: listening on IP:6379`. The health port gets a beat counter
+//! every 100 ms of guest time.
+//!
+//! Exits per turn: clock 2, one notify when anything is sent 1, HLT 1, timer
+//! 2 only when the deadline moves (about once per 100 ms health beat). An
+//! isolated request costs one turn (4 exits); under load one turn serves
+//! every request that arrived since the previous one.
+//!
+//! Power-off status (it serves forever otherwise): 1 when the network cannot
+//! be brought up or memory is too small, 2 for bad parameters.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use kvstore_resp::limits::OUTPUT_HIGH_WATER;
+use kvstore_resp::{Conn, ConnStatus, Store};
+use rt::net::smoltcp::iface::SocketHandle;
+use rt::net::smoltcp::socket::tcp;
+use rt::net::smoltcp::time::Duration;
+use rt::net::Net;
+
+rt::entry!(main);
+
+/// The Redis port.
+const PORT: u16 = 6379;
+/// Bytes of each socket's receive buffer, and of its transmit buffer.
+const SOCKET_BUF: usize = 64 * 1024;
+/// Concurrent connections without `--param clients`.
+const DEFAULT_CLIENTS: usize = 64;
+/// Most concurrent connections accepted as a parameter.
+const MAX_CLIENTS: usize = 1024;
+/// Sockets beyond `clients`, for the ones waiting out TIME-WAIT.
+const SPARE_SOCKETS: usize = 8;
+/// Memory reserved besides the sockets: image, NIC buffers and rings,
+/// stack, allocator slack.
+const FIXED_RESERVE: u64 = 4 << 20;
+/// Least memory left for the keyspace and the connections' buffers.
+const MIN_FREE: u64 = 8 << 20;
+/// Stop reading from a socket while this much output waits to be sent.
+const READ_HIGH_WATER: usize = SOCKET_BUF;
+/// How often the health port is written.
+const HEALTH_EVERY_NS: u64 = 100_000_000;
+/// Expired keys removed per turn, at most (the rest go lazily or next turn).
+const SWEEP_BUDGET: usize = 32;
+/// Keep-alive probes on idle connections, and the silence after which a
+/// peer is taken for dead (its socket aborted and listening again). Without
+/// them a client that vanished would hold its socket forever.
+const KEEP_ALIVE: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Power-off status when the network cannot be brought up or memory is short.
+const EXIT_NO_NETWORK: u32 = 1;
+/// Power-off status for bad parameters.
+const EXIT_BAD_PARAM: u32 = 2;
+
+fn main(boot: &'static rt::BootParams) -> u32 {
+    let settings = match Settings::from_boot(boot) {
+        Ok(settings) => settings,
+        Err(e) => {
+            rt::println!("kvstore: {e}");
+            return EXIT_BAD_PARAM;
+        }
+    };
+    let mut net = match Net::new(boot) {
+        Ok(net) => net,
+        Err(e) => {
+            rt::println!("kvstore: cannot start: {e}");
+            return EXIT_NO_NETWORK;
+        }
+    };
+    rt::println!("kvstore: network up: {net}");
+
+    let sockets = settings.clients + SPARE_SOCKETS;
+    let mut pool: Vec<Client> = Vec::with_capacity(sockets);
+    for _ in 0..sockets {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; SOCKET_BUF]),
+            tcp::SocketBuffer::new(vec![0; SOCKET_BUF]),
+        );
+        configure(&mut socket);
+        if let Err(e) = socket.listen(PORT) {
+            rt::println!("kvstore: cannot listen on port {PORT}: {e}");
+            return EXIT_NO_NETWORK;
+        }
+        pool.push(Client {
+            handle: net.sockets.add(socket),
+            session: None,
+        });
+    }
+    rt::println!(
+        "kvstore: {} clients, {sockets} sockets, keyspace limit {} MiB",
+        settings.clients,
+        settings.store_limit >> 20
+    );
+    rt::println!("kvstore: listening on {}:{PORT}", net.ip());
+    serve(&mut net, &mut pool, Store::with_limit(settings.store_limit))
+}
+
+/// What the parameters and the guest's memory allow.
+struct Settings {
+    clients: usize,
+    store_limit: usize,
+}
+
+impl Settings {
+    fn from_boot(boot: &'static rt::BootParams) -> Result<Settings, ParamError> {
+        let clients = match boot.param("clients") {
+            None => DEFAULT_CLIENTS,
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|n| (1..=MAX_CLIENTS).contains(n))
+                .ok_or(ParamError::BadClients(text))?,
+        };
+        // Bounded by MAX_CLIENTS: no overflow.
+        let socket_bytes = ((clients + SPARE_SOCKETS) * 2 * SOCKET_BUF) as u64;
+        let reserved = socket_bytes + FIXED_RESERVE;
+        let needed = reserved + MIN_FREE;
+        if boot.mem_size < needed {
+            return Err(ParamError::MemoryTooSmall {
+                clients,
+                needed,
+                has: boot.mem_size,
+            });
+        }
+        let free = boot.mem_size - reserved;
+        let limit = match boot.param("maxmemory") {
+            None => free / 2,
+            Some(text) => {
+                let limit = parse_bytes(text).ok_or(ParamError::BadMaxMemory(text))?;
+                if limit > free {
+                    return Err(ParamError::MaxMemoryTooLarge { limit, free });
+                }
+                limit
+            }
+        };
+        // Guest memory is below 3 GiB: fits in usize.
+        let store_limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        Ok(Settings {
+            clients,
+            store_limit,
+        })
+    }
+}
+
+/// `123`, `64k`, `16mb`, `1G`: bytes, or KiB, MiB, GiB (case-insensitive).
+fn parse_bytes(text: &str) -> Option<u64> {
+    const UNITS: [(&str, u32); 8] = [
+        ("", 0),
+        ("b", 0),
+        ("k", 10),
+        ("kb", 10),
+        ("m", 20),
+        ("mb", 20),
+        ("g", 30),
+        ("gb", 30),
+    ];
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let (_, shift) = UNITS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(unit))?;
+    number.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// A `--param` the server cannot use, or too little memory.
+enum ParamError {
+    BadClients(&'static str),
+    BadMaxMemory(&'static str),
+    MemoryTooSmall {
+        clients: usize,
+        needed: u64,
+        has: u64,
+    },
+    MaxMemoryTooLarge {
+        limit: u64,
+        free: u64,
+    },
+}
+
+impl fmt::Display for ParamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamError::BadClients(text) => {
+                write!(f, "--param clients={text:?} is not a number of connections in 1..={MAX_CLIENTS}")
+            }
+            ParamError::BadMaxMemory(text) => {
+                write!(f, "--param maxmemory={text:?} is not a size (bytes, or with k, m or g)")
+            }
+            ParamError::MemoryTooSmall { clients, needed, has } => write!(
+                f,
+                "needs at least {} MiB of memory for {clients} clients, has {} MiB (--memory-mib)",
+                needed.div_ceil(1 << 20),
+                has >> 20
+            ),
+            ParamError::MaxMemoryTooLarge { limit, free } => write!(
+                f,
+                "--param maxmemory={limit} is more than the {free} bytes left once the sockets are allocated"
+            ),
+        }
+    }
+}
+
+/// Socket options: no Nagle (replies go out at once, as Redis sets
+/// TCP_NODELAY), keep-alive and timeout.
+fn configure(socket: &mut tcp::Socket<'_>) {
+    socket.set_nagle_enabled(false);
+    socket.set_keep_alive(Some(KEEP_ALIVE));
+    socket.set_timeout(Some(TIMEOUT));
+}
+
+/// One socket of the pool, and its client connection while it has one.
+struct Client {
+    handle: SocketHandle,
+    session: Option<Session>,
+}
+
+/// A client connection: protocol state and replies not yet in the socket.
+struct Session {
+    conn: Conn,
+    out: Vec<u8>,
+    /// The engine asked to close (QUIT, protocol error): send `out`, then
+    /// close; read nothing more.
+    closing: bool,
+}
+
+/// Serves forever.
+fn serve(net: &mut Net, pool: &mut [Client], mut store: Store) -> u32 {
+    let mut next_health: u64 = 0;
+    let mut beat: u32 = 0;
+    loop {
+        let now = net.poll();
+        let mut open = 0;
+        for client in pool.iter_mut() {
+            let socket = net.sockets.get_mut::<tcp::Socket>(client.handle);
+            client.serve(socket, &mut store, now);
+            if client.session.is_some() {
+                open += 1;
+            }
+        }
+        store.set_connected_clients(open);
+        store.sweep(now, SWEEP_BUDGET);
+        if now >= next_health {
+            beat = beat.wrapping_add(1);
+            rt::health(beat);
+            next_health = now.saturating_add(HEALTH_EVERY_NS);
+        }
+        // Nothing here needs a turn before new input or smoltcp's timers
+        // (which wait() takes into account), except the health beat.
+        net.wait(Some(next_health));
+    }
+}
+
+impl Client {
+    /// One turn of this socket: take a new connection, send waiting
+    /// replies, execute requests, close, or listen again.
+    fn serve(&mut self, socket: &mut tcp::Socket<'_>, store: &mut Store, now: u64) {
+        match socket.state() {
+            tcp::State::Closed => {
+                // Closed by reset, timeout or after our close: listen again.
+                self.session = None;
+                configure(socket);
+                // Only fails on a socket that is open, or on port 0.
+                let _ = socket.listen(PORT);
+                return;
+            }
+            tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent => return,
+            tcp::State::TimeWait => {
+                // Our close completed; the socket lingers, then is Closed.
+                self.session = None;
+                return;
+            }
+            _ => {}
+        }
+        let session = self.session.get_or_insert_with(|| Session {
+            conn: Conn::new(),
+            out: Vec::new(),
+            closing: false,
+        });
+        session.send(socket);
+        if session.conn.has_pending_input() && session.out.len() < OUTPUT_HIGH_WATER {
+            // Requests held back while the output was full.
+            let status = session.conn.feed(&[], store, now, &mut session.out);
+            session.closing |= status == ConnStatus::Close;
+            session.send(socket);
+        }
+        while !session.closing
+            && !session.conn.has_pending_input()
+            && session.out.len() < READ_HIGH_WATER
+            && socket.can_recv()
+        {
+            let fed = socket.recv(|input| {
+                let status = session.conn.feed(input, store, now, &mut session.out);
+                (input.len(), status)
+            });
+            match fed {
+                Ok(status) => session.closing |= status == ConnStatus::Close,
+                Err(_) => break,
+            }
+            session.send(socket);
+        }
+        let drained = session.out.is_empty() && !session.conn.has_pending_input();
+        let peer_done = socket.state() == tcp::State::CloseWait && !socket.can_recv();
+        if drained && (session.closing || peer_done) && socket.may_send() {
+            // FIN after what the socket still holds.
+            socket.close();
+        }
+    }
+}
+
+impl Session {
+    /// Moves as much output as the socket takes into it.
+    fn send(&mut self, socket: &mut tcp::Socket<'_>) {
+        if self.out.is_empty() {
+            return;
+        }
+        match socket.send_slice(&self.out) {
+            Ok(n) if n == self.out.len() => self.out.clear(),
+            Ok(n) => {
+                self.out.drain(..n);
+            }
+            // The connection cannot send any more (reset, closed): the
+            // socket's state says so next turn.
+            Err(_) => {}
+        }
+    }
+}

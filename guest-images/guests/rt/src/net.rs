@@ -1,0 +1,955 @@
+//! Networking for guests with a NIC: ftvm's virtio-net (virtio-mmio, version
+//! 2, at [`VIRTIO_MMIO_BASE`]) driven by polling, and smoltcp on top.
+//!
+//! ```ignore
+//! let mut net = rt::net::Net::new(boot)?;          // NIC, interface, IP, route
+//! let socket = net.sockets.add(/* a smoltcp socket */);
+//! loop {
+//!     let now_ns = net.poll();                      // clock, receive, timers
+//!     // ... read and write the sockets in `net.sockets` ...
+//!     net.wait(Some(next_deadline_ns));             // transmit, then sleep
+//! }
+//! ```
+//!
+//! # Lockstep
+//!
+//! The device raises no interrupt and touches the rings only while the VMM
+//! handles an exit of this guest: it transmits on a notify of the transmit
+//! queue, and fills posted receive buffers after every HLT (and on a notify of
+//! the receive queue, which this driver never needs). So every turn of the loop
+//! ends in exactly one HLT, armed with the turn's deadline: the VMM sleeps
+//! until then or until a frame arrives, delivers what it holds into the posted
+//! buffers and resumes the guest. A turn with more work to do arms a deadline
+//! in the past, and its HLT returns at once after taking in any frames. The
+//! driver never spins on a register or on the rings.
+//!
+//! # Exits per turn
+//!
+//! Every register access and port access is an exit; reading and writing the
+//! rings is plain memory and costs none. One turn of `poll` + `wait` costs:
+//!
+//! | what                                          | exits              |
+//! | --------------------------------------------- | ------------------ |
+//! | [`clock_ns`] in [`Net::poll`]                 | 2 (PIO)            |
+//! | receiving any number of frames                | 0                  |
+//! | re-posting the receive buffers consumed       | 0                  |
+//! | transmitting 1..=256 frames (one notify)      | 1 (MMIO), else 0   |
+//! | arming the timer, when the deadline moved     | 2 (PIO), else 0    |
+//! | HLT                                           | 1                  |
+//!
+//! so 3 to 6 exits per turn whatever the number of frames it moves: 4 for a
+//! busy turn that transmits (clock, notify, HLT), 5 for a timer wake-up with
+//! nothing to send, 6 when both happen and the deadline moved. Initialisation
+//! costs about 50 exits, once.
+//!
+//! The timer is armed only when needed: a deadline in the past is left armed
+//! while turns keep asking not to sleep, and an armed deadline that is in the
+//! future but earlier than the new one is kept (an early wake-up costs one
+//! turn; re-arming on every turn would cost 2 exits each).
+//!
+//! virtio-drivers' `VirtIONet` is not used: it notifies the device once per
+//! transmitted frame and once per re-posted receive buffer (2 exits per
+//! frame). This driver uses the same crate's transport and [`VirtQueue`] and
+//! batches: one notify per turn for every frame transmitted, none for
+//! receive buffers.
+//!
+//! # Memory
+//!
+//! 256 receive and 256 transmit buffers of [`BUF_LEN`] bytes (768 KiB) and
+//! the two rings (about 24 KiB), allocated once from the heap and never freed.
+//! Sockets are the guest's own.
+
+// `rt`'s root does not link `alloc`; this module needs it.
+extern crate alloc;
+
+use alloc::alloc::{alloc_zeroed, dealloc, Layout};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ptr::NonNull;
+
+pub use smoltcp;
+
+use ftvm_abi::{BootParams, MMIO_SLOT_SIZE, VIRTIO_MMIO_BASE};
+use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::phy::{self, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr, ETHERNET_HEADER_LEN,
+};
+use virtio_drivers::queue::VirtQueue;
+use virtio_drivers::transport::mmio::{MmioError, MmioTransport, MmioVersion, VirtIOHeader};
+use virtio_drivers::transport::{DeviceStatus, DeviceType, Transport};
+use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
+
+use crate::{clock_ns, halt, random_u64, set_timer};
+
+/// The receive queue of a virtio-net device (virtio 1.2 §5.1.2).
+const RX_QUEUE: u16 = 0;
+/// The transmit queue.
+const TX_QUEUE: u16 = 1;
+/// Descriptors (and buffers) per queue: ftvm's device takes up to 256, and
+/// fills at most a queue's worth of receive buffers per exit.
+pub const QUEUE_SIZE: usize = 256;
+/// `virtio_net_hdr` with VIRTIO_F_VERSION_1 (virtio 1.2 §5.1.6): 12 bytes,
+/// all zero on transmit (no offloads), ignored on receive.
+const HDR_LEN: usize = 12;
+/// Largest Ethernet frame sent or expected, without FCS: 1500-byte MTU.
+pub const FRAME_LEN: usize = 1514;
+/// Bytes of each buffer: header, frame, and room for a VLAN tag. A received
+/// frame that does not fit is dropped by the device.
+pub const BUF_LEN: usize = 1536;
+/// VIRTIO_F_VERSION_1 (virtio 1.2 §6).
+const F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_NET_F_MAC: the MAC is in config space (virtio 1.2 §5.1.3).
+const F_MAC: u64 = 1 << 5;
+/// Longest sleep of one turn, so that a guest with no deadline of its own
+/// still looks at its sockets now and then.
+pub const MAX_SLEEP_NS: u64 = 100_000_000;
+/// A deadline that is always in the past (0 would disarm the timer).
+const IMMEDIATE: u64 = 1;
+/// Bound on `poll_egress` rounds in one turn (each sends at most one packet
+/// per socket); past it the turn ends and the next one carries on.
+const MAX_EGRESS_ROUNDS: usize = 4 * QUEUE_SIZE;
+
+/// Why the network could not be brought up.
+#[derive(Debug)]
+pub enum NetError {
+    /// The boot parameters say this guest has no NIC.
+    NoNic,
+    /// The boot parameters give no IPv4 address.
+    NoAddress,
+    /// The boot parameters give a prefix longer than 32 bits.
+    BadPrefix { prefix: u8 },
+    /// The MMIO slot does not hold a usable virtio-mmio device.
+    Transport(MmioError),
+    /// The slot holds a legacy (version 1) virtio-mmio device.
+    LegacyTransport,
+    /// The slot holds a virtio device that is not a network card.
+    NotANic(DeviceType),
+    /// The device does not offer VIRTIO_F_VERSION_1.
+    NoVersion1 { offered: u64 },
+    /// The device did not accept the features (FEATURES_OK stayed clear).
+    FeaturesRefused { accepted: u64, status: u32 },
+    /// The device's MAC differs from the one in the boot parameters.
+    MacMismatch { device: [u8; 6], boot: [u8; 6] },
+    /// Reading the device's configuration space failed.
+    Config(virtio_drivers::Error),
+    /// Setting up a virtqueue failed.
+    Queue {
+        queue: u16,
+        error: virtio_drivers::Error,
+    },
+}
+
+impl fmt::Display for NetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetError::NoNic => {
+                f.write_str("no NIC: the VMM gave this guest no network device (run it with --tap)")
+            }
+            NetError::NoAddress => {
+                f.write_str("no IPv4 address: the boot parameters have none (run it with --ip ADDR/PREFIX)")
+            }
+            NetError::BadPrefix { prefix } => {
+                write!(f, "the boot parameters give prefix length {prefix}, more than 32")
+            }
+            NetError::Transport(MmioError::BadMagic(magic)) => write!(
+                f,
+                "no NIC: no virtio-mmio device at {VIRTIO_MMIO_BASE:#x} (magic {magic:#010x})"
+            ),
+            NetError::Transport(e) => {
+                write!(f, "no NIC: the virtio-mmio device at {VIRTIO_MMIO_BASE:#x} is unusable: {e}")
+            }
+            NetError::LegacyTransport => write!(
+                f,
+                "no NIC: the virtio-mmio device at {VIRTIO_MMIO_BASE:#x} is legacy (version 1), not virtio 1.x"
+            ),
+            NetError::NotANic(kind) => write!(
+                f,
+                "no NIC: the virtio device at {VIRTIO_MMIO_BASE:#x} is a {kind:?} device, not a network card"
+            ),
+            NetError::NoVersion1 { offered } => write!(
+                f,
+                "the NIC does not offer VIRTIO_F_VERSION_1 (features {offered:#x})"
+            ),
+            NetError::FeaturesRefused { accepted, status } => write!(
+                f,
+                "the NIC refused features {accepted:#x} (status {status:#x})"
+            ),
+            NetError::MacMismatch { device, boot } => write!(
+                f,
+                "the NIC's MAC {} differs from the boot parameters' {}",
+                EthernetAddress(*device),
+                EthernetAddress(*boot)
+            ),
+            NetError::Config(error) => write!(f, "cannot read the NIC's configuration space: {error}"),
+            NetError::Queue { queue, error } => write!(f, "cannot set up virtqueue {queue}: {error}"),
+        }
+    }
+}
+
+/// Counters of the network loop, for benchmarks and diagnostics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Turns of the loop ([`Net::poll`] calls).
+    pub turns: u64,
+    /// HLTs executed by [`Net::wait`].
+    pub halts: u64,
+    /// Timer arms (2 exits each).
+    pub timer_arms: u64,
+    /// Transmit-queue notifies (1 exit each).
+    pub notifies: u64,
+    /// Frames handed to the device.
+    pub tx_frames: u64,
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Frames dropped on transmit: no buffer, or too long.
+    pub tx_dropped: u64,
+    /// Used-ring entries that made no sense (a device bug); they stop the
+    /// ring they were found on.
+    pub ring_errors: u64,
+}
+
+/// [`Hal`] for ftvm guests: guest memory is identity-mapped (virtual ==
+/// physical) and there is no IOMMU, so DMA memory comes from the global
+/// allocator and sharing a buffer is handing over its address.
+#[derive(Debug)]
+pub struct GuestHal;
+
+// SAFETY: dma_alloc returns zeroed, page-aligned memory from the global
+// allocator, which nothing else aliases until dma_dealloc gives it back;
+// its physical address is its virtual address (identity map). share returns
+// the buffer's own address, which is also its physical address, and unshare
+// has nothing to undo or copy.
+unsafe impl Hal for GuestHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let Some(layout) = dma_layout(pages) else {
+            return (0, NonNull::dangling());
+        };
+        // SAFETY: the layout has a non-zero size (pages >= 1, checked by
+        // dma_layout).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        match NonNull::new(ptr) {
+            // Identity map: the address is the physical address.
+            Some(ptr) => (ptr.as_ptr() as PhysAddr, ptr),
+            // virtio-drivers reports a physical address of 0 as DmaError.
+            None => (0, NonNull::dangling()),
+        }
+    }
+
+    unsafe fn dma_dealloc(_paddr: PhysAddr, vaddr: NonNull<u8>, pages: usize) -> i32 {
+        let Some(layout) = dma_layout(pages) else {
+            return -1;
+        };
+        // SAFETY: the caller passes back what dma_alloc returned for the same
+        // number of pages, so `vaddr` was allocated with this very layout.
+        unsafe { dealloc(vaddr.as_ptr(), layout) };
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, _size: usize) -> NonNull<u8> {
+        // Identity map. Only the PCI transport calls this; address 0 is RAM,
+        // never MMIO.
+        NonNull::new(paddr as *mut u8).expect("MMIO region at physical address 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        buffer.cast::<u8>().as_ptr() as PhysAddr
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+fn dma_layout(pages: usize) -> Option<Layout> {
+    let size = pages.checked_mul(PAGE_SIZE).filter(|size| *size > 0)?;
+    Layout::from_size_align(size, PAGE_SIZE).ok()
+}
+
+/// One packet buffer of [`BUF_LEN`] bytes, allocated once and never freed.
+///
+/// Held as a raw pointer, not a `Box`: while the device owns the buffer it
+/// writes it behind the compiler's back, which a `Box`'s uniqueness would
+/// forbid. A `&`/`&mut` slice is made only while the driver owns it (before
+/// posting, after the used ring gave it back).
+struct Buf(NonNull<u8>);
+
+impl Buf {
+    const LAYOUT: Layout = match Layout::from_size_align(BUF_LEN, 64) {
+        Ok(layout) => layout,
+        Err(_) => panic!("BUF_LEN is not a valid allocation size"),
+    };
+
+    fn new() -> Buf {
+        // SAFETY: LAYOUT has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(Self::LAYOUT) };
+        match NonNull::new(ptr) {
+            Some(ptr) => Buf(ptr),
+            None => alloc::alloc::handle_alloc_error(Self::LAYOUT),
+        }
+    }
+
+    /// The whole buffer.
+    ///
+    /// # Safety
+    ///
+    /// The driver owns the buffer (the device is not using it), and no other
+    /// slice of it is live.
+    unsafe fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the pointer came from an allocation of BUF_LEN bytes that
+        // is never freed; the caller guarantees exclusive ownership.
+        unsafe { core::slice::from_raw_parts_mut(self.0.as_ptr(), BUF_LEN) }
+    }
+}
+
+/// Receive side: posted buffers by descriptor (token), and the buffers
+/// smoltcp has consumed, waiting to be posted again.
+struct RxRing {
+    queue: VirtQueue<GuestHal, QUEUE_SIZE>,
+    posted: [Option<Buf>; QUEUE_SIZE],
+    done: Vec<Buf>,
+}
+
+impl RxRing {
+    /// Takes the next filled buffer off the used ring: the buffer and the
+    /// frame's length (0 for a length that makes no sense). Memory only.
+    fn pop(&mut self, stats: &mut NetStats) -> Option<(Buf, usize)> {
+        let token = self.queue.peek_used()?;
+        let Some(mut buf) = self
+            .posted
+            .get_mut(usize::from(token))
+            .and_then(Option::take)
+        else {
+            // A token never posted: the ring cannot be trusted any more.
+            stats.ring_errors += 1;
+            return None;
+        };
+        // SAFETY: the device has returned the buffer (it is on the used ring),
+        // and it is the one posted with this token.
+        let used = unsafe { self.queue.pop_used(token, &[], &mut [buf.bytes()]) };
+        match used {
+            Ok(len) => {
+                let frame = usize::try_from(len)
+                    .ok()
+                    .and_then(|len| len.checked_sub(HDR_LEN))
+                    .filter(|frame| *frame <= BUF_LEN - HDR_LEN)
+                    .unwrap_or(0);
+                Some((buf, frame))
+            }
+            Err(_) => {
+                stats.ring_errors += 1;
+                self.done.push(buf);
+                None
+            }
+        }
+    }
+
+    /// Posts the consumed buffers again. Memory only: the device sees them
+    /// at the next HLT.
+    fn repost(&mut self) {
+        while let Some(mut buf) = self.done.pop() {
+            // SAFETY: the buffer is the driver's (it came off the used ring
+            // and smoltcp is done with it); it stays valid forever and is not
+            // touched again until the used ring returns it.
+            match unsafe { self.queue.add(&[], &mut [buf.bytes()]) } {
+                Ok(token) => match self.posted.get_mut(usize::from(token)) {
+                    Some(slot) => *slot = Some(buf),
+                    None => {
+                        // VirtQueue hands out tokens below QUEUE_SIZE.
+                        self.done.push(buf);
+                        return;
+                    }
+                },
+                Err(_) => {
+                    self.done.push(buf);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Transmit side: free buffers, buffers on the ring by token, and the
+/// transport (only transmit needs to notify).
+struct TxRing {
+    transport: MmioTransport<'static>,
+    queue: VirtQueue<GuestHal, QUEUE_SIZE>,
+    free: Vec<Buf>,
+    /// Buffers on the ring, with the length of the chain given to the device.
+    inflight: [Option<(Buf, usize)>; QUEUE_SIZE],
+    /// Frames added since the last notify.
+    queued: usize,
+    stats: NetStats,
+}
+
+impl TxRing {
+    /// Queues one frame of `len` bytes that `fill` writes. Memory only; the
+    /// device sees it at the next [`TxRing::flush`].
+    fn send<R>(&mut self, len: usize, fill: impl FnOnce(&mut [u8]) -> R) -> R {
+        let buf = self.free.pop();
+        let (Some(mut buf), true) = (buf, len <= FRAME_LEN) else {
+            // smoltcp never asks for more than the MTU, and Device::transmit
+            // checked for a free buffer: neither happens. Build the frame
+            // somewhere and drop it rather than panic.
+            self.stats.tx_dropped += 1;
+            return fill(&mut vec![0; len]);
+        };
+        let chain_len = HDR_LEN + len;
+        // SAFETY: the buffer is free: not on the ring, no other slice of it.
+        let bytes = unsafe { buf.bytes() };
+        // Zero header: no checksum offload, no segmentation.
+        bytes[..HDR_LEN].fill(0);
+        let result = fill(&mut bytes[HDR_LEN..chain_len]);
+        // SAFETY: the buffer stays valid forever and is not touched again
+        // until reap() takes it off the used ring.
+        match unsafe { self.queue.add(&[&buf.bytes()[..chain_len]], &mut []) } {
+            Ok(token) => match self.inflight.get_mut(usize::from(token)) {
+                Some(slot) => {
+                    *slot = Some((buf, chain_len));
+                    self.queued += 1;
+                    self.stats.tx_frames += 1;
+                }
+                None => {
+                    self.stats.ring_errors += 1;
+                    self.free.push(buf);
+                }
+            },
+            Err(_) => {
+                self.stats.tx_dropped += 1;
+                self.free.push(buf);
+            }
+        }
+        result
+    }
+
+    /// Hands the queued frames to the device (one notify: 1 exit, and only
+    /// when there is something queued) and takes back the buffers it used.
+    fn flush(&mut self) {
+        if self.queued > 0 {
+            // The device sends every available chain while it handles this
+            // write, so the used ring is complete when it returns. The notify
+            // is written even if the device asked for no notifications (it
+            // never does): without it nothing would be sent.
+            self.transport.notify(TX_QUEUE);
+            self.queued = 0;
+            self.stats.notifies += 1;
+        }
+        self.reap();
+    }
+
+    /// Takes used buffers back. Memory only.
+    fn reap(&mut self) {
+        while let Some(token) = self.queue.peek_used() {
+            let Some((mut buf, chain_len)) = self
+                .inflight
+                .get_mut(usize::from(token))
+                .and_then(Option::take)
+            else {
+                self.stats.ring_errors += 1;
+                return;
+            };
+            // SAFETY: the device has returned the buffer, and it is the one
+            // added with this token, with the same chain.
+            let popped = unsafe {
+                self.queue
+                    .pop_used(token, &[&buf.bytes()[..chain_len]], &mut [])
+            };
+            if popped.is_err() {
+                self.stats.ring_errors += 1;
+            }
+            self.free.push(buf);
+        }
+    }
+
+    /// True when a frame can be queued, flushing a full ring first.
+    fn ready(&mut self) -> bool {
+        if self.free.is_empty() {
+            self.flush();
+        }
+        !self.free.is_empty()
+    }
+}
+
+/// Frames addressed to us that answer an ARP request of [`Net::send_arp_request`].
+#[derive(Default)]
+struct ArpWatch {
+    our_ip: Option<Ipv4Address>,
+    target: Option<Ipv4Address>,
+    seen: bool,
+}
+
+impl ArpWatch {
+    /// Notes an ARP packet from the watched address to us (a reply, or a
+    /// request of its own: either fills smoltcp's neighbor cache).
+    fn inspect(&mut self, frame: &[u8]) {
+        let Some(target) = self.target else { return };
+        if self.seen {
+            return;
+        }
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            return;
+        };
+        if eth.ethertype() != EthernetProtocol::Arp {
+            return;
+        }
+        let Ok(packet) = ArpPacket::new_checked(eth.payload()) else {
+            return;
+        };
+        if let Ok(ArpRepr::EthernetIpv4 {
+            source_protocol_addr,
+            target_protocol_addr,
+            ..
+        }) = ArpRepr::parse(&packet)
+        {
+            if source_protocol_addr == target && Some(target_protocol_addr) == self.our_ip {
+                self.seen = true;
+            }
+        }
+    }
+}
+
+/// The NIC as a smoltcp [`phy::Device`].
+pub struct Nic {
+    rx: RxRing,
+    tx: TxRing,
+    arp: ArpWatch,
+}
+
+impl Nic {
+    /// Finds, checks and initialises the virtio-net device, and posts every
+    /// receive buffer. `mac` is the MAC the boot parameters give.
+    fn new(mac: [u8; 6]) -> Result<Nic, NetError> {
+        let header =
+            NonNull::new(VIRTIO_MMIO_BASE as *mut VirtIOHeader).expect("VIRTIO_MMIO_BASE is not 0");
+        // MMIO_SLOT_SIZE is 4 KiB.
+        let size = MMIO_SLOT_SIZE as usize;
+        // SAFETY: VIRTIO_MMIO_BASE is the ABI's first virtio-mmio slot, one
+        // MMIO_SLOT_SIZE page in the MMIO window above all RAM, identity
+        // mapped by the VMM's page tables and 4 KiB aligned; no Rust object
+        // lives there, and only this transport accesses it (Net::new is the
+        // only caller, and a guest brings its network up once).
+        let mut transport =
+            unsafe { MmioTransport::new(header, size) }.map_err(NetError::Transport)?;
+        if transport.version() != MmioVersion::Modern {
+            return Err(NetError::LegacyTransport);
+        }
+        if transport.device_type() != DeviceType::Network {
+            return Err(NetError::NotANic(transport.device_type()));
+        }
+
+        // virtio 1.2 §3.1.1, with the FEATURES_OK check that
+        // Transport::begin_init leaves out.
+        transport.set_status(DeviceStatus::empty());
+        transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
+        let offered = transport.read_device_features();
+        if offered & F_VERSION_1 == 0 {
+            return Err(NetError::NoVersion1 { offered });
+        }
+        let accepted = offered & (F_VERSION_1 | F_MAC);
+        transport.write_driver_features(accepted);
+        transport.set_status(
+            DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK,
+        );
+        let status = transport.get_status();
+        if !status.contains(DeviceStatus::FEATURES_OK) {
+            return Err(NetError::FeaturesRefused {
+                accepted,
+                status: status.bits(),
+            });
+        }
+        if accepted & F_MAC != 0 {
+            // Byte by byte: config space takes 1-, 2-, 4- and 8-byte reads,
+            // and a 6-byte volatile read could become anything.
+            let mut device = [0u8; 6];
+            for (offset, byte) in device.iter_mut().enumerate() {
+                *byte = transport
+                    .read_config_space::<u8>(offset)
+                    .map_err(NetError::Config)?;
+            }
+            if device != mac {
+                return Err(NetError::MacMismatch { device, boot: mac });
+            }
+        }
+
+        let queue = |transport: &mut MmioTransport<'static>, index: u16| {
+            // No indirect descriptors, no event index: not offered.
+            VirtQueue::<GuestHal, QUEUE_SIZE>::new(transport, index, false, false).map_err(
+                |error| NetError::Queue {
+                    queue: index,
+                    error,
+                },
+            )
+        };
+        let rx_queue = queue(&mut transport, RX_QUEUE)?;
+        let tx_queue = queue(&mut transport, TX_QUEUE)?;
+        transport.finish_init();
+
+        let mut rx = RxRing {
+            queue: rx_queue,
+            posted: [const { None }; QUEUE_SIZE],
+            done: (0..QUEUE_SIZE).map(|_| Buf::new()).collect(),
+        };
+        // Posted without a notify: the device takes them in at the first HLT.
+        rx.repost();
+        let tx = TxRing {
+            transport,
+            queue: tx_queue,
+            free: (0..QUEUE_SIZE).map(|_| Buf::new()).collect(),
+            inflight: [const { None }; QUEUE_SIZE],
+            queued: 0,
+            stats: NetStats::default(),
+        };
+        Ok(Nic {
+            rx,
+            tx,
+            arp: ArpWatch::default(),
+        })
+    }
+}
+
+/// A received frame (smoltcp's receive token). Its buffer goes back to the
+/// receive ring when the token is dropped, consumed or not.
+pub struct RxToken<'a> {
+    buf: Option<Buf>,
+    len: usize,
+    done: &'a mut Vec<Buf>,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F>(mut self, f: F) -> R
+    where
+        F: FnOnce(&[u8]) -> R,
+    {
+        match self.buf.as_mut() {
+            Some(buf) => {
+                // SAFETY: the buffer came off the used ring: the driver owns it
+                // until Drop hands it back to be posted.
+                let bytes = unsafe { buf.bytes() };
+                f(&bytes[HDR_LEN..HDR_LEN + self.len])
+            }
+            None => f(&[]),
+        }
+    }
+}
+
+impl Drop for RxToken<'_> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.done.push(buf);
+        }
+    }
+}
+
+/// A frame to transmit (smoltcp's transmit token).
+pub struct TxToken<'a> {
+    tx: &'a mut TxRing,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F>(self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        self.tx.send(len, f)
+    }
+}
+
+impl phy::Device for Nic {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _timestamp: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        // Room for a reply first, or the frame would wait for the next turn.
+        if !self.tx.ready() {
+            return None;
+        }
+        let (mut buf, len) = self.rx.pop(&mut self.tx.stats)?;
+        self.tx.stats.rx_frames += 1;
+        // SAFETY: the buffer came off the used ring; no other slice of it.
+        let bytes = unsafe { buf.bytes() };
+        self.arp.inspect(&bytes[HDR_LEN..HDR_LEN + len]);
+        Some((
+            RxToken {
+                buf: Some(buf),
+                len,
+                done: &mut self.rx.done,
+            },
+            TxToken { tx: &mut self.tx },
+        ))
+    }
+
+    fn transmit(&mut self, _timestamp: Instant) -> Option<TxToken<'_>> {
+        self.tx.ready().then_some(TxToken { tx: &mut self.tx })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = FRAME_LEN;
+        caps
+    }
+}
+
+/// The guest's network: NIC, smoltcp interface and sockets, and the loop's
+/// clock and timer. See the module documentation for the loop.
+pub struct Net {
+    /// The smoltcp interface (addresses, routes, neighbor cache).
+    pub iface: Interface,
+    /// The guest's sockets.
+    pub sockets: SocketSet<'static>,
+    nic: Nic,
+    mac: EthernetAddress,
+    cidr: Ipv4Cidr,
+    gateway: Option<Ipv4Address>,
+    /// The clock reading of this turn.
+    now_ns: u64,
+    /// The deadline last written to the timer (0: none written yet).
+    armed_ns: u64,
+    turns: u64,
+    halts: u64,
+    timer_arms: u64,
+}
+
+impl Net {
+    /// Brings the network up as the boot parameters describe it: the NIC at
+    /// [`VIRTIO_MMIO_BASE`] (magic, version 2 and device type checked), the
+    /// interface with the MAC, the IPv4 address and prefix, and the default
+    /// route through the gateway if there is one. smoltcp's random seed
+    /// comes from the entropy device.
+    pub fn new(boot: &BootParams) -> Result<Net, NetError> {
+        // Without a NIC the slot is unmapped: do not touch it at all.
+        if boot.has_net == 0 {
+            return Err(NetError::NoNic);
+        }
+        if boot.ip == [0; 4] {
+            return Err(NetError::NoAddress);
+        }
+        if boot.ip_prefix > 32 {
+            return Err(NetError::BadPrefix {
+                prefix: boot.ip_prefix,
+            });
+        }
+        let mut nic = Nic::new(boot.mac)?;
+        let ip = Ipv4Address::from(boot.ip);
+        let cidr = Ipv4Cidr::new(ip, boot.ip_prefix);
+        nic.arp.our_ip = Some(ip);
+        let mac = EthernetAddress(boot.mac);
+
+        let mut config = Config::new(HardwareAddress::Ethernet(mac));
+        // Ephemeral ports and TCP initial sequence numbers: an input, logged
+        // like every other.
+        config.random_seed = random_u64();
+        let now_ns = clock_ns();
+        let mut iface = Interface::new(config, &mut nic, instant(now_ns));
+        iface.update_ip_addrs(|addrs| {
+            // One address into an empty list of IFACE_MAX_ADDR_COUNT (2).
+            let _ = addrs.push(IpCidr::Ipv4(cidr));
+        });
+        let gateway = (boot.gateway != [0; 4]).then(|| Ipv4Address::from(boot.gateway));
+        if let Some(gateway) = gateway {
+            // The first route of an empty table: cannot be full.
+            let _ = iface.routes_mut().add_default_ipv4_route(gateway);
+        }
+        Ok(Net {
+            iface,
+            sockets: SocketSet::new(Vec::new()),
+            nic,
+            mac,
+            cidr,
+            gateway,
+            now_ns,
+            armed_ns: 0,
+            turns: 0,
+            halts: 0,
+            timer_arms: 0,
+        })
+    }
+
+    /// The guest's IPv4 address.
+    pub fn ip(&self) -> Ipv4Address {
+        self.cidr.address()
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> EthernetAddress {
+        self.mac
+    }
+
+    /// The default gateway, if the boot parameters give one.
+    pub fn gateway(&self) -> Option<Ipv4Address> {
+        self.gateway
+    }
+
+    /// The clock reading of the current turn (taken by [`Net::poll`]).
+    pub fn now_ns(&self) -> u64 {
+        self.now_ns
+    }
+
+    /// The current turn's time as smoltcp's [`Instant`].
+    pub fn instant(&self) -> Instant {
+        instant(self.now_ns)
+    }
+
+    /// Counters since the network came up.
+    pub fn stats(&self) -> NetStats {
+        NetStats {
+            turns: self.turns,
+            halts: self.halts,
+            timer_arms: self.timer_arms,
+            ..self.nic.tx.stats
+        }
+    }
+
+    /// Starts a turn: reads the clock (2 exits, the turn's only clock read:
+    /// use the value returned), then lets smoltcp take in every frame
+    /// received (answering ARP and ping by itself), run its timers and
+    /// transmit what is due. Returns the clock reading.
+    pub fn poll(&mut self) -> u64 {
+        self.turns += 1;
+        self.now_ns = clock_ns();
+        let now = self.instant();
+        self.iface.poll(now, &mut self.nic, &mut self.sockets);
+        self.now_ns
+    }
+
+    /// Ends a turn: transmits what the sockets hold (one notify for all of
+    /// it), re-posts the receive buffers, then sleeps with one HLT until the
+    /// earliest of `wake_at_ns` (guest clock; at or before now: do not
+    /// sleep), smoltcp's next timer and [`MAX_SLEEP_NS`] from now, or until
+    /// a frame arrives. Arms the timer only when needed.
+    ///
+    /// While a `Net` is in use the guest must not arm the timer itself
+    /// (`rt::set_timer`, `rt::sleep_until`): this remembers what it armed.
+    pub fn wait(&mut self, wake_at_ns: Option<u64>) {
+        let now = self.instant();
+        let mut more = false;
+        let mut rounds = 0;
+        // Each round sends at most one packet per socket.
+        while self
+            .iface
+            .poll_egress(now, &mut self.nic, &mut self.sockets)
+            == PollResult::SocketStateChanged
+        {
+            rounds += 1;
+            if rounds >= MAX_EGRESS_ROUNDS {
+                more = true;
+                break;
+            }
+        }
+        self.nic.tx.flush();
+        self.nic.rx.repost();
+
+        let mut deadline = self.now_ns.saturating_add(MAX_SLEEP_NS);
+        if let Some(delay) = self.iface.poll_delay(now, &self.sockets) {
+            let delay_ns = delay.total_micros().saturating_mul(1000);
+            deadline = deadline.min(self.now_ns.saturating_add(delay_ns));
+        }
+        if let Some(wake_at) = wake_at_ns {
+            deadline = deadline.min(wake_at);
+        }
+        if more {
+            deadline = IMMEDIATE;
+        }
+        self.halt_until(deadline);
+    }
+
+    /// One HLT that returns by `deadline` (at once if it is not after the
+    /// turn's clock reading), arming the timer only if the armed deadline
+    /// would not do.
+    fn halt_until(&mut self, deadline: u64) {
+        let now = self.now_ns;
+        let armed = self.armed_ns;
+        let arm = if deadline <= now {
+            // Any past deadline makes the HLT return at once; 0 would disarm.
+            (armed == 0 || armed > now).then_some(IMMEDIATE)
+        } else {
+            // A past one would not let the guest sleep, a later one would
+            // oversleep; an earlier future one only wakes it early.
+            (armed <= now || armed > deadline).then_some(deadline)
+        };
+        if let Some(deadline) = arm {
+            set_timer(deadline);
+            self.armed_ns = deadline;
+            self.timer_arms += 1;
+        }
+        self.halts += 1;
+        halt();
+    }
+
+    /// The address whose MAC frames to `dest` go to: `dest` itself when it
+    /// is on the guest's subnet, else the gateway (`None` without one).
+    pub fn next_hop(&self, dest: Ipv4Address) -> Option<Ipv4Address> {
+        if self.cidr.contains_addr(&dest) {
+            Some(dest)
+        } else {
+            self.gateway
+        }
+    }
+
+    /// Queues an ARP request for `target` (sent at the end of the turn) and
+    /// watches for its answer: [`Net::arp_seen`] becomes true once an ARP
+    /// packet from `target` to the guest arrives, which also puts `target`
+    /// in smoltcp's neighbor cache. Repeating it for the same target keeps
+    /// what was seen.
+    pub fn send_arp_request(&mut self, target: Ipv4Address) {
+        if self.nic.arp.target != Some(target) {
+            self.nic.arp.target = Some(target);
+            self.nic.arp.seen = false;
+        }
+        if !self.nic.tx.ready() {
+            return;
+        }
+        let repr = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: self.mac,
+            source_protocol_addr: self.ip(),
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: target,
+        };
+        let eth = EthernetRepr {
+            src_addr: self.mac,
+            dst_addr: EthernetAddress::BROADCAST,
+            ethertype: EthernetProtocol::Arp,
+        };
+        self.nic
+            .tx
+            .send(ETHERNET_HEADER_LEN + repr.buffer_len(), |bytes| {
+                let mut frame = EthernetFrame::new_unchecked(bytes);
+                eth.emit(&mut frame);
+                repr.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+            });
+    }
+
+    /// True once the target of the last [`Net::send_arp_request`] answered.
+    pub fn arp_seen(&self) -> bool {
+        self.nic.arp.seen
+    }
+}
+
+impl fmt::Display for Net {
+    /// `MAC 52:54:00:12:34:56, IP 10.0.0.2/24, gateway 10.0.0.1`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.mac.0;
+        write!(
+            f,
+            "MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, IP {}",
+            m[0], m[1], m[2], m[3], m[4], m[5], self.cidr
+        )?;
+        match self.gateway {
+            Some(gateway) => write!(f, ", gateway {gateway}"),
+            None => f.write_str(", no gateway"),
+        }
+    }
+}
+
+/// smoltcp's time for a guest-clock reading (microseconds).
+fn instant(now_ns: u64) -> Instant {
+    Instant::from_micros(i64::try_from(now_ns / 1000).unwrap_or(i64::MAX))
+}
+
+/// Parses `a.b.c.d:port`.
+pub fn parse_endpoint(text: &str) -> Option<(Ipv4Address, u16)> {
+    let (ip, port) = text.split_once(':')?;
+    Some((ip.parse().ok()?, port.parse().ok()?))
+}

@@ -1,0 +1,270 @@
+//! `streamer`: sends a paced stream of UDP datagrams, the traffic a live
+//! video feed makes, so that a receiver can see every loss, duplicate and
+//! pause across a failover.
+//!
+//! Parameters (`--param KEY=VALUE`):
+//!
+//! - `dest=IP:PORT` (required): where the datagrams go.
+//! - `rate=PPS` (default 1000, 1..=1000000): datagrams per second.
+//! - `count=N` (optional): stop after N datagrams and power off with 0;
+//!   without it the stream never ends.
+//!
+//! Each datagram is [`PAYLOAD_LEN`] (1316) bytes from source port
+//! [`SOURCE_PORT`] (5000): the sequence number (u64, little-endian, from 0),
+//! the guest clock in nanoseconds when the datagram was queued (u64,
+//! little-endian; datagrams of one burst share the reading of their turn),
+//! then filler (byte `i` of the datagram is `i as u8`).
+//!
+//! Datagram `seq` is due at `start + seq * 1e9 / rate` ns, `start` being the
+//! moment the next hop answered ARP. A turn sends everything due, at most
+//! one transmit queue's worth (256); a late guest catches up in bursts and
+//! never skips a sequence number. Between datagrams it sleeps (timer + HLT).
+//!
+//! Serial output: `streamer: network up: MAC ..., IP ..., gateway ...`,
+//! `streamer: resolving NEXT-HOP (ARP) before sending to IP:PORT`, then
+//! `streamer: sending to IP:PORT at N/s` when the stream starts, and with
+//! `count`, `streamer: sent N datagrams` before powering off. The health
+//! port gets the next sequence number (low 32 bits) every 100 ms.
+//!
+//! Exits: 6 per datagram at rates the guest keeps up with (clock 2, notify
+//! 1, timer 2, HLT 1); a burst of k datagrams costs the same 6.
+//!
+//! Power-off status: 0 after `count` datagrams, 1 when the network cannot be
+//! brought up (no NIC, no IP, no route to `dest`), 2 for bad parameters.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec;
+use core::fmt;
+
+use rt::net::smoltcp::socket::udp;
+use rt::net::smoltcp::storage::PacketMetadata;
+use rt::net::smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
+use rt::net::{Net, QUEUE_SIZE};
+
+rt::entry!(main);
+
+/// Bytes of each datagram's UDP payload (seven 188-byte MPEG-TS packets).
+const PAYLOAD_LEN: usize = 1316;
+/// The UDP source port of the stream.
+const SOURCE_PORT: u16 = 5000;
+/// Datagrams per second without `--param rate`.
+const DEFAULT_RATE: u64 = 1000;
+/// Highest rate accepted.
+const MAX_RATE: u64 = 1_000_000;
+/// Most datagrams sent in one turn: the transmit queue's size.
+const MAX_BURST: usize = QUEUE_SIZE;
+/// How often the health port is written.
+const HEALTH_EVERY_NS: u64 = 100_000_000;
+/// How often an unanswered ARP request is repeated.
+const ARP_RETRY_NS: u64 = 1_000_000_000;
+const NS_PER_S: u128 = 1_000_000_000;
+
+/// Power-off status when the network cannot be brought up.
+const EXIT_NO_NETWORK: u32 = 1;
+/// Power-off status for bad parameters.
+const EXIT_BAD_PARAM: u32 = 2;
+
+fn main(boot: &'static rt::BootParams) -> u32 {
+    let settings = match Settings::from_boot(boot) {
+        Ok(settings) => settings,
+        Err(e) => {
+            rt::println!("streamer: {e}");
+            return EXIT_BAD_PARAM;
+        }
+    };
+    let mut net = match Net::new(boot) {
+        Ok(net) => net,
+        Err(e) => {
+            rt::println!("streamer: cannot start: {e}");
+            return EXIT_NO_NETWORK;
+        }
+    };
+    rt::println!("streamer: network up: {net}");
+    let Some(hop) = net.next_hop(settings.dest_ip) else {
+        rt::println!(
+            "streamer: cannot start: {} is not on {}'s subnet and there is no gateway (--gateway)",
+            settings.dest_ip,
+            net.ip()
+        );
+        return EXIT_NO_NETWORK;
+    };
+    rt::println!(
+        "streamer: resolving {hop} (ARP) before sending to {}",
+        settings.dest()
+    );
+    stream(&mut net, &settings, hop)
+}
+
+/// What the parameters ask for.
+struct Settings {
+    dest_ip: Ipv4Address,
+    dest_port: u16,
+    rate: u64,
+    count: Option<u64>,
+}
+
+impl Settings {
+    fn from_boot(boot: &'static rt::BootParams) -> Result<Settings, ParamError> {
+        let dest = boot.param("dest").ok_or(ParamError::NoDest)?;
+        let (dest_ip, dest_port) =
+            rt::net::parse_endpoint(dest).ok_or(ParamError::BadDest(dest))?;
+        let rate = match boot.param("rate") {
+            None => DEFAULT_RATE,
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|rate| (1..=MAX_RATE).contains(rate))
+                .ok_or(ParamError::BadRate(text))?,
+        };
+        let count = match boot.param("count") {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|_| ParamError::BadCount(text))?),
+        };
+        Ok(Settings {
+            dest_ip,
+            dest_port,
+            rate,
+            count,
+        })
+    }
+
+    fn dest(&self) -> IpEndpoint {
+        IpEndpoint::new(IpAddress::Ipv4(self.dest_ip), self.dest_port)
+    }
+
+    /// When datagram `seq` is due, for a stream that started at `start`.
+    fn due(&self, start: u64, seq: u64) -> u64 {
+        let offset = u128::from(seq) * NS_PER_S / u128::from(self.rate);
+        start.saturating_add(u64::try_from(offset).unwrap_or(u64::MAX))
+    }
+}
+
+/// A `--param` the streamer cannot use.
+enum ParamError {
+    NoDest,
+    BadDest(&'static str),
+    BadRate(&'static str),
+    BadCount(&'static str),
+}
+
+impl fmt::Display for ParamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamError::NoDest => f.write_str("--param dest=IP:PORT is required"),
+            ParamError::BadDest(text) => {
+                write!(f, "--param dest={text:?} is not IPv4-ADDRESS:PORT")
+            }
+            ParamError::BadRate(text) => {
+                write!(f, "--param rate={text:?} is not a number of datagrams per second in 1..={MAX_RATE}")
+            }
+            ParamError::BadCount(text) => {
+                write!(f, "--param count={text:?} is not a number of datagrams")
+            }
+        }
+    }
+}
+
+/// Where the stream is.
+enum Phase {
+    /// Waiting for the next hop to answer ARP; the request is repeated at
+    /// `retry`.
+    Resolving { retry: u64 },
+    /// Sending; datagram `seq` is due at `settings.due(start, seq)`.
+    Streaming { start: u64 },
+}
+
+/// Resolves the next hop, then streams; returns the power-off status.
+fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address) -> u32 {
+    let tx = udp::PacketBuffer::new(
+        vec![PacketMetadata::EMPTY; MAX_BURST],
+        vec![0; MAX_BURST * PAYLOAD_LEN],
+    );
+    // Nothing is expected back: datagrams to the source port are dropped.
+    let rx = udp::PacketBuffer::new(vec![PacketMetadata::EMPTY; 1], vec![0; 0]);
+    let mut socket = udp::Socket::new(rx, tx);
+    if let Err(e) = socket.bind(SOURCE_PORT) {
+        rt::println!("streamer: cannot bind UDP port {SOURCE_PORT}: {e}");
+        return EXIT_NO_NETWORK;
+    }
+    let handle = net.sockets.add(socket);
+    let dest = settings.dest();
+
+    let mut phase = Phase::Resolving { retry: 0 };
+    let mut seq: u64 = 0;
+    let mut next_health: u64 = 0;
+    loop {
+        let now = net.poll();
+        if now >= next_health {
+            // The health value is free-form: the low half of the sequence
+            // number shows progress.
+            rt::health(seq as u32);
+            next_health = now.saturating_add(HEALTH_EVERY_NS);
+        }
+
+        if let Phase::Resolving { retry } = phase {
+            if net.arp_seen() {
+                rt::println!("streamer: sending to {dest} at {}/s", settings.rate);
+                phase = Phase::Streaming { start: now };
+            } else if now >= retry {
+                net.send_arp_request(hop);
+                phase = Phase::Resolving {
+                    retry: now.saturating_add(ARP_RETRY_NS),
+                };
+            }
+        }
+
+        let wake = match phase {
+            Phase::Resolving { retry } => retry,
+            Phase::Streaming { start } => {
+                let socket = net.sockets.get_mut::<udp::Socket>(handle);
+                let mut burst = 0;
+                while burst < MAX_BURST
+                    && settings.count.is_none_or(|count| seq < count)
+                    && settings.due(start, seq) <= now
+                {
+                    let Ok(payload) = socket.send(PAYLOAD_LEN, dest) else {
+                        // The socket is full (its neighbor is being
+                        // resolved again): the rest waits for a later turn.
+                        break;
+                    };
+                    fill(payload, seq, now);
+                    seq += 1;
+                    burst += 1;
+                }
+                if settings.count == Some(seq) && socket.send_queue() == 0 {
+                    // wait() of the turn that queued the last datagram sent
+                    // it: the device transmits during the notify.
+                    rt::println!("streamer: sent {seq} datagrams");
+                    return 0;
+                }
+                if settings.count == Some(seq) {
+                    // Only the socket's queue is left. This turn's wait()
+                    // sends what it queued: look again at once. Otherwise
+                    // the queue waits for ARP, and smoltcp's own timer
+                    // (through wait()) says when to look again.
+                    if burst > 0 {
+                        now
+                    } else {
+                        next_health
+                    }
+                } else {
+                    settings.due(start, seq)
+                }
+            }
+        };
+        net.wait(Some(wake.min(next_health)));
+    }
+}
+
+/// Writes datagram `seq`: sequence number, clock reading, filler.
+fn fill(payload: &mut [u8], seq: u64, now: u64) {
+    for (i, byte) in payload.iter_mut().enumerate() {
+        // Truncation is the pattern.
+        *byte = i as u8;
+    }
+    payload[..8].copy_from_slice(&seq.to_le_bytes());
+    payload[8..16].copy_from_slice(&now.to_le_bytes());
+}
