@@ -142,7 +142,7 @@ fn kvm_netns_kvstore_answers_redis_cli_and_concurrent_clients() {
         (&["INCR", "n"], "1"),
         (&["INCRBY", "n", "41"], "42"),
         (&["MSET", "a", "1", "b", "2"], "OK"),
-        (&["MGET", "a", "b", "nope"], "1\n2\n"),
+        (&["MGET", "a", "b", "nope"], "1\n2"),
         (&["DEL", "a", "b", "nope"], "2"),
         (&["GET", "nope"], ""),
         (&["CONFIG", "GET", "appendonly"], "appendonly\nno"),
