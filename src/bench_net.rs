@@ -195,7 +195,7 @@ pub fn kvstore(requests: u64, clients: u32, json: bool) -> Result<()> {
         let ip = ftvm_lab::HOST_LAN_IPS[0].to_string();
         let mut server = lab.host_a().netns().spawn(
             "redis-server",
-            &["--bind", &ip, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+            &["--bind", &ip, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
         );
         let up = ftvm_lab::wait_for(Duration::from_secs(10), || {
             lab.client()
@@ -315,10 +315,10 @@ pub fn streamer(seconds: u64, json: bool) -> Result<()> {
     for r in &rows {
         println!(
             "{:>8} {:>14.0} {:>6} {:>12} {:>7}",
-            r["rate"],
+            r["rate"].as_u64().unwrap_or(0),
             r["received_per_s"].as_f64().unwrap_or(0.0),
-            r["gaps"],
-            r["out_of_order"],
+            r["gaps"].as_u64().unwrap_or(0),
+            r["out_of_order"].as_u64().unwrap_or(0),
             if r["stable"].as_bool().unwrap_or(false) { "yes" } else { "no" }
         );
     }
