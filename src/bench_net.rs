@@ -195,7 +195,20 @@ pub fn kvstore(requests: u64, clients: u32, json: bool) -> Result<()> {
         let ip = ftvm_lab::HOST_LAN_IPS[0].to_string();
         let mut server = lab.host_a().netns().spawn(
             "redis-server",
-            &["--bind", &ip, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"],
+            &[
+                "--bind",
+                &ip,
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
         );
         let up = ftvm_lab::wait_for(Duration::from_secs(10), || {
             lab.client()

@@ -25,6 +25,8 @@ pub(crate) struct Client {
     pub(crate) name: Option<Vec<u8>>,
     /// Set by QUIT: reply, then close.
     pub(crate) close_after_reply: bool,
+    /// Set by SHUTDOWN: the guest powers off.
+    pub(crate) shutdown: bool,
 }
 
 /// What a command runs with.
@@ -152,6 +154,7 @@ static COMMANDS: &[Spec] = &[
     cmd("set", -3, WRITE | DENYOOM, KEY1, set),
     cmd("setex", 4, WRITE | DENYOOM, KEY1, setex),
     cmd("setnx", 3, WRITE | DENYOOM | FAST, KEY1, setnx),
+    cmd("shutdown", -1, 0, NOKEYS, shutdown),
     cmd("strlen", 2, READONLY | FAST, KEY1, strlen),
     cmd("ttl", 2, READONLY | FAST, KEY1, ttl),
     cmd("type", 2, READONLY | FAST, KEY1, type_),
@@ -275,6 +278,14 @@ fn int_arg(ctx: &mut Ctx<'_>, s: &[u8]) -> Option<i64> {
 fn quit(ctx: &mut Ctx<'_>, _argv: &[Vec<u8>]) {
     ctx.ok();
     ctx.client.close_after_reply = true;
+}
+
+/// SHUTDOWN [NOSAVE|SAVE]: as Redis, no reply on success; the connection
+/// closes and the server (the guest) powers off. Nothing is persisted either
+/// way: the keyspace lives in guest memory, which ftvm replicates.
+fn shutdown(ctx: &mut Ctx<'_>, _argv: &[Vec<u8>]) {
+    ctx.client.close_after_reply = true;
+    ctx.client.shutdown = true;
 }
 
 fn ping(ctx: &mut Ctx<'_>, argv: &[Vec<u8>]) {

@@ -15,6 +15,8 @@ pub enum ConnStatus {
     /// Send what was appended to `out` (the `+OK` of QUIT, or a protocol error), then close
     /// the connection. Further feeds do nothing and return `Close` again.
     Close,
+    /// SHUTDOWN: close the connection and power the server off.
+    Shutdown,
 }
 
 /// One client connection's protocol state: the bytes received but not yet parsed, the
@@ -74,6 +76,10 @@ impl Conn {
                 Step::Command(argv) => {
                     let mut ctx = Ctx { store, now: now_ns, out, client: &mut self.client };
                     command::execute(&argv, &mut ctx);
+                    if self.client.shutdown {
+                        self.close();
+                        return ConnStatus::Shutdown;
+                    }
                     if self.client.close_after_reply {
                         return self.close();
                     }

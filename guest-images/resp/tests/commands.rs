@@ -390,7 +390,7 @@ fn connection_and_introspection_commands() {
             (&["CLIENT", "SETINFO", "lib-ver", "5.0.0"], "+OK\r\n"),
             (&["CLIENT", "SETINFO", "color", "red"], "-ERR Unrecognized option 'color'\r\n"),
             (&["COMMAND", "DOCS"], "-ERR unknown subcommand 'DOCS'. Try COMMAND HELP.\r\n"),
-            (&["COMMAND", "COUNT"], ":39\r\n"),
+            (&["COMMAND", "COUNT"], ":40\r\n"),
             (
                 &["COMMAND", "INFO", "get", "nosuch"],
                 "*2\r\n*10\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n+fast\r\n:1\r\n:1\r\n:1\r\n*0\r\n*0\r\n*0\r\n*0\r\n$-1\r\n",
@@ -691,4 +691,14 @@ fn client_ids_come_from_the_store_in_order() {
     b.feed(b"CLIENT ID\r\n", &mut store, 0, &mut out);
     a.feed(b"CLIENT ID\r\n", &mut store, 0, &mut out);
     assert_eq!(out, b":1\r\n:2\r\n");
+}
+
+#[test]
+fn shutdown_replies_nothing_and_asks_the_server_to_stop() {
+    let mut store = kvstore_resp::Store::new();
+    let mut conn = kvstore_resp::Conn::new();
+    let mut out = Vec::new();
+    let status = conn.feed(b"*1\r\n$8\r\nSHUTDOWN\r\n", &mut store, 0, &mut out);
+    assert_eq!(status, kvstore_resp::ConnStatus::Shutdown);
+    assert!(out.is_empty(), "SHUTDOWN replied {:?}", String::from_utf8_lossy(&out));
 }

@@ -320,6 +320,7 @@ impl Client {
         if session.conn.has_pending_input() && session.out.len() < OUTPUT_HIGH_WATER {
             // Requests held back while the output was full.
             let status = session.conn.feed(&[], store, now, &mut session.out);
+            power_off_on_shutdown(status);
             session.closing |= status == ConnStatus::Close;
             session.send(socket);
         }
@@ -333,7 +334,10 @@ impl Client {
                 (input.len(), status)
             });
             match fed {
-                Ok(status) => session.closing |= status == ConnStatus::Close,
+                Ok(status) => {
+                    power_off_on_shutdown(status);
+                    session.closing |= status == ConnStatus::Close
+                }
                 Err(_) => break,
             }
             session.send(socket);
@@ -362,5 +366,13 @@ impl Session {
             // socket's state says so next turn.
             Err(_) => {}
         }
+    }
+}
+
+/// SHUTDOWN (as Redis: no reply): the guest powers off with status 0.
+fn power_off_on_shutdown(status: ConnStatus) {
+    if status == ConnStatus::Shutdown {
+        rt::println!("kvstore: SHUTDOWN, powering off");
+        rt::power_off(0);
     }
 }
