@@ -412,7 +412,7 @@ fn connection_and_introspection_commands() {
     );
     // COMMAND with no arguments lists every command.
     let all = s.cmd(&["COMMAND"]);
-    assert!(all.starts_with("*39\r\n*10\r\n$6\r\nappend\r\n:3\r\n"), "{all}");
+    assert!(all.starts_with("*40\r\n*10\r\n$6\r\nappend\r\n:3\r\n"), "{all}");
     let help = s.cmd(&["CONFIG", "HELP"]);
     assert!(help.starts_with("*3\r\n+CONFIG <subcommand>"), "{help}");
 }
