@@ -45,9 +45,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands. Later issues add `primary`, `secondary`, `status` and
-/// `demo` (DESIGN.md lists them); they are deliberately absent until they do
-/// something.
+/// The subcommands. `demo` (DESIGN.md) arrives with the failover issue and
+/// is deliberately absent until it does something.
 // One value per process, parsed once: boxing `RunArgs` would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -56,9 +55,92 @@ pub enum Command {
     Guests(GuestsArgs),
     /// Run one guest, unprotected (no secondary).
     Run(RunArgs),
+    /// Run one guest as the primary of a protected pair: inputs are logged
+    /// to the secondary at --peer, outputs wait for its acknowledgement.
+    Primary(PrimaryArgs),
+    /// Run one guest as the secondary of a protected pair: replay the
+    /// primary's log (from --listen), outputs suppressed.
+    Secondary(SecondaryArgs),
+    /// Show a running pair process's role, exit index, log positions, peer.
+    Status(StatusArgs),
+    /// Print a new random shared key (64 hex digits) for --key-file.
+    Keygen(KeygenArgs),
     /// Benchmarks that print tables (and JSON).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// PAIR-OPTS shared by `primary` and `secondary`.
+#[derive(Debug, Args)]
+pub struct PairArgs {
+    /// The pair's shared key: a file of at least 32 bytes (64 hex digits as
+    /// `ftvm keygen` writes), readable by its owner only.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: PathBuf,
+    /// Control socket for `ftvm status` [default: /run/ftvm/NAME.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Compare a digest of vCPU, device and dirtied-memory state every N
+    /// guest exits (both hosts must use the same N).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub digest_every: u64,
+    /// Write the final vCPU state and guest memory to FILE when the guest
+    /// stops (for comparing the two hosts).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub state_dump: Option<PathBuf>,
+}
+
+/// `ftvm primary GUEST-OPTS PAIR-OPTS --peer HOST:PORT`.
+#[derive(Debug, Args)]
+pub struct PrimaryArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub pair: PairArgs,
+    /// The secondary's logging-channel address on the dedicated link.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub peer: String,
+    /// Start without a secondary and run unprotected (says so); outputs are
+    /// released at once.
+    #[arg(long)]
+    pub unprotected_start: bool,
+}
+
+/// `ftvm secondary GUEST-OPTS PAIR-OPTS --listen HOST:PORT`.
+#[derive(Debug, Args)]
+pub struct SecondaryArgs {
+    #[command(flatten)]
+    pub guest: GuestArgs,
+    #[command(flatten)]
+    pub pair: PairArgs,
+    /// Where to accept the primary's logging channel.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Test knob: hold every ack this long (shows the output rule at work).
+    #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
+    pub ack_delay_ms: u64,
+}
+
+/// `ftvm status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The pair process's control socket [default: /run/ftvm/NAME.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The VM name, for the default control socket.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Write the key to FILE (created with mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
 }
 
 /// `ftvm guests`.

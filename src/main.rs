@@ -2,11 +2,13 @@
 //! the heartbeat together, and maps every outcome to a documented exit status
 //! (DESIGN.md, "Command line"): 0 guest powered off cleanly, 1 error,
 //! 2 bad usage, 3 guest fault, 128+N stopped by signal N.
+#![forbid(unsafe_code)]
 
 mod bench;
 mod bench_net;
 mod cli;
 mod config;
+mod pair;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -108,6 +110,14 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Run(args) => run(&config::resolve(&args.guest)?),
+        Command::Primary(args) => primary(&args),
+        Command::Secondary(args) => secondary(&args),
+        Command::Status(args) => {
+            let name = args.name.as_deref().unwrap_or(config::DEFAULT_GUEST);
+            pair::status(&control_path(args.control.as_deref(), name), args.json)?;
+            Ok(0)
+        }
+        Command::Keygen(args) => keygen(args.out.as_deref()),
         Command::Bench(BenchCommand::Exits(args)) => {
             bench::exits(args.seconds, 3, args.json)?;
             Ok(0)
@@ -150,7 +160,7 @@ fn load_image(source: &GuestSource) -> Result<(Vec<u8>, Privilege), Failure> {
 }
 
 /// Stop the VM on SIGINT/SIGTERM/SIGHUP; remember which signal it was.
-fn stop_on_signals(vm: &Vm) -> Result<Arc<AtomicI32>> {
+pub(crate) fn stop_on_signals(vm: &Vm) -> Result<Arc<AtomicI32>> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let caught = Arc::new(AtomicI32::new(0));
     let mut signals =
@@ -181,8 +191,15 @@ fn open_tap(name: &str) -> Result<Arc<vmm::tap::Tap>, Failure> {
     Ok(Arc::new(vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?))
 }
 
-/// `ftvm run`: one guest, unprotected.
-fn run(settings: &GuestSettings) -> Result<i32, Failure> {
+/// What every command that runs a guest prepares from GUEST-OPTS: the VM
+/// configuration, the TAP (opened), and the serial writer.
+struct Prepared {
+    config: VmConfig,
+    tap: Option<Arc<vmm::tap::Tap>>,
+    serial: Box<dyn Write + Send>,
+}
+
+fn prepare(settings: &GuestSettings, digest_every: Option<u64>) -> Result<Prepared, Failure> {
     let (elf, privilege) = load_image(&settings.guest)?;
     let serial: Box<dyn Write + Send> = match &settings.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
@@ -200,25 +217,15 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
             params: settings.params.clone(),
         },
         privilege,
-        digest_every: None,
+        digest_every,
     };
     let tap = settings.tap.as_deref().map(open_tap).transpose()?;
-    let mut output = LiveOutput::new(serial);
-    if let Some(tap) = &tap {
-        output = output.with_tap(tap.clone());
-    }
-    let output = Box::new(output);
-    let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {
-        let input = LiveInput::new(0, vec![stop.wake_fd()]);
-        Box::new(match tap {
-            Some(tap) => input.with_tap(tap),
-            None => input,
-        })
-    };
-    let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
-    let caught = stop_on_signals(&vm)?;
-    tracing::info!(vm = %settings.name, memory_mib = settings.memory_mib, "guest starting");
-    match vm.run() {
+    Ok(Prepared { config, tap, serial })
+}
+
+/// Map how a guest's run ended to the exit status (and its one line).
+fn finish(settings: &GuestSettings, outcome: Result<RunOutcome, VmError>, caught: &AtomicI32) -> anyhow::Result<i32> {
+    match outcome {
         Ok(RunOutcome::PoweredOff { status: 0, exit_index }) => {
             tracing::info!(vm = %settings.name, %exit_index, "guest powered off");
             Ok(0)
@@ -240,6 +247,87 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
             );
             Ok(128 + signal)
         }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("guest {} stopped", settings.name)).into()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("guest {} stopped", settings.name))),
     }
+}
+
+/// `ftvm run`: one guest, unprotected.
+fn run(settings: &GuestSettings) -> Result<i32, Failure> {
+    let Prepared { config, tap, serial } = prepare(settings, None)?;
+    let mut output = LiveOutput::new(serial);
+    if let Some(tap) = &tap {
+        output = output.with_tap(tap.clone());
+    }
+    let output = Box::new(output);
+    let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {
+        let input = LiveInput::new(0, vec![stop.wake_fd()]);
+        Box::new(match tap {
+            Some(tap) => input.with_tap(tap),
+            None => input,
+        })
+    };
+    let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let caught = stop_on_signals(&vm)?;
+    tracing::info!(vm = %settings.name, memory_mib = settings.memory_mib, "guest starting");
+    Ok(finish(settings, vm.run(), &caught)?)
+}
+
+/// The control socket: the flag, or /run/ftvm/NAME.sock.
+fn control_path(flag: Option<&std::path::Path>, name: &str) -> std::path::PathBuf {
+    flag.map(std::path::Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(format!("/run/ftvm/{name}.sock")))
+}
+
+fn pair_settings(pair: &cli::PairArgs, name: &str) -> pair::PairSettings {
+    pair::PairSettings {
+        key_file: pair.key_file.clone(),
+        control: control_path(pair.control.as_deref(), name),
+        digest_every: pair.digest_every,
+        state_dump: pair.state_dump.clone(),
+    }
+}
+
+/// `ftvm primary`.
+fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
+    let settings = config::resolve(&args.guest)?;
+    if args.unprotected_start {
+        let _ = writeln!(
+            std::io::stderr(),
+            "ftvm: primary {}: --unprotected-start: running without a secondary, UNPROTECTED",
+            settings.name
+        );
+        return run(&settings);
+    }
+    let pair = pair_settings(&args.pair, &settings.name);
+    let Prepared { config, tap, serial } = prepare(&settings, Some(pair.digest_every))?;
+    Ok(pair::primary(&settings, config, tap, serial, &pair, &args.peer)?)
+}
+
+/// `ftvm secondary`: the guest's NIC is attached (the device state must
+/// match the primary's) but its TAP is not opened: nothing reaches the world.
+fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
+    let settings = config::resolve(&args.guest)?;
+    let pair = pair_settings(&args.pair, &settings.name);
+    let mut no_tap = settings.clone();
+    no_tap.tap = None;
+    let Prepared { mut config, .. } = prepare(&no_tap, Some(pair.digest_every))?;
+    config.boot.mac = settings.tap.as_ref().map(|_| settings.mac);
+    Ok(pair::secondary(&settings, config, &pair, &args.listen, std::time::Duration::from_millis(args.ack_delay_ms))?)
+}
+
+fn keygen(out: Option<&std::path::Path>) -> Result<i32, Failure> {
+    let key = replication::key::generate();
+    match out {
+        None => println!("{key}"),
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("cannot create key file {}", path.display()))?;
+            writeln!(f, "{key}").with_context(|| format!("cannot write key file {}", path.display()))?;
+        }
+    }
+    Ok(0)
 }

@@ -1,0 +1,559 @@
+//! `ftvm primary` and `ftvm secondary`: one guest run in lockstep by two
+//! processes joined by the logging channel, and the control socket that
+//! `ftvm status` reads.
+//!
+//! Threads of a primary: the vCPU (records inputs, gates outputs; never
+//! waits on the network), the shipper (hands the log tail to the channel,
+//! flushes when an output waits), the releaser (writes held outputs when
+//! their acks arrive), a tokio runtime (the channel; acks update the log's
+//! acked position), the control socket, and a once-a-second progress event.
+//! A secondary: the vCPU (replays), a tokio task receiving and acking
+//! batches (acks are sent as soon as a batch is stored), the control socket.
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use replication::channel::{ChannelConfig, ChannelError, PrimaryChannel, SecondaryChannel};
+use replication::frame::GuestIdentity;
+use replication::key::SharedKey;
+use replication::log::LogShared;
+use replication::output_rule;
+use replication::record::{LogPosition, Record};
+use replication::recorder::Recorder;
+use replication::replayer::Replayer;
+use replication::suppressed::{HeldOutputs, Suppressor};
+use sha2::{Digest, Sha256};
+use vmm::digest::StateDigest;
+use vmm::hook::{ExitIndex, ExitKind, HookError, InputSource, Wake};
+use vmm::vcpu::{StopHandle, VcpuError};
+use vmm::world::{LiveInput, LiveOutput};
+use vmm::{Vm, VmConfig, VmError};
+
+use crate::config::GuestSettings;
+
+/// What `ftvm status` reports, updated by the threads of a pair process.
+#[derive(Default)]
+pub struct Status {
+    role: Mutex<&'static str>,
+    state: Mutex<String>,
+    exit_index: AtomicU64,
+    log_position: AtomicU64,
+    acked_position: AtomicU64,
+    released_position: AtomicU64,
+    received: AtomicU64,
+    divergences: AtomicU64,
+    outputs_held: AtomicU64,
+    peer_up: AtomicBool,
+}
+
+impl Status {
+    fn new(role: &'static str) -> Arc<Status> {
+        let s = Status::default();
+        *s.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+        Arc::new(s)
+    }
+
+    fn set_state(&self, state: impl Into<String>) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state.into();
+    }
+
+    /// The status as one JSON object (DESIGN.md, `ftvm status --json`).
+    pub fn json(&self) -> serde_json::Value {
+        let role = *self.role.lock().unwrap_or_else(|e| e.into_inner());
+        let log = self.log_position.load(Ordering::SeqCst);
+        let acked = self.acked_position.load(Ordering::SeqCst);
+        let received = self.received.load(Ordering::SeqCst);
+        let lag = if role == "secondary" { received.saturating_sub(log) } else { log.saturating_sub(acked) };
+        serde_json::json!({
+            "role": role,
+            "state": self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            "exit_index": self.exit_index.load(Ordering::SeqCst),
+            "log_position": log,
+            "acked_position": if role == "secondary" { received } else { acked },
+            "released_position": self.released_position.load(Ordering::SeqCst),
+            "replay_lag_records": lag,
+            "divergences": self.divergences.load(Ordering::SeqCst),
+            "outputs_held": self.outputs_held.load(Ordering::SeqCst),
+            "peer": if self.peer_up.load(Ordering::SeqCst) { "up" } else { "down" },
+            "last_failure": serde_json::Value::Null,
+        })
+    }
+}
+
+/// Serve `status` on a unix socket at `path`: each connection gets one JSON
+/// line. A stale socket file (nobody listening) is replaced; a live one is
+/// an error: two VMs must not share a control socket.
+fn serve_control(path: &Path, status: Arc<Status>) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        bail!("control socket {} is in use by another ftvm", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind control socket {}", path.display()))?;
+    std::thread::Builder::new().name("control".into()).spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let line = status.json().to_string();
+            let _ = writeln!(conn, "{line}");
+        }
+    })?;
+    Ok(())
+}
+
+/// `ftvm status`: read a pair process's control socket.
+pub fn status(control: &Path, json: bool) -> Result<()> {
+    use std::io::Read;
+    let mut conn = std::os::unix::net::UnixStream::connect(control)
+        .with_context(|| format!("no ftvm is listening on control socket {}", control.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).context("the control socket answered something else than JSON")?;
+    if json {
+        println!("{v}");
+        return Ok(());
+    }
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            let shown = match val {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            println!("{k:<20} {shown}");
+        }
+    }
+    Ok(())
+}
+
+/// The guest settings both hosts must agree on, as the handshake compares
+/// them: image digest, memory size, and a digest of the guest-visible
+/// settings (MAC, IP, gateway, params, privilege).
+pub fn identity(elf: &[u8], settings: &GuestSettings) -> GuestIdentity {
+    let image: [u8; 32] = Sha256::digest(elf).into();
+    let canonical = format!(
+        "mac={:02x?};ip={:?};gateway={:?};params={:?};nic={}",
+        settings.mac,
+        settings.ip,
+        settings.gateway,
+        settings.params,
+        settings.tap.is_some()
+    );
+    let config: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
+    GuestIdentity { image, memory_bytes: settings.memory_mib << 20, config }
+}
+
+/// Wraps an input source to publish the exit index and the log position.
+struct Observed<I> {
+    inner: I,
+    status: Arc<Status>,
+    position: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl<I: InputSource> InputSource for Observed<I> {
+    fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
+        self.status.exit_index.store(exit.0, Ordering::Relaxed);
+        self.inner.on_exit(exit, kind)
+    }
+    fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
+        let r = self.inner.clock_ns(exit);
+        self.status.log_position.store((self.position)(), Ordering::Relaxed);
+        r
+    }
+    fn entropy(&mut self, exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
+        let r = self.inner.entropy(exit, buf);
+        self.status.log_position.store((self.position)(), Ordering::Relaxed);
+        r
+    }
+    fn halt(&mut self, exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
+        self.inner.halt(exit, deadline)
+    }
+    fn receive_frame(&mut self, exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        let r = self.inner.receive_frame(exit);
+        self.status.log_position.store((self.position)(), Ordering::Relaxed);
+        r
+    }
+    fn digest(&mut self, exit: ExitIndex, digest: &StateDigest) -> Result<(), HookError> {
+        let r = self.inner.digest(exit, digest);
+        self.status.log_position.store((self.position)(), Ordering::Relaxed);
+        r
+    }
+}
+
+/// Settings of a pair process beyond the guest's.
+pub struct PairSettings {
+    pub key_file: PathBuf,
+    pub control: PathBuf,
+    pub digest_every: u64,
+    pub state_dump: Option<PathBuf>,
+}
+
+/// Write the final vCPU state and all guest memory to `path` (tests compare
+/// the primary's and the secondary's byte for byte).
+fn dump_state(vm: &mut Vm, memory_mib: u64, path: &Path) -> Result<()> {
+    use vm_memory::Bytes;
+    let vcpu = vm.vcpu_state().context("cannot read the final vCPU state")?;
+    let mut mem = vec![0u8; usize::try_from(memory_mib << 20)?];
+    vm.memory().read_slice(&mut mem, vm_memory::GuestAddress(0)).context("cannot read guest memory")?;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(&vmm::state::encode(vmm::digest::VcpuState::VERSION, &vcpu))?;
+    f.write_all(&mem)?;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("net").enable_all().build()?)
+}
+
+fn is_retryable(e: &ChannelError) -> bool {
+    matches!(e, ChannelError::Io(_) | ChannelError::Closed | ChannelError::HandshakeTimeout { .. })
+}
+
+/// `ftvm primary`.
+pub fn primary(
+    settings: &GuestSettings,
+    config: VmConfig,
+    tap: Option<Arc<vmm::tap::Tap>>,
+    serial: Box<dyn Write + Send>,
+    pair: &PairSettings,
+    peer: &str,
+) -> Result<i32> {
+    let key = SharedKey::from_file(&pair.key_file)?;
+    let status = Status::new("primary");
+    status.set_state("waiting for the secondary");
+    serve_control(&pair.control, status.clone())?;
+    let rt = runtime()?;
+    let chan_config = ChannelConfig::new(key, identity(&config.elf, settings));
+    eprintln!("ftvm: primary {}: waiting for the secondary at {peer}", settings.name);
+    let started = Instant::now();
+    let chan = loop {
+        match rt.block_on(PrimaryChannel::connect(peer, chan_config.clone())) {
+            Ok(c) => break Arc::new(c),
+            Err(e) if is_retryable(&e) => {
+                if started.elapsed() > Duration::from_secs(600) {
+                    return Err(anyhow!(e).context(format!("no secondary answered at {peer} for 10 minutes")));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(anyhow!(e).context(format!("the secondary at {peer} refused the pair"))),
+        }
+    };
+    status.peer_up.store(true, Ordering::SeqCst);
+    status.set_state("running");
+    tracing::info!(vm = %settings.name, %peer, "secondary connected");
+
+    let log = Arc::new(LogShared::default());
+    log.set_acked(LogPosition(0));
+    let mut output = LiveOutput::new(serial);
+    if let Some(t) = &tap {
+        output = output.with_tap(t.clone());
+    }
+    let (gate, releaser) = output_rule::gate(output, log.clone());
+    let releaser = Arc::new(releaser);
+
+    // Acks from the channel into the log; a failed channel stops the guest
+    // (failover arrives with the heartbeat issue: without it, a primary
+    // that lost its secondary must not carry on and hold outputs forever).
+    let failure: Arc<Mutex<Option<ChannelError>>> = Arc::default();
+    let stop_slot: Arc<Mutex<Option<StopHandle>>> = Arc::default();
+    {
+        let (ack_log, ack_chan, ack_status) = (log.clone(), chan.clone(), status.clone());
+        rt.spawn(async move {
+            let mut acked = ack_chan.acked();
+            loop {
+                let upto = *acked.borrow_and_update();
+                ack_log.set_acked(upto);
+                ack_status.acked_position.store(upto.0, Ordering::SeqCst);
+                if acked.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (chan, failure, stop_slot, status) = (chan.clone(), failure.clone(), stop_slot.clone(), status.clone());
+        rt.spawn(async move {
+            let e = chan.failed().await;
+            status.peer_up.store(false, Ordering::SeqCst);
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            if let Some(stop) = stop_slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                stop.stop();
+            }
+        });
+    }
+
+    // The shipper: log tail → channel.
+    let shipping = Arc::new(AtomicBool::new(true));
+    let shipper = {
+        let (log, chan, shipping, status) = (log.clone(), chan.clone(), shipping.clone(), status.clone());
+        let held_by = releaser.clone();
+        std::thread::Builder::new().name("shipper".into()).spawn(move || -> Result<(), ChannelError> {
+            let mut released = LogPosition(0);
+            let mut backlog: Option<(LogPosition, Vec<Record>)> = None;
+            loop {
+                let running = shipping.load(Ordering::SeqCst);
+                log.wait_flush(Duration::from_millis(2));
+                let (first, records, flush) = log.take();
+                let mut batch = match backlog.take() {
+                    Some((f, mut old)) => {
+                        old.extend(records);
+                        (f, old)
+                    }
+                    None => (first, records),
+                };
+                if !batch.1.is_empty() {
+                    match chan.send_records(batch.0, &batch.1) {
+                        Ok(()) => {}
+                        // The secondary is too far behind: keep the records
+                        // here (the vCPU never waits) and try again when
+                        // acks have caught up.
+                        Err(ChannelError::Backpressure { .. }) => {
+                            backlog = Some(std::mem::take(&mut batch));
+                            std::thread::sleep(Duration::from_millis(1));
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if flush {
+                    chan.flush();
+                }
+                status.outputs_held.store(held_by.held() as u64, Ordering::Relaxed);
+                let now_released = log.released();
+                if now_released > released {
+                    chan.send_released(now_released)?;
+                    released = now_released;
+                    status.released_position.store(released.0, Ordering::SeqCst);
+                }
+                if !running && backlog.is_none() {
+                    chan.flush();
+                    return Ok(());
+                }
+            }
+        })?
+    };
+    let rel_thread = {
+        let releaser = releaser.clone();
+        std::thread::Builder::new().name("releaser".into()).spawn(move || releaser.run())?
+    };
+    // Once a second: progress as a tracing event.
+    {
+        let (status, log) = (status.clone(), log.clone());
+        std::thread::Builder::new().name("progress".into()).spawn(move || {
+            let mut last = (0u64, Instant::now());
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let pos = log.appended().0;
+                let rate = (pos - last.0) as f64 / last.1.elapsed().as_secs_f64();
+                last = (pos, Instant::now());
+                tracing::info!(
+                    records_per_s = rate as u64,
+                    log_position = pos,
+                    acked = log.acked().map_or(0, |a| a.0),
+                    lag = pos.saturating_sub(log.acked().map_or(0, |a| a.0)),
+                    outputs_held = status.outputs_held.load(Ordering::Relaxed),
+                    "replication progress"
+                );
+            }
+        })?;
+    }
+
+    let tap_in = tap.clone();
+    let rec_log = log.clone();
+    let (obs_status, pos_log) = (status.clone(), log.clone());
+    let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
+        let mut live = LiveInput::new(0, vec![stop.wake_fd()]);
+        if let Some(t) = tap_in {
+            live = live.with_tap(t);
+        }
+        Box::new(Observed {
+            inner: Recorder::new(live, rec_log),
+            status: obs_status,
+            position: Arc::new(move || pos_log.appended().0),
+        })
+    };
+    let memory_mib = config.memory_mib;
+    let mut vm =
+        Vm::new(&config, input, Box::new(gate)).with_context(|| format!("cannot start guest {}", settings.name))?;
+    *stop_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.stop_handle());
+    let caught = crate::stop_on_signals(&vm)?;
+    let outcome = vm.run();
+    // Only a channel failure while the guest ran matters: once it stopped,
+    // a secondary that replayed to the same end may well close first.
+    let lost = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+
+    // Wind down: the secondary learns where the primary stopped, held
+    // outputs go out as their acks arrive (bounded wait), then the channel
+    // closes.
+    let exit = vm.exit_index();
+    log.append(Record::Shutdown { exit });
+    log.request_flush();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while releaser.held() > 0 && Instant::now() < deadline && chan.error().is_none() {
+        log.wait_changed(Duration::from_millis(10));
+        let _ = releaser.release_ready();
+    }
+    status.outputs_held.store(releaser.held() as u64, Ordering::SeqCst);
+    shipping.store(false, Ordering::SeqCst);
+    log.request_flush();
+    let shipped = shipper.join().map_err(|_| anyhow!("the shipper thread panicked"))?;
+    releaser.stop();
+    let _ = rel_thread.join();
+    if let Ok(chan) = Arc::try_unwrap(chan) {
+        let _ = rt.block_on(chan.shutdown());
+    }
+    if let Some(path) = &pair.state_dump {
+        dump_state(&mut vm, memory_mib, path)?;
+    }
+    status.set_state("stopped");
+    if let Some(e) = lost {
+        return Err(anyhow!(e).context(format!(
+            "primary {}: lost the secondary at exit {exit}; stopped the guest (failover arrives with the heartbeat issue)",
+            settings.name
+        )));
+    }
+    if let Err(e) = shipped {
+        tracing::debug!(error = %e, "the channel closed while winding down");
+    }
+    crate::finish(settings, outcome, &caught)
+}
+
+/// `ftvm secondary`.
+pub fn secondary(
+    settings: &GuestSettings,
+    config: VmConfig,
+    pair: &PairSettings,
+    listen: &str,
+    ack_delay: Duration,
+) -> Result<i32> {
+    let key = SharedKey::from_file(&pair.key_file)?;
+    let status = Status::new("secondary");
+    status.set_state("waiting for the primary");
+    serve_control(&pair.control, status.clone())?;
+    let rt = runtime()?;
+    let chan_config = ChannelConfig::new(key, identity(&config.elf, settings));
+    let listener =
+        rt.block_on(tokio::net::TcpListener::bind(listen)).with_context(|| format!("cannot listen on {listen}"))?;
+    eprintln!("ftvm: secondary {}: waiting for the primary on {listen}", settings.name);
+    let mut chan = loop {
+        match rt.block_on(SecondaryChannel::accept(&listener, chan_config.clone())) {
+            Ok(c) => break c,
+            Err(e @ (ChannelError::IdentityMismatch { .. } | ChannelError::Version { .. })) => {
+                return Err(anyhow!(e).context("the primary's guest does not match this one"));
+            }
+            Err(e) => {
+                // A wrong key or a broken connection: refuse it, keep waiting.
+                eprintln!("ftvm: secondary {}: refused a connection: {e}", settings.name);
+            }
+        }
+    };
+    status.peer_up.store(true, Ordering::SeqCst);
+    status.set_state("replaying");
+
+    let (tx, rx) = crossbeam_channel::unbounded::<Record>();
+    let held = Arc::new(HeldOutputs::default());
+    let lost: Arc<Mutex<Option<ChannelError>>> = Arc::default();
+    // The ack-delay test knob: acks leave in order, each `ack_delay` after
+    // its batch arrived, without slowing the receiving down.
+    let delayed_acks = (!ack_delay.is_zero()).then(|| {
+        let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, LogPosition)>();
+        let acker = chan.acker();
+        rt.spawn(async move {
+            while let Some((at, upto)) = ack_rx.recv().await {
+                tokio::time::sleep_until(at).await;
+                if acker.ack(upto).is_err() {
+                    return;
+                }
+            }
+        });
+        ack_tx
+    });
+    {
+        let (status, held, lost) = (status.clone(), held.clone(), lost.clone());
+        let mut released = chan.released();
+        rt.spawn(async move {
+            loop {
+                tokio::select! {
+                    batch = chan.recv() => match batch {
+                        Ok(Some(batch)) => {
+                            let last = batch.last();
+                            let n = batch.records.len() as u64;
+                            for r in batch.records {
+                                let _ = tx.send(r);
+                            }
+                            status.received.fetch_add(n, Ordering::SeqCst);
+                            if let Some(delayed) = &delayed_acks {
+                                let _ = delayed.send((tokio::time::Instant::now() + ack_delay, last));
+                                continue;
+                            }
+                            // Stored (in order, in memory): acknowledge now.
+                            if let Err(e) = chan.ack(last) {
+                                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            break;
+                        }
+                    },
+                    changed = released.changed() => {
+                        if changed.is_err() { continue; }
+                        let upto = *released.borrow_and_update();
+                        held.released(upto.0);
+                        status.released_position.store(upto.0, Ordering::SeqCst);
+                        status.outputs_held.store(held.len() as u64, Ordering::SeqCst);
+                    }
+                }
+            }
+            status.peer_up.store(false, Ordering::SeqCst);
+            // Dropping `tx` lets the replayer see the end of the log.
+        });
+    }
+
+    let consumed = Arc::new(AtomicU64::new(0));
+    let (obs_status, pos) = (status.clone(), consumed.clone());
+    let rep_pos = consumed.clone();
+    let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
+        Box::new(Observed {
+            inner: Replayer::new(rx, stop.clone(), rep_pos),
+            status: obs_status,
+            position: Arc::new(move || pos.load(Ordering::Relaxed)),
+        })
+    };
+    let output = Suppressor::new(held.clone(), consumed.clone());
+    let memory_mib = config.memory_mib;
+    let mut vm =
+        Vm::new(&config, input, Box::new(output)).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let caught = crate::stop_on_signals(&vm)?;
+    let outcome = vm.run();
+    status.set_state("stopped");
+    if let Some(path) = &pair.state_dump {
+        dump_state(&mut vm, memory_mib, path)?;
+    }
+    let exit = vm.exit_index();
+    match outcome {
+        Err(VmError::Vcpu(VcpuError::Hook { source: HookError::Ended { .. }, .. })) => {
+            if let Some(e) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(anyhow!(e).context(format!(
+                    "secondary {}: lost the primary; replayed to exit {exit} (failover arrives with the heartbeat issue)",
+                    settings.name
+                )));
+            }
+            eprintln!("ftvm: secondary {}: the primary stopped; replayed to exit {exit}", settings.name);
+            Ok(0)
+        }
+        Err(VmError::Vcpu(VcpuError::Hook { source: e @ HookError::Diverged { .. }, .. })) => {
+            status.divergences.fetch_add(1, Ordering::SeqCst);
+            Err(anyhow!(e).context(format!("secondary {}: replay diverged", settings.name)))
+        }
+        other => crate::finish(settings, other, &caught),
+    }
+}
