@@ -378,6 +378,15 @@ pub(crate) fn hmac_sha256(key: &[u8]) -> Hmac<Sha256> {
     }
 }
 
+/// HMAC-SHA256(key, parts concatenated), all 32 bytes.
+pub(crate) fn hmac_sha256_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let mut mac = hmac_sha256(key);
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
+}
+
 /// The bytes `record` takes in a `Records` payload.
 pub fn encoded_record_len(record: &Record) -> usize {
     // Saturating: a record this large is refused by `encode_records` anyway.

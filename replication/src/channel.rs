@@ -1,0 +1,1801 @@
+//! The logging channel: one TCP connection per protected VM, from the
+//! primary (which connects) to the secondary (which listens), carrying log
+//! records one way and acknowledgements the other.
+//!
+//! # Handshake
+//!
+//! ```text
+//! primary                                              secondary
+//!   Hello { version, nonce_p, identity_p }        ──▶  checks version, key (MAC)
+//!   checks proof, guest                           ◀──  HelloReply { nonce_s, identity_s,
+//!                                                          HMAC(key, "secondary" ‖ nonce_p ‖ nonce_s) }
+//!                                                      checks guest
+//!   AuthProof { HMAC(key, "primary" ‖ nonce_s ‖ nonce_p) } ──▶  checks proof
+//! ```
+//!
+//! The secondary replies even to a primary whose guest differs, so that both
+//! ends can name the field with both values, and refuses right after.
+//!
+//! `Hello` and `HelloReply`, sent before the session key exists, are MACed
+//! with a handshake key derived from the shared key alone (HMAC(key,
+//! "handshake" ‖ direction)); a peer with another key therefore fails the
+//! very first frame's MAC, and both ends report
+//! [`ChannelError::Authentication`]. Every later frame, `AuthProof` included,
+//! is MACed with the session key HMAC(key, "session" ‖ nonce_p ‖ nonce_s),
+//! refined per direction (HMAC(session key, direction)) so that a frame
+//! reflected back to its sender fails its MAC. The proofs bind each side to
+//! both fresh nonces, so a recorded handshake replayed later fails; the
+//! session key is new for each connection, so a frame from an earlier
+//! session fails its MAC, and the frame sequence numbers refuse a frame
+//! duplicated, dropped or replayed within a session.
+//!
+//! A side that refuses the session tells its peer why with a `Refused` frame
+//! when it can (the peer cannot check one MACed with another key, so a wrong
+//! key shows there as a failed MAC, which also reads as `Authentication`),
+//! then closes. Nothing is delivered to the caller before the handshake has
+//! completed.
+//!
+//! # Buffering and backpressure
+//!
+//! The primary never blocks its caller: [`PrimaryChannel::send_records`],
+//! [`PrimaryChannel::flush`] and [`PrimaryChannel::send_released`] are plain
+//! functions that queue and return, so the vCPU thread can call them between
+//! two exits. A writer task coalesces the queued records into frames of up
+//! to [`FRAME_TARGET`] bytes and writes them when a flush is asked for, when
+//! a frame is full, or at the latest [`ChannelConfig::flush_delay`] after the
+//! first record of a batch was queued.
+//!
+//! The memory this takes is bounded by acknowledgements: the channel counts
+//! the encoded bytes of every record handed to it and not yet acknowledged.
+//! A batch that would take that count over
+//! [`ChannelConfig::max_unacked_bytes`] is refused with
+//! [`ChannelError::Backpressure`]: nothing of it is queued, the channel stays
+//! usable, and the same batch (same first position) can be handed over again
+//! once acks have come in. What to do meanwhile is the caller's decision; a
+//! secondary that far behind is too far behind for a fast go-live, and the
+//! primary's usual answer is to treat it as lost (win the arbiter, carry on
+//! alone, repair later). [`PrimaryChannel::unacked_bytes`] shows how close the
+//! channel is to the limit.
+//!
+//! The secondary reads frames as fast as its caller takes batches, holding
+//! at most [`SECONDARY_QUEUE`] decoded batches; a caller that stops taking
+//! them stops the reading, TCP's window closes, and the primary sees its
+//! unacknowledged bytes grow: backpressure reaches the one place that can
+//! decide what to do about it. Acks are cumulative and sent at once.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hmac::Mac;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::frame::{
+    check_record, encoded_record_len, hmac_sha256, hmac_sha256_of, FrameDecoder, FrameEncoder, FrameError,
+    GuestIdentity, Hello, HelloReply, IdentityField, MacKey, Message, Nonce, RefuseReason, NONCE_LEN, PROTOCOL_VERSION,
+    RECORDS_HEADER_LEN,
+};
+use crate::key::SharedKey;
+use crate::record::{LogPosition, Record};
+
+/// The payload size at which the primary's writer cuts a `Records` frame and
+/// sends it without waiting for the flush delay: large enough that the
+/// per-frame cost (38 bytes, one CRC, one HMAC) is noise, small enough that
+/// a frame goes out in a few hundred microseconds on a 10 Gbit/s link.
+pub const FRAME_TARGET: usize = 256 * 1024;
+/// Default for [`ChannelConfig::flush_delay`].
+pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(2);
+/// Default for [`ChannelConfig::max_unacked_bytes`]: 64 MiB, over a second
+/// of log at the rates a lockstep guest produces, far more than a healthy
+/// link ever holds.
+pub const DEFAULT_MAX_UNACKED_BYTES: u64 = 64 << 20;
+/// Default for [`ChannelConfig::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Decoded batches the secondary holds for a caller that has not taken them:
+/// at most this many frames' payload (64 × [`FRAME_TARGET`] from an ftvm
+/// primary, 64 × `MAX_PAYLOAD` at worst) plus their record headers.
+pub const SECONDARY_QUEUE: usize = 64;
+
+/// Bytes asked of the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What both ends of a channel are set up with.
+#[derive(Clone, Debug)]
+pub struct ChannelConfig {
+    /// The pair's shared key.
+    pub key: SharedKey,
+    /// This host's guest; the peer's must be the same.
+    pub identity: GuestIdentity,
+    /// Primary: the longest a queued record waits for more to share its
+    /// frame. Records that an output waits on are sent by
+    /// [`PrimaryChannel::flush`] at once; the others only decide how much a
+    /// go-live can replay, and a few milliseconds do not matter there.
+    pub flush_delay: Duration,
+    /// Primary: the most record bytes handed over and not yet acknowledged
+    /// (see the module doc).
+    pub max_unacked_bytes: u64,
+    /// Both: how long the handshake may take before the connection is given
+    /// up.
+    pub handshake_timeout: Duration,
+    /// The protocol version spoken; only tests speak another.
+    version: u16,
+}
+
+impl ChannelConfig {
+    /// A configuration with the default delays and limits.
+    pub fn new(key: SharedKey, identity: GuestIdentity) -> ChannelConfig {
+        ChannelConfig {
+            key,
+            identity,
+            flush_delay: DEFAULT_FLUSH_DELAY,
+            max_unacked_bytes: DEFAULT_MAX_UNACKED_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+/// One value of a [`GuestIdentity`] field, for error messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityValue {
+    /// A digest (image, settings).
+    Digest([u8; 32]),
+    /// A size in bytes (memory).
+    Bytes(u64),
+}
+
+impl fmt::Display for IdentityValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentityValue::Digest(digest) => digest.iter().try_for_each(|b| write!(f, "{b:02x}")),
+            IdentityValue::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
+/// What went wrong on a logging channel. Everything but
+/// [`Backpressure`](Self::Backpressure), [`OutOfOrder`](Self::OutOfOrder) on
+/// a send, [`AckBeyondReceived`](Self::AckBeyondReceived) and
+/// [`ReleasedBeyondAcked`](Self::ReleasedBeyondAcked) ends the session.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChannelError {
+    /// The peer does not hold the same key, or its handshake did not prove it
+    /// (a replayed handshake).
+    #[error("the peer failed authentication: the two hosts do not hold the same key")]
+    Authentication,
+    /// The two ends speak different protocol versions.
+    #[error("protocol version mismatch: this side speaks {ours}, the peer {theirs}")]
+    Version { ours: u16, theirs: u16 },
+    /// The two ends run different guests.
+    #[error("the peer runs a different guest: the {field} is {ours} here and {theirs} there")]
+    IdentityMismatch { field: IdentityField, ours: IdentityValue, theirs: IdentityValue },
+    /// The peer refused the session for a reason this side did not see itself.
+    #[error("the peer refused the session: {reason}")]
+    Refused { reason: RefuseReason },
+    /// The handshake did not finish in time.
+    #[error("the handshake did not complete within {timeout:?}")]
+    HandshakeTimeout { timeout: Duration },
+    /// A frame from the peer failed a check.
+    #[error("a frame from the peer was refused")]
+    Frame(#[source] FrameError),
+    /// A record or message could not be put in a frame (a record over its
+    /// size cap).
+    #[error("a frame could not be encoded")]
+    Encode(#[source] FrameError),
+    /// The peer sent a valid frame the protocol does not allow there.
+    #[error("protocol violation by the peer: {what}")]
+    Protocol { what: &'static str },
+    /// Records handed over (or received) do not continue the log.
+    #[error("records out of order: position {expected} was due, {found} came")]
+    OutOfOrder { expected: LogPosition, found: LogPosition },
+    /// The secondary is too far behind: the batch was not queued.
+    #[error("the secondary is too far behind: {unacked_bytes} bytes unacknowledged, {batch_bytes} more would pass the {limit}-byte limit")]
+    Backpressure { unacked_bytes: u64, batch_bytes: u64, limit: u64 },
+    /// An ack for records this side has not received.
+    #[error("cannot ack position {upto}: only {received} received")]
+    AckBeyondReceived { upto: LogPosition, received: LogPosition },
+    /// A release report for outputs whose records are not acknowledged.
+    #[error("cannot report outputs up to {upto} released: only {acked} acknowledged")]
+    ReleasedBeyondAcked { upto: LogPosition, acked: LogPosition },
+    /// The connection was closed (by the peer, or after a clean shutdown).
+    #[error("the logging channel is closed")]
+    Closed,
+    /// Reading or writing the socket failed.
+    #[error("I/O on the logging channel failed")]
+    Io(#[source] Arc<io::Error>),
+    /// No random nonce could be had.
+    #[error("the operating system's random source failed")]
+    Random(#[source] getrandom::Error),
+}
+
+impl From<io::Error> for ChannelError {
+    fn from(error: io::Error) -> Self {
+        ChannelError::Io(Arc::new(error))
+    }
+}
+
+/// A batch of consecutive records as the secondary receives them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordBatch {
+    /// Position of the first record.
+    pub first: LogPosition,
+    /// The records, at `first`, `first + 1`, … (never empty).
+    pub records: Vec<Record>,
+}
+
+impl RecordBatch {
+    /// Position of the last record.
+    pub fn last(&self) -> LogPosition {
+        let extra = u64::try_from(self.records.len().saturating_sub(1)).unwrap_or(u64::MAX);
+        // The decoder checked that the positions fit.
+        LogPosition(self.first.0.saturating_add(extra))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Keys and proofs
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    PrimaryToSecondary,
+    SecondaryToPrimary,
+}
+
+impl Direction {
+    fn label(self) -> &'static [u8] {
+        match self {
+            Direction::PrimaryToSecondary => b"primary to secondary",
+            Direction::SecondaryToPrimary => b"secondary to primary",
+        }
+    }
+}
+
+fn handshake_key(key: &SharedKey, direction: Direction) -> MacKey {
+    MacKey::new(&hmac_sha256_of(key.as_bytes(), &[b"handshake", direction.label()]))
+}
+
+fn session_keys(key: &SharedKey, nonce_p: &Nonce, nonce_s: &Nonce) -> (MacKey, MacKey) {
+    let session = hmac_sha256_of(key.as_bytes(), &[b"session", nonce_p, nonce_s]);
+    let p2s = MacKey::new(&hmac_sha256_of(&session, &[Direction::PrimaryToSecondary.label()]));
+    let s2p = MacKey::new(&hmac_sha256_of(&session, &[Direction::SecondaryToPrimary.label()]));
+    (p2s, s2p)
+}
+
+fn secondary_proof(key: &SharedKey, nonce_p: &Nonce, nonce_s: &Nonce) -> [u8; 32] {
+    hmac_sha256_of(key.as_bytes(), &[b"secondary", nonce_p, nonce_s])
+}
+
+fn primary_proof(key: &SharedKey, nonce_p: &Nonce, nonce_s: &Nonce) -> [u8; 32] {
+    hmac_sha256_of(key.as_bytes(), &[b"primary", nonce_s, nonce_p])
+}
+
+/// Check `proof` against HMAC(key, parts) in constant time.
+fn proof_holds(key: &SharedKey, parts: &[&[u8]], proof: &[u8; 32]) -> bool {
+    let mut mac = hmac_sha256(key.as_bytes());
+    for part in parts {
+        mac.update(part);
+    }
+    mac.verify_slice(proof).is_ok()
+}
+
+fn nonce() -> Result<Nonce, ChannelError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    getrandom::fill(&mut nonce).map_err(ChannelError::Random)?;
+    Ok(nonce)
+}
+
+fn identity_mismatch(ours: &GuestIdentity, theirs: &GuestIdentity) -> Option<ChannelError> {
+    let (field, ours, theirs) = if ours.image != theirs.image {
+        (IdentityField::Image, IdentityValue::Digest(ours.image), IdentityValue::Digest(theirs.image))
+    } else if ours.memory_bytes != theirs.memory_bytes {
+        (IdentityField::MemorySize, IdentityValue::Bytes(ours.memory_bytes), IdentityValue::Bytes(theirs.memory_bytes))
+    } else if ours.config != theirs.config {
+        (IdentityField::Config, IdentityValue::Digest(ours.config), IdentityValue::Digest(theirs.config))
+    } else {
+        return None;
+    };
+    Some(ChannelError::IdentityMismatch { field, ours, theirs })
+}
+
+// ---------------------------------------------------------------------------
+// The handshake
+
+/// A connection during the handshake: the whole stream, one encoder, one
+/// decoder.
+struct Wire {
+    stream: TcpStream,
+    encoder: FrameEncoder,
+    decoder: FrameDecoder,
+    version: u16,
+}
+
+impl Wire {
+    fn new(stream: TcpStream, send: MacKey, receive: MacKey, version: u16) -> Wire {
+        Wire {
+            stream,
+            encoder: FrameEncoder::with_version(send, version),
+            decoder: FrameDecoder::with_version(receive, version),
+            version,
+        }
+    }
+
+    async fn send(&mut self, message: &Message) -> Result<(), ChannelError> {
+        let mut out = BytesMut::new();
+        self.encoder.encode(message, &mut out).map_err(ChannelError::Encode)?;
+        self.stream.write_all(&out).await?;
+        Ok(())
+    }
+
+    /// The next handshake message. A frame that fails its MAC here comes
+    /// from a peer with another key; one of another version, from a peer
+    /// that speaks another protocol.
+    async fn receive(&mut self) -> Result<Message, ChannelError> {
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(frame)) => return Ok(frame.message),
+                Ok(None) => {}
+                Err(error) => return Err(handshake_error(error)),
+            }
+            buf.clear();
+            if self.stream.read_buf(&mut buf).await? == 0 {
+                self.decoder.finish().map_err(handshake_error)?;
+                return Err(ChannelError::Closed);
+            }
+            self.decoder.push(&buf);
+        }
+    }
+
+    /// Tell the peer why this side refuses, then close. Best effort: the peer
+    /// may be gone already, and the refusal stands either way.
+    async fn refuse(mut self, reason: RefuseReason) {
+        if let Err(error) = self.send(&Message::Refused(reason)).await {
+            debug!(%error, "could not tell the peer why the session is refused");
+        }
+        let _ = self.stream.shutdown().await;
+    }
+
+    fn refused(&self, reason: RefuseReason) -> ChannelError {
+        match reason {
+            RefuseReason::Authentication => ChannelError::Authentication,
+            RefuseReason::UnsupportedVersion { supported } => {
+                ChannelError::Version { ours: self.version, theirs: supported }
+            }
+            reason => ChannelError::Refused { reason },
+        }
+    }
+}
+
+fn handshake_error(error: FrameError) -> ChannelError {
+    match error {
+        FrameError::BadMac { .. } => ChannelError::Authentication,
+        FrameError::UnsupportedVersion { found, supported } => ChannelError::Version { ours: supported, theirs: found },
+        error => ChannelError::Frame(error),
+    }
+}
+
+/// The refusal to send for an error found during the handshake, if any.
+fn refusal_for(error: &ChannelError, version: u16) -> Option<RefuseReason> {
+    match error {
+        ChannelError::Authentication => Some(RefuseReason::Authentication),
+        ChannelError::Version { .. } => Some(RefuseReason::UnsupportedVersion { supported: version }),
+        ChannelError::IdentityMismatch { field, .. } => Some(RefuseReason::IdentityMismatch { field: *field }),
+        ChannelError::Protocol { .. } => Some(RefuseReason::Protocol),
+        _ => None,
+    }
+}
+
+const UNEXPECTED_IN_HANDSHAKE: ChannelError = ChannelError::Protocol { what: "unexpected frame in the handshake" };
+
+async fn primary_handshake(stream: TcpStream, config: &ChannelConfig) -> Result<Wire, ChannelError> {
+    let key = &config.key;
+    let nonce_p = nonce()?;
+    let mut wire = Wire::new(
+        stream,
+        handshake_key(key, Direction::PrimaryToSecondary),
+        handshake_key(key, Direction::SecondaryToPrimary),
+        config.version,
+    );
+    wire.send(&Message::Hello(Hello { version: config.version, nonce: nonce_p, identity: config.identity })).await?;
+    let reply = match wire.receive().await? {
+        Message::HelloReply(reply) => reply,
+        Message::Refused(reason) => return Err(wire.refused(reason)),
+        _ => return Err(UNEXPECTED_IN_HANDSHAKE),
+    };
+    // The secondary MACs everything after its reply with the session keys.
+    let (p2s, s2p) = session_keys(key, &nonce_p, &reply.nonce);
+    wire.encoder.set_key(p2s);
+    wire.decoder.set_key(s2p);
+    let checked = if !proof_holds(key, &[b"secondary", &nonce_p, &reply.nonce], &reply.proof) {
+        Err(ChannelError::Authentication)
+    } else if let Some(mismatch) = identity_mismatch(&config.identity, &reply.identity) {
+        Err(mismatch)
+    } else {
+        Ok(())
+    };
+    if let Err(error) = checked {
+        if let Some(reason) = refusal_for(&error, config.version) {
+            wire.refuse(reason).await;
+        }
+        return Err(error);
+    }
+    wire.send(&Message::AuthProof { proof: primary_proof(key, &nonce_p, &reply.nonce) }).await?;
+    Ok(wire)
+}
+
+async fn secondary_handshake(stream: TcpStream, config: &ChannelConfig) -> Result<Wire, ChannelError> {
+    let key = &config.key;
+    let mut wire = Wire::new(
+        stream,
+        handshake_key(key, Direction::SecondaryToPrimary),
+        handshake_key(key, Direction::PrimaryToSecondary),
+        config.version,
+    );
+    let hello = match wire.receive().await {
+        Ok(Message::Hello(hello)) => Ok(hello),
+        Ok(Message::Refused(reason)) => return Err(wire.refused(reason)),
+        Ok(_) => Err(UNEXPECTED_IN_HANDSHAKE),
+        Err(error) => Err(error),
+    };
+    let hello = match hello {
+        Ok(hello) => hello,
+        Err(error) => {
+            if let Some(reason) = refusal_for(&error, config.version) {
+                wire.refuse(reason).await;
+            }
+            return Err(error);
+        }
+    };
+    let nonce_s = nonce()?;
+    let proof = secondary_proof(key, &hello.nonce, &nonce_s);
+    wire.send(&Message::HelloReply(HelloReply { nonce: nonce_s, identity: config.identity, proof })).await?;
+    let (p2s, s2p) = session_keys(key, &hello.nonce, &nonce_s);
+    wire.encoder.set_key(s2p);
+    wire.decoder.set_key(p2s);
+
+    // The reply carries this side's identity, so the primary names the
+    // mismatch with both values too; then this side refuses.
+    let checked = match identity_mismatch(&config.identity, &hello.identity) {
+        Some(mismatch) => Err(mismatch),
+        None => match wire.receive().await {
+            Ok(Message::AuthProof { proof }) => {
+                if proof_holds(key, &[b"primary", &nonce_s, &hello.nonce], &proof) {
+                    Ok(())
+                } else {
+                    Err(ChannelError::Authentication)
+                }
+            }
+            Ok(Message::Refused(reason)) => return Err(wire.refused(reason)),
+            Ok(_) => Err(UNEXPECTED_IN_HANDSHAKE),
+            Err(error) => Err(error),
+        },
+    };
+    if let Err(error) = checked {
+        if let Some(reason) = refusal_for(&error, config.version) {
+            wire.refuse(reason).await;
+        }
+        return Err(error);
+    }
+    Ok(wire)
+}
+
+async fn with_timeout<T>(
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = Result<T, ChannelError>>,
+) -> Result<T, ChannelError> {
+    tokio::time::timeout(timeout, handshake).await.unwrap_or(Err(ChannelError::HandshakeTimeout { timeout }))
+}
+
+// ---------------------------------------------------------------------------
+// What both sides share after the handshake
+
+/// The first error that ended a session, watched by every task of it.
+#[derive(Clone, Debug)]
+struct Failure(Arc<watch::Sender<Option<ChannelError>>>);
+
+impl Failure {
+    fn new() -> Failure {
+        Failure(Arc::new(watch::channel(None).0))
+    }
+
+    /// Record `error` unless an earlier one ended the session already.
+    fn set(&self, error: ChannelError, role: &'static str) {
+        self.0.send_if_modified(|slot| {
+            if slot.is_some() {
+                return false;
+            }
+            warn!(role, %error, "logging channel failed");
+            *slot = Some(error);
+            true
+        });
+    }
+
+    fn get(&self) -> Option<ChannelError> {
+        self.0.borrow().clone()
+    }
+
+    fn check(&self) -> Result<(), ChannelError> {
+        self.get().map_or(Ok(()), Err)
+    }
+
+    async fn wait(&self) -> ChannelError {
+        let mut rx = self.0.subscribe();
+        let error = match rx.wait_for(Option::is_some).await {
+            Ok(slot) => slot.clone().unwrap_or(ChannelError::Closed),
+            // Unreachable while `self` holds the sender.
+            Err(_) => ChannelError::Closed,
+        };
+        error
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The state is consistent between statements: a panic elsewhere while
+    // holding the lock leaves nothing half-done worth refusing over.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Read the socket until the decoder yields frames; pass each to `handle`.
+/// Returns when `handle` says stop, or with the error that ended the
+/// session. An end of stream inside a frame is `Truncated`, between frames
+/// `Closed`.
+async fn read_frames(
+    mut read: OwnedReadHalf,
+    mut decoder: FrameDecoder,
+    mut handle: impl AsyncFrameHandler,
+) -> Result<(), ChannelError> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        while let Some(frame) = decoder.next_frame().map_err(ChannelError::Frame)? {
+            if handle.handle(frame.message).await? == Flow::Stop {
+                return Ok(());
+            }
+        }
+        buf.clear();
+        if read.read_buf(&mut buf).await? == 0 {
+            decoder.finish().map_err(ChannelError::Frame)?;
+            return Err(ChannelError::Closed);
+        }
+        decoder.push(&buf);
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+trait AsyncFrameHandler {
+    async fn handle(&mut self, message: Message) -> Result<Flow, ChannelError>;
+}
+
+// ---------------------------------------------------------------------------
+// Primary
+
+/// The primary's end of a logging channel.
+///
+/// Dropping it closes the connection after the records already handed over
+/// are written; the secondary sees the connection close without a
+/// `Shutdown` and reports [`ChannelError::Closed`].
+#[derive(Debug)]
+pub struct PrimaryChannel {
+    queue: mpsc::UnboundedSender<Outgoing>,
+    state: Arc<Mutex<PrimaryState>>,
+    acked: watch::Receiver<LogPosition>,
+    failure: Failure,
+    max_unacked_bytes: u64,
+    reader: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Records { first: LogPosition, records: Vec<Record> },
+    Released(LogPosition),
+    Flush,
+    Shutdown(oneshot::Sender<Result<(), ChannelError>>),
+}
+
+#[derive(Debug, Default)]
+struct PrimaryState {
+    /// The position the next batch must start at; `None` before the first.
+    next: Option<LogPosition>,
+    /// The last position handed over.
+    last: LogPosition,
+    /// The secondary's latest ack.
+    acked: LogPosition,
+    /// The last position and encoded size of each batch not yet fully
+    /// acknowledged, oldest first.
+    unacked: VecDeque<(LogPosition, u64)>,
+    /// Sum of the sizes in `unacked`.
+    unacked_bytes: u64,
+    /// The last position reported released.
+    released: LogPosition,
+}
+
+impl PrimaryChannel {
+    /// Connect to the secondary at `addr` and run the handshake.
+    pub async fn connect(addr: impl ToSocketAddrs, config: ChannelConfig) -> Result<PrimaryChannel, ChannelError> {
+        let stream = TcpStream::connect(addr).await?;
+        PrimaryChannel::handshake(stream, config).await
+    }
+
+    /// Run the handshake on a connected stream (sets `TCP_NODELAY`: frames
+    /// are written whole, and an output waits on each flush).
+    pub async fn handshake(stream: TcpStream, config: ChannelConfig) -> Result<PrimaryChannel, ChannelError> {
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr().ok();
+        let wire = with_timeout(config.handshake_timeout, primary_handshake(stream, &config)).await?;
+        info!(role = "primary", ?peer, "logging channel established");
+        Ok(PrimaryChannel::start(wire, &config))
+    }
+
+    fn start(wire: Wire, config: &ChannelConfig) -> PrimaryChannel {
+        let Wire { stream, encoder, decoder, .. } = wire;
+        let (read, write) = stream.into_split();
+        let (queue, queued) = mpsc::unbounded_channel();
+        let (acked_tx, acked) = watch::channel(LogPosition::NONE);
+        let state = Arc::new(Mutex::new(PrimaryState::default()));
+        let failure = Failure::new();
+        // The writer runs until the queue closes (the channel is dropped or
+        // shut down) or the session fails; nothing needs to join it.
+        tokio::spawn(primary_writer(write, encoder, queued, failure.clone(), config.flush_delay));
+        let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx };
+        let reader = tokio::spawn(watch_failure(failure.clone(), "primary", read_frames(read, decoder, handler)));
+        PrimaryChannel { queue, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader }
+    }
+
+    /// Hand over `records`, at positions `first`, `first + 1`, …, for
+    /// sending. Never blocks and never waits for the network: the records
+    /// are queued and go out with the next frame (see the module doc).
+    ///
+    /// `first` must continue the log: the first call may start anywhere from
+    /// position 1, each later one where the previous ended. Refused, with
+    /// nothing queued: a gap or overlap ([`ChannelError::OutOfOrder`]), a
+    /// record over its size cap ([`ChannelError::Frame`]), a batch that
+    /// would take the unacknowledged bytes over the limit
+    /// ([`ChannelError::Backpressure`]: hand the same batch over again
+    /// later), and anything after the session failed (that error).
+    pub fn send_records(&self, first: LogPosition, records: &[Record]) -> Result<(), ChannelError> {
+        self.failure.check()?;
+        let Some(extra) = records.len().checked_sub(1) else { return Ok(()) };
+        let mut state = lock(&self.state);
+        let expected = state.next.unwrap_or(first.max(LogPosition::FIRST));
+        if first != expected {
+            return Err(ChannelError::OutOfOrder { expected, found: first });
+        }
+        let last = u64::try_from(extra)
+            .ok()
+            .and_then(|extra| first.checked_add(extra))
+            .filter(|last| last.0 < u64::MAX)
+            .ok_or(ChannelError::OutOfOrder { expected, found: LogPosition(u64::MAX) })?;
+        let mut batch_bytes = 0u64;
+        for record in records {
+            check_record(record).map_err(ChannelError::Encode)?;
+            let len = u64::try_from(encoded_record_len(record)).unwrap_or(u64::MAX);
+            batch_bytes = batch_bytes.saturating_add(len);
+        }
+        if state.unacked_bytes.saturating_add(batch_bytes) > self.max_unacked_bytes {
+            return Err(ChannelError::Backpressure {
+                unacked_bytes: state.unacked_bytes,
+                batch_bytes,
+                limit: self.max_unacked_bytes,
+            });
+        }
+        // Queued under the lock, so batches reach the writer in position order.
+        self.queue
+            .send(Outgoing::Records { first, records: records.to_vec() })
+            .map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))?;
+        state.next = last.checked_add(1);
+        state.last = last;
+        state.unacked.push_back((last, batch_bytes));
+        state.unacked_bytes = state.unacked_bytes.saturating_add(batch_bytes);
+        Ok(())
+    }
+
+    /// An output is pending: send everything handed over so far now, without
+    /// waiting for the flush delay. Never blocks.
+    pub fn flush(&self) {
+        // Fails only once the writer has stopped, and then the failure is
+        // what callers see next.
+        let _ = self.queue.send(Outgoing::Flush);
+    }
+
+    /// Tell the secondary that every output up to `upto` reached the world.
+    /// `upto` may not pass what the secondary acknowledged (the output rule).
+    /// Never blocks.
+    pub fn send_released(&self, upto: LogPosition) -> Result<(), ChannelError> {
+        self.failure.check()?;
+        let mut state = lock(&self.state);
+        if upto > state.acked {
+            return Err(ChannelError::ReleasedBeyondAcked { upto, acked: state.acked });
+        }
+        if upto <= state.released {
+            return Ok(());
+        }
+        state.released = upto;
+        self.queue.send(Outgoing::Released(upto)).map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))
+    }
+
+    /// The secondary's cumulative acknowledgements: the highest position it
+    /// received and stored, [`LogPosition::NONE`] before the first ack.
+    pub fn acked(&self) -> watch::Receiver<LogPosition> {
+        self.acked.clone()
+    }
+
+    /// Encoded bytes of the records handed over and not yet acknowledged.
+    pub fn unacked_bytes(&self) -> u64 {
+        lock(&self.state).unacked_bytes
+    }
+
+    /// Records handed over and not yet acknowledged.
+    pub fn unacked_records(&self) -> u64 {
+        let state = lock(&self.state);
+        state.last.0.saturating_sub(state.acked.0)
+    }
+
+    /// The error that ended the session, if one did.
+    pub fn error(&self) -> Option<ChannelError> {
+        self.failure.get()
+    }
+
+    /// Wait until the session fails, and say why.
+    pub async fn failed(&self) -> ChannelError {
+        self.failure.wait().await
+    }
+
+    /// End the session on purpose: write every record handed over, then a
+    /// `Shutdown` frame, and close. Acks that have not arrived by then are
+    /// not waited for (wait on [`acked`](Self::acked) first for that).
+    pub async fn shutdown(self) -> Result<(), ChannelError> {
+        self.failure.check()?;
+        let (done, finished) = oneshot::channel();
+        self.queue.send(Outgoing::Shutdown(done)).map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))?;
+        let result = finished.await.unwrap_or_else(|_| Err(self.failure.get().unwrap_or(ChannelError::Closed)));
+        self.reader.abort();
+        result
+    }
+}
+
+impl Drop for PrimaryChannel {
+    fn drop(&mut self) {
+        // The writer ends by itself once the queue is closed, after writing
+        // what was queued; the reader has nobody left to report to.
+        self.reader.abort();
+    }
+}
+
+/// Runs `task` and records its error as the session's failure.
+async fn watch_failure(
+    failure: Failure,
+    role: &'static str,
+    task: impl std::future::Future<Output = Result<(), ChannelError>>,
+) {
+    let stopped = failure.clone();
+    tokio::select! {
+        result = task => if let Err(error) = result { failure.set(error, role) },
+        // Another task failed: nothing more to read.
+        _ = stopped.wait() => {}
+    }
+}
+
+struct AckHandler {
+    state: Arc<Mutex<PrimaryState>>,
+    acked: watch::Sender<LogPosition>,
+}
+
+impl AsyncFrameHandler for AckHandler {
+    async fn handle(&mut self, message: Message) -> Result<Flow, ChannelError> {
+        let upto = match message {
+            Message::Ack { upto } => upto,
+            Message::Shutdown => return Err(ChannelError::Closed),
+            Message::Refused(reason) => return Err(ChannelError::Refused { reason }),
+            _ => return Err(ChannelError::Protocol { what: "the secondary sent a frame only a primary sends" }),
+        };
+        let mut state = lock(&self.state);
+        if upto < state.acked {
+            return Err(ChannelError::Protocol { what: "an ack went backwards" });
+        }
+        if upto > state.last {
+            return Err(ChannelError::Protocol { what: "an ack for records never sent" });
+        }
+        state.acked = upto;
+        while let Some(&(last, bytes)) = state.unacked.front() {
+            if last > upto {
+                break;
+            }
+            state.unacked.pop_front();
+            state.unacked_bytes = state.unacked_bytes.saturating_sub(bytes);
+        }
+        drop(state);
+        self.acked.send_replace(upto);
+        Ok(Flow::Continue)
+    }
+}
+
+/// Frames being put together by the primary's writer.
+struct Batcher {
+    encoder: FrameEncoder,
+    /// Complete frames, ready to write.
+    out: BytesMut,
+    /// Records not yet in a frame, from position `first` on.
+    pending: Vec<Record>,
+    first: LogPosition,
+    /// The `Records` payload size `pending` makes.
+    pending_bytes: usize,
+    /// When the oldest pending record was queued.
+    pending_since: Option<Instant>,
+}
+
+impl Batcher {
+    fn new(encoder: FrameEncoder) -> Batcher {
+        Batcher {
+            encoder,
+            out: BytesMut::new(),
+            pending: Vec::new(),
+            first: LogPosition::NONE,
+            pending_bytes: 0,
+            pending_since: None,
+        }
+    }
+
+    /// Add records at `first`, `first + 1`, …, cutting a frame whenever the
+    /// next record would take it past [`FRAME_TARGET`].
+    fn push(&mut self, first: LogPosition, records: Vec<Record>) -> Result<(), ChannelError> {
+        let mut position = first;
+        for record in records {
+            let len = encoded_record_len(&record);
+            if !self.pending.is_empty() && self.pending_bytes.saturating_add(len) > FRAME_TARGET {
+                self.cut()?;
+            }
+            if self.pending.is_empty() {
+                self.first = position;
+                self.pending_bytes = RECORDS_HEADER_LEN;
+                self.pending_since.get_or_insert_with(Instant::now);
+            }
+            self.pending.push(record);
+            self.pending_bytes = self.pending_bytes.saturating_add(len);
+            // `send_records` checked that the positions fit.
+            position = position.checked_add(1).unwrap_or(position);
+        }
+        Ok(())
+    }
+
+    /// Put the pending records into one frame.
+    fn cut(&mut self) -> Result<(), ChannelError> {
+        if !self.pending.is_empty() {
+            self.encoder.encode_records(self.first, &self.pending, &mut self.out).map_err(ChannelError::Encode)?;
+            self.pending.clear();
+            self.pending_bytes = 0;
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    /// A control frame, after the records queued before it.
+    fn control(&mut self, message: &Message) -> Result<(), ChannelError> {
+        self.cut()?;
+        self.encoder.encode(message, &mut self.out).map_err(ChannelError::Encode)?;
+        Ok(())
+    }
+}
+
+async fn primary_writer(
+    write: OwnedWriteHalf,
+    encoder: FrameEncoder,
+    queued: mpsc::UnboundedReceiver<Outgoing>,
+    failure: Failure,
+    flush_delay: Duration,
+) {
+    let stopped = failure.clone();
+    tokio::select! {
+        result = write_loop(write, Batcher::new(encoder), queued, flush_delay) => {
+            if let Err(error) = result {
+                failure.set(error, "primary");
+            }
+        }
+        _ = stopped.wait() => {}
+    }
+}
+
+/// How the writer's queue ended.
+enum End {
+    Shutdown(oneshot::Sender<Result<(), ChannelError>>),
+    Dropped,
+}
+
+/// Sleep until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Woken {
+    Item(Option<Outgoing>),
+    Deadline,
+}
+
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    mut batcher: Batcher,
+    mut queued: mpsc::UnboundedReceiver<Outgoing>,
+    flush_delay: Duration,
+) -> Result<(), ChannelError> {
+    let mut next = None;
+    loop {
+        // Take the item that woke the writer and everything queued behind it.
+        let mut end = None;
+        loop {
+            let item = match next.take() {
+                Some(item) => item,
+                None => match queued.try_recv() {
+                    Ok(item) => item,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        end = Some(End::Dropped);
+                        break;
+                    }
+                },
+            };
+            match item {
+                Outgoing::Records { first, records } => batcher.push(first, records)?,
+                Outgoing::Released(upto) => batcher.control(&Message::Released { upto })?,
+                Outgoing::Flush => batcher.cut()?,
+                Outgoing::Shutdown(done) => {
+                    end = Some(End::Shutdown(done));
+                    break;
+                }
+            }
+        }
+        if end.is_some() {
+            batcher.cut()?;
+        }
+        // Complete frames go out now; a partly filled one waits below.
+        if !batcher.out.is_empty() {
+            write.write_all(&batcher.out).await?;
+            batcher.out.clear();
+        }
+        match end {
+            Some(End::Shutdown(done)) => {
+                let result = async {
+                    batcher.control(&Message::Shutdown)?;
+                    write.write_all(&batcher.out).await?;
+                    write.shutdown().await?;
+                    Ok(())
+                }
+                .await;
+                let _ = done.send(result.clone());
+                return result;
+            }
+            Some(End::Dropped) => return Ok(()),
+            None => {}
+        }
+        let woken = match batcher.pending_since {
+            None => Woken::Item(queued.recv().await),
+            Some(since) => tokio::select! {
+                item = queued.recv() => Woken::Item(item),
+                // A delay too large for the clock means "no delay limit".
+                () = sleep_until(since.checked_add(flush_delay)) => Woken::Deadline,
+            },
+        };
+        match woken {
+            Woken::Item(Some(item)) => next = Some(item),
+            // Sent at the top of the loop (dropped: after the last records).
+            Woken::Item(None) => {}
+            Woken::Deadline => batcher.cut()?,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Secondary
+
+/// The secondary's end of a logging channel.
+#[derive(Debug)]
+pub struct SecondaryChannel {
+    batches: mpsc::Receiver<Delivery>,
+    acker: Acker,
+    released: watch::Receiver<LogPosition>,
+    failure: Failure,
+    /// Set once the log ended: `Ok` after the primary's shutdown.
+    ended: Option<Result<(), ChannelError>>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+enum Delivery {
+    Batch(RecordBatch),
+    End,
+    Failed(ChannelError),
+}
+
+/// Sends the secondary's acks; cheap to clone, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct Acker {
+    acks: Arc<watch::Sender<LogPosition>>,
+    delivered: Arc<AtomicU64>,
+    failure: Failure,
+}
+
+impl Acker {
+    /// Acknowledge every record up to `upto` as received and stored. Sent at
+    /// once, without blocking; acks are cumulative, so one lower than an
+    /// earlier one changes nothing. Refused for records not yet delivered by
+    /// [`SecondaryChannel::recv`].
+    pub fn ack(&self, upto: LogPosition) -> Result<(), ChannelError> {
+        self.failure.check()?;
+        let received = LogPosition(self.delivered.load(Ordering::Acquire));
+        if upto > received {
+            return Err(ChannelError::AckBeyondReceived { upto, received });
+        }
+        self.acks.send_if_modified(|acked| {
+            let newer = upto > *acked;
+            if newer {
+                *acked = upto;
+            }
+            newer
+        });
+        Ok(())
+    }
+}
+
+impl SecondaryChannel {
+    /// Accept one connection on `listener` and run the handshake on it.
+    pub async fn accept(listener: &TcpListener, config: ChannelConfig) -> Result<SecondaryChannel, ChannelError> {
+        let (stream, _) = listener.accept().await?;
+        SecondaryChannel::handshake(stream, config).await
+    }
+
+    /// Run the handshake on an accepted stream.
+    pub async fn handshake(stream: TcpStream, config: ChannelConfig) -> Result<SecondaryChannel, ChannelError> {
+        stream.set_nodelay(true)?;
+        let peer: Option<SocketAddr> = stream.peer_addr().ok();
+        let wire = with_timeout(config.handshake_timeout, secondary_handshake(stream, &config)).await?;
+        info!(role = "secondary", ?peer, "logging channel established");
+        Ok(SecondaryChannel::start(wire))
+    }
+
+    fn start(wire: Wire) -> SecondaryChannel {
+        let Wire { stream, encoder, decoder, .. } = wire;
+        let (read, write) = stream.into_split();
+        let (deliver, batches) = mpsc::channel(SECONDARY_QUEUE);
+        let (released_tx, released) = watch::channel(LogPosition::NONE);
+        let (acks, acks_rx) = watch::channel(LogPosition::NONE);
+        let failure = Failure::new();
+        let handler = RecordHandler { deliver: deliver.clone(), next: None, released: released_tx };
+        let reader = tokio::spawn(secondary_reader(read, decoder, handler, deliver, failure.clone()));
+        let writer = tokio::spawn(secondary_writer(write, encoder, acks_rx, failure.clone()));
+        let acker = Acker { acks: Arc::new(acks), delivered: Arc::new(AtomicU64::new(0)), failure: failure.clone() };
+        SecondaryChannel { batches, acker, released, failure, ended: None, reader, writer }
+    }
+
+    /// The next batch of records, in log order. `Ok(None)` once the primary
+    /// ended the session on purpose (and on every later call); the error
+    /// that ended the session otherwise (again on every later call). Every
+    /// batch returned passed every check; none after a failed frame is.
+    ///
+    /// Cancel-safe: a batch is either returned or still queued.
+    pub async fn recv(&mut self) -> Result<Option<RecordBatch>, ChannelError> {
+        if let Some(ended) = &self.ended {
+            return ended.clone().map(|()| None);
+        }
+        let delivery = self.batches.recv().await.unwrap_or_else(|| {
+            // The reader is gone without a word: only a panic does that.
+            Delivery::Failed(self.failure.get().unwrap_or(ChannelError::Closed))
+        });
+        match delivery {
+            Delivery::Batch(batch) => {
+                self.acker.delivered.fetch_max(batch.last().0, Ordering::AcqRel);
+                Ok(Some(batch))
+            }
+            Delivery::End => {
+                self.ended = Some(Ok(()));
+                Ok(None)
+            }
+            Delivery::Failed(error) => {
+                self.ended = Some(Err(error.clone()));
+                Err(error)
+            }
+        }
+    }
+
+    /// Acknowledge every record up to `upto` (see [`Acker::ack`]).
+    pub fn ack(&self, upto: LogPosition) -> Result<(), ChannelError> {
+        self.acker.ack(upto)
+    }
+
+    /// A handle that acks from another task or thread.
+    pub fn acker(&self) -> Acker {
+        self.acker.clone()
+    }
+
+    /// The primary's reports of released outputs: every output up to this
+    /// position reached the world.
+    pub fn released(&self) -> watch::Receiver<LogPosition> {
+        self.released.clone()
+    }
+
+    /// The error that ended the session, if one did.
+    pub fn error(&self) -> Option<ChannelError> {
+        self.failure.get()
+    }
+}
+
+impl Drop for SecondaryChannel {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+struct RecordHandler {
+    deliver: mpsc::Sender<Delivery>,
+    /// The position the next batch must start at; `None` before the first
+    /// (a log received after a repair starts where the checkpoint ends).
+    next: Option<LogPosition>,
+    released: watch::Sender<LogPosition>,
+}
+
+impl AsyncFrameHandler for RecordHandler {
+    async fn handle(&mut self, message: Message) -> Result<Flow, ChannelError> {
+        match message {
+            Message::Records { first, records } => {
+                if let Some(expected) = self.next.filter(|&expected| expected != first) {
+                    return Err(ChannelError::OutOfOrder { expected, found: first });
+                }
+                let batch = RecordBatch { first, records };
+                self.next = batch.last().checked_add(1);
+                if self.deliver.send(Delivery::Batch(batch)).await.is_err() {
+                    // Nobody takes batches any more.
+                    return Ok(Flow::Stop);
+                }
+                Ok(Flow::Continue)
+            }
+            Message::Released { upto } => {
+                if upto < *self.released.borrow() {
+                    return Err(ChannelError::Protocol { what: "a release report went backwards" });
+                }
+                // The output rule: nothing is released before it is acked,
+                // and nothing is acked before it is received.
+                let received = self.next.map_or(LogPosition::NONE, |next| LogPosition(next.0.saturating_sub(1)));
+                if upto > received {
+                    return Err(ChannelError::Protocol { what: "outputs released past the records received" });
+                }
+                self.released.send_replace(upto);
+                Ok(Flow::Continue)
+            }
+            Message::Shutdown => {
+                let _ = self.deliver.send(Delivery::End).await;
+                Ok(Flow::Stop)
+            }
+            Message::Refused(reason) => Err(ChannelError::Refused { reason }),
+            _ => Err(ChannelError::Protocol { what: "the primary sent a frame only a secondary sends" }),
+        }
+    }
+}
+
+async fn secondary_reader(
+    read: OwnedReadHalf,
+    decoder: FrameDecoder,
+    handler: RecordHandler,
+    deliver: mpsc::Sender<Delivery>,
+    failure: Failure,
+) {
+    let stopped = failure.clone();
+    let result = tokio::select! {
+        result = read_frames(read, decoder, handler) => result,
+        error = stopped.wait() => Err(error),
+    };
+    if let Err(error) = result {
+        failure.set(error.clone(), "secondary");
+        // After every batch that passed: the caller sees them, then this.
+        let _ = deliver.send(Delivery::Failed(error)).await;
+    }
+}
+
+async fn secondary_writer(
+    mut write: OwnedWriteHalf,
+    mut encoder: FrameEncoder,
+    mut acks: watch::Receiver<LogPosition>,
+    failure: Failure,
+) {
+    let stopped = failure.clone();
+    let result = async {
+        let mut out = BytesMut::new();
+        // Ends when the channel (the acks' sender) is dropped.
+        while acks.changed().await.is_ok() {
+            let upto = *acks.borrow_and_update();
+            out.clear();
+            encoder.encode(&Message::Ack { upto }, &mut out).map_err(ChannelError::Encode)?;
+            write.write_all(&out).await?;
+        }
+        Ok::<(), ChannelError>(())
+    };
+    tokio::select! {
+        result = result => if let Err(error) = result { failure.set(error, "secondary") },
+        _ = stopped.wait() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FRAME_OVERHEAD, HEADER_LEN};
+    use bytes::Bytes;
+    use tokio::time::timeout;
+    use vmm::hook::ExitIndex;
+
+    /// The failure bound of every wait: generous, never slept.
+    const BOUND: Duration = Duration::from_secs(20);
+    const KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+    fn identity() -> GuestIdentity {
+        GuestIdentity { image: [0x11; 32], memory_bytes: 64 << 20, config: [0x22; 32] }
+    }
+
+    fn config() -> ChannelConfig {
+        ChannelConfig::new(SharedKey::from_bytes(KEY).unwrap(), identity())
+    }
+
+    /// The record at `position`: every kind, deterministic.
+    fn record(position: u64) -> Record {
+        let exit = ExitIndex(position * 3);
+        match position % 4 {
+            0 => Record::Clock { exit, ns: position * 1000 },
+            1 => Record::Entropy { exit, bytes: Bytes::copy_from_slice(&position.to_le_bytes()) },
+            2 => Record::Frame { exit, frame: Bytes::from(vec![u8::try_from(position % 251).unwrap(); 60]) },
+            _ => Record::Digest { exit, vcpu: position, devices: !position, memory: position.rotate_left(7) },
+        }
+    }
+
+    fn batch(first: u64, count: u64) -> Vec<Record> {
+        (first..first + count).map(record).collect()
+    }
+
+    async fn listener() -> (TcpListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (listener, addr)
+    }
+
+    /// Connect a primary with `p` to a secondary with `s` over loopback.
+    async fn pair(
+        p: ChannelConfig,
+        s: ChannelConfig,
+    ) -> (Result<PrimaryChannel, ChannelError>, Result<SecondaryChannel, ChannelError>) {
+        let (listener, addr) = listener().await;
+        let secondary = tokio::spawn(async move { SecondaryChannel::accept(&listener, s).await });
+        let primary = timeout(BOUND, PrimaryChannel::connect(addr, p)).await.unwrap();
+        let secondary = timeout(BOUND, secondary).await.unwrap().unwrap();
+        (primary, secondary)
+    }
+
+    async fn wait_acked(primary: &PrimaryChannel, upto: u64) {
+        let mut acked = primary.acked();
+        timeout(BOUND, acked.wait_for(|acked| acked.0 >= upto)).await.unwrap().unwrap();
+    }
+
+    /// Take batches, acking each, until the channel ends; return them and how it ended.
+    async fn drain(secondary: &mut SecondaryChannel) -> (Vec<RecordBatch>, Result<(), ChannelError>) {
+        let mut batches = Vec::new();
+        loop {
+            match timeout(BOUND, secondary.recv()).await.expect("the secondary neither received nor failed") {
+                Ok(Some(batch)) => {
+                    // Fails once the session has failed: the batches that
+                    // passed before it are still delivered, but cannot be
+                    // acked any more.
+                    let _ = secondary.ack(batch.last());
+                    batches.push(batch);
+                }
+                Ok(None) => return (batches, Ok(())),
+                Err(error) => return (batches, Err(error)),
+            }
+        }
+    }
+
+    fn positions(batches: &[RecordBatch]) -> Vec<u64> {
+        batches.iter().flat_map(|b| (b.first.0..=b.last().0).collect::<Vec<_>>()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handshake_then_100_000_records_in_order_with_cumulative_acks() {
+        const N: u64 = 100_000;
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+
+        let consumer = tokio::spawn(async move {
+            let mut next = 1;
+            let mut batches = 0;
+            loop {
+                let Some(batch) = timeout(BOUND, secondary.recv()).await.unwrap().unwrap() else { break };
+                assert_eq!(batch.first, LogPosition(next), "batches arrive in order, without gaps");
+                for (position, got) in (next..).zip(&batch.records) {
+                    assert_eq!(got, &record(position));
+                }
+                next = batch.last().0 + 1;
+                batches += 1;
+                secondary.ack(batch.last()).unwrap();
+            }
+            (next - 1, batches, secondary)
+        });
+
+        // Acks only ever grow, and end at N.
+        let mut acked = primary.acked();
+        let watcher = tokio::spawn(async move {
+            let mut last = LogPosition::NONE;
+            while last.0 < N {
+                timeout(BOUND, acked.changed()).await.unwrap().unwrap();
+                let now = *acked.borrow_and_update();
+                assert!(now >= last, "ack went from {last} to {now}");
+                last = now;
+            }
+            last
+        });
+
+        // One record per call, as a recorder at each exit would; a flush now
+        // and then, as pending outputs would ask.
+        for position in 1..=N {
+            primary.send_records(LogPosition(position), &[record(position)]).unwrap();
+            if position % 997 == 0 {
+                primary.flush();
+            }
+        }
+        primary.flush();
+        assert_eq!(timeout(BOUND, watcher).await.unwrap().unwrap(), LogPosition(N));
+        assert_eq!(primary.unacked_bytes(), 0);
+        assert_eq!(primary.unacked_records(), 0);
+        primary.shutdown().await.unwrap();
+
+        let (last, batches, mut secondary) = timeout(BOUND, consumer).await.unwrap().unwrap();
+        assert_eq!(last, N);
+        assert!(batches < N, "records were coalesced into frames ({batches} batches)");
+        // The end stays the end.
+        assert!(matches!(secondary.recv().await, Ok(None)));
+        assert!(secondary.error().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thread_outside_the_runtime_hands_records_over() {
+        // The vCPU thread is a plain thread: no runtime, no await.
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (Arc::new(primary.unwrap()), secondary.unwrap());
+        let vcpu = {
+            let primary = Arc::clone(&primary);
+            std::thread::spawn(move || {
+                for position in 1..=1000 {
+                    primary.send_records(LogPosition(position), &[record(position)]).unwrap();
+                }
+                primary.flush();
+                *primary.acked().borrow()
+            })
+        };
+        let mut received = Vec::new();
+        while received.len() < 1000 {
+            let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+            secondary.ack(got.last()).unwrap();
+            received.extend(got.records);
+        }
+        assert_eq!(received, batch(1, 1000));
+        vcpu.join().unwrap();
+        wait_acked(&primary, 1000).await;
+    }
+
+    #[tokio::test]
+    async fn the_flush_delay_sends_records_without_a_flush() {
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+        primary.send_records(LogPosition(1), &batch(1, 3)).unwrap();
+        let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(got, RecordBatch { first: LogPosition(1), records: batch(1, 3) });
+    }
+
+    #[tokio::test]
+    async fn released_reports_reach_the_secondary_and_follow_the_acks() {
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+        primary.send_records(LogPosition(1), &batch(1, 5)).unwrap();
+        primary.flush();
+        assert!(matches!(
+            primary.send_released(LogPosition(1)),
+            Err(ChannelError::ReleasedBeyondAcked { upto: LogPosition(1), acked: LogPosition::NONE })
+        ));
+        let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+        assert!(matches!(
+            secondary.ack(LogPosition(6)),
+            Err(ChannelError::AckBeyondReceived { upto: LogPosition(6), received: LogPosition(5) })
+        ));
+        secondary.acker().ack(got.last()).unwrap();
+        wait_acked(&primary, 5).await;
+        primary.send_released(LogPosition(4)).unwrap();
+        let mut released = secondary.released();
+        timeout(BOUND, released.wait_for(|r| *r == LogPosition(4))).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_primary_is_told_when_the_secondary_falls_too_far_behind() {
+        let mut p = config();
+        p.max_unacked_bytes = 10_000;
+        let (primary, secondary) = pair(p, config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+
+        // The secondary takes nothing: the unacknowledged bytes grow until
+        // a batch is refused, without send_records ever blocking.
+        let mut next = 1;
+        let refused = loop {
+            match primary.send_records(LogPosition(next), &batch(next, 10)) {
+                Ok(()) => next += 10,
+                Err(error) => break error,
+            }
+            assert!(next < 10_000, "never refused");
+        };
+        let ChannelError::Backpressure { unacked_bytes, batch_bytes, limit } = refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(limit, 10_000);
+        assert!(unacked_bytes <= limit && unacked_bytes + batch_bytes > limit);
+        assert_eq!(primary.unacked_bytes(), unacked_bytes);
+        assert_eq!(primary.unacked_records(), next - 1);
+        // Nothing of the refused batch was queued: a gap would be refused.
+        assert!(matches!(
+            primary.send_records(LogPosition(next + 10), &batch(next + 10, 1)),
+            Err(ChannelError::OutOfOrder { .. })
+        ));
+
+        // The secondary catches up; the same batch goes through.
+        primary.flush();
+        let mut received = 0;
+        while received < next - 1 {
+            let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+            secondary.ack(got.last()).unwrap();
+            received = got.last().0;
+        }
+        wait_acked(&primary, next - 1).await;
+        assert_eq!(primary.unacked_bytes(), 0);
+        primary.send_records(LogPosition(next), &batch(next, 10)).unwrap();
+        primary.flush();
+        let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(got, RecordBatch { first: LogPosition(next), records: batch(next, 10) });
+        assert!(primary.error().is_none());
+    }
+
+    #[tokio::test]
+    async fn send_records_refuses_gaps_overlaps_and_oversize_records() {
+        let (primary, _secondary) = pair(config(), config()).await;
+        let primary = primary.unwrap();
+        assert!(matches!(
+            primary.send_records(LogPosition::NONE, &batch(1, 1)),
+            Err(ChannelError::OutOfOrder { expected: LogPosition(1), found: LogPosition(0) })
+        ));
+        // An empty batch is nothing.
+        primary.send_records(LogPosition(77), &[]).unwrap();
+        // The first batch may start later than 1 (a log after a repair).
+        primary.send_records(LogPosition(40), &batch(40, 2)).unwrap();
+        for wrong in [41, 43] {
+            assert!(matches!(
+                primary.send_records(LogPosition(wrong), &batch(wrong, 1)),
+                Err(ChannelError::OutOfOrder { expected: LogPosition(42), .. })
+            ));
+        }
+        let big = Record::Entropy { exit: ExitIndex(1), bytes: vec![0; crate::record::MAX_ENTROPY_LEN + 1].into() };
+        assert!(matches!(
+            primary.send_records(LogPosition(42), &[big]),
+            Err(ChannelError::Encode(FrameError::FieldTooLarge { .. }))
+        ));
+        primary.send_records(LogPosition(42), &batch(42, 1)).unwrap();
+        assert!(primary.error().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_refused_on_both_ends() {
+        let mut s = config();
+        s.key = SharedKey::from_bytes(crate::key::generate()).unwrap();
+        let (primary, secondary) = pair(config(), s).await;
+        assert!(matches!(primary, Err(ChannelError::Authentication)), "{primary:?}");
+        assert!(matches!(secondary, Err(ChannelError::Authentication)), "{secondary:?}");
+    }
+
+    #[tokio::test]
+    async fn another_protocol_version_is_refused_on_both_ends() {
+        let mut p = config();
+        p.version = 2;
+        let (primary, secondary) = pair(p, config()).await;
+        assert!(matches!(primary, Err(ChannelError::Version { ours: 2, theirs: 1 })), "{primary:?}");
+        assert!(matches!(secondary, Err(ChannelError::Version { ours: 1, theirs: 2 })), "{secondary:?}");
+    }
+
+    #[tokio::test]
+    async fn a_different_guest_is_refused_on_both_ends_naming_the_field() {
+        type Change = fn(&mut GuestIdentity);
+        let cases: [(IdentityField, Change); 3] = [
+            (IdentityField::Image, |id| id.image[31] ^= 1),
+            (IdentityField::MemorySize, |id| id.memory_bytes = 128 << 20),
+            (IdentityField::Config, |id| id.config = [0x33; 32]),
+        ];
+        for (field, change) in cases {
+            let mut s = config();
+            change(&mut s.identity);
+            let (primary, secondary) = pair(config(), s.clone()).await;
+            let ours = config().identity;
+            let theirs = s.identity;
+            for (side, result, here, there) in
+                [("primary", primary.map(drop), ours, theirs), ("secondary", secondary.map(drop), theirs, ours)]
+            {
+                match result {
+                    Err(ChannelError::IdentityMismatch { field: f, ours, theirs }) => {
+                        assert_eq!(f, field, "{side}");
+                        let value = |id: GuestIdentity| match field {
+                            IdentityField::Image => IdentityValue::Digest(id.image),
+                            IdentityField::MemorySize => IdentityValue::Bytes(id.memory_bytes),
+                            IdentityField::Config => IdentityValue::Digest(id.config),
+                        };
+                        assert_eq!((ours, theirs), (value(here), value(there)), "{side}");
+                    }
+                    other => panic!("{side}, {field}: {other:?}"),
+                }
+            }
+        }
+        let error = ChannelError::IdentityMismatch {
+            field: IdentityField::MemorySize,
+            ours: IdentityValue::Bytes(64),
+            theirs: IdentityValue::Bytes(128),
+        };
+        assert_eq!(
+            error.to_string(),
+            "the peer runs a different guest: the memory size is 64 bytes here and 128 bytes there"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replayed_hello_reply_fails_authentication() {
+        // A fake secondary with the right key answers with a reply recorded
+        // from an earlier session: its proof covers another primary nonce.
+        let (listener, addr) = listener().await;
+        let fake = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let key = config().key;
+            let mut wire = Wire::new(
+                stream,
+                handshake_key(&key, Direction::SecondaryToPrimary),
+                handshake_key(&key, Direction::PrimaryToSecondary),
+                PROTOCOL_VERSION,
+            );
+            let Message::Hello(_) = wire.receive().await.unwrap() else { panic!("no hello") };
+            let nonce_s = [7; 32];
+            let proof = secondary_proof(&key, &[6; 32], &nonce_s);
+            wire.send(&Message::HelloReply(HelloReply { nonce: nonce_s, identity: identity(), proof })).await.unwrap();
+            wire
+        });
+        let primary = timeout(BOUND, PrimaryChannel::connect(addr, config())).await.unwrap();
+        assert!(matches!(primary, Err(ChannelError::Authentication)), "{primary:?}");
+        drop(fake.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn records_instead_of_the_auth_proof_are_refused_and_never_delivered() {
+        let (listener, addr) = listener().await;
+        let secondary = tokio::spawn(async move { SecondaryChannel::accept(&listener, config()).await });
+        let key = config().key;
+        let mut wire = Wire::new(
+            TcpStream::connect(addr).await.unwrap(),
+            handshake_key(&key, Direction::PrimaryToSecondary),
+            handshake_key(&key, Direction::SecondaryToPrimary),
+            PROTOCOL_VERSION,
+        );
+        let nonce_p = [5; 32];
+        let hello = Hello { version: PROTOCOL_VERSION, nonce: nonce_p, identity: identity() };
+        wire.send(&Message::Hello(hello)).await.unwrap();
+        let Message::HelloReply(reply) = wire.receive().await.unwrap() else { panic!("no reply") };
+        let (p2s, _) = session_keys(&key, &nonce_p, &reply.nonce);
+        wire.encoder.set_key(p2s);
+        wire.send(&Message::Records { first: LogPosition(1), records: batch(1, 3) }).await.unwrap();
+        let secondary = timeout(BOUND, secondary).await.unwrap().unwrap();
+        assert!(matches!(secondary, Err(ChannelError::Protocol { .. })), "{secondary:?}");
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_times_the_handshake_out() {
+        let (listener, addr) = listener().await;
+        let mut s = config();
+        s.handshake_timeout = Duration::from_millis(200);
+        let secondary = tokio::spawn(async move { SecondaryChannel::accept(&listener, s).await });
+        let _silent = TcpStream::connect(addr).await.unwrap();
+        let secondary = timeout(BOUND, secondary).await.unwrap().unwrap();
+        assert!(matches!(secondary, Err(ChannelError::HandshakeTimeout { .. })), "{secondary:?}");
+    }
+
+    #[tokio::test]
+    async fn either_end_reports_the_other_going_away() {
+        // The primary goes: the secondary gets what was sent, then Closed.
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+        primary.send_records(LogPosition(1), &batch(1, 4)).unwrap();
+        drop(primary);
+        let (batches, end) = drain(&mut secondary).await;
+        assert_eq!(positions(&batches), [1, 2, 3, 4]);
+        assert!(matches!(end, Err(ChannelError::Closed)), "{end:?}");
+        assert!(matches!(secondary.recv().await, Err(ChannelError::Closed)));
+
+        // The secondary goes: the primary's channel fails, and says so.
+        let (primary, secondary) = pair(config(), config()).await;
+        let primary = primary.unwrap();
+        drop(secondary);
+        let error = timeout(BOUND, primary.failed()).await.unwrap();
+        assert!(matches!(error, ChannelError::Closed | ChannelError::Io(_)), "{error:?}");
+        assert!(primary.send_records(LogPosition(1), &batch(1, 1)).is_err());
+    }
+
+    // --- a man in the middle ---
+
+    #[derive(Clone, Copy, Debug)]
+    enum Tamper {
+        /// Flip one payload byte.
+        Corrupt,
+        /// Flip one payload byte and fix the CRC.
+        Forge,
+        /// Send the frame twice.
+        Duplicate,
+        /// Send the next frame before this one.
+        Reorder,
+        /// Leave the frame out.
+        Drop,
+        /// Send half the frame, then close.
+        Truncate,
+    }
+
+    /// Forward primary → secondary frame by frame, tampering with frame
+    /// `at` as told; secondary → primary as it is.
+    async fn proxy(listener: TcpListener, secondary: SocketAddr, tamper: Tamper, at: u64) {
+        let (from_primary, _) = listener.accept().await.unwrap();
+        let to_secondary = TcpStream::connect(secondary).await.unwrap();
+        let (mut p_read, mut p_write) = from_primary.into_split();
+        let (mut s_read, mut s_write) = to_secondary.into_split();
+        let back = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut s_read, &mut p_write).await;
+        });
+        let mut buf = BytesMut::new();
+        let mut index = 0u64;
+        let mut held: Option<Bytes> = None;
+        loop {
+            while buf.len() >= HEADER_LEN {
+                let len = u32::from_le_bytes(buf[14..18].try_into().unwrap());
+                let total = usize::try_from(len).unwrap() + FRAME_OVERHEAD;
+                if buf.len() < total {
+                    break;
+                }
+                let frame = buf.split_to(total).freeze();
+                let this = index;
+                index += 1;
+                let mut out = Vec::new();
+                match (tamper, this) {
+                    (Tamper::Corrupt, n) if n == at => {
+                        let mut bad = frame.to_vec();
+                        bad[HEADER_LEN + 5] ^= 0x10;
+                        out.push(Bytes::from(bad));
+                    }
+                    (Tamper::Forge, n) if n == at => {
+                        let mut bad = frame.to_vec();
+                        bad[HEADER_LEN + 5] ^= 0x10;
+                        let signed = bad.len() - FRAME_OVERHEAD + HEADER_LEN;
+                        let crc = crc32c::crc32c(&bad[..signed]).to_le_bytes();
+                        bad[signed..signed + 4].copy_from_slice(&crc);
+                        out.push(Bytes::from(bad));
+                    }
+                    (Tamper::Duplicate, n) if n == at => out.extend([frame.clone(), frame]),
+                    (Tamper::Reorder, n) if n == at => held = Some(frame),
+                    (Tamper::Reorder, n) if n == at + 1 => out.extend([frame].into_iter().chain(held.take())),
+                    (Tamper::Drop, n) if n == at => {}
+                    (Tamper::Truncate, n) if n == at => {
+                        p_write_half(&mut s_write, &frame[..frame.len() / 2]).await;
+                        let _ = s_write.shutdown().await;
+                        back.abort();
+                        return;
+                    }
+                    _ => out.push(frame),
+                }
+                for frame in out {
+                    p_write_half(&mut s_write, &frame).await;
+                }
+            }
+            if p_read.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+                let _ = s_write.shutdown().await;
+                let _ = back.await;
+                return;
+            }
+        }
+    }
+
+    async fn p_write_half(write: &mut OwnedWriteHalf, bytes: &[u8]) {
+        let _ = write.write_all(bytes).await;
+    }
+
+    /// Frames 0 and 1 are the primary's Hello and AuthProof; records start
+    /// at frame 2. Batches of 10 records each, one frame each: frames 2 and
+    /// 3 (positions 1–20) are acked before the tampered frame 4 (21–30) and
+    /// the frames after it (31–50) are sent.
+    async fn tampered_run(tamper: Tamper) -> (Vec<u64>, ChannelError, PrimaryChannel) {
+        let (s_listener, s_addr) = listener().await;
+        let (p_listener, p_addr) = listener().await;
+        let secondary = tokio::spawn(async move { SecondaryChannel::accept(&s_listener, config()).await });
+        tokio::spawn(proxy(p_listener, s_addr, tamper, 4));
+        let primary = timeout(BOUND, PrimaryChannel::connect(p_addr, config())).await.unwrap().unwrap();
+        let mut secondary = timeout(BOUND, secondary).await.unwrap().unwrap().unwrap();
+        let consumer = tokio::spawn(async move { drain(&mut secondary).await });
+
+        for k in 0..2 {
+            primary.send_records(LogPosition(10 * k + 1), &batch(10 * k + 1, 10)).unwrap();
+            primary.flush();
+            wait_acked(&primary, 10 * (k + 1)).await;
+        }
+        for k in 2..5 {
+            primary.send_records(LogPosition(10 * k + 1), &batch(10 * k + 1, 10)).unwrap();
+            primary.flush();
+        }
+        let (batches, end) = timeout(BOUND, consumer).await.unwrap().unwrap();
+        // Every record delivered is the one sent at its position.
+        for b in &batches {
+            assert_eq!(b.records, batch(b.first.0, b.records.len().try_into().unwrap()));
+        }
+        (positions(&batches), end.unwrap_err(), primary)
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_byte_is_refused_by_its_crc() {
+        let (delivered, error, _) = tampered_run(Tamper::Corrupt).await;
+        assert_eq!(delivered, (1..=20).collect::<Vec<_>>());
+        assert!(matches!(error, ChannelError::Frame(FrameError::CrcMismatch { seq: 4, .. })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_forged_frame_is_refused_by_its_mac() {
+        let (delivered, error, _) = tampered_run(Tamper::Forge).await;
+        assert_eq!(delivered, (1..=20).collect::<Vec<_>>());
+        assert!(matches!(error, ChannelError::Frame(FrameError::BadMac { seq: 4 })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_duplicated_frame_is_refused() {
+        let (delivered, error, _) = tampered_run(Tamper::Duplicate).await;
+        // The first copy was good and is delivered; the second is not.
+        assert_eq!(delivered, (1..=30).collect::<Vec<_>>());
+        assert!(matches!(error, ChannelError::Frame(FrameError::OutOfSequence { expected: 5, found: 4 })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn reordered_frames_are_refused() {
+        let (delivered, error, _) = tampered_run(Tamper::Reorder).await;
+        assert_eq!(delivered, (1..=20).collect::<Vec<_>>());
+        assert!(matches!(error, ChannelError::Frame(FrameError::OutOfSequence { expected: 4, found: 5 })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_frame_is_refused() {
+        let (delivered, error, _) = tampered_run(Tamper::Drop).await;
+        assert_eq!(delivered, (1..=20).collect::<Vec<_>>());
+        assert!(matches!(error, ChannelError::Frame(FrameError::OutOfSequence { expected: 4, found: 5 })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn a_truncated_stream_is_refused() {
+        let (delivered, error, primary) = tampered_run(Tamper::Truncate).await;
+        assert_eq!(delivered, (1..=20).collect::<Vec<_>>());
+        assert!(matches!(error, ChannelError::Frame(FrameError::Truncated { .. })), "{error:?}");
+        // The primary sees its connection go too.
+        let error = timeout(BOUND, primary.failed()).await.unwrap();
+        assert!(matches!(error, ChannelError::Closed | ChannelError::Io(_)), "{error:?}");
+    }
+}
