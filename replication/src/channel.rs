@@ -6,11 +6,15 @@
 //!
 //! ```text
 //! primary                                              secondary
-//!   Hello { version, nonce_p, identity_p }        ──▶  checks version, key (MAC), guest
+//!   Hello { version, nonce_p, identity_p }        ──▶  checks version, key (MAC)
 //!   checks proof, guest                           ◀──  HelloReply { nonce_s, identity_s,
 //!                                                          HMAC(key, "secondary" ‖ nonce_p ‖ nonce_s) }
+//!                                                      checks guest
 //!   AuthProof { HMAC(key, "primary" ‖ nonce_s ‖ nonce_p) } ──▶  checks proof
 //! ```
+//!
+//! The secondary replies even to a primary whose guest differs, so that both
+//! ends can name the field with both values, and refuses right after.
 //!
 //! `Hello` and `HelloReply`, sent before the session key exists, are MACed
 //! with a handshake key derived from the shared key alone (HMAC(key,
@@ -98,8 +102,10 @@ pub const DEFAULT_FLUSH_DELAY: Duration = Duration::from_millis(2);
 pub const DEFAULT_MAX_UNACKED_BYTES: u64 = 64 << 20;
 /// Default for [`ChannelConfig::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Decoded batches the secondary holds for a caller that has not taken them.
-pub const SECONDARY_QUEUE: usize = 256;
+/// Decoded batches the secondary holds for a caller that has not taken them:
+/// at most this many frames' payload (64 × [`FRAME_TARGET`] from an ftvm
+/// primary, 64 × `MAX_PAYLOAD` at worst) plus their record headers.
+pub const SECONDARY_QUEUE: usize = 64;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
