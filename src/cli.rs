@@ -430,10 +430,10 @@ mod tests {
             &["run", "--memory-mib", "-1"],
             &["run", "--no-such-flag"],
             &["run", "--guest"],
-            // Not added yet: they must not parse until they do something.
-            &["primary"],
-            &["secondary"],
-            &["status"],
+            // Required PAIR-OPTS missing.
+            &["primary", "--key-file", "k"],
+            &["secondary", "--listen", "127.0.0.1:1"],
+            // Not added yet: it must not parse until it does something.
             &["demo"],
         ] {
             let err = parse(args).unwrap_err();
