@@ -45,7 +45,6 @@
 
 extern crate alloc;
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -110,9 +109,10 @@ fn main(boot: &'static rt::BootParams) -> u32 {
     let sockets = settings.clients + SPARE_SOCKETS;
     let mut pool: Vec<Client> = Vec::with_capacity(sockets);
     for _ in 0..sockets {
+        // Zeroed 8 bytes at a time: `vec![0; n]` would take seconds here.
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUF]),
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUF]),
+            tcp::SocketBuffer::new(rt::net::zeroed_vec(SOCKET_BUF)),
+            tcp::SocketBuffer::new(rt::net::zeroed_vec(SOCKET_BUF)),
         );
         configure(&mut socket);
         if let Err(e) = socket.listen(PORT) {
