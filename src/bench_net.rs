@@ -294,7 +294,7 @@ pub fn streamer(seconds: u64, json: bool) -> Result<()> {
     let sock = lab.client().run(move || UdpSocket::bind((client_ip, port)))?;
     let mut rows = Vec::new();
     let mut best = 0u64;
-    for rate in [1000u64, 2000, 5000, 10000, 20000] {
+    for rate in [1000u64, 2000, 5000, 10000, 20000, 50000, 100000] {
         eprintln!("streamer at {rate}/s for {seconds} s");
         let vm =
             LabVm::start(&lab, "streamer", &[("dest", format!("{client_ip}:{port}")), ("rate", rate.to_string())])?;
