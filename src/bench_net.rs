@@ -127,13 +127,13 @@ impl Drop for LabVm {
 /// One line of `redis-benchmark --csv`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RedisFigure {
-    test: String,
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+    pub test: String,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
-fn redis_benchmark(lab: &Lab, host: Ipv4Addr, requests: u64, clients: u32) -> Result<(Vec<RedisFigure>, String)> {
+pub(crate) fn redis_benchmark(lab: &Lab, host: Ipv4Addr, requests: u64, clients: u32) -> Result<(Vec<RedisFigure>, String)> {
     let args = [
         "-h".to_string(),
         host.to_string(),

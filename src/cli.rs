@@ -247,6 +247,10 @@ pub enum BenchCommand {
     /// The streamer guest's highest rate with no gap, in a lab of network
     /// namespaces (needs root and KVM).
     Streamer(StreamerBenchArgs),
+    /// What protection costs: kvstore unprotected / protected over loopback
+    /// / protected across a veth link, log bandwidth, replay lag, and a
+    /// CPU-bound guest (needs root, KVM, redis-tools).
+    Lockstep(KvstoreBenchArgs),
 }
 
 /// `ftvm bench kvstore`.

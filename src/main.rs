@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_lockstep;
 mod bench_net;
 mod cli;
 mod config;
@@ -124,6 +125,10 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Bench(BenchCommand::Kvstore(args)) => {
             bench_net::kvstore(args.requests, args.clients, args.json)?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Lockstep(args)) => {
+            bench_lockstep::lockstep(args.requests, args.clients, args.json)?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Streamer(args)) => {

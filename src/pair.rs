@@ -49,6 +49,8 @@ pub struct Status {
     divergences: AtomicU64,
     outputs_held: AtomicU64,
     peer_up: AtomicBool,
+    /// Primary: encoded bytes of the records shipped.
+    log_bytes: AtomicU64,
 }
 
 impl Status {
@@ -79,6 +81,7 @@ impl Status {
             "replay_lag_records": lag,
             "divergences": self.divergences.load(Ordering::SeqCst),
             "outputs_held": self.outputs_held.load(Ordering::SeqCst),
+            "log_bytes": self.log_bytes.load(Ordering::SeqCst),
             "peer": if self.peer_up.load(Ordering::SeqCst) { "up" } else { "down" },
             "last_failure": serde_json::Value::Null,
         })
@@ -309,7 +312,10 @@ pub fn primary(
                 };
                 if !batch.1.is_empty() {
                     match chan.send_records(batch.0, &batch.1) {
-                        Ok(()) => {}
+                        Ok(()) => {
+                            let bytes: usize = batch.1.iter().map(replication::frame::encoded_record_len).sum();
+                            status.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                        }
                         // The secondary is too far behind: keep the records
                         // here (the vCPU never waits) and try again when
                         // acks have caught up.

@@ -107,6 +107,13 @@ pub static GUESTS: &[Guest] = &[
         elf: elf!("rdtsc"),
     },
     Guest {
+        name: "crunch",
+        description: "Benchmark: CPU-bound (--param rounds=N of 10^6 xorshift steps, default 4000), then powers off.",
+        test_only: true,
+        kernel_mode: false,
+        elf: elf!("crunch"),
+    },
+    Guest {
         name: "spin",
         description: "Test: prints \"spinning\", then loops forever without a single exit.",
         test_only: true,
