@@ -133,7 +133,12 @@ pub struct RedisFigure {
     pub p99_ms: f64,
 }
 
-pub(crate) fn redis_benchmark(lab: &Lab, host: Ipv4Addr, requests: u64, clients: u32) -> Result<(Vec<RedisFigure>, String)> {
+pub(crate) fn redis_benchmark(
+    lab: &Lab,
+    host: Ipv4Addr,
+    requests: u64,
+    clients: u32,
+) -> Result<(Vec<RedisFigure>, String)> {
     let args = [
         "-h".to_string(),
         host.to_string(),

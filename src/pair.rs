@@ -220,6 +220,64 @@ fn is_retryable(e: &ChannelError) -> bool {
     matches!(e, ChannelError::Io(_) | ChannelError::Closed | ChannelError::HandshakeTimeout { .. })
 }
 
+#[derive(Default)]
+struct ShipState {
+    /// Records the channel refused (backpressure), sent again first.
+    backlog: Option<(LogPosition, Vec<Record>)>,
+    released: LogPosition,
+}
+
+/// Hands the log tail to the channel, in position order whoever calls it.
+struct Shipper<S> {
+    log: Arc<LogShared>,
+    chan: Arc<PrimaryChannel>,
+    status: Arc<Status>,
+    releaser: Arc<output_rule::Releaser<S>>,
+    state: Mutex<ShipState>,
+}
+
+impl<S: vmm::hook::OutputSink> Shipper<S> {
+    /// Ship what the log holds; `Ok(true)` when the channel refused it for
+    /// backpressure (kept, retried on the next call).
+    fn ship(&self, flush: bool) -> Result<bool, ChannelError> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (first, records, asked) = self.log.take();
+        let (first, mut batch) = match st.backlog.take() {
+            Some((f, mut old)) => {
+                old.extend(records);
+                (f, old)
+            }
+            None => (first, records),
+        };
+        if !batch.is_empty() {
+            match self.chan.send_records(first, &batch) {
+                Ok(()) => {
+                    let bytes: usize = batch.iter().map(replication::frame::encoded_record_len).sum();
+                    self.status.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                }
+                // The secondary is too far behind: keep the records here
+                // (the vCPU never waits) and try again when acks caught up.
+                Err(ChannelError::Backpressure { .. }) => {
+                    st.backlog = Some((first, std::mem::take(&mut batch)));
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if flush || asked {
+            self.chan.flush();
+        }
+        self.status.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
+        let now_released = self.log.released();
+        if now_released > st.released {
+            self.chan.send_released(now_released)?;
+            st.released = now_released;
+            self.status.released_position.store(now_released.0, Ordering::SeqCst);
+        }
+        Ok(false)
+    }
+}
+
 /// `ftvm primary`.
 pub fn primary(
     settings: &GuestSettings,
@@ -268,12 +326,17 @@ pub fn primary(
     let failure: Arc<Mutex<Option<ChannelError>>> = Arc::default();
     let stop_slot: Arc<Mutex<Option<StopHandle>>> = Arc::default();
     {
-        let (ack_log, ack_chan, ack_status) = (log.clone(), chan.clone(), status.clone());
+        let (ack_log, ack_chan, ack_status, ack_rel) = (log.clone(), chan.clone(), status.clone(), releaser.clone());
         rt.spawn(async move {
             let mut acked = ack_chan.acked();
             loop {
                 let upto = *acked.borrow_and_update();
                 ack_log.set_acked(upto);
+                // Release what this ack allows right here, without waking
+                // the releaser thread (it remains as the fallback).
+                if let Err(e) = ack_rel.release_ready() {
+                    tracing::warn!(error = %e, "releasing held outputs failed");
+                }
                 ack_status.acked_position.store(upto.0, Ordering::SeqCst);
                 if acked.changed().await.is_err() {
                     return;
@@ -291,54 +354,37 @@ pub fn primary(
         });
     }
 
-    // The shipper: log tail → channel.
+    // The shipper: log tail → channel, from its own thread every couple of
+    // milliseconds and from the vCPU thread at once when an output waits.
+    let shipper = Arc::new(Shipper {
+        log: log.clone(),
+        chan: chan.clone(),
+        status: status.clone(),
+        releaser: releaser.clone(),
+        state: Mutex::new(ShipState::default()),
+    });
+    {
+        let s = shipper.clone();
+        log.set_flusher(move || {
+            if let Err(e) = s.ship(true) {
+                tracing::debug!(error = %e, "shipping the log tail failed");
+            }
+        });
+    }
     let shipping = Arc::new(AtomicBool::new(true));
-    let shipper = {
-        let (log, chan, shipping, status) = (log.clone(), chan.clone(), shipping.clone(), status.clone());
-        let held_by = releaser.clone();
+    let shipper_thread = {
+        let (shipper, shipping) = (shipper.clone(), shipping.clone());
         std::thread::Builder::new().name("shipper".into()).spawn(move || -> Result<(), ChannelError> {
-            let mut released = LogPosition(0);
-            let mut backlog: Option<(LogPosition, Vec<Record>)> = None;
             loop {
                 let running = shipping.load(Ordering::SeqCst);
-                log.wait_flush(Duration::from_millis(2));
-                let (first, records, flush) = log.take();
-                let mut batch = match backlog.take() {
-                    Some((f, mut old)) => {
-                        old.extend(records);
-                        (f, old)
-                    }
-                    None => (first, records),
-                };
-                if !batch.1.is_empty() {
-                    match chan.send_records(batch.0, &batch.1) {
-                        Ok(()) => {
-                            let bytes: usize = batch.1.iter().map(replication::frame::encoded_record_len).sum();
-                            status.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                        }
-                        // The secondary is too far behind: keep the records
-                        // here (the vCPU never waits) and try again when
-                        // acks have caught up.
-                        Err(ChannelError::Backpressure { .. }) => {
-                            backlog = Some(std::mem::take(&mut batch));
-                            std::thread::sleep(Duration::from_millis(1));
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    }
+                shipper.log.wait_flush(Duration::from_millis(2));
+                let backlogged = shipper.ship(false)?;
+                if backlogged {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
                 }
-                if flush {
-                    chan.flush();
-                }
-                status.outputs_held.store(held_by.held() as u64, Ordering::Relaxed);
-                let now_released = log.released();
-                if now_released > released {
-                    chan.send_released(now_released)?;
-                    released = now_released;
-                    status.released_position.store(released.0, Ordering::SeqCst);
-                }
-                if !running && backlog.is_none() {
-                    chan.flush();
+                if !running {
+                    shipper.chan.flush();
                     return Ok(());
                 }
             }
@@ -408,7 +454,7 @@ pub fn primary(
     status.outputs_held.store(releaser.held() as u64, Ordering::SeqCst);
     shipping.store(false, Ordering::SeqCst);
     log.request_flush();
-    let shipped = shipper.join().map_err(|_| anyhow!("the shipper thread panicked"))?;
+    let shipped = shipper_thread.join().map_err(|_| anyhow!("the shipper thread panicked"))?;
     releaser.stop();
     let _ = rel_thread.join();
     if let Ok(chan) = Arc::try_unwrap(chan) {

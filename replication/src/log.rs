@@ -5,7 +5,7 @@
 //! for a few nanoseconds. The channel side takes whole batches.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::record::{LogPosition, Record};
 
@@ -33,6 +33,9 @@ pub struct LogShared {
     acked: AtomicU64,
     /// The highest position whose outputs were released to the world.
     released: AtomicU64,
+    /// Ships the log tail at once, on the calling thread (set by whoever
+    /// owns the channel); without it a flush request only wakes the shipper.
+    flusher: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Default for LogShared {
@@ -43,6 +46,7 @@ impl Default for LogShared {
             appended: AtomicU64::new(0),
             acked: AtomicU64::new(NO_ACK),
             released: AtomicU64::new(0),
+            flusher: OnceLock::new(),
         }
     }
 }
@@ -62,10 +66,21 @@ impl LogShared {
         LogPosition(pos)
     }
 
-    /// Ask the channel to send what it has now (an output is waiting).
+    /// Ask the channel to send what it has now (an output is waiting). With
+    /// a flusher set, the log tail is handed to the channel right here: an
+    /// output's wait for its ack then starts without a thread hand-off.
     pub fn request_flush(&self) {
         self.lock().flush = true;
         self.changed.notify_all();
+        if let Some(flush) = self.flusher.get() {
+            flush();
+        }
+    }
+
+    /// Set the function [`LogShared::request_flush`] calls to ship the log
+    /// tail at once. It must be cheap and never block on the network.
+    pub fn set_flusher(&self, flusher: impl Fn() + Send + Sync + 'static) {
+        let _ = self.flusher.set(Box::new(flusher));
     }
 
     /// The position of the latest record appended.
