@@ -201,11 +201,19 @@ struct LabPair {
 }
 
 fn lab_pair(lab: &Lab, dir: &std::path::Path, extra_secondary: &[&str]) -> LabPair {
+    let cidr = lab.guest_cidr();
+    lab_pair_of(
+        lab,
+        dir,
+        &["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr, "--digest-every", "500"],
+        extra_secondary,
+    )
+}
+
+fn lab_pair_of(lab: &Lab, dir: &std::path::Path, guest: &[&str], extra_secondary: &[&str]) -> LabPair {
     let key = key_file(dir, "k");
     let d = |n: &str| dir.join(n).to_str().unwrap().to_string();
     let listen = format!("{}:7000", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
-    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr, "--digest-every", "500"];
     let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
     sec.arg("secondary").args(guest).args(["--tap", lab.host_b().tap(), "--key-file", &key, "--listen", &listen]);
     sec.args(["--control", &d("s.sock"), "--state-dump", &d("s.dump")]).args(extra_secondary);
@@ -367,4 +375,37 @@ fn kvm_netns_outputs_wait_for_acks_while_the_vcpu_runs_on() {
     assert!(advanced, "the vCPU did not advance while an output waited for its ack");
     assert_eq!(reply(&mut s), "+PONG\r\n");
     drop(pair);
+}
+
+#[test]
+fn kvm_netns_streamer_pair_replays_exactly_and_the_client_sees_every_datagram() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("sp");
+    let dir = tempfile::tempdir().unwrap();
+    let client_ip = lab.client_ip();
+    let sock = lab.client().run(move || std::net::UdpSocket::bind((client_ip, 5004)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cidr = lab.guest_cidr();
+    let dest = format!("dest={client_ip}:5004");
+    // 3000 datagrams at 1000/s, then the guest powers off by itself: the
+    // same exit on both hosts.
+    let guest =
+        ["--guest", "streamer", "--ip", &cidr, "--param", &dest, "--param", "rate=1000", "--param", "count=3000"];
+    let guest: Vec<&str> = guest.iter().copied().chain(["--digest-every", "200"]).collect();
+    let pair = lab_pair_of(&lab, dir.path(), &guest, &[]);
+    let mut buf = [0u8; 2048];
+    for want in 0..3000u64 {
+        let n = sock.recv(&mut buf).expect("datagram");
+        assert_eq!(n, 1316);
+        assert_eq!(u64::from_le_bytes(buf[..8].try_into().unwrap()), want, "gap or reordering");
+    }
+    let (pc, plines) = pair.primary.finish(Duration::from_secs(60));
+    let (sc, slines) = pair.secondary.finish(Duration::from_secs(60));
+    assert_eq!(pc, Some(0), "primary: {plines:?}");
+    assert_eq!(sc, Some(0), "secondary: {slines:?}");
+    let p = std::fs::read(dir.path().join("p.dump")).unwrap();
+    let sd = std::fs::read(dir.path().join("s.dump")).unwrap();
+    assert!(p == sd, "the secondary's final memory or vCPU state differs from the primary's");
 }
