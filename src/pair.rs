@@ -396,22 +396,26 @@ pub fn primary(
     };
     // Once a second: progress as a tracing event.
     {
-        let (status, log) = (status.clone(), log.clone());
+        let (status, log, releaser) = (status.clone(), log.clone(), releaser.clone());
         std::thread::Builder::new().name("progress".into()).spawn(move || {
-            let mut last = (0u64, Instant::now());
+            let mut last = (0u64, 0u64, Instant::now());
             loop {
                 std::thread::sleep(Duration::from_secs(1));
-                let pos = log.appended().0;
-                let rate = (pos - last.0) as f64 / last.1.elapsed().as_secs_f64();
-                last = (pos, Instant::now());
+                let (pos, bytes) = (log.appended().0, status.log_bytes.load(Ordering::Relaxed));
+                let secs = last.2.elapsed().as_secs_f64();
+                let acked = log.acked().map_or(0, |a| a.0);
                 tracing::info!(
-                    records_per_s = rate as u64,
+                    role = "primary",
+                    records_per_s = ((pos - last.0) as f64 / secs) as u64,
+                    bytes_per_s = ((bytes - last.1) as f64 / secs) as u64,
                     log_position = pos,
-                    acked = log.acked().map_or(0, |a| a.0),
-                    lag = pos.saturating_sub(log.acked().map_or(0, |a| a.0)),
-                    outputs_held = status.outputs_held.load(Ordering::Relaxed),
+                    acked,
+                    replay_lag = pos.saturating_sub(acked),
+                    outputs_held = releaser.held(),
+                    ack_wait_us = releaser.last_wait_us(),
                     "replication progress"
                 );
+                last = (pos, bytes, Instant::now());
             }
         })?;
     }
@@ -571,6 +575,27 @@ pub fn secondary(
     }
 
     let consumed = Arc::new(AtomicU64::new(0));
+    {
+        let (status, consumed) = (status.clone(), consumed.clone());
+        std::thread::Builder::new().name("progress".into()).spawn(move || {
+            let mut last = (0u64, Instant::now());
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let done = consumed.load(Ordering::Relaxed);
+                let received = status.received.load(Ordering::Relaxed);
+                tracing::info!(
+                    role = "secondary",
+                    records_per_s = ((done - last.0) as f64 / last.1.elapsed().as_secs_f64()) as u64,
+                    received,
+                    replayed = done,
+                    replay_lag = received.saturating_sub(done),
+                    outputs_held = status.outputs_held.load(Ordering::Relaxed),
+                    "replication progress"
+                );
+                last = (done, Instant::now());
+            }
+        })?;
+    }
     let (obs_status, pos) = (status.clone(), consumed.clone());
     let rep_pos = consumed.clone();
     let input = move |stop: &StopHandle| -> Box<dyn InputSource> {

@@ -8,8 +8,9 @@
 //! leave in the order the guest produced them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm::hook::{ExitIndex, GuestSignal, HookError, OutputSink};
 
@@ -24,8 +25,11 @@ enum Held {
 
 struct Gate<S> {
     sink: S,
-    held: VecDeque<(LogPosition, ExitIndex, Held)>,
+    held: VecDeque<(LogPosition, ExitIndex, Held, Instant)>,
     stopped: bool,
+    /// How long the last released output waited for its ack, in µs: the
+    /// output rule's added latency, about one log round trip.
+    last_wait_us: Arc<AtomicU64>,
 }
 
 /// The primary's output sink: gates every output behind the acks.
@@ -42,7 +46,12 @@ pub struct Releaser<S> {
 
 /// An output gate over `sink`, and the releaser that drains it.
 pub fn gate<S: OutputSink>(sink: S, log: Arc<LogShared>) -> (OutputGate<S>, Releaser<S>) {
-    let gate = Arc::new(Mutex::new(Gate { sink, held: VecDeque::new(), stopped: false }));
+    let gate = Arc::new(Mutex::new(Gate {
+        sink,
+        held: VecDeque::new(),
+        stopped: false,
+        last_wait_us: Arc::new(AtomicU64::new(0)),
+    }));
     (OutputGate { gate: gate.clone(), log: log.clone() }, Releaser { gate, log })
 }
 
@@ -68,7 +77,7 @@ impl<S: OutputSink> OutputGate<S> {
             self.log.set_released(pos);
             return Ok(());
         }
-        gate.held.push_back((pos, exit, out));
+        gate.held.push_back((pos, exit, out, Instant::now()));
         drop(gate);
         self.log.request_flush();
         Ok(())
@@ -99,12 +108,14 @@ impl<S: OutputSink> Releaser<S> {
     pub fn release_ready(&self) -> Result<usize, HookError> {
         let mut gate = lock(&self.gate);
         let mut n = 0;
-        while let Some((pos, _, _)) = gate.held.front() {
+        while let Some((pos, _, _, _)) = gate.held.front() {
             if !self.log.releasable(*pos) {
                 break;
             }
-            let Some((pos, exit, out)) = gate.held.pop_front() else { break };
+            let Some((pos, exit, out, since)) = gate.held.pop_front() else { break };
             gate.emit(exit, &out)?;
+            let waited = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+            gate.last_wait_us.store(waited, Ordering::Relaxed);
             self.log.set_released(pos);
             n += 1;
         }
@@ -120,7 +131,7 @@ impl<S: OutputSink> Releaser<S> {
                 if gate.stopped {
                     return Ok(());
                 }
-                gate.held.front().map(|(p, _, _)| *p)
+                gate.held.front().map(|(p, _, _, _)| *p)
             };
             match next {
                 Some(pos) => {
@@ -140,5 +151,10 @@ impl<S: OutputSink> Releaser<S> {
     /// Outputs still held.
     pub fn held(&self) -> usize {
         lock(&self.gate).held.len()
+    }
+
+    /// How long the last released output waited for its ack, in µs.
+    pub fn last_wait_us(&self) -> u64 {
+        lock(&self.gate).last_wait_us.load(Ordering::Relaxed)
     }
 }
