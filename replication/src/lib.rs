@@ -15,6 +15,7 @@
 
 pub mod channel;
 pub mod frame;
+pub mod go_live;
 pub mod key;
 pub mod log;
 pub mod output_rule;

@@ -25,6 +25,9 @@ pub struct Replayer {
     /// The primary stopped cleanly at this exit: replay ends there.
     shutdown_at: Option<ExitIndex>,
     digests_checked: u64,
+    /// The last clock reading served: a go-live continues the guest's clock
+    /// from here.
+    last_clock: u64,
 }
 
 fn what(r: &Record) -> String {
@@ -46,12 +49,22 @@ impl Replayer {
     /// Replay the records arriving on `records`; `stop` ends a wait for the
     /// next record.
     pub fn new(records: Receiver<Record>, stop: StopHandle, consumed: Arc<AtomicU64>) -> Self {
-        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0 }
+        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0, last_clock: 0 }
     }
 
     /// Records consumed so far.
     pub fn consumed(&self) -> u64 {
         self.consumed.load(Ordering::SeqCst)
+    }
+
+    /// The last clock reading served from the log.
+    pub fn last_clock(&self) -> u64 {
+        self.last_clock
+    }
+
+    /// Whether the primary's clean shutdown was read from the log.
+    pub fn shutdown_seen(&self) -> bool {
+        self.shutdown_at.is_some()
     }
 
     /// Digests compared so far (all matched, or replay would have stopped).
@@ -110,7 +123,10 @@ impl InputSource for Replayer {
 
     fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
         match self.take(exit, "a clock reading", |r| matches!(r, Record::Clock { .. }))? {
-            Record::Clock { ns, .. } => Ok(ns),
+            Record::Clock { ns, .. } => {
+                self.last_clock = ns;
+                Ok(ns)
+            }
             _ => Err(HookError::Ended { exit_index: exit }),
         }
     }

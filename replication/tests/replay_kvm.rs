@@ -172,3 +172,60 @@ fn kvm_a_nondeterministic_guest_is_reported_as_diverged_within_one_digest_interv
         _ => panic!("not a divergence: {text}"),
     }
 }
+
+#[test]
+fn kvm_go_live_mid_run_finishes_the_guest_on_live_inputs() {
+    if !vmm::testing::kvm_available() {
+        return;
+    }
+    use replication::go_live::{Decision, LiveWorld, SwitchInput, SwitchOutput};
+    // Record a whole run, then give the secondary only its first half: the
+    // primary "died" there.
+    let log = Arc::new(LogShared::default());
+    let (gate, _releaser) = output_rule::gate(Capture::default(), log.clone());
+    let rec_log = log.clone();
+    let mut primary = Vm::new(
+        &config("devices"),
+        move |stop| Box::new(Recorder::new(LiveInput::new(0, vec![stop.wake_fd()]), rec_log)) as Box<dyn InputSource>,
+        Box::new(gate),
+    )
+    .unwrap();
+    primary.run().unwrap();
+    let (_, records, _) = log.take();
+    let half = records.len() / 2;
+    assert!(half > 3);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    for r in records.into_iter().take(half) {
+        tx.send(r).unwrap();
+    }
+    drop(tx);
+    let (decide, decisions) = crossbeam_channel::bounded(1);
+    decide.send(Decision::GoLive).unwrap();
+
+    let held = Arc::new(HeldOutputs::default());
+    let position = Arc::new(AtomicU64::new(0));
+    let went_live = Arc::new(AtomicU64::new(0));
+    let live_out = Capture::default();
+    let (output, slot) = SwitchOutput::new(held.clone(), position.clone());
+    let (p, h, w, lo) = (position.clone(), held.clone(), went_live.clone(), live_out.clone());
+    let mut secondary = Vm::new(
+        &config("devices"),
+        move |stop| {
+            let wake = stop.wake_fd();
+            let attach = Box::new(move |clock: u64| {
+                Ok(LiveWorld { input: Box::new(LiveInput::new(clock, vec![wake])), output: Box::new(lo) })
+            });
+            Box::new(SwitchInput::new(Replayer::new(rx, stop.clone(), p), decisions, attach, slot, h, stop.clone(), w))
+                as Box<dyn InputSource>
+        },
+        Box::new(output),
+    )
+    .unwrap();
+    let outcome = secondary.run().unwrap();
+    assert!(matches!(outcome, RunOutcome::PoweredOff { status: 0, .. }), "{outcome:?}");
+    let at = went_live.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(at > 0, "never went live");
+    assert_eq!(position.load(std::sync::atomic::Ordering::SeqCst), half as u64, "went live before the log's end");
+    // The guest checked its own clock across the switch and printed ok.
+    assert_eq!(live_out.0.lock().unwrap().as_slice(), b"devices ok\n");
+}
