@@ -8,7 +8,8 @@
 //! - [`message`]: the heartbeat datagram and its key;
 //! - [`detector`]: the clock-injected failure detector and the receiver that
 //!   decides which datagrams are signs of life;
-//! - [`sender`]: one incarnation's numbered heartbeats.
+//! - [`sender`]: one incarnation's numbered heartbeats;
+//! - [`service`]: the tokio task that sends, receives and watches the peer.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -19,9 +20,11 @@
 pub mod detector;
 pub mod message;
 pub mod sender;
+pub mod service;
 
 pub use detector::{
     check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict, DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL,
 };
 pub use message::{Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role};
 pub use sender::Sender;
+pub use service::{Service, ServiceConfig, ServiceError, ServiceStats};
