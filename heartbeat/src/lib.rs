@@ -9,7 +9,8 @@
 //! - [`detector`]: the clock-injected failure detector and the receiver that
 //!   decides which datagrams are signs of life;
 //! - [`sender`]: one incarnation's numbered heartbeats;
-//! - [`service`]: the tokio task that sends, receives and watches the peer.
+//! - [`service`]: the tokio task that sends, receives and watches the peer;
+//! - [`arbiter`]: the test-and-set on shared storage (`--arbiter file:PATH`).
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -17,11 +18,13 @@
 )]
 #![deny(clippy::cast_possible_truncation)]
 
+pub mod arbiter;
 pub mod detector;
 pub mod message;
 pub mod sender;
 pub mod service;
 
+pub use arbiter::{Arbiter, ArbiterError, Claim, Generation, Owner};
 pub use detector::{
     check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict, DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL,
 };
