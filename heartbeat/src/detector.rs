@@ -1,0 +1,644 @@
+//! The failure detector and the heartbeat receiver: pure logic, no sockets,
+//! no sleeping, no clock of its own. Every method that depends on time takes
+//! `now`, so tests drive it with simulated loss, delay, jitter and
+//! reordering, and the service feeds it real `Instant`s.
+//!
+//! # When a peer is dead
+//!
+//! A [`Detector`] remembers the last sign of life: a heartbeat the
+//! [`Receiver`] accepted, or log traffic (the caller reports that too, with
+//! [`Detector::heard`]). The peer is [`PeerState::Dead`] once
+//! `dead_after × interval` has passed without one (defaults
+//! [`DEFAULT_DEAD_AFTER`] × [`DEFAULT_INTERVAL`], 50 ms). A peer never heard
+//! from is [`PeerState::Unknown`], and stays Unknown however long the
+//! silence: the detector cannot tell a peer that died from one that has not
+//! started yet, so what a never-seen peer means (wait, give up after a
+//! start-up timeout) is the caller's decision. The state is not latched: a
+//! Dead peer heard again is Up again; acting on Dead (the arbiter) is the
+//! caller's and is not undone by this.
+//!
+//! The reaction time the caller measures is [`Detector::last_heard`] → the
+//! moment it saw Dead; it is at least `dead_after × interval` and, with the
+//! service's timer, at most that plus scheduling delay.
+//!
+//! # What counts as a heartbeat
+//!
+//! The [`Receiver`] accepts a datagram only if it decodes and its MAC is
+//! right ([`crate::message`]), it comes from this pair and from the peer's
+//! role, and its (incarnation, sequence number) is new: a strictly greater
+//! sequence number than any accepted for the same incarnation, or an
+//! incarnation never seen before (the peer restarted; logged). Everything
+//! else is ignored and counted ([`Counters`]): a replayed or reordered-older
+//! heartbeat never counts as life, so an attacker on the link who records
+//! heartbeats cannot keep a dead peer alive by playing them back.
+//!
+//! The receiver remembers the last [`RETIRED_INCARNATIONS`] incarnations it
+//! has moved on from and refuses them, so a replay of an earlier run's
+//! heartbeats neither counts as life nor flips the receiver back to it.
+//! A heartbeat of an incarnation the receiver has never seen (recorded while
+//! the receiver was not running, or from more than that many restarts ago)
+//! is indistinguishable from a restart and is accepted once per sequence
+//! number: the limit of heartbeats that do not answer a challenge.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::message::{Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Role};
+
+/// The default heartbeat interval (`--heartbeat-ms 10`).
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
+/// The default number of intervals of silence after which the peer is dead
+/// (`--dead-after 5`).
+pub const DEFAULT_DEAD_AFTER: u32 = 5;
+/// How many earlier incarnations of the peer the receiver refuses.
+pub const RETIRED_INCARNATIONS: usize = 16;
+
+/// A heartbeat interval and silence limit that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DetectorError {
+    /// `--heartbeat-ms 0`: heartbeats would be sent without pause.
+    #[error("the heartbeat interval must be at least 1 ms")]
+    ZeroInterval,
+    /// `--dead-after 0`: the peer would be dead as soon as it was heard.
+    #[error("--dead-after must be at least 1 interval")]
+    ZeroDeadAfter,
+    /// `dead_after × interval` does not fit in a `Duration`.
+    #[error("{dead_after} × {interval:?} is too long a silence limit")]
+    TooLong { interval: Duration, dead_after: u32 },
+}
+
+/// Check a heartbeat interval and silence limit and return the silence after
+/// which the peer is dead, `dead_after × interval`. The command line calls
+/// it to refuse a bad `--heartbeat-ms`/`--dead-after` as bad usage.
+pub fn check_timing(interval: Duration, dead_after: u32) -> Result<Duration, DetectorError> {
+    if interval < Duration::from_millis(1) {
+        return Err(DetectorError::ZeroInterval);
+    }
+    if dead_after == 0 {
+        return Err(DetectorError::ZeroDeadAfter);
+    }
+    interval.checked_mul(dead_after).ok_or(DetectorError::TooLong { interval, dead_after })
+}
+
+/// What the detector thinks of the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Never heard from: not started yet, or dead before it ever spoke.
+    Unknown,
+    /// Heard from within the silence limit.
+    Up,
+    /// Silent for `since_last` (at least the silence limit).
+    Dead {
+        /// Time since the last sign of life, when the state was taken.
+        since_last: Duration,
+    },
+}
+
+impl PeerState {
+    /// Whether two states are the same kind (Dead states with different
+    /// silences are the same kind): what a state *change* is.
+    pub fn same_kind(&self, other: &PeerState) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
+/// Decides whether the peer is alive from when it was last heard.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    interval: Duration,
+    dead_after: u32,
+    timeout: Duration,
+    last_heard: Option<Instant>,
+}
+
+impl Detector {
+    /// A detector that declares the peer dead after `dead_after × interval`
+    /// of silence. Values [`check_timing`] refuses are raised to the nearest
+    /// that work (1 ms, 1 interval, the longest `Duration`) rather than
+    /// panic; the command line refuses them before they get here.
+    pub fn new(interval: Duration, dead_after: u32) -> Detector {
+        let interval = interval.max(Duration::from_millis(1));
+        let dead_after = dead_after.max(1);
+        let timeout = interval.checked_mul(dead_after).unwrap_or(Duration::MAX);
+        Detector { interval, dead_after, timeout, last_heard: None }
+    }
+
+    /// The heartbeat interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// How many intervals of silence make the peer dead.
+    pub fn dead_after(&self) -> u32 {
+        self.dead_after
+    }
+
+    /// The silence after which the peer is dead: `dead_after × interval`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A sign of life at `now`: an accepted heartbeat or log traffic. A
+    /// `now` earlier than one already reported (callers on several threads)
+    /// does not move the last sign of life back.
+    pub fn heard(&mut self, now: Instant) {
+        if self.last_heard.is_none_or(|last| now > last) {
+            self.last_heard = Some(now);
+        }
+    }
+
+    /// The last sign of life, if there was one.
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.last_heard
+    }
+
+    /// The first instant at which the peer is dead if nothing is heard
+    /// before: just past the last sign of life plus the timeout. `None`
+    /// while the peer is Unknown (it never turns Dead from Unknown) or if
+    /// that instant is not representable.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.last_heard.and_then(|last| last.checked_add(self.timeout)?.checked_add(Duration::from_nanos(1)))
+    }
+
+    /// The peer's state at `now`: Dead once the silence is longer than the
+    /// timeout. A silence of exactly the timeout is still Up, so a gap of
+    /// `dead_after - 1` lost heartbeats between one that came 5 ms early
+    /// and one that came 5 ms late (a 10 ms interval with ±5 ms jitter) is
+    /// tolerated, not declared dead on the boundary.
+    pub fn state(&self, now: Instant) -> PeerState {
+        match self.last_heard {
+            None => PeerState::Unknown,
+            Some(last) => {
+                let since_last = now.saturating_duration_since(last);
+                if since_last > self.timeout {
+                    PeerState::Dead { since_last }
+                } else {
+                    PeerState::Up
+                }
+            }
+        }
+    }
+}
+
+/// What the receiver did with datagrams, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Valid, new heartbeats from the peer: signs of life.
+    pub accepted: u64,
+    /// Heartbeats whose MAC was wrong: forged, damaged or another key.
+    pub forged: u64,
+    /// Valid heartbeats that were not new: replayed, duplicated, overtaken
+    /// by a later one, or from a retired incarnation.
+    pub replayed: u64,
+    /// Valid heartbeats for another pair, or from this side's own role
+    /// (reflected back, or a second host configured with the same role).
+    pub foreign: u64,
+    /// Datagrams that are not heartbeats this version understands (length,
+    /// magic, version), or correctly MACed ones with undefined role or flags.
+    pub malformed: u64,
+}
+
+/// What the receiver made of one datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A valid new heartbeat from the peer: a sign of life.
+    Accepted(Heartbeat),
+    /// The MAC was wrong.
+    Forged,
+    /// Valid but not new: `newest` is the highest sequence number accepted
+    /// for that incarnation (none if the incarnation is retired).
+    Replayed {
+        /// The incarnation it claimed.
+        incarnation: Incarnation,
+        /// Its sequence number.
+        seq: u64,
+        /// The highest sequence accepted for it, if it is the current one.
+        newest: Option<u64>,
+    },
+    /// Valid but from another pair or from this side's own role.
+    Foreign {
+        /// The pair it was for.
+        pair: PairId,
+        /// The role it came from.
+        role: Role,
+    },
+    /// Not a heartbeat this version understands.
+    Malformed(MessageError),
+}
+
+/// Validates the peer's heartbeats: MAC, pair, role, freshness.
+#[derive(Debug)]
+pub struct Receiver {
+    key: HeartbeatKey,
+    pair: PairId,
+    from: Role,
+    /// The peer's current incarnation and the highest sequence accepted.
+    current: Option<(Incarnation, u64)>,
+    /// Incarnations the peer has moved on from, newest last.
+    retired: VecDeque<Incarnation>,
+    counters: Counters,
+}
+
+impl Receiver {
+    /// A receiver for heartbeats of pair `pair` sent by the peer whose role
+    /// is `from` (the other side's: `my_role.peer()`).
+    pub fn new(key: HeartbeatKey, pair: PairId, from: Role) -> Receiver {
+        Receiver { key, pair, from, current: None, retired: VecDeque::new(), counters: Counters::default() }
+    }
+
+    /// Judge one datagram. Only [`Verdict::Accepted`] is a sign of life:
+    /// the caller then reports it to its [`Detector`].
+    pub fn receive(&mut self, datagram: &[u8]) -> Verdict {
+        let verdict = self.judge(datagram);
+        let counter = match &verdict {
+            Verdict::Accepted(_) => &mut self.counters.accepted,
+            Verdict::Forged => &mut self.counters.forged,
+            Verdict::Replayed { .. } => &mut self.counters.replayed,
+            Verdict::Foreign { .. } => &mut self.counters.foreign,
+            Verdict::Malformed(_) => &mut self.counters.malformed,
+        };
+        *counter = counter.saturating_add(1);
+        verdict
+    }
+
+    fn judge(&mut self, datagram: &[u8]) -> Verdict {
+        let heartbeat = match Heartbeat::decode(datagram, &self.key) {
+            Ok(heartbeat) => heartbeat,
+            Err(MessageError::BadMac) => return Verdict::Forged,
+            Err(error) => return Verdict::Malformed(error),
+        };
+        if heartbeat.pair != self.pair || heartbeat.role != self.from {
+            return Verdict::Foreign { pair: heartbeat.pair, role: heartbeat.role };
+        }
+        let (incarnation, seq) = (heartbeat.incarnation, heartbeat.seq);
+        match self.current {
+            Some((current, newest)) if current == incarnation => {
+                if seq <= newest {
+                    return Verdict::Replayed { incarnation, seq, newest: Some(newest) };
+                }
+            }
+            _ if self.retired.contains(&incarnation) => {
+                return Verdict::Replayed { incarnation, seq, newest: None };
+            }
+            previous => {
+                let previous = previous.map(|(incarnation, _)| incarnation);
+                match previous {
+                    None => tracing::info!(peer = %self.from, %incarnation, seq, "first heartbeat from the peer"),
+                    Some(previous) => tracing::info!(
+                        peer = %self.from, %incarnation, %previous, seq,
+                        "the peer restarted: heartbeats from a new incarnation"
+                    ),
+                }
+                if let Some(previous) = previous {
+                    if self.retired.len() >= RETIRED_INCARNATIONS {
+                        self.retired.pop_front();
+                    }
+                    self.retired.push_back(previous);
+                }
+            }
+        }
+        self.current = Some((incarnation, seq));
+        Verdict::Accepted(heartbeat)
+    }
+
+    /// What the receiver did with datagrams so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// The peer's current incarnation, once one was accepted.
+    pub fn incarnation(&self) -> Option<Incarnation> {
+        self.current.map(|(incarnation, _)| incarnation)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Progress;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn key() -> HeartbeatKey {
+        HeartbeatKey::derive(b"0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    fn pair() -> PairId {
+        PairId::for_vm_name("vm")
+    }
+
+    fn datagram(role: Role, incarnation: u64, seq: u64) -> Vec<u8> {
+        Heartbeat { role, pair: pair(), incarnation: Incarnation(incarnation), seq, progress: Progress::default() }
+            .encode(&key())
+            .to_vec()
+    }
+
+    fn receiver() -> Receiver {
+        Receiver::new(key(), pair(), Role::Primary)
+    }
+
+    /// A deterministic xorshift generator: the simulations below are the
+    /// same run every time, so a failure reproduces.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// Uniform in `0..n`.
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[test]
+    fn timing_is_checked() {
+        assert_eq!(check_timing(10 * MS, 5), Ok(50 * MS));
+        assert_eq!(check_timing(Duration::from_micros(999), 5), Err(DetectorError::ZeroInterval));
+        assert_eq!(check_timing(10 * MS, 0), Err(DetectorError::ZeroDeadAfter));
+        assert!(matches!(check_timing(Duration::MAX, 2), Err(DetectorError::TooLong { .. })));
+        let detector = Detector::new(Duration::ZERO, 0);
+        assert_eq!((detector.interval(), detector.dead_after(), detector.timeout()), (MS, 1, MS));
+        assert_eq!(Detector::new(Duration::MAX, 3).timeout(), Duration::MAX);
+    }
+
+    #[test]
+    fn unknown_until_heard_and_never_dead_before() {
+        let t0 = Instant::now();
+        let mut detector = Detector::new(DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER);
+        assert_eq!(detector.state(t0), PeerState::Unknown);
+        assert_eq!(detector.state(t0 + Duration::from_secs(3600)), PeerState::Unknown);
+        assert_eq!(detector.deadline(), None);
+        detector.heard(t0 + MS);
+        assert_eq!(detector.last_heard(), Some(t0 + MS));
+        let deadline = t0 + 51 * MS + Duration::from_nanos(1);
+        assert_eq!(detector.deadline(), Some(deadline));
+        assert_eq!(detector.state(t0 + 51 * MS), PeerState::Up);
+        assert_eq!(detector.state(deadline), PeerState::Dead { since_last: 50 * MS + Duration::from_nanos(1) });
+        // Life again: Up again (the detector does not latch).
+        detector.heard(t0 + 60 * MS);
+        assert_eq!(detector.state(t0 + 61 * MS), PeerState::Up);
+        // A late report from another thread does not move time back.
+        detector.heard(t0 + 2 * MS);
+        assert_eq!(detector.last_heard(), Some(t0 + 60 * MS));
+    }
+
+    /// A simulated link: for each heartbeat (by sequence number), the
+    /// delay of each copy delivered: none if it is lost, two if duplicated.
+    type Link<'a> = &'a mut dyn FnMut(u64) -> Vec<Duration>;
+
+    /// One simulated run of a peer heartbeating every 10 ms for `send_for`,
+    /// then silenced, over `link`. Arrivals pass through a real receiver
+    /// into the detector (so reordered-older and duplicated ones are
+    /// refused, not lived on); the clock steps 100 µs at a time and the
+    /// state is looked at on every step.
+    struct Run {
+        /// When the peer sent its last heartbeat.
+        last_sent: Instant,
+        /// The last accepted heartbeat's arrival, the detector's last sign of life.
+        last_heard: Option<Instant>,
+        /// Each time the detector turned Dead while the peer was still
+        /// sending (a false "dead"): how many heartbeats in a row the link
+        /// had lost after the last one accepted.
+        false_dead: Vec<u64>,
+        /// The first step at which the detector said Dead after the peer fell silent.
+        dead_at: Option<Instant>,
+        sent: u64,
+        counters: Counters,
+    }
+
+    const STEP: Duration = Duration::from_micros(100);
+
+    fn simulate(send_for: Duration, watch_for: Duration, link: Link) -> Run {
+        let t0 = Instant::now();
+        let mut receiver = receiver();
+        let mut detector = Detector::new(DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER);
+        let mut in_flight: Vec<(Instant, u64)> = Vec::new();
+        let mut lost = vec![false]; // by sequence number; there is no 0
+        let (mut seq, mut sent_at, mut last_sent) = (0, t0, t0);
+        while sent_at < t0 + send_for {
+            seq += 1;
+            last_sent = sent_at;
+            let copies = link(seq);
+            lost.push(copies.is_empty());
+            in_flight.extend(copies.into_iter().map(|delay| (sent_at + delay, seq)));
+            sent_at += DEFAULT_INTERVAL;
+        }
+        in_flight.sort_by_key(|(at, _)| *at);
+        let mut arrivals = in_flight.into_iter().peekable();
+        let (mut false_dead, mut dead_at, mut was_dead, mut last_accepted) = (Vec::new(), None, false, 0);
+        let mut now = t0;
+        while now <= t0 + send_for + watch_for {
+            // The state is looked at before this step's arrivals are
+            // delivered: the timer firing just before a datagram is read.
+            let dead = matches!(detector.state(now), PeerState::Dead { .. });
+            if dead && !was_dead && now <= last_sent {
+                let after =
+                    lost.iter().skip(usize::try_from(last_accepted).unwrap() + 1).take_while(|lost| **lost).count();
+                false_dead.push(after as u64);
+            }
+            if dead && now > last_sent {
+                dead_at = dead_at.or(Some(now));
+            }
+            was_dead = dead;
+            while let Some((_, seq)) = arrivals.next_if(|(at, _)| *at <= now) {
+                if let Verdict::Accepted(_) = receiver.receive(&datagram(Role::Primary, 99, seq)) {
+                    detector.heard(now);
+                    last_accepted = seq;
+                }
+            }
+            now += STEP;
+        }
+        Run {
+            last_sent,
+            last_heard: detector.last_heard(),
+            false_dead,
+            dead_at,
+            sent: seq,
+            counters: receiver.counters(),
+        }
+    }
+
+    /// A link that loses `loss_percent` of heartbeats at random, delays the
+    /// rest by 5 ms ± 5 ms (so later ones overtake earlier ones), and
+    /// delivers one in fifty twice.
+    fn lossy_link(seed: u64, loss_percent: u64) -> impl FnMut(u64) -> Vec<Duration> {
+        let mut rng = Rng(seed | 1);
+        move |_| {
+            if rng.below(100) < loss_percent {
+                return Vec::new();
+            }
+            let delay = Duration::from_micros(rng.below(10_001));
+            if rng.below(50) == 0 {
+                vec![delay, delay + 3 * MS]
+            } else {
+                vec![delay]
+            }
+        }
+    }
+
+    #[test]
+    fn three_lost_in_a_row_with_the_worst_jitter_are_not_dead() {
+        // Deliver one, lose three, over and over; each delivered one comes
+        // alternately 0 ms and 10 ms late (5 ms ± 5 ms at its extremes), so
+        // every other gap is 3 × 10 + 10 + 10 = 50 ms: exactly the limit.
+        let mut link = |seq: u64| match seq % 8 {
+            1 => vec![Duration::ZERO],
+            5 => vec![10 * MS],
+            _ => vec![],
+        };
+        let run = simulate(Duration::from_secs(10), Duration::ZERO, &mut link);
+        assert_eq!(run.false_dead, Vec::<u64>::new());
+        assert_eq!(run.counters.accepted, run.sent / 4);
+    }
+
+    #[test]
+    fn no_false_dead_with_ten_percent_loss_and_jitter_unless_four_are_lost_in_a_row() {
+        // 100 runs of 10 s: 100 000 heartbeats, about 10 000 lost at random.
+        // With a 10 ms interval, ±5 ms jitter and a 50 ms limit, the detector
+        // tolerates any three lost in a row (the test above); a false "dead"
+        // needs four (and the jitter against it: probability 1/2) or five.
+        // At 10 % independent loss that is about 0.9 × 10^-4 / 2 + 10^-5 ≈
+        // 5.5 × 10^-5 per heartbeat, one every 3 minutes or so: the price
+        // of a 50 ms reaction on a link this bad (--dead-after 8 makes it
+        // about 10^-8).
+        let (mut heartbeats, mut false_deads) = (0, 0);
+        for seed in 1..=100u64 {
+            let mut link = lossy_link(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 10);
+            let run = simulate(Duration::from_secs(10), Duration::ZERO, &mut link);
+            for lost_in_a_row in &run.false_dead {
+                assert!(*lost_in_a_row >= 4, "seed {seed}: dead after only {lost_in_a_row} lost in a row");
+            }
+            assert!(run.counters.accepted > 800, "seed {seed}: {:?}", run.counters);
+            heartbeats += run.sent;
+            false_deads += run.false_dead.len() as u64;
+        }
+        let rate = false_deads as f64 / heartbeats as f64;
+        println!("{false_deads} false deads in {heartbeats} heartbeats at 10% loss, ±5 ms jitter: {rate:.1e} each");
+        assert!(rate < 2e-4, "false-dead rate {rate:.1e} per heartbeat");
+    }
+
+    #[test]
+    fn no_false_dead_with_jitter_and_reordering_and_no_loss() {
+        for seed in 1..=20u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+            // Every heartbeat delivered 5 ms ± 5 ms late, and one in ten a
+            // second time 1 to 20 ms later (a duplicate that arrives after
+            // newer ones: reordered-older).
+            let mut link = |_| {
+                let delay = Duration::from_micros(rng.below(10_001));
+                if rng.below(10) == 0 {
+                    vec![delay, delay + Duration::from_micros(1_000 + rng.below(19_001))]
+                } else {
+                    vec![delay]
+                }
+            };
+            let run = simulate(Duration::from_secs(10), Duration::ZERO, &mut link);
+            assert_eq!(run.false_dead, Vec::<u64>::new(), "seed {seed}");
+            // With ±5 ms jitter on a 10 ms interval, later ones overtake.
+            assert!(run.counters.replayed > 0, "seed {seed}: {:?}", run.counters);
+        }
+    }
+
+    #[test]
+    fn a_silenced_peer_is_dead_within_the_limit_plus_one_interval() {
+        let limit = DEFAULT_INTERVAL * DEFAULT_DEAD_AFTER;
+        let mut worst = Duration::ZERO;
+        for seed in 1..=100u64 {
+            let mut link = lossy_link(seed.wrapping_mul(0xdead_beef_cafe_f00d), 10);
+            let run = simulate(Duration::from_secs(1), Duration::from_secs(1), &mut link);
+            let dead_at = run.dead_at.expect("a silenced peer is declared dead");
+            let last_heard = run.last_heard.expect("the peer was heard");
+            // Dead as soon as the limit has passed since the last sign of
+            // life (to the simulation's step) …
+            let reaction = dead_at - last_heard;
+            assert!(reaction > limit && reaction <= limit + STEP, "seed {seed}: reaction {reaction:?}");
+            // … so within limit + one interval of the last heartbeat the
+            // peer sent (which arrives up to 10 ms late, or is lost).
+            let after_last_sent = dead_at.saturating_duration_since(run.last_sent);
+            assert!(after_last_sent <= limit + DEFAULT_INTERVAL + STEP, "seed {seed}: {after_last_sent:?}");
+            worst = worst.max(after_last_sent);
+        }
+        println!("dead at most {worst:?} after the last heartbeat sent");
+    }
+
+    #[test]
+    fn replayed_forged_and_foreign_heartbeats_are_not_life() {
+        let mut receiver = receiver();
+        let mut detector = Detector::new(DEFAULT_INTERVAL, DEFAULT_DEAD_AFTER);
+        let t0 = Instant::now();
+        let first = datagram(Role::Primary, 1, 1);
+        assert!(matches!(receiver.receive(&first), Verdict::Accepted(_)));
+        detector.heard(t0);
+        // The same datagram played back again and again, later on.
+        for i in 1..=100u32 {
+            let verdict = receiver.receive(&first);
+            assert_eq!(verdict, Verdict::Replayed { incarnation: Incarnation(1), seq: 1, newest: Some(1) });
+            if let Verdict::Accepted(_) = verdict {
+                detector.heard(t0 + i * MS);
+            }
+        }
+        // A forged one: right shape, wrong key.
+        let forged = Heartbeat {
+            role: Role::Primary,
+            pair: pair(),
+            incarnation: Incarnation(1),
+            seq: 1000,
+            progress: Progress::default(),
+        }
+        .encode(&HeartbeatKey::derive(&[0u8; 32]).unwrap());
+        assert_eq!(receiver.receive(&forged), Verdict::Forged);
+        // Our own heartbeat reflected back, and another pair's.
+        assert!(matches!(receiver.receive(&datagram(Role::Secondary, 1, 5)), Verdict::Foreign { .. }));
+        let other_pair = Heartbeat {
+            role: Role::Primary,
+            pair: PairId([1; 32]),
+            incarnation: Incarnation(1),
+            seq: 7,
+            progress: Progress::default(),
+        };
+        assert!(matches!(receiver.receive(&other_pair.encode(&key())), Verdict::Foreign { .. }));
+        assert!(matches!(receiver.receive(b"hello"), Verdict::Malformed(MessageError::WrongLength { .. })));
+        assert!(matches!(detector.state(t0 + 51 * MS), PeerState::Dead { .. }));
+        assert_eq!(receiver.counters(), Counters { accepted: 1, forged: 1, replayed: 100, foreign: 2, malformed: 1 });
+    }
+
+    #[test]
+    fn sequence_must_grow_within_an_incarnation() {
+        let mut receiver = receiver();
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 5, 10)), Verdict::Accepted(_)));
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 5, 9)), Verdict::Replayed { .. }));
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 5, 10)), Verdict::Replayed { .. }));
+        // A gap (lost heartbeats) is fine.
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 5, 15)), Verdict::Accepted(_)));
+        assert_eq!(receiver.counters().accepted, 2);
+        assert_eq!(receiver.counters().replayed, 2);
+    }
+
+    #[test]
+    fn a_restarted_peer_is_accepted_and_its_old_run_refused() {
+        let mut receiver = receiver();
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 1, 500)), Verdict::Accepted(_)));
+        // The peer restarts: new incarnation, sequence from 1.
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 2, 1)), Verdict::Accepted(_)));
+        assert_eq!(receiver.incarnation(), Some(Incarnation(2)));
+        // The old run's heartbeats, even newer-numbered ones, are replays now.
+        assert_eq!(
+            receiver.receive(&datagram(Role::Primary, 1, 501)),
+            Verdict::Replayed { incarnation: Incarnation(1), seq: 501, newest: None }
+        );
+        assert_eq!(receiver.incarnation(), Some(Incarnation(2)));
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 2, 2)), Verdict::Accepted(_)));
+        // Only the last RETIRED_INCARNATIONS are remembered.
+        for incarnation in 3..3 + RETIRED_INCARNATIONS as u64 {
+            assert!(matches!(receiver.receive(&datagram(Role::Primary, incarnation, 1)), Verdict::Accepted(_)));
+        }
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 2, 3)), Verdict::Replayed { .. }));
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 1, 502)), Verdict::Accepted(_)));
+    }
+}
