@@ -84,6 +84,17 @@ pub struct PairArgs {
     /// guest exits (both hosts must use the same N).
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub digest_every: u64,
+    /// Shared storage for the split-brain arbiter (`file:PATH`; the file is
+    /// created if missing). Enables failover: without it a pair process that
+    /// loses its peer stops its guest.
+    #[arg(long, value_name = "file:PATH")]
+    pub arbiter: Option<String>,
+    /// Heartbeat interval on the dedicated link, in milliseconds.
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub heartbeat_ms: u64,
+    /// The peer is dead after this many heartbeat intervals of silence.
+    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    pub dead_after: u32,
     /// Write the final vCPU state and guest memory to FILE when the guest
     /// stops (for comparing the two hosts).
     #[arg(long, value_name = "FILE", hide = true)]

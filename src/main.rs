@@ -288,6 +288,9 @@ fn pair_settings(pair: &cli::PairArgs, name: &str) -> pair::PairSettings {
         control: control_path(pair.control.as_deref(), name),
         digest_every: pair.digest_every,
         state_dump: pair.state_dump.clone(),
+        arbiter: pair.arbiter.clone(),
+        heartbeat: std::time::Duration::from_millis(pair.heartbeat_ms),
+        dead_after: pair.dead_after,
     }
 }
 
@@ -314,9 +317,16 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
     let pair = pair_settings(&args.pair, &settings.name);
     let mut no_tap = settings.clone();
     no_tap.tap = None;
-    let Prepared { mut config, .. } = prepare(&no_tap, Some(pair.digest_every))?;
+    let Prepared { mut config, serial, .. } = prepare(&no_tap, Some(pair.digest_every))?;
     config.boot.mac = settings.tap.as_ref().map(|_| settings.mac);
-    Ok(pair::secondary(&settings, config, &pair, &args.listen, std::time::Duration::from_millis(args.ack_delay_ms))?)
+    if let Some(tap) = &settings.tap {
+        // Opened only at go-live, but it must exist now.
+        if !vmm::tap::Tap::exists(tap) {
+            return Err(anyhow::anyhow!("TAP device {tap} does not exist in this network namespace").into());
+        }
+    }
+    let delay = std::time::Duration::from_millis(args.ack_delay_ms);
+    Ok(pair::secondary(&settings, config, serial, &pair, &args.listen, delay)?)
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Result<i32, Failure> {

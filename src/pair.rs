@@ -20,13 +20,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use replication::channel::{ChannelConfig, ChannelError, PrimaryChannel, SecondaryChannel};
 use replication::frame::GuestIdentity;
+use replication::go_live::{Decision, LiveWorld, SwitchInput, SwitchOutput};
 use replication::key::SharedKey;
 use replication::log::LogShared;
 use replication::output_rule;
 use replication::record::{LogPosition, Record};
 use replication::recorder::Recorder;
 use replication::replayer::Replayer;
-use replication::suppressed::{HeldOutputs, Suppressor};
+use replication::suppressed::HeldOutputs;
 use sha2::{Digest, Sha256};
 use vmm::digest::StateDigest;
 use vmm::hook::{ExitIndex, ExitKind, HookError, InputSource, Wake};
@@ -51,6 +52,8 @@ pub struct Status {
     peer_up: AtomicBool,
     /// Primary: encoded bytes of the records shipped.
     log_bytes: AtomicU64,
+    /// The last failure's event, as `last_failure` reports it.
+    last_failure: Mutex<Option<serde_json::Value>>,
 }
 
 impl Status {
@@ -58,6 +61,31 @@ impl Status {
         let s = Status::default();
         *s.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
         Arc::new(s)
+    }
+
+    fn set_role(&self, role: &'static str) {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner()) = role;
+    }
+
+    /// Record a failure (DESIGN.md: kind, at, reaction, recovery, outage,
+    /// repair) and log it as one structured event.
+    fn failure(&self, kind: &str, at: std::time::SystemTime, reaction: Duration, recovery: Duration) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::warn!(
+            kind,
+            reaction_ms = ms(reaction),
+            recovery_ms = ms(recovery),
+            outage_ms = ms(reaction + recovery),
+            "failure handled"
+        );
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(serde_json::json!({
+            "kind": kind,
+            "at": rfc3339(at),
+            "reaction_ms": ms(reaction),
+            "recovery_ms": ms(recovery),
+            "outage_ms": ms(reaction + recovery),
+            "repair_ms": serde_json::Value::Null,
+        }));
     }
 
     fn set_state(&self, state: impl Into<String>) {
@@ -83,7 +111,7 @@ impl Status {
             "outputs_held": self.outputs_held.load(Ordering::SeqCst),
             "log_bytes": self.log_bytes.load(Ordering::SeqCst),
             "peer": if self.peer_up.load(Ordering::SeqCst) { "up" } else { "down" },
-            "last_failure": serde_json::Value::Null,
+            "last_failure": self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or(serde_json::Value::Null),
         })
     }
 }
@@ -197,6 +225,86 @@ pub struct PairSettings {
     pub control: PathBuf,
     pub digest_every: u64,
     pub state_dump: Option<PathBuf>,
+    /// `--arbiter file:PATH`: enables failover. Without it a pair process
+    /// that loses its peer stops (no arbiter, no way to rule out two live
+    /// copies).
+    pub arbiter: Option<String>,
+    pub heartbeat: Duration,
+    pub dead_after: u32,
+}
+
+/// Exit status: lost the arbiter; this copy stopped so that the other lives.
+pub const EXIT_LOST_ARBITER: i32 = 4;
+
+/// `at` as RFC 3339 UTC, to the millisecond.
+fn rfc3339(at: std::time::SystemTime) -> String {
+    let d = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Heartbeats and the arbiter of one pair process, when failover is on.
+struct Failover {
+    service: heartbeat::Service,
+    arbiter: heartbeat::Arbiter,
+    generation: heartbeat::Generation,
+    owner: heartbeat::Owner,
+}
+
+impl Failover {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        pair: &PairSettings,
+        name: &str,
+        role: heartbeat::Role,
+        key: &[u8],
+        local: std::net::SocketAddr,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<Option<Failover>> {
+        let Some(spec) = &pair.arbiter else { return Ok(None) };
+        let arbiter = heartbeat::Arbiter::open(spec)?;
+        // The generation when the pair formed: a claim with it can win once.
+        let (generation, _) = arbiter.current()?;
+        let mut config = heartbeat::ServiceConfig::new(role, heartbeat::PairId::for_vm_name(name), local, peer);
+        config.interval = pair.heartbeat;
+        config.dead_after = pair.dead_after;
+        let service = rt.block_on(heartbeat::Service::start(config, key))?;
+        let owner = heartbeat::Owner::of(name, role, service.incarnation())?;
+        Ok(Some(Failover { service, arbiter, generation, owner }))
+    }
+
+    /// Wait until the peer is dead: (when it was last heard, when it was
+    /// declared dead).
+    async fn peer_dead(&self) -> (Instant, Instant) {
+        let mut w = self.service.watch();
+        loop {
+            if matches!(*w.borrow_and_update(), heartbeat::PeerState::Dead { .. }) {
+                break;
+            }
+            if w.changed().await.is_err() {
+                break;
+            }
+        }
+        let now = Instant::now();
+        (self.service.last_heard().unwrap_or(now), now)
+    }
 }
 
 /// Write the final vCPU state and all guest memory to `path` (tests compare
@@ -210,6 +318,21 @@ fn dump_state(vm: &mut Vm, memory_mib: u64, path: &Path) -> Result<()> {
     f.write_all(&vmm::state::encode(vmm::digest::VcpuState::VERSION, &vcpu))?;
     f.write_all(&mem)?;
     Ok(())
+}
+
+/// Announce the guest's MAC and IP: five gratuitous ARPs over half a second
+/// (a single frame just after a TAP opens can be lost; QEMU sends five).
+fn announce(tap: Arc<vmm::tap::Tap>, mac: [u8; 6], ip: Option<(std::net::Ipv4Addr, u8)>) {
+    let Some((ip, _)) = ip else { return };
+    let frame = replication::go_live::gratuitous_arp(mac, ip.octets());
+    let _ = std::thread::Builder::new().name("announce".into()).spawn(move || {
+        for i in 0..5 {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(120));
+            }
+            let _ = tap.write_frame(&frame);
+        }
+    });
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -234,6 +357,8 @@ struct Shipper<S> {
     status: Arc<Status>,
     releaser: Arc<output_rule::Releaser<S>>,
     state: Mutex<ShipState>,
+    /// Alone since the secondary was lost: the log is dropped, not shipped.
+    unprotected: Arc<AtomicBool>,
 }
 
 impl<S: vmm::hook::OutputSink> Shipper<S> {
@@ -242,6 +367,9 @@ impl<S: vmm::hook::OutputSink> Shipper<S> {
     fn ship(&self, flush: bool) -> Result<bool, ChannelError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (first, records, asked) = self.log.take();
+        if self.unprotected.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let (first, mut batch) = match st.backlog.take() {
             Some((f, mut old)) => {
                 old.extend(records);
@@ -288,6 +416,7 @@ pub fn primary(
     peer: &str,
 ) -> Result<i32> {
     let key = SharedKey::from_file(&pair.key_file)?;
+    let key_bytes = key.as_bytes().to_vec();
     let status = Status::new("primary");
     status.set_state("waiting for the secondary");
     serve_control(&pair.control, status.clone())?;
@@ -310,6 +439,17 @@ pub fn primary(
     status.peer_up.store(true, Ordering::SeqCst);
     status.set_state("running");
     tracing::info!(vm = %settings.name, %peer, "secondary connected");
+    let peer_addr = rt
+        .block_on(tokio::net::lookup_host(peer))?
+        .next()
+        .with_context(|| format!("--peer {peer} resolves to no address"))?;
+    let local = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
+    let failover =
+        Failover::start(&rt, pair, &settings.name, heartbeat::Role::Primary, &key_bytes, local, Some(peer_addr))?
+            .map(Arc::new);
+    // Set once this primary carries on alone (won the arbiter).
+    let unprotected = Arc::new(AtomicBool::new(false));
+    let lost_arbiter = Arc::new(AtomicBool::new(false));
 
     let log = Arc::new(LogShared::default());
     log.set_acked(LogPosition(0));
@@ -327,10 +467,14 @@ pub fn primary(
     let stop_slot: Arc<Mutex<Option<StopHandle>>> = Arc::default();
     {
         let (ack_log, ack_chan, ack_status, ack_rel) = (log.clone(), chan.clone(), status.clone(), releaser.clone());
+        let life = failover.clone();
         rt.spawn(async move {
             let mut acked = ack_chan.acked();
             loop {
                 let upto = *acked.borrow_and_update();
+                if let Some(f) = &life {
+                    f.service.note_life();
+                }
                 ack_log.set_acked(upto);
                 // Release what this ack allows right here, without waking
                 // the releaser thread (it remains as the fallback).
@@ -344,12 +488,17 @@ pub fn primary(
             }
         });
         let (chan, failure, stop_slot, status) = (chan.clone(), failure.clone(), stop_slot.clone(), status.clone());
+        let failover_on = failover.is_some();
         rt.spawn(async move {
             let e = chan.failed().await;
             status.peer_up.store(false, Ordering::SeqCst);
             *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            if let Some(stop) = stop_slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                stop.stop();
+            // With failover the heartbeats and the arbiter decide; without
+            // it the guest must stop rather than hold outputs forever.
+            if !failover_on {
+                if let Some(stop) = stop_slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    stop.stop();
+                }
             }
         });
     }
@@ -362,6 +511,7 @@ pub fn primary(
         status: status.clone(),
         releaser: releaser.clone(),
         state: Mutex::new(ShipState::default()),
+        unprotected: unprotected.clone(),
     });
     {
         let s = shipper.clone();
@@ -438,16 +588,61 @@ pub fn primary(
     let mut vm =
         Vm::new(&config, input, Box::new(gate)).with_context(|| format!("cannot start guest {}", settings.name))?;
     *stop_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.stop_handle());
+    if let Some(f) = failover.clone() {
+        let (log, releaser, status, unprotected, lost_arbiter, stop) = (
+            log.clone(),
+            releaser.clone(),
+            status.clone(),
+            unprotected.clone(),
+            lost_arbiter.clone(),
+            vm.stop_handle(),
+        );
+        rt.spawn(async move {
+            let (last, dead) = f.peer_dead().await;
+            status.peer_up.store(false, Ordering::SeqCst);
+            match f.arbiter.claim(f.generation, &f.owner) {
+                Ok(heartbeat::Claim::Won { .. }) => {
+                    // Carry on alone: every held output may go now.
+                    unprotected.store(true, Ordering::SeqCst);
+                    log.set_acked(LogPosition(u64::MAX / 2));
+                    let _ = releaser.release_ready();
+                    status.set_role("standalone");
+                    status.failure(
+                        "secondary lost",
+                        std::time::SystemTime::now(),
+                        dead.duration_since(last),
+                        dead.elapsed(),
+                    );
+                    eprintln!("ftvm: primary: the secondary is lost; won the arbiter, running UNPROTECTED");
+                }
+                Ok(heartbeat::Claim::Lost { .. }) | Err(_) => {
+                    // The other copy lives (or nobody can tell): stop, emit nothing more.
+                    lost_arbiter.store(true, Ordering::SeqCst);
+                    stop.stop();
+                }
+            }
+            f.service.stop();
+        });
+    }
     let caught = crate::stop_on_signals(&vm)?;
     let outcome = vm.run();
     // Only a channel failure while the guest ran matters: once it stopped,
     // a secondary that replayed to the same end may well close first.
     let lost = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
 
+    let exit = vm.exit_index();
+    if lost_arbiter.load(Ordering::SeqCst) {
+        // Not a single held output goes out: the other copy is the live one.
+        releaser.stop();
+        eprintln!(
+            "ftvm: primary {}: lost the arbiter: the secondary went live; stopped at exit {exit} without releasing anything",
+            settings.name
+        );
+        return Ok(EXIT_LOST_ARBITER);
+    }
     // Wind down: the secondary learns where the primary stopped, held
     // outputs go out as their acks arrive (bounded wait), then the channel
     // closes.
-    let exit = vm.exit_index();
     log.append(Record::Shutdown { exit });
     log.request_flush();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -468,7 +663,7 @@ pub fn primary(
         dump_state(&mut vm, memory_mib, path)?;
     }
     status.set_state("stopped");
-    if let Some(e) = lost {
+    if let Some(e) = lost.filter(|_| !unprotected.load(Ordering::SeqCst) && failover.is_none()) {
         return Err(anyhow!(e).context(format!(
             "primary {}: lost the secondary at exit {exit}; stopped the guest (failover arrives with the heartbeat issue)",
             settings.name
@@ -484,11 +679,13 @@ pub fn primary(
 pub fn secondary(
     settings: &GuestSettings,
     config: VmConfig,
+    serial: Box<dyn Write + Send>,
     pair: &PairSettings,
     listen: &str,
     ack_delay: Duration,
 ) -> Result<i32> {
     let key = SharedKey::from_file(&pair.key_file)?;
+    let key_bytes = key.as_bytes().to_vec();
     let status = Status::new("secondary");
     status.set_state("waiting for the primary");
     serve_control(&pair.control, status.clone())?;
@@ -511,8 +708,14 @@ pub fn secondary(
     };
     status.peer_up.store(true, Ordering::SeqCst);
     status.set_state("replaying");
+    let local = listener.local_addr()?;
+    let failover =
+        Failover::start(&rt, pair, &settings.name, heartbeat::Role::Secondary, &key_bytes, local, None)?.map(Arc::new);
 
     let (tx, rx) = crossbeam_channel::unbounded::<Record>();
+    // Ends the receiving (and so the log) when failover decides.
+    let cancel = Arc::new(tokio::sync::Notify::new());
+    let clean_end = Arc::new(AtomicBool::new(false));
     let held = Arc::new(HeldOutputs::default());
     let lost: Arc<Mutex<Option<ChannelError>>> = Arc::default();
     // The ack-delay test knob: acks leave in order, each `ack_delay` after
@@ -532,10 +735,12 @@ pub fn secondary(
     });
     {
         let (status, held, lost) = (status.clone(), held.clone(), lost.clone());
+        let (cancel, clean_end, life) = (cancel.clone(), clean_end.clone(), failover.clone());
         let mut released = chan.released();
         rt.spawn(async move {
             loop {
                 tokio::select! {
+                    _ = cancel.notified() => break,
                     batch = chan.recv() => match batch {
                         Ok(Some(batch)) => {
                             let last = batch.last();
@@ -544,6 +749,10 @@ pub fn secondary(
                                 let _ = tx.send(r);
                             }
                             status.received.fetch_add(n, Ordering::SeqCst);
+                            if let Some(f) = &life {
+                                // Log traffic is a sign of life too.
+                                f.service.note_life();
+                            }
                             if let Some(delayed) = &delayed_acks {
                                 let _ = delayed.send((tokio::time::Instant::now() + ack_delay, last));
                                 continue;
@@ -554,7 +763,10 @@ pub fn secondary(
                                 break;
                             }
                         }
-                        Ok(None) => break,
+                        Ok(None) => {
+                            clean_end.store(true, Ordering::SeqCst);
+                            break;
+                        }
                         Err(e) => {
                             *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                             break;
@@ -596,16 +808,86 @@ pub fn secondary(
             }
         })?;
     }
+    // Failover: when the primary is dead, claim the arbiter; the replayer
+    // then finishes the received log and goes live (or stops, having lost).
+    let (decide, decisions) = crossbeam_channel::bounded::<Decision>(1);
+    let lost_arbiter = Arc::new(AtomicBool::new(false));
+    let decided_at: Arc<Mutex<Option<(Instant, Instant, std::time::SystemTime)>>> = Arc::default();
+    match failover.clone() {
+        None => drop(decide),
+        Some(f) => {
+            let (cancel, clean_end, lost_arbiter, decided_at, status) =
+                (cancel.clone(), clean_end.clone(), lost_arbiter.clone(), decided_at.clone(), status.clone());
+            rt.spawn(async move {
+                let (last, dead) = f.peer_dead().await;
+                if clean_end.load(Ordering::SeqCst) {
+                    return;
+                }
+                status.peer_up.store(false, Ordering::SeqCst);
+                cancel.notify_one();
+                let decision = match f.arbiter.claim(f.generation, &f.owner) {
+                    Ok(heartbeat::Claim::Won { .. }) => Decision::GoLive,
+                    Ok(heartbeat::Claim::Lost { .. }) => {
+                        lost_arbiter.store(true, Ordering::SeqCst);
+                        Decision::Stop
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reach the arbiter: not going live");
+                        Decision::Stop
+                    }
+                };
+                *decided_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((last, dead, std::time::SystemTime::now()));
+                // A live copy sends no heartbeats as a secondary any more; a
+                // stopping one neither.
+                f.service.stop();
+                let _ = decide.send(decision);
+            });
+        }
+    }
+    let went_live_at = Arc::new(AtomicU64::new(0));
+    let (output, slot) = SwitchOutput::new(held.clone(), consumed.clone());
     let (obs_status, pos) = (status.clone(), consumed.clone());
     let rep_pos = consumed.clone();
+    let (tap_name, mac, ip) = (settings.tap.clone(), settings.mac, settings.ip);
+    let (live_status, live_decided, went) = (status.clone(), decided_at.clone(), went_live_at.clone());
     let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
+        let wake = stop.wake_fd();
+        let attach: replication::go_live::Attach = Box::new(move |clock: u64| {
+            let tap = match &tap_name {
+                Some(name) => Some(Arc::new(
+                    vmm::tap::Tap::open(name).map_err(|e| HookError::Network(std::io::Error::other(e.to_string())))?,
+                )),
+                None => None,
+            };
+            let mut input = LiveInput::new(clock, vec![wake]);
+            let mut output = LiveOutput::new(serial);
+            if let Some(t) = &tap {
+                input = input.with_tap(t.clone());
+                output = output.with_tap(t.clone());
+                announce(t.clone(), mac, ip);
+            }
+            live_status.set_role("standalone");
+            live_status.set_state("running");
+            if let Some((last, dead, at)) = *live_decided.lock().unwrap_or_else(|p| p.into_inner()) {
+                live_status.failure("primary lost", at, dead.duration_since(last), dead.elapsed());
+            }
+            Ok(LiveWorld { input: Box::new(input), output: Box::new(output) })
+        });
         Box::new(Observed {
-            inner: Replayer::new(rx, stop.clone(), rep_pos),
+            inner: SwitchInput::new(
+                Replayer::new(rx, stop.clone(), rep_pos),
+                decisions,
+                attach,
+                slot,
+                held,
+                stop.clone(),
+                went,
+            ),
             status: obs_status,
             position: Arc::new(move || pos.load(Ordering::Relaxed)),
         })
     };
-    let output = Suppressor::new(held.clone(), consumed.clone());
     let memory_mib = config.memory_mib;
     let mut vm =
         Vm::new(&config, input, Box::new(output)).with_context(|| format!("cannot start guest {}", settings.name))?;
@@ -616,6 +898,16 @@ pub fn secondary(
         dump_state(&mut vm, memory_mib, path)?;
     }
     let exit = vm.exit_index();
+    if lost_arbiter.load(Ordering::SeqCst) {
+        eprintln!(
+            "ftvm: secondary {}: the primary is unreachable but holds the arbiter; stopped at exit {exit}",
+            settings.name
+        );
+        return Ok(EXIT_LOST_ARBITER);
+    }
+    if went_live_at.load(Ordering::SeqCst) > 0 {
+        return crate::finish(settings, outcome, &caught);
+    }
     match outcome {
         Err(VmError::Vcpu(VcpuError::Hook { source: HookError::Ended { .. }, .. })) => {
             if let Some(e) = lost.lock().unwrap_or_else(|p| p.into_inner()).take() {

@@ -88,8 +88,8 @@ impl SharedKey {
         Ok(SharedKey(bytes))
     }
 
-    /// The key's bytes, for the handshake's derivations.
-    pub(crate) fn as_bytes(&self) -> &[u8] {
+    /// The key's bytes, for deriving other keys (the handshake's, the heartbeats').
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }
