@@ -162,3 +162,156 @@ fn kvm_netns_sigkill_secondary_the_primary_carries_on_alone() {
     eprintln!("secondary lost: 50 requests in {took:?}; {}", st["last_failure"]);
     drop(primary);
 }
+
+/// A protected pair of any guest with an arbiter: (primary, secondary, dir).
+fn pair_of(lab: &Lab, guest: &[&str]) -> (Proc, Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    assert!(common::ftvm().args(["keygen", "--out", key.to_str().unwrap()]).status().unwrap().success());
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sec.arg("secondary").args(guest).args(["--key-file", key.to_str().unwrap(), "--tap", lab.host_b().tap()]);
+    sec.args(["--listen", &listen, "--arbiter", &arbiter, "--control", &d("s.sock")]);
+    let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(["--key-file", key.to_str().unwrap(), "--tap", lab.host_a().tap()]);
+    pri.args(["--peer", &listen, "--arbiter", &arbiter, "--control", &d("p.sock")]);
+    let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    (pri, sec, dir)
+}
+
+fn exit_code(p: &mut Proc, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = p.0.try_wait().unwrap() {
+            return s.code();
+        }
+        assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+        // An external process's exit: wait() has no timeout to block on.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kvm_netns_sigkill_primary_streamer_every_sequence_number_arrives() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("fst");
+    let client_ip = lab.client_ip();
+    let sock = lab.client().run(move || std::net::UdpSocket::bind((client_ip, 5004)).unwrap());
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let cidr = lab.guest_cidr();
+    let dest = format!("dest={client_ip}:5004");
+    let guest = ["--guest", "streamer", "--ip", &cidr, "--param", &dest, "--param", "rate=1000"];
+    let (mut primary, secondary, _dir) = pair_of(&lab, &guest);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut buf = [0u8; 2048];
+    let mut last_arrival = Instant::now();
+    let mut gap = Duration::ZERO;
+    let mut killed = false;
+    while seen.len() < 3000 {
+        let n = sock.recv(&mut buf).expect("datagram");
+        assert_eq!(n, 1316);
+        let seq = u64::from_le_bytes(buf[..8].try_into().unwrap());
+        let now = Instant::now();
+        if killed {
+            gap = gap.max(now - last_arrival);
+        }
+        last_arrival = now;
+        seen.insert(seq);
+        if !killed && seen.len() == 1000 {
+            primary.0.kill().unwrap();
+            let _ = primary.0.wait();
+            killed = true;
+        }
+    }
+    let max = *seen.iter().next_back().unwrap();
+    let missing: Vec<u64> = (0..max).filter(|s| !seen.contains(s)).collect();
+    assert!(missing.is_empty(), "sequence numbers never received: {:?}", &missing[..missing.len().min(20)]);
+    eprintln!("streamer failover: longest gap between datagrams {gap:?}");
+    drop(secondary);
+}
+
+#[test]
+fn kvm_netns_sigstop_primary_loses_the_arbiter_and_emits_nothing_when_continued() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("fsp");
+    let (mut primary, secondary, dir) = pair(&lab);
+    let mut s = connect(&lab);
+    s.get_mut().write_all(&resp(&["SET", "x", "1"])).unwrap();
+    assert_eq!(reply(&mut s), "+OK\r\n");
+    let pid = primary.0.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    // The secondary takes over: the same connection goes on.
+    s.get_mut().write_all(&resp(&["INCR", "x"])).unwrap();
+    assert_eq!(reply(&mut s), ":2\r\n");
+    let st = status(&dir.path().join("s.sock"));
+    assert_eq!(st["role"], "standalone", "{st}");
+    // Watch host a's TAP: the old primary must not emit a single frame.
+    let tap = lab.host_a().tap().to_string();
+    let mut capture = lab
+        .host_a()
+        .netns()
+        .command("tcpdump")
+        .args(["-i", &tap, "-n", "-c", "1", "-w", "/dev/null"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump (installed by .ci/run) watches the old primary's TAP");
+    // tcpdump says "listening on" once it captures.
+    let mut err = BufReader::new(capture.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "tcpdump did not start");
+    }
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert_eq!(
+        exit_code(&mut primary, Duration::from_secs(30)),
+        Some(4),
+        "the continued primary must lose the arbiter"
+    );
+    assert!(capture.try_wait().unwrap().is_none(), "the old primary emitted a frame on its TAP");
+    let _ = capture.kill();
+    let _ = capture.wait();
+    s.get_mut().write_all(&resp(&["GET", "x"])).unwrap();
+    assert_eq!(reply(&mut s), "$1\r\n2\r\n");
+    drop(secondary);
+}
+
+#[test]
+fn kvm_netns_cut_link_exactly_one_side_goes_on() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("fcl");
+    let (mut primary, mut secondary, _dir) = pair(&lab);
+    let mut s = connect(&lab);
+    s.get_mut().write_all(&resp(&["SET", "y", "1"])).unwrap();
+    assert_eq!(reply(&mut s), "+OK\r\n");
+    // Cut the dedicated link (heartbeats and log) with both hosts alive.
+    lab.host_a().netns().set_link_up(lab.host_a().link_dev(), false);
+    let (p, q) = loop {
+        let p = primary.0.try_wait().unwrap().map(|s| s.code());
+        let q = secondary.0.try_wait().unwrap().map(|s| s.code());
+        if p.is_some() || q.is_some() {
+            break (p, q);
+        }
+        // Waiting for one of two external processes to exit.
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let loser = p.or(q).flatten();
+    assert_eq!(loser, Some(4), "the side that lost the arbiter exits 4");
+    // The other is still running, and serves the client.
+    std::thread::sleep(Duration::from_millis(300));
+    let alive = [primary.0.try_wait().unwrap().is_none(), secondary.0.try_wait().unwrap().is_none()];
+    assert_eq!(alive.iter().filter(|a| **a).count(), 1, "exactly one side must go on: {alive:?}");
+    let mut s2 = connect(&lab);
+    s2.get_mut().write_all(&resp(&["GET", "y"])).unwrap();
+    assert_eq!(reply(&mut s2), "$1\r\n1\r\n");
+}
