@@ -9,6 +9,7 @@ mod bench_lockstep;
 mod bench_net;
 mod cli;
 mod config;
+mod demo;
 mod pair;
 
 use std::io::Write;
@@ -119,6 +120,14 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
+        Command::Demo(args) => {
+            demo::demo(args.guest)?;
+            Ok(0)
+        }
+        Command::Bench(BenchCommand::Failover(args)) => {
+            demo::bench(args.reps, args.json)?;
+            Ok(0)
+        }
         Command::Bench(BenchCommand::Exits(args)) => {
             bench::exits(args.seconds, 3, args.json)?;
             Ok(0)

@@ -396,7 +396,9 @@ impl<S: vmm::hook::OutputSink> Shipper<S> {
             self.chan.flush();
         }
         self.status.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
-        let now_released = self.log.released();
+        // Only positions whose outputs are all out: the secondary forgets
+        // what it holds up to there.
+        let now_released = self.releaser.released_through();
         if now_released > st.released {
             self.chan.send_released(now_released)?;
             st.released = now_released;

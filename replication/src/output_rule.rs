@@ -153,8 +153,64 @@ impl<S: OutputSink> Releaser<S> {
         lock(&self.gate).held.len()
     }
 
+    /// The log position of the oldest output still held.
+    pub fn oldest_held(&self) -> Option<LogPosition> {
+        lock(&self.gate).held.front().map(|(p, _, _, _)| *p)
+    }
+
+    /// The highest position whose outputs have *all* reached the world,
+    /// which is what the secondary may forget. Several outputs can share a
+    /// position, so "the last released one was at p" is not enough: every
+    /// output below the oldest held one is out (they leave in order), and
+    /// the guest may still produce outputs at the current position.
+    pub fn released_through(&self) -> LogPosition {
+        let appended = self.log.appended().0;
+        let below_held = self.oldest_held().map_or(appended, |p| p.0);
+        LogPosition(appended.min(below_held).saturating_sub(1).min(self.log.released().0))
+    }
+
     /// How long the last released output waited for its ack, in µs.
     pub fn last_wait_us(&self) -> u64 {
         lock(&self.gate).last_wait_us.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<Vec<u8>>>>);
+    impl OutputSink for Sink {
+        fn serial(&mut self, _: ExitIndex, b: &[u8]) -> Result<(), HookError> {
+            self.0.lock().unwrap().push(b.to_vec());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn outputs_wait_for_their_ack_and_released_through_never_covers_a_held_one() {
+        let log = Arc::new(LogShared::default());
+        let sink = Sink::default();
+        let (mut gate, releaser) = gate(sink.clone(), log.clone());
+        log.set_acked(LogPosition(0));
+        // Two records, then two outputs at position 2.
+        log.append(crate::record::Record::Clock { exit: ExitIndex(1), ns: 1 });
+        log.append(crate::record::Record::Clock { exit: ExitIndex(2), ns: 2 });
+        gate.serial(ExitIndex(3), b"a").unwrap();
+        gate.serial(ExitIndex(4), b"b").unwrap();
+        assert!(sink.0.lock().unwrap().is_empty(), "released before the ack");
+        assert_eq!(gate.held(), 2);
+        assert_eq!(releaser.released_through(), LogPosition(0));
+        log.set_acked(LogPosition(1));
+        releaser.release_ready().unwrap();
+        assert!(sink.0.lock().unwrap().is_empty(), "released on an ack short of its position");
+        log.set_acked(LogPosition(2));
+        assert_eq!(releaser.release_ready().unwrap(), 2);
+        assert_eq!(*sink.0.lock().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+        // Position 2 is the current one: the guest may still emit there.
+        assert_eq!(releaser.released_through(), LogPosition(1));
+        log.append(crate::record::Record::Clock { exit: ExitIndex(5), ns: 3 });
+        assert_eq!(releaser.released_through(), LogPosition(2));
     }
 }
