@@ -315,3 +315,17 @@ fn kvm_netns_cut_link_exactly_one_side_goes_on() {
     s2.get_mut().write_all(&resp(&["GET", "y"])).unwrap();
     assert_eq!(reply(&mut s2), "$1\r\n1\r\n");
 }
+
+#[test]
+fn kvm_netns_demo_runs_the_whole_story_for_both_guests() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    for (guest, want) in [("kvstore", "no acknowledged write lost"), ("streamer", "every sequence number arrived")] {
+        let out = common::ftvm().args(["demo", "--guest", guest]).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "demo {guest}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains(want) && stdout.contains("VMware FT"), "{stdout}");
+    }
+    assert!(!lab::netns_list().iter().any(|n| n.contains("-demo-")), "the demo left namespaces behind");
+}
