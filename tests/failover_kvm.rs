@@ -6,8 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use common::{connect_kvstore as connect, reply, resp};
+
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,74 +22,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn resp(args: &[&str]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-    }
-    v
-}
-
-fn reply(s: &mut BufReader<TcpStream>) -> String {
-    let mut line = String::new();
-    s.read_line(&mut line).unwrap();
-    if let Some(len) = line.strip_prefix('$') {
-        let len: i64 = len.trim().parse().unwrap();
-        if len >= 0 {
-            let mut body = vec![0u8; len as usize + 2];
-            s.read_exact(&mut body).unwrap();
-            line.push_str(&String::from_utf8_lossy(&body));
-        }
-    }
-    line
-}
-
-/// A protected kvstore pair with an arbiter: (primary, secondary, dir).
-fn pair(lab: &Lab) -> (Proc, Proc, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("k");
-    assert!(common::ftvm().args(["keygen", "--out", key.to_str().unwrap()]).status().unwrap().success());
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let listen = format!("{}:7000", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
-    let common_args = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr, "--key-file", key.to_str().unwrap()];
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.arg("secondary").args(common_args).args(["--tap", lab.host_b().tap(), "--listen", &listen]);
-    sec.args(["--arbiter", &arbiter, "--control", &d("s.sock")]);
-    let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap());
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(common_args).args(["--tap", lab.host_a().tap(), "--peer", &listen]);
-    pri.args(["--arbiter", &arbiter, "--control", &d("p.sock")]);
-    let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().unwrap());
-    (pri, sec, dir)
-}
-
-fn connect(lab: &Lab) -> BufReader<TcpStream> {
-    let ip = lab.guest_ip();
-    let s = lab.client().run(move || {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
-                Ok(s) => return s,
-                Err(e) => {
-                    assert!(Instant::now() < deadline, "kvstore never accepted a connection: {e}");
-                    // Waiting for the guest to boot: nothing to block on.
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-    });
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    BufReader::new(s)
-}
-
-fn status(path: &std::path::Path) -> serde_json::Value {
-    let out = common::ftvm().args(["status", "--control", path.to_str().unwrap(), "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -124,7 +57,7 @@ fn kvm_netns_sigkill_primary_kvstore_lives_on_with_its_connection_and_every_writ
         s.get_mut().write_all(&resp(&["GET", &format!("k{i}")])).unwrap();
         assert_eq!(reply(&mut s), format!("${}\r\n{i}\r\n", i.to_string().len()), "k{i}");
     }
-    let st = status(&dir.path().join("s.sock"));
+    let st = common::status_json(dir.path().join("s.sock").to_str().unwrap());
     assert_eq!(st["role"], "standalone", "{st}");
     let f = &st["last_failure"];
     assert_eq!(f["kind"], "primary lost", "{st}");
@@ -155,7 +88,7 @@ fn kvm_netns_sigkill_secondary_the_primary_carries_on_alone() {
         assert_eq!(reply(&mut s), format!(":{}\r\n", i + 1));
     }
     let took = start.elapsed();
-    let st = status(&dir.path().join("p.sock"));
+    let st = common::status_json(dir.path().join("p.sock").to_str().unwrap());
     assert_eq!(st["role"], "standalone", "{st}");
     assert_eq!(st["peer"], "down", "{st}");
     assert_eq!(st["last_failure"]["kind"], "secondary lost", "{st}");
@@ -163,20 +96,25 @@ fn kvm_netns_sigkill_secondary_the_primary_carries_on_alone() {
     drop(primary);
 }
 
+/// A protected kvstore pair with an arbiter: (primary, secondary, dir).
+fn pair(lab: &Lab) -> (Proc, Proc, tempfile::TempDir) {
+    let cidr = lab.guest_cidr();
+    pair_of(lab, &["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr])
+}
+
 /// A protected pair of any guest with an arbiter: (primary, secondary, dir).
 fn pair_of(lab: &Lab, guest: &[&str]) -> (Proc, Proc, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("k");
-    assert!(common::ftvm().args(["keygen", "--out", key.to_str().unwrap()]).status().unwrap().success());
+    let key = common::key_file(dir.path(), "k");
     let arbiter = format!("file:{}", dir.path().join("arbiter").display());
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
     let listen = format!("{}:7000", lab.host_b().link_ip());
     let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.arg("secondary").args(guest).args(["--key-file", key.to_str().unwrap(), "--tap", lab.host_b().tap()]);
+    sec.arg("secondary").args(guest).args(["--key-file", &key, "--tap", lab.host_b().tap()]);
     sec.args(["--listen", &listen, "--arbiter", &arbiter, "--control", &d("s.sock")]);
     let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(["--key-file", key.to_str().unwrap(), "--tap", lab.host_a().tap()]);
+    pri.arg("primary").args(guest).args(["--key-file", &key, "--tap", lab.host_a().tap()]);
     pri.args(["--peer", &listen, "--arbiter", &arbiter, "--control", &d("p.sock")]);
     let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     (pri, sec, dir)
@@ -250,7 +188,7 @@ fn kvm_netns_sigstop_primary_loses_the_arbiter_and_emits_nothing_when_continued(
     // The secondary takes over: the same connection goes on.
     s.get_mut().write_all(&resp(&["INCR", "x"])).unwrap();
     assert_eq!(reply(&mut s), ":2\r\n");
-    let st = status(&dir.path().join("s.sock"));
+    let st = common::status_json(dir.path().join("s.sock").to_str().unwrap());
     assert_eq!(st["role"], "standalone", "{st}");
     // Watch host a's TAP: the old primary must not emit a single frame.
     let tap = lab.host_a().tap().to_string();

@@ -4,6 +4,8 @@
 //! `streamer` delivers numbered datagrams in order.
 
 mod common;
+
+use common::resp;
 use ftvm_lab as lab;
 
 use std::process::{Command, Stdio};
@@ -109,14 +111,6 @@ fn roundtrip(s: &mut std::net::TcpStream, req: &[u8], lines: usize) -> String {
         got.extend_from_slice(&buf[..n]);
     }
     String::from_utf8(got).unwrap()
-}
-
-fn resp(args: &[&str]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-    }
-    v
 }
 
 #[test]

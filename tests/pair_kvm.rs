@@ -5,8 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use common::{connect_kvstore as connect, key_file, reply, resp, status_json};
+
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -74,19 +75,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn key_file(dir: &std::path::Path, name: &str) -> String {
-    let path = dir.join(name);
-    let out = common::ftvm().args(["keygen", "--out", path.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success());
-    path.to_str().unwrap().to_string()
-}
-
-fn status_json(control: &str) -> serde_json::Value {
-    let out = common::ftvm().args(["status", "--control", control, "--json"]).output().unwrap();
-    assert!(out.status.success(), "ftvm status: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[test]
@@ -168,29 +156,6 @@ fn kvm_wrong_key_and_mismatched_guest_are_refused_on_both_ends() {
     assert!(slines.last().unwrap().contains("memory"), "{slines:?}");
 }
 
-fn resp(args: &[&str]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-    }
-    v
-}
-
-/// Read one RESP reply (simple, error, integer, bulk) from `s`.
-fn reply(s: &mut BufReader<TcpStream>) -> String {
-    let mut line = String::new();
-    s.read_line(&mut line).unwrap();
-    if let Some(len) = line.strip_prefix('$') {
-        let len: i64 = len.trim().parse().unwrap();
-        if len >= 0 {
-            let mut body = vec![0u8; len as usize + 2];
-            s.read_exact(&mut body).unwrap();
-            line.push_str(&String::from_utf8_lossy(&body));
-        }
-    }
-    line
-}
-
 /// A pair in a lab: primary on host a (TAP), secondary on host b, the
 /// logging channel over the dedicated link.
 struct LabPair {
@@ -224,25 +189,6 @@ fn lab_pair_of(lab: &Lab, dir: &std::path::Path, guest: &[&str], extra_secondary
     pri.args(["--control", &d("p.sock"), "--state-dump", &d("p.dump")]);
     let primary = Proc::spawn(pri);
     LabPair { primary, secondary, pcontrol: d("p.sock"), scontrol: d("s.sock") }
-}
-
-fn connect(lab: &Lab) -> BufReader<TcpStream> {
-    let ip = lab.guest_ip();
-    let s = lab.client().run(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
-                Ok(s) => return s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("kvstore never accepted a connection: {e}"),
-            }
-        }
-    });
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    BufReader::new(s)
 }
 
 #[test]

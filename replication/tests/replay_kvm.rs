@@ -124,23 +124,27 @@ fn kvm_replay_of_a_recorded_run_is_identical() {
     rel.join().unwrap().unwrap();
 }
 
-#[test]
-fn kvm_a_nondeterministic_guest_is_reported_as_diverged_within_one_digest_interval() {
-    if !vmm::testing::kvm_available() {
-        return;
-    }
-    // Record: every record shipped and acked at once, as above but inline.
+/// Run `guest` to its end on live inputs, recording; every record.
+fn record_whole_run(guest: &str) -> Vec<Record> {
     let log = Arc::new(LogShared::default());
     let (gate, _releaser) = output_rule::gate(Capture::default(), log.clone());
     let rec_log = log.clone();
     let mut primary = Vm::new(
-        &config("rdtsc"),
+        &config(guest),
         move |stop| Box::new(Recorder::new(LiveInput::new(0, vec![stop.wake_fd()]), rec_log)) as Box<dyn InputSource>,
         Box::new(gate),
     )
     .unwrap();
     primary.run().unwrap();
-    let (_, records, _) = log.take();
+    log.take().1
+}
+
+#[test]
+fn kvm_a_nondeterministic_guest_is_reported_as_diverged_within_one_digest_interval() {
+    if !vmm::testing::kvm_available() {
+        return;
+    }
+    let records = record_whole_run("rdtsc");
     assert!(records.iter().any(|r| matches!(r, Record::Digest { .. })), "no digests recorded");
     let (tx, rx) = crossbeam_channel::unbounded();
     for r in records {
@@ -181,17 +185,7 @@ fn kvm_go_live_mid_run_finishes_the_guest_on_live_inputs() {
     use replication::go_live::{Decision, LiveWorld, SwitchInput, SwitchOutput};
     // Record a whole run, then give the secondary only its first half: the
     // primary "died" there.
-    let log = Arc::new(LogShared::default());
-    let (gate, _releaser) = output_rule::gate(Capture::default(), log.clone());
-    let rec_log = log.clone();
-    let mut primary = Vm::new(
-        &config("devices"),
-        move |stop| Box::new(Recorder::new(LiveInput::new(0, vec![stop.wake_fd()]), rec_log)) as Box<dyn InputSource>,
-        Box::new(gate),
-    )
-    .unwrap();
-    primary.run().unwrap();
-    let (_, records, _) = log.take();
+    let records = record_whole_run("devices");
     let half = records.len() / 2;
     assert!(half > 3);
     let (tx, rx) = crossbeam_channel::unbounded();

@@ -102,3 +102,62 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// A RESP request (array of bulk strings), as redis-cli sends it.
+pub fn resp(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    v
+}
+
+/// One RESP reply (simple, error, integer or bulk string), as raw text.
+pub fn reply(s: &mut BufReader<std::net::TcpStream>) -> String {
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    if let Some(len) = line.strip_prefix('$') {
+        let len: i64 = len.trim().parse().unwrap();
+        if len >= 0 {
+            let mut body = vec![0u8; len as usize + 2];
+            s.read_exact(&mut body).unwrap();
+            line.push_str(&String::from_utf8_lossy(&body));
+        }
+    }
+    line
+}
+
+/// A new key file `name` in `dir`, written by `ftvm keygen`; its path.
+pub fn key_file(dir: &std::path::Path, name: &str) -> String {
+    let path = dir.join(name);
+    let out = ftvm().args(["keygen", "--out", path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "ftvm keygen: {}", String::from_utf8_lossy(&out.stderr));
+    path.to_str().unwrap().to_string()
+}
+
+/// `ftvm status --control PATH --json`.
+pub fn status_json(control: &str) -> serde_json::Value {
+    let out = ftvm().args(["status", "--control", control, "--json"]).output().unwrap();
+    assert!(out.status.success(), "ftvm status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A connection from the lab's client to kvstore on the guest's address,
+/// retried while the guest boots (nothing to block on but the attempt).
+pub fn connect_kvstore(lab: &ftvm_lab::Lab) -> BufReader<std::net::TcpStream> {
+    let ip = lab.guest_ip();
+    let s = lab.client().run(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match std::net::TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
+                Ok(s) => return s,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "kvstore never accepted a connection: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    });
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    BufReader::new(s)
+}

@@ -11,11 +11,8 @@ use std::{env, fs, path::PathBuf};
 const SCRIPT: &str = "ftvm-guest.ld";
 
 fn main() {
-    let out_dir =
-        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
-    let source =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-            .join(SCRIPT);
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR for build scripts"));
+    let source = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")).join(SCRIPT);
     if let Err(err) = fs::copy(&source, out_dir.join(SCRIPT)) {
         panic!("cannot copy the linker script {}: {err}", source.display());
     }

@@ -69,9 +69,9 @@ fn main(boot: &rt::BootParams) -> u32 {
         return 2;
     }
     let case = boot.param("case").unwrap_or("outside");
-    // SAFETY: RINGS is only ever touched here, through raw pointers, by the
-    // one thread the guest has.
-    let base = unsafe { core::ptr::addr_of_mut!(RINGS) } as *mut u8;
+    // RINGS is only ever touched here, through raw pointers, by the one
+    // thread the guest has.
+    let base = core::ptr::addr_of_mut!(RINGS) as *mut u8;
     let (desc, avail, used) = (base as u64, base as u64 + 4096, base as u64 + 8192);
 
     reg_write(STATUS, 0);

@@ -62,10 +62,9 @@ impl fmt::Display for Failure {
             Failure::EntropyStuck { value } => {
                 write!(f, "entropy port returned {value:#010x} four times in a row")
             }
-            Failure::HeapCorrupt { offset } => write!(
-                f,
-                "heap memory did not keep what was written at offset {offset} of {HEAP_CHECK_LEN}"
-            ),
+            Failure::HeapCorrupt { offset } => {
+                write!(f, "heap memory did not keep what was written at offset {offset} of {HEAP_CHECK_LEN}")
+            }
         }
     }
 }
@@ -77,16 +76,11 @@ fn check() -> Result<(), Failure> {
         return Err(Failure::ClockWentBack { first, second });
     }
 
-    let deadline = second
-        .checked_add(SLEEP_NS)
-        .ok_or(Failure::DeadlineOverflow { now: second })?;
+    let deadline = second.checked_add(SLEEP_NS).ok_or(Failure::DeadlineOverflow { now: second })?;
     rt::sleep_until(deadline);
     let after = rt::clock_ns();
     if after < deadline {
-        return Err(Failure::SleptTooShort {
-            before: second,
-            after,
-        });
+        return Err(Failure::SleptTooShort { before: second, after });
     }
 
     // Four equal 32-bit values from a real source: probability 2^-96.

@@ -97,14 +97,9 @@ fn main(boot: &'static rt::BootParams) -> u32 {
             return EXIT_BAD_PARAM;
         }
     };
-    let mut net = match Net::new(boot) {
-        Ok(net) => net,
-        Err(e) => {
-            rt::println!("kvstore: cannot start: {e}");
-            return EXIT_NO_NETWORK;
-        }
+    let Some(mut net) = Net::start(boot, "kvstore") else {
+        return EXIT_NO_NETWORK;
     };
-    rt::println!("kvstore: network up: {net}");
 
     let sockets = settings.clients + SPARE_SOCKETS;
     let mut pool: Vec<Client> = Vec::with_capacity(sockets);
@@ -119,10 +114,7 @@ fn main(boot: &'static rt::BootParams) -> u32 {
             rt::println!("kvstore: cannot listen on port {PORT}: {e}");
             return EXIT_NO_NETWORK;
         }
-        pool.push(Client {
-            handle: net.sockets.add(socket),
-            session: None,
-        });
+        pool.push(Client { handle: net.sockets.add(socket), session: None });
     }
     rt::println!(
         "kvstore: {} clients, {sockets} sockets, keyspace limit {} MiB",
@@ -143,22 +135,16 @@ impl Settings {
     fn from_boot(boot: &'static rt::BootParams) -> Result<Settings, ParamError> {
         let clients = match boot.param("clients") {
             None => DEFAULT_CLIENTS,
-            Some(text) => text
-                .parse()
-                .ok()
-                .filter(|n| (1..=MAX_CLIENTS).contains(n))
-                .ok_or(ParamError::BadClients(text))?,
+            Some(text) => {
+                text.parse().ok().filter(|n| (1..=MAX_CLIENTS).contains(n)).ok_or(ParamError::BadClients(text))?
+            }
         };
         // Bounded by MAX_CLIENTS: no overflow.
         let socket_bytes = ((clients + SPARE_SOCKETS) * 2 * SOCKET_BUF) as u64;
         let reserved = socket_bytes + FIXED_RESERVE;
         let needed = reserved + MIN_FREE;
         if boot.mem_size < needed {
-            return Err(ParamError::MemoryTooSmall {
-                clients,
-                needed,
-                has: boot.mem_size,
-            });
+            return Err(ParamError::MemoryTooSmall { clients, needed, has: boot.mem_size });
         }
         let free = boot.mem_size - reserved;
         let limit = match boot.param("maxmemory") {
@@ -173,32 +159,17 @@ impl Settings {
         };
         // Guest memory is below 3 GiB: fits in usize.
         let store_limit = usize::try_from(limit).unwrap_or(usize::MAX);
-        Ok(Settings {
-            clients,
-            store_limit,
-        })
+        Ok(Settings { clients, store_limit })
     }
 }
 
 /// `123`, `64k`, `16mb`, `1G`: bytes, or KiB, MiB, GiB (case-insensitive).
 fn parse_bytes(text: &str) -> Option<u64> {
-    const UNITS: [(&str, u32); 8] = [
-        ("", 0),
-        ("b", 0),
-        ("k", 10),
-        ("kb", 10),
-        ("m", 20),
-        ("mb", 20),
-        ("g", 30),
-        ("gb", 30),
-    ];
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    const UNITS: [(&str, u32); 8] =
+        [("", 0), ("b", 0), ("k", 10), ("kb", 10), ("m", 20), ("mb", 20), ("g", 30), ("gb", 30)];
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(digits);
-    let (_, shift) = UNITS
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(unit))?;
+    let (_, shift) = UNITS.iter().find(|(name, _)| name.eq_ignore_ascii_case(unit))?;
     number.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
@@ -206,15 +177,8 @@ fn parse_bytes(text: &str) -> Option<u64> {
 enum ParamError {
     BadClients(&'static str),
     BadMaxMemory(&'static str),
-    MemoryTooSmall {
-        clients: usize,
-        needed: u64,
-        has: u64,
-    },
-    MaxMemoryTooLarge {
-        limit: u64,
-        free: u64,
-    },
+    MemoryTooSmall { clients: usize, needed: u64, has: u64 },
+    MaxMemoryTooLarge { limit: u64, free: u64 },
 }
 
 impl fmt::Display for ParamError {
@@ -232,10 +196,9 @@ impl fmt::Display for ParamError {
                 needed.div_ceil(1 << 20),
                 has >> 20
             ),
-            ParamError::MaxMemoryTooLarge { limit, free } => write!(
-                f,
-                "--param maxmemory={limit} is more than the {free} bytes left once the sockets are allocated"
-            ),
+            ParamError::MaxMemoryTooLarge { limit, free } => {
+                write!(f, "--param maxmemory={limit} is more than the {free} bytes left once the sockets are allocated")
+            }
         }
     }
 }
@@ -311,11 +274,8 @@ impl Client {
             }
             _ => {}
         }
-        let session = self.session.get_or_insert_with(|| Session {
-            conn: Conn::new(),
-            out: Vec::new(),
-            closing: false,
-        });
+        let session =
+            self.session.get_or_insert_with(|| Session { conn: Conn::new(), out: Vec::new(), closing: false });
         session.send(socket);
         if session.conn.has_pending_input() && session.out.len() < OUTPUT_HIGH_WATER {
             // Requests held back while the output was full.

@@ -13,15 +13,17 @@ rt::entry!(main);
 static mut SAMPLES: [u64; 200] = [0; 200];
 
 fn main(_boot: &rt::BootParams) -> u32 {
-    for i in 0..200 {
-        // SAFETY: RDTSC reads the time-stamp counter into edx:eax; it has no
-        // memory effect. (The whole point of this guest is that it must not
-        // be used by real guests.)
+    let samples = addr_of_mut!(SAMPLES);
+    for slot in 0..200 {
         let (lo, hi): (u32, u32);
+        // SAFETY: RDTSC reads the time-stamp counter into edx:eax; it has no
+        // memory effect. (The whole point of this guest is that real guests
+        // must not use it.)
         unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
         let tsc = (u64::from(hi) << 32) | u64::from(lo);
-        // SAFETY: SAMPLES is only touched here, by the guest's one thread; i < 200.
-        unsafe { write_volatile(addr_of_mut!(SAMPLES[i]), tsc.wrapping_add(rt::clock_ns())) };
+        // SAFETY: SAMPLES is only touched here, by the guest's one thread,
+        // and `slot` < 200 keeps the write inside it.
+        unsafe { write_volatile(samples.cast::<u64>().add(slot), tsc.wrapping_add(rt::clock_ns())) };
     }
     rt::println!("rdtsc done");
     0

@@ -49,8 +49,8 @@ pub mod serial;
 mod start;
 
 pub use devices::{
-    clock_ns, fill_random, halt, health, power_off, pvpanic, random_u32, random_u64, set_timer,
-    sleep_until, testdev_mmio_write, testdev_write,
+    clock_ns, fill_random, halt, health, power_off, pvpanic, random_u32, random_u64, set_timer, sleep_until,
+    testdev_mmio_write, testdev_write,
 };
 
 /// Names the guest's main function: `fn(&'static BootParams) -> u32`.

@@ -84,8 +84,8 @@ use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
-    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
-    EthernetRepr, HardwareAddress, IpCidr, Ipv4Address, Ipv4Cidr, ETHERNET_HEADER_LEN,
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, HardwareAddress,
+    IpCidr, Ipv4Address, Ipv4Cidr, ETHERNET_HEADER_LEN,
 };
 use virtio_drivers::queue::VirtQueue;
 use virtio_drivers::transport::mmio::{MmioError, MmioTransport, MmioVersion, VirtIOHeader};
@@ -146,28 +146,22 @@ pub enum NetError {
     /// Reading the device's configuration space failed.
     Config(virtio_drivers::Error),
     /// Setting up a virtqueue failed.
-    Queue {
-        queue: u16,
-        error: virtio_drivers::Error,
-    },
+    Queue { queue: u16, error: virtio_drivers::Error },
 }
 
 impl fmt::Display for NetError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NetError::NoNic => {
-                f.write_str("no NIC: the VMM gave this guest no network device (run it with --tap)")
-            }
+            NetError::NoNic => f.write_str("no NIC: the VMM gave this guest no network device (run it with --tap)"),
             NetError::NoAddress => {
                 f.write_str("no IPv4 address: the boot parameters have none (run it with --ip ADDR/PREFIX)")
             }
             NetError::BadPrefix { prefix } => {
                 write!(f, "the boot parameters give prefix length {prefix}, more than 32")
             }
-            NetError::Transport(MmioError::BadMagic(magic)) => write!(
-                f,
-                "no NIC: no virtio-mmio device at {VIRTIO_MMIO_BASE:#x} (magic {magic:#010x})"
-            ),
+            NetError::Transport(MmioError::BadMagic(magic)) => {
+                write!(f, "no NIC: no virtio-mmio device at {VIRTIO_MMIO_BASE:#x} (magic {magic:#010x})")
+            }
             NetError::Transport(e) => {
                 write!(f, "no NIC: the virtio-mmio device at {VIRTIO_MMIO_BASE:#x} is unusable: {e}")
             }
@@ -175,18 +169,15 @@ impl fmt::Display for NetError {
                 f,
                 "no NIC: the virtio-mmio device at {VIRTIO_MMIO_BASE:#x} is legacy (version 1), not virtio 1.x"
             ),
-            NetError::NotANic(kind) => write!(
-                f,
-                "no NIC: the virtio device at {VIRTIO_MMIO_BASE:#x} is a {kind:?} device, not a network card"
-            ),
-            NetError::NoVersion1 { offered } => write!(
-                f,
-                "the NIC does not offer VIRTIO_F_VERSION_1 (features {offered:#x})"
-            ),
-            NetError::FeaturesRefused { accepted, status } => write!(
-                f,
-                "the NIC refused features {accepted:#x} (status {status:#x})"
-            ),
+            NetError::NotANic(kind) => {
+                write!(f, "no NIC: the virtio device at {VIRTIO_MMIO_BASE:#x} is a {kind:?} device, not a network card")
+            }
+            NetError::NoVersion1 { offered } => {
+                write!(f, "the NIC does not offer VIRTIO_F_VERSION_1 (features {offered:#x})")
+            }
+            NetError::FeaturesRefused { accepted, status } => {
+                write!(f, "the NIC refused features {accepted:#x} (status {status:#x})")
+            }
             NetError::MacMismatch { device, boot } => write!(
                 f,
                 "the NIC's MAC {} differs from the boot parameters' {}",
@@ -334,11 +325,7 @@ impl RxRing {
     /// frame's length (0 for a length that makes no sense). Memory only.
     fn pop(&mut self, stats: &mut NetStats) -> Option<(Buf, usize)> {
         let token = self.queue.peek_used()?;
-        let Some(mut buf) = self
-            .posted
-            .get_mut(usize::from(token))
-            .and_then(Option::take)
-        else {
+        let Some(mut buf) = self.posted.get_mut(usize::from(token)).and_then(Option::take) else {
             // A token never posted: the ring cannot be trusted any more.
             stats.ring_errors += 1;
             return None;
@@ -492,20 +479,14 @@ impl TxRing {
     /// Takes used buffers back. Memory only.
     fn reap(&mut self) {
         while let Some(token) = self.queue.peek_used() {
-            let Some((mut buf, chain_len, pool)) = self
-                .inflight
-                .get_mut(usize::from(token))
-                .and_then(Option::take)
+            let Some((mut buf, chain_len, pool)) = self.inflight.get_mut(usize::from(token)).and_then(Option::take)
             else {
                 self.stats.ring_errors += 1;
                 return;
             };
             // SAFETY: the device has returned the buffer, and it is the one
             // added with this token, with the same chain.
-            let popped = unsafe {
-                self.queue
-                    .pop_used(token, &[&buf.bytes()[..chain_len]], &mut [])
-            };
+            let popped = unsafe { self.queue.pop_used(token, &[&buf.bytes()[..chain_len]], &mut []) };
             if popped.is_err() {
                 self.stats.ring_errors += 1;
             }
@@ -549,12 +530,8 @@ impl ArpWatch {
         let Ok(packet) = ArpPacket::new_checked(eth.payload()) else {
             return;
         };
-        if let Ok(ArpRepr::EthernetIpv4 {
-            source_hardware_addr,
-            source_protocol_addr,
-            target_protocol_addr,
-            ..
-        }) = ArpRepr::parse(&packet)
+        if let Ok(ArpRepr::EthernetIpv4 { source_hardware_addr, source_protocol_addr, target_protocol_addr, .. }) =
+            ArpRepr::parse(&packet)
         {
             if source_protocol_addr == target
                 && Some(target_protocol_addr) == self.our_ip
@@ -578,8 +555,7 @@ impl Nic {
     /// Finds, checks and initialises the virtio-net device, and posts every
     /// receive buffer. `mac` is the MAC the boot parameters give.
     fn new(mac: [u8; 6]) -> Result<Nic, NetError> {
-        let header =
-            NonNull::new(VIRTIO_MMIO_BASE as *mut VirtIOHeader).expect("VIRTIO_MMIO_BASE is not 0");
+        let header = NonNull::new(VIRTIO_MMIO_BASE as *mut VirtIOHeader).expect("VIRTIO_MMIO_BASE is not 0");
         // MMIO_SLOT_SIZE is 4 KiB.
         let size = MMIO_SLOT_SIZE as usize;
         // SAFETY: VIRTIO_MMIO_BASE is the ABI's first virtio-mmio slot, one
@@ -587,8 +563,7 @@ impl Nic {
         // mapped by the VMM's page tables and 4 KiB aligned; no Rust object
         // lives there, and only this transport accesses it (Net::new is the
         // only caller, and a guest brings its network up once).
-        let mut transport =
-            unsafe { MmioTransport::new(header, size) }.map_err(NetError::Transport)?;
+        let mut transport = unsafe { MmioTransport::new(header, size) }.map_err(NetError::Transport)?;
         if transport.version() != MmioVersion::Modern {
             return Err(NetError::LegacyTransport);
         }
@@ -606,24 +581,17 @@ impl Nic {
         }
         let accepted = offered & (F_VERSION_1 | F_MAC);
         transport.write_driver_features(accepted);
-        transport.set_status(
-            DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK,
-        );
+        transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK);
         let status = transport.get_status();
         if !status.contains(DeviceStatus::FEATURES_OK) {
-            return Err(NetError::FeaturesRefused {
-                accepted,
-                status: status.bits(),
-            });
+            return Err(NetError::FeaturesRefused { accepted, status: status.bits() });
         }
         if accepted & F_MAC != 0 {
             // Byte by byte: config space takes 1-, 2-, 4- and 8-byte reads,
             // and a 6-byte volatile read could become anything.
             let mut device = [0u8; 6];
             for (offset, byte) in device.iter_mut().enumerate() {
-                *byte = transport
-                    .read_config_space::<u8>(offset)
-                    .map_err(NetError::Config)?;
+                *byte = transport.read_config_space::<u8>(offset).map_err(NetError::Config)?;
             }
             if device != mac {
                 return Err(NetError::MacMismatch { device, boot: mac });
@@ -632,12 +600,8 @@ impl Nic {
 
         let queue = |transport: &mut MmioTransport<'static>, index: u16| {
             // No indirect descriptors, no event index: not offered.
-            VirtQueue::<GuestHal, QUEUE_SIZE>::new(transport, index, false, false).map_err(
-                |error| NetError::Queue {
-                    queue: index,
-                    error,
-                },
-            )
+            VirtQueue::<GuestHal, QUEUE_SIZE>::new(transport, index, false, false)
+                .map_err(|error| NetError::Queue { queue: index, error })
         };
         let rx_queue = queue(&mut transport, RX_QUEUE)?;
         let tx_queue = queue(&mut transport, TX_QUEUE)?;
@@ -659,11 +623,7 @@ impl Nic {
             queued: 0,
             stats: NetStats::default(),
         };
-        Ok(Nic {
-            rx,
-            tx,
-            arp: ArpWatch::default(),
-        })
+        Ok(Nic { rx, tx, arp: ArpWatch::default() })
     }
 }
 
@@ -728,14 +688,7 @@ impl phy::Device for Nic {
         // SAFETY: the buffer came off the used ring; no other slice of it.
         let bytes = unsafe { buf.bytes() };
         self.arp.inspect(&bytes[HDR_LEN..HDR_LEN + len]);
-        Some((
-            RxToken {
-                buf: Some(buf),
-                len,
-                done: &mut self.rx.done,
-            },
-            TxToken { tx: &mut self.tx },
-        ))
+        Some((RxToken { buf: Some(buf), len, done: &mut self.rx.done }, TxToken { tx: &mut self.tx }))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<TxToken<'_>> {
@@ -771,6 +724,21 @@ pub struct Net {
 }
 
 impl Net {
+    /// [`Net::new`] for guest `name`, saying on serial what happened:
+    /// `NAME: network up: ...`, or `NAME: cannot start: ...` and `None`.
+    pub fn start(boot: &BootParams, name: &str) -> Option<Net> {
+        match Net::new(boot) {
+            Ok(net) => {
+                crate::println!("{name}: network up: {net}");
+                Some(net)
+            }
+            Err(e) => {
+                crate::println!("{name}: cannot start: {e}");
+                None
+            }
+        }
+    }
+
     /// Brings the network up as the boot parameters describe it: the NIC at
     /// [`VIRTIO_MMIO_BASE`] (magic, version 2 and device type checked), the
     /// interface with the MAC, the IPv4 address and prefix, and the default
@@ -785,9 +753,7 @@ impl Net {
             return Err(NetError::NoAddress);
         }
         if boot.ip_prefix > 32 {
-            return Err(NetError::BadPrefix {
-                prefix: boot.ip_prefix,
-            });
+            return Err(NetError::BadPrefix { prefix: boot.ip_prefix });
         }
         let mut nic = Nic::new(boot.mac)?;
         let ip = Ipv4Address::from(boot.ip);
@@ -852,12 +818,7 @@ impl Net {
 
     /// Counters since the network came up.
     pub fn stats(&self) -> NetStats {
-        NetStats {
-            turns: self.turns,
-            halts: self.halts,
-            timer_arms: self.timer_arms,
-            ..self.nic.tx.stats
-        }
+        NetStats { turns: self.turns, halts: self.halts, timer_arms: self.timer_arms, ..self.nic.tx.stats }
     }
 
     /// Starts a turn: reads the clock (2 exits, the turn's only clock read:
@@ -885,11 +846,7 @@ impl Net {
         let mut more = false;
         let mut rounds = 0;
         // Each round sends at most one packet per socket.
-        while self
-            .iface
-            .poll_egress(now, &mut self.nic, &mut self.sockets)
-            == PollResult::SocketStateChanged
-        {
+        while self.iface.poll_egress(now, &mut self.nic, &mut self.sockets) == PollResult::SocketStateChanged {
             rounds += 1;
             if rounds >= MAX_EGRESS_ROUNDS {
                 more = true;
@@ -967,18 +924,13 @@ impl Net {
             target_hardware_addr: EthernetAddress([0; 6]),
             target_protocol_addr: target,
         };
-        let eth = EthernetRepr {
-            src_addr: self.mac,
-            dst_addr: EthernetAddress::BROADCAST,
-            ethertype: EthernetProtocol::Arp,
-        };
-        self.nic
-            .tx
-            .send(ETHERNET_HEADER_LEN + repr.buffer_len(), |bytes| {
-                let mut frame = EthernetFrame::new_unchecked(bytes);
-                eth.emit(&mut frame);
-                repr.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
-            });
+        let eth =
+            EthernetRepr { src_addr: self.mac, dst_addr: EthernetAddress::BROADCAST, ethertype: EthernetProtocol::Arp };
+        self.nic.tx.send(ETHERNET_HEADER_LEN + repr.buffer_len(), |bytes| {
+            let mut frame = EthernetFrame::new_unchecked(bytes);
+            eth.emit(&mut frame);
+            repr.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+        });
     }
 
     /// True once the target of the last [`Net::send_arp_request`] answered.
@@ -1010,9 +962,7 @@ impl Net {
         let frame_len = UDP_FRAME_OVERHEAD
             .checked_add(stream.payload_len)
             .filter(|len| *len <= FRAME_LEN)
-            .ok_or(StreamError::TooLong {
-                payload_len: stream.payload_len,
-            })?;
+            .ok_or(StreamError::TooLong { payload_len: stream.payload_len })?;
         let chain_len = HDR_LEN + frame_len;
         let payload_at = HDR_LEN + UDP_FRAME_OVERHEAD;
         let mut template = Buf::new();
@@ -1035,11 +985,7 @@ impl Net {
             free.push(buf);
         }
         free.push(template);
-        self.nic.tx.stream = Some(StreamBufs {
-            free,
-            chain_len,
-            payload_at,
-        });
+        self.nic.tx.stream = Some(StreamBufs { free, chain_len, payload_at });
         Ok(())
     }
 
@@ -1131,10 +1077,9 @@ pub enum StreamError {
 impl fmt::Display for StreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StreamError::TooLong { payload_len } => write!(
-                f,
-                "a {payload_len}-byte UDP payload does not fit a {FRAME_LEN}-byte frame"
-            ),
+            StreamError::TooLong { payload_len } => {
+                write!(f, "a {payload_len}-byte UDP payload does not fit a {FRAME_LEN}-byte frame")
+            }
         }
     }
 }
@@ -1157,9 +1102,7 @@ fn write_udp_headers(
     let udp_len = (8 + stream.payload_len) as u16;
     let ip_len = 20 + udp_len;
     // Version 4, 20-byte header; DF; TTL 64; protocol UDP.
-    ip.copy_from_slice(&[
-        0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-    ]);
+    ip.copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
     ip[12..16].copy_from_slice(&src_ip.octets());
     ip[16..20].copy_from_slice(&stream.dest_ip.octets());

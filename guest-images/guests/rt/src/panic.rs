@@ -10,13 +10,7 @@ fn panic(info: &PanicInfo<'_>) -> ! {
     // Must not allocate: a panic may come from the allocator itself, or
     // before the heap exists.
     match info.location() {
-        Some(at) => println!(
-            "guest panicked at {}:{}:{}: {}",
-            at.file(),
-            at.line(),
-            at.column(),
-            info.message()
-        ),
+        Some(at) => println!("guest panicked at {}:{}:{}: {}", at.file(), at.line(), at.column(), info.message()),
         None => println!("guest panicked: {}", info.message()),
     }
     pvpanic();

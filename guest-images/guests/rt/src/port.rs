@@ -49,7 +49,9 @@ pub unsafe fn inb(port: u16) -> u8 {
         // SAFETY: the window address is outside RAM (an MMIO exit the VMM
         // serves, never real memory); the device's effects are the caller's
         // contract.
-        unsafe { asm!("mov {0}, byte ptr [{1}]", out(reg_byte) value, in(reg) window(port), options(nostack, preserves_flags)) };
+        unsafe {
+            asm!("mov {0}, byte ptr [{1}]", out(reg_byte) value, in(reg) window(port), options(nostack, preserves_flags))
+        };
     } else {
         // SAFETY: `in` touches no guest memory by itself; what the device
         // does is the caller's contract.
@@ -68,7 +70,9 @@ pub unsafe fn inl(port: u16) -> u32 {
     let value: u32;
     if user_mode() {
         // SAFETY: as in `inb`.
-        unsafe { asm!("mov {0:e}, dword ptr [{1}]", out(reg) value, in(reg) window(port), options(nostack, preserves_flags)) };
+        unsafe {
+            asm!("mov {0:e}, dword ptr [{1}]", out(reg) value, in(reg) window(port), options(nostack, preserves_flags))
+        };
     } else {
         // SAFETY: as in `inb`.
         unsafe { asm!("in eax, dx", out("eax") value, in("dx") port, options(nostack, preserves_flags)) };
@@ -85,7 +89,9 @@ pub unsafe fn inl(port: u16) -> u32 {
 pub unsafe fn outb(port: u16, value: u8) {
     if user_mode() {
         // SAFETY: as in `inb`.
-        unsafe { asm!("mov byte ptr [{0}], {1}", in(reg) window(port), in(reg_byte) value, options(nostack, preserves_flags)) };
+        unsafe {
+            asm!("mov byte ptr [{0}], {1}", in(reg) window(port), in(reg_byte) value, options(nostack, preserves_flags))
+        };
     } else {
         // SAFETY: as in `inb`.
         unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nostack, preserves_flags)) };
@@ -101,7 +107,9 @@ pub unsafe fn outb(port: u16, value: u8) {
 pub unsafe fn outl(port: u16, value: u32) {
     if user_mode() {
         // SAFETY: as in `inb`.
-        unsafe { asm!("mov dword ptr [{0}], {1:e}", in(reg) window(port), in(reg) value, options(nostack, preserves_flags)) };
+        unsafe {
+            asm!("mov dword ptr [{0}], {1:e}", in(reg) window(port), in(reg) value, options(nostack, preserves_flags))
+        };
     } else {
         // SAFETY: as in `inb`.
         unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) };

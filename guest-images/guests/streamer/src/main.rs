@@ -80,14 +80,9 @@ fn main(boot: &'static rt::BootParams) -> u32 {
             return EXIT_BAD_PARAM;
         }
     };
-    let mut net = match Net::new(boot) {
-        Ok(net) => net,
-        Err(e) => {
-            rt::println!("streamer: cannot start: {e}");
-            return EXIT_NO_NETWORK;
-        }
+    let Some(mut net) = Net::start(boot, "streamer") else {
+        return EXIT_NO_NETWORK;
     };
-    rt::println!("streamer: network up: {net}");
     let Some(hop) = net.next_hop(settings.dest_ip) else {
         rt::println!(
             "streamer: cannot start: {} is not on {}'s subnet and there is no gateway (--gateway)",
@@ -96,10 +91,7 @@ fn main(boot: &'static rt::BootParams) -> u32 {
         );
         return EXIT_NO_NETWORK;
     };
-    rt::println!(
-        "streamer: resolving {hop} (ARP) before sending to {}",
-        settings.dest()
-    );
+    rt::println!("streamer: resolving {hop} (ARP) before sending to {}", settings.dest());
     stream(&mut net, &settings, hop)
 }
 
@@ -114,26 +106,18 @@ struct Settings {
 impl Settings {
     fn from_boot(boot: &'static rt::BootParams) -> Result<Settings, ParamError> {
         let dest = boot.param("dest").ok_or(ParamError::NoDest)?;
-        let (dest_ip, dest_port) =
-            rt::net::parse_endpoint(dest).ok_or(ParamError::BadDest(dest))?;
+        let (dest_ip, dest_port) = rt::net::parse_endpoint(dest).ok_or(ParamError::BadDest(dest))?;
         let rate = match boot.param("rate") {
             None => DEFAULT_RATE,
-            Some(text) => text
-                .parse()
-                .ok()
-                .filter(|rate| (1..=MAX_RATE).contains(rate))
-                .ok_or(ParamError::BadRate(text))?,
+            Some(text) => {
+                text.parse().ok().filter(|rate| (1..=MAX_RATE).contains(rate)).ok_or(ParamError::BadRate(text))?
+            }
         };
         let count = match boot.param("count") {
             None => None,
             Some(text) => Some(text.parse().map_err(|_| ParamError::BadCount(text))?),
         };
-        Ok(Settings {
-            dest_ip,
-            dest_port,
-            rate,
-            count,
-        })
+        Ok(Settings { dest_ip, dest_port, rate, count })
     }
 
     fn dest(&self) -> IpEndpoint {
@@ -214,9 +198,7 @@ fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address) -> u32 {
                 phase = Phase::Streaming { start: now };
             } else if now >= retry {
                 net.send_arp_request(hop);
-                phase = Phase::Resolving {
-                    retry: now.saturating_add(ARP_RETRY_NS),
-                };
+                phase = Phase::Resolving { retry: now.saturating_add(ARP_RETRY_NS) };
             }
         }
 
