@@ -155,6 +155,10 @@ pub struct DemoArgs {
     /// The protected guest.
     #[arg(long, value_enum, default_value = "kvstore")]
     pub guest: crate::demo::DemoGuest,
+    /// How the primary fails: `process` (SIGKILL of the VMM) or `host` (its
+    /// host falls silent, then SIGKILL: detection by heartbeats alone).
+    #[arg(long, value_enum, default_value = "process")]
+    pub failure: crate::demo::Failure,
 }
 
 /// `ftvm keygen`.
@@ -269,8 +273,9 @@ pub enum BenchCommand {
     /// The streamer guest's highest rate with no gap, in a lab of network
     /// namespaces (needs root and KVM).
     Streamer(StreamerBenchArgs),
-    /// SIGKILL of the primary, repeated, under streamer and kvstore:
-    /// reaction, recovery and client-seen outage as min / median / p95.
+    /// SIGKILL of the primary (and, with `--failure host`, of its whole
+    /// host), repeated, under streamer and kvstore: reaction, recovery and
+    /// client-seen outage as min / median / p95.
     Failover(FailoverBenchArgs),
     /// What protection costs: kvstore unprotected / protected over loopback
     /// / protected across a veth link, log bandwidth, replay lag, and a
@@ -295,9 +300,12 @@ pub struct KvstoreBenchArgs {
 /// `ftvm bench failover`.
 #[derive(Debug, Args)]
 pub struct FailoverBenchArgs {
-    /// Repetitions per guest.
+    /// Repetitions per guest and failure.
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub reps: u32,
+    /// The failures to measure (repeatable); both by default.
+    #[arg(long, value_enum, value_name = "process|host")]
+    pub failure: Vec<crate::demo::Failure>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

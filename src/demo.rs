@@ -1,7 +1,8 @@
 //! `ftvm demo` and `ftvm bench failover`: a protected pair in a lab of
 //! namespaces (two hosts, a dedicated link, a LAN bridge, a client, a shared
-//! arbiter directory), a client at work, the primary killed with SIGKILL,
-//! and the figures beside the thesis' (Nikzad 2013, Table 4).
+//! arbiter directory), a client at work, the primary killed with SIGKILL
+//! (its process dies; or, with [`Failure::Host`], its whole host falls
+//! silent first), and the figures beside the thesis' (Nikzad 2013, Table 4).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, UdpSocket};
@@ -22,9 +23,32 @@ pub enum DemoGuest {
     Streamer,
 }
 
+/// How the primary fails in a trial.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Failure {
+    /// SIGKILL of the primary VMM: its host's kernel closes the logging
+    /// channel, which the secondary sees at once.
+    Process,
+    /// The primary's host falls silent (its link and LAN interfaces go down,
+    /// as at a power cut), then the VMM is killed: only the heartbeats'
+    /// silence (`--dead-after` intervals) tells the secondary.
+    Host,
+}
+
+impl Failure {
+    fn describe(self) -> &'static str {
+        match self {
+            Failure::Process => "the primary VMM killed (SIGKILL)",
+            Failure::Host => "the primary's host silenced (link and LAN down), then SIGKILL",
+        }
+    }
+}
+
 /// What one failover trial measured.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Trial {
+    /// How the secondary learnt: "log channel closed" or "heartbeat silence".
+    detected_by: String,
     reaction_ms: f64,
     recovery_ms: f64,
     /// The longest the client waited for a reply (kvstore) or between two
@@ -106,15 +130,16 @@ fn start_pair(lab: &Lab, dir: &std::path::Path, guest: &[String]) -> Result<(Pro
     Ok((pri, sec))
 }
 
-/// The secondary's measured failure, once it went live.
-fn failure_figures(dir: &std::path::Path, stop: &AtomicBool) -> Result<(f64, f64)> {
+/// The secondary's measured failure, once it went live: (how it was
+/// detected, reaction ms, recovery ms).
+fn failure_figures(dir: &std::path::Path, stop: &AtomicBool) -> Result<(String, f64, f64)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         interrupted(stop)?;
         if let Some(v) = status(&dir.join("s.sock")) {
             let f = &v["last_failure"];
             if let (Some(r), Some(c)) = (f["reaction_ms"].as_f64(), f["recovery_ms"].as_f64()) {
-                return Ok((r, c));
+                return Ok((f["detected_by"].as_str().unwrap_or("?").to_owned(), r, c));
             }
         }
         if Instant::now() > deadline {
@@ -124,9 +149,21 @@ fn failure_figures(dir: &std::path::Path, stop: &AtomicBool) -> Result<(f64, f64
     }
 }
 
+/// Fail the primary `how`, and reap it.
+fn fail_primary(lab: &Lab, primary: &mut Proc, how: Failure) -> Result<()> {
+    if how == Failure::Host {
+        let a = lab.host_a();
+        a.netns().set_link_up(a.link_dev(), false);
+        a.netns().set_link_up(a.lan_dev(), false);
+    }
+    primary.0.kill()?;
+    let _ = primary.0.wait();
+    Ok(())
+}
+
 /// One trial: start the pair, put the client to work, SIGKILL the primary,
 /// check the client saw no loss, return the figures.
-pub fn trial(lab: &Lab, guest: DemoGuest, progress: bool, stop: &AtomicBool) -> Result<Trial> {
+pub fn trial(lab: &Lab, guest: DemoGuest, how: Failure, progress: bool, stop: &AtomicBool) -> Result<Trial> {
     let dir = std::env::temp_dir().join(format!("ftvm-demo-{}-{}", std::process::id(), lab.prefix()));
     std::fs::create_dir_all(&dir)?;
     let say = |m: &str| {
@@ -161,9 +198,8 @@ pub fn trial(lab: &Lab, guest: DemoGuest, progress: bool, stop: &AtomicBool) -> 
             for i in 1..=600u64 {
                 interrupted(stop)?;
                 if i == 300 {
-                    say("SIGKILL to the primary");
-                    primary.0.kill()?;
-                    let _ = primary.0.wait();
+                    say(how.describe());
+                    fail_primary(lab, &mut primary, how)?;
                     killed_at = Some(Instant::now());
                 }
                 let t = Instant::now();
@@ -192,9 +228,9 @@ pub fn trial(lab: &Lab, guest: DemoGuest, progress: bool, stop: &AtomicBool) -> 
                     bail!("key k{i} lost its acknowledged value");
                 }
             }
-            let (reaction, recovery) = failure_figures(&dir, stop)?;
+            let (detected_by, reaction_ms, recovery_ms) = failure_figures(&dir, stop)?;
             drop(secondary);
-            Trial { reaction_ms: reaction, recovery_ms: recovery, client_outage_ms: ms(worst), checked: acked + 600 }
+            Trial { detected_by, reaction_ms, recovery_ms, client_outage_ms: ms(worst), checked: acked + 600 }
         }
         DemoGuest::Streamer => {
             let sock = lab.client().run(move || UdpSocket::bind((client_ip, 5004)))?;
@@ -222,9 +258,8 @@ pub fn trial(lab: &Lab, guest: DemoGuest, progress: bool, stop: &AtomicBool) -> 
                 last = now;
                 seen.insert(u64::from_le_bytes(buf[..8].try_into()?));
                 if !killed && seen.len() == 1000 {
-                    say("SIGKILL to the primary");
-                    primary.0.kill()?;
-                    let _ = primary.0.wait();
+                    say(how.describe());
+                    fail_primary(lab, &mut primary, how)?;
                     killed = true;
                 }
             }
@@ -232,9 +267,9 @@ pub fn trial(lab: &Lab, guest: DemoGuest, progress: bool, stop: &AtomicBool) -> 
             if let Some(m) = (0..max).find(|s| !seen.contains(s)) {
                 bail!("datagram {m} never arrived");
             }
-            let (reaction, recovery) = failure_figures(&dir, stop)?;
+            let (detected_by, reaction_ms, recovery_ms) = failure_figures(&dir, stop)?;
             drop(secondary);
-            Trial { reaction_ms: reaction, recovery_ms: recovery, client_outage_ms: ms(worst), checked: max + 1 }
+            Trial { detected_by, reaction_ms, recovery_ms, client_outage_ms: ms(worst), checked: max + 1 }
         }
     };
     let _ = std::fs::remove_dir_all(&dir);
@@ -256,13 +291,13 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
 }
 
 /// `ftvm demo`.
-pub fn demo(guest: DemoGuest) -> Result<()> {
+pub fn demo(guest: DemoGuest, how: Failure) -> Result<()> {
     let stop = stop_flag()?;
     eprintln!("ftvm demo: building a lab (two hosts, a dedicated link, a LAN bridge, a client)");
     let lab = Lab::pair("demo");
-    let t = trial(&lab, guest, true, &stop)?;
+    let t = trial(&lab, guest, how, true, &stop)?;
     println!();
-    println!("failure of the VM's host (SIGKILL of the primary), {guest:?}", guest = guest);
+    println!("failure: {}; guest {guest:?}; detected by {}", how.describe(), t.detected_by);
     println!();
     println!("{:<34} {:>12} {:>12} {:>12}", "", "reaction", "recovery", "outage");
     println!(
@@ -289,43 +324,65 @@ pub fn demo(guest: DemoGuest) -> Result<()> {
     Ok(())
 }
 
-/// `ftvm bench failover`: `reps` trials per guest, min / median / p95.
-pub fn bench(reps: u32, json: bool) -> Result<()> {
+/// `ftvm bench failover`: `reps` trials per guest and failure, min /
+/// median / p95.
+pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
     let stop = stop_flag()?;
     let mut out = serde_json::Map::new();
     let mut table = Vec::new();
-    for guest in [DemoGuest::Streamer, DemoGuest::Kvstore] {
-        let mut trials = Vec::new();
-        for i in 1..=reps {
-            interrupted(&stop)?;
-            eprintln!("{guest:?}: trial {i}/{reps}");
-            let lab = Lab::pair("bfo");
-            trials.push(trial(&lab, guest, false, &stop)?);
+    for &how in failures {
+        for guest in [DemoGuest::Streamer, DemoGuest::Kvstore] {
+            let mut trials = Vec::new();
+            for i in 1..=reps {
+                interrupted(&stop)?;
+                eprintln!("{how:?} failure, {guest:?}: trial {i}/{reps}");
+                let lab = Lab::pair("bfo");
+                trials.push(trial(&lab, guest, how, false, &stop)?);
+            }
+            let stat = |f: fn(&Trial) -> f64| {
+                let mut v: Vec<f64> = trials.iter().map(f).collect();
+                v.sort_by(f64::total_cmp);
+                let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+                (v[0], at(0.5), at(0.95))
+            };
+            let rows = [
+                ("reaction", stat(|t| t.reaction_ms)),
+                ("recovery", stat(|t| t.recovery_ms)),
+                ("client-seen outage", stat(|t| t.client_outage_ms)),
+            ];
+            let mut detected: Vec<&str> = trials.iter().map(|t| t.detected_by.as_str()).collect();
+            detected.sort_unstable();
+            detected.dedup();
+            let key = format!("{how:?}/{guest:?}").to_lowercase();
+            out.insert(key, serde_json::to_value(&trials)?);
+            table.push((how, guest, detected.join(", "), rows));
         }
-        let stat = |f: fn(&Trial) -> f64| {
-            let mut v: Vec<f64> = trials.iter().map(f).collect();
-            v.sort_by(f64::total_cmp);
-            let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-            (v[0], at(0.5), at(0.95))
-        };
-        let rows = [
-            ("reaction", stat(|t| t.reaction_ms)),
-            ("recovery", stat(|t| t.recovery_ms)),
-            ("client-seen outage", stat(|t| t.client_outage_ms)),
-        ];
-        out.insert(format!("{guest:?}").to_lowercase(), serde_json::to_value(&trials)?);
-        table.push((guest, rows));
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("SIGKILL of the primary, {reps} repetitions per guest, defaults (heartbeat 10 ms, dead after 5)");
+    println!("{reps} repetitions per failure and guest, defaults (heartbeat 10 ms, dead after 5 intervals)");
+    for how in failures {
+        println!("  {how:?}: {}", how.describe());
+    }
     println!();
-    println!("{:<10} {:<20} {:>10} {:>10} {:>10}", "guest", "figure", "min ms", "median ms", "p95 ms");
-    for (guest, rows) in &table {
+    println!(
+        "{:<8} {:<9} {:<19} {:>8} {:>10} {:>8}  {}",
+        "failure", "guest", "figure", "min ms", "median ms", "p95 ms", "detected by"
+    );
+    for (how, guest, detected, rows) in &table {
         for (name, (min, med, p95)) in rows {
-            println!("{:<10} {:<20} {:>10.1} {:>10.1} {:>10.1}", format!("{guest:?}"), name, min, med, p95);
+            println!(
+                "{:<8} {:<9} {:<19} {:>8.1} {:>10.1} {:>8.1}  {}",
+                format!("{how:?}"),
+                format!("{guest:?}"),
+                name,
+                min,
+                med,
+                p95,
+                detected
+            );
         }
     }
     println!();

@@ -121,11 +121,16 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
         Command::Demo(args) => {
-            demo::demo(args.guest)?;
+            demo::demo(args.guest, args.failure)?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Failover(args)) => {
-            demo::bench(args.reps, args.json)?;
+            let failures = if args.failure.is_empty() {
+                vec![demo::Failure::Process, demo::Failure::Host]
+            } else {
+                args.failure.clone()
+            };
+            demo::bench(args.reps, &failures, args.json)?;
             Ok(0)
         }
         Command::Bench(BenchCommand::Exits(args)) => {

@@ -69,10 +69,13 @@ impl Status {
 
     /// Record a failure (DESIGN.md: kind, at, reaction, recovery, outage,
     /// repair) and log it as one structured event.
-    fn failure(&self, kind: &str, at: std::time::SystemTime, reaction: Duration, recovery: Duration) {
+    fn failure(&self, kind: &str, loss: &Loss, at: std::time::SystemTime) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (reaction, recovery) = (loss.reaction(), loss.decided.elapsed());
+        let detected_by = loss.by.as_str();
         tracing::warn!(
             kind,
+            detected_by,
             reaction_ms = ms(reaction),
             recovery_ms = ms(recovery),
             outage_ms = ms(reaction + recovery),
@@ -80,6 +83,7 @@ impl Status {
         );
         *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(serde_json::json!({
             "kind": kind,
+            "detected_by": detected_by,
             "at": rfc3339(at),
             "reaction_ms": ms(reaction),
             "recovery_ms": ms(recovery),
@@ -266,6 +270,40 @@ struct Failover {
     arbiter: heartbeat::Arbiter,
     generation: heartbeat::Generation,
     owner: heartbeat::Owner,
+    /// Notified when the logging channel fails: see [`Failover::peer_lost`].
+    channel_lost: tokio::sync::Notify,
+}
+
+/// How this side learnt that its peer is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detection {
+    /// `--dead-after` intervals without a heartbeat or log traffic.
+    Silence,
+    /// The logging channel closed or failed without the peer's `Shutdown`.
+    ChannelClosed,
+}
+
+impl Detection {
+    fn as_str(self) -> &'static str {
+        match self {
+            Detection::Silence => "heartbeat silence",
+            Detection::ChannelClosed => "log channel closed",
+        }
+    }
+}
+
+/// A lost peer: when it was last heard, when it was declared lost, and how.
+#[derive(Debug, Clone, Copy)]
+struct Loss {
+    last_heard: Instant,
+    decided: Instant,
+    by: Detection,
+}
+
+impl Loss {
+    fn reaction(&self) -> Duration {
+        self.decided.duration_since(self.last_heard)
+    }
 }
 
 impl Failover {
@@ -287,23 +325,40 @@ impl Failover {
         config.dead_after = pair.dead_after;
         let service = rt.block_on(heartbeat::Service::start(config, key))?;
         let owner = heartbeat::Owner::of(name, role, service.incarnation())?;
-        Ok(Some(Failover { service, arbiter, generation, owner }))
+        Ok(Some(Failover { service, arbiter, generation, owner, channel_lost: tokio::sync::Notify::new() }))
     }
 
-    /// Wait until the peer is dead: (when it was last heard, when it was
-    /// declared dead).
-    async fn peer_dead(&self) -> (Instant, Instant) {
+    /// The logging channel failed without a clean end: the peer is lost now.
+    /// A peer process that dies has its kernel close the connection, so this
+    /// is the fast sign of its death; a dead host closes nothing, and the
+    /// heartbeats' silence decides. Either way the arbiter still decides who
+    /// lives, so a channel that breaks between two live processes costs at
+    /// most a needless failover, never two live copies: the other side's
+    /// channel breaks too, and it claims the same generation.
+    fn channel_failed(&self) {
+        self.channel_lost.notify_one();
+    }
+
+    /// Wait until the peer is lost: silent for `--dead-after` intervals, or
+    /// its channel failed.
+    async fn peer_lost(&self) -> Loss {
         let mut w = self.service.watch();
-        loop {
-            if matches!(*w.borrow_and_update(), heartbeat::PeerState::Dead { .. }) {
-                break;
+        let silence = async {
+            loop {
+                if matches!(*w.borrow_and_update(), heartbeat::PeerState::Dead { .. }) {
+                    break;
+                }
+                if w.changed().await.is_err() {
+                    break;
+                }
             }
-            if w.changed().await.is_err() {
-                break;
-            }
-        }
+        };
+        let by = tokio::select! {
+            () = silence => Detection::Silence,
+            () = self.channel_lost.notified() => Detection::ChannelClosed,
+        };
         let now = Instant::now();
-        (self.service.last_heard().unwrap_or(now), now)
+        Loss { last_heard: self.service.last_heard().unwrap_or(now), decided: now, by }
     }
 }
 
@@ -451,6 +506,8 @@ pub fn primary(
             .map(Arc::new);
     // Set once this primary carries on alone (won the arbiter).
     let unprotected = Arc::new(AtomicBool::new(false));
+    // Set once the guest has stopped: a peer lost after that is no failure.
+    let guest_ended = Arc::new(AtomicBool::new(false));
     let lost_arbiter = Arc::new(AtomicBool::new(false));
 
     let log = Arc::new(LogShared::default());
@@ -490,16 +547,23 @@ pub fn primary(
             }
         });
         let (chan, failure, stop_slot, status) = (chan.clone(), failure.clone(), stop_slot.clone(), status.clone());
-        let failover_on = failover.is_some();
+        let (life, ended) = (failover.clone(), guest_ended.clone());
         rt.spawn(async move {
             let e = chan.failed().await;
             status.peer_up.store(false, Ordering::SeqCst);
             *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-            // With failover the heartbeats and the arbiter decide; without
-            // it the guest must stop rather than hold outputs forever.
-            if !failover_on {
-                if let Some(stop) = stop_slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    stop.stop();
+            match &life {
+                // With failover the arbiter decides, now rather than after
+                // the heartbeats' silence; once the guest has stopped a
+                // secondary that replayed to the end may well close first.
+                Some(f) if !ended.load(Ordering::SeqCst) => f.channel_failed(),
+                Some(_) => {}
+                // Without it the guest must stop rather than hold outputs
+                // forever.
+                None => {
+                    if let Some(stop) = stop_slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        stop.stop();
+                    }
                 }
             }
         });
@@ -591,17 +655,21 @@ pub fn primary(
         Vm::new(&config, input, Box::new(gate)).with_context(|| format!("cannot start guest {}", settings.name))?;
     *stop_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm.stop_handle());
     if let Some(f) = failover.clone() {
-        let (log, releaser, status, unprotected, lost_arbiter, stop) = (
+        let (log, releaser, status, unprotected, lost_arbiter, stop, ended) = (
             log.clone(),
             releaser.clone(),
             status.clone(),
             unprotected.clone(),
             lost_arbiter.clone(),
             vm.stop_handle(),
+            guest_ended.clone(),
         );
         rt.spawn(async move {
-            let (last, dead) = f.peer_dead().await;
+            let loss = f.peer_lost().await;
             status.peer_up.store(false, Ordering::SeqCst);
+            if ended.load(Ordering::SeqCst) {
+                return;
+            }
             match f.arbiter.claim(f.generation, &f.owner) {
                 Ok(heartbeat::Claim::Won { .. }) => {
                     // Carry on alone: every held output may go now.
@@ -609,12 +677,7 @@ pub fn primary(
                     log.set_acked(LogPosition(u64::MAX / 2));
                     let _ = releaser.release_ready();
                     status.set_role("standalone");
-                    status.failure(
-                        "secondary lost",
-                        std::time::SystemTime::now(),
-                        dead.duration_since(last),
-                        dead.elapsed(),
-                    );
+                    status.failure("secondary lost", &loss, std::time::SystemTime::now());
                     eprintln!("ftvm: primary: the secondary is lost; won the arbiter, running UNPROTECTED");
                 }
                 Ok(heartbeat::Claim::Lost { .. }) | Err(_) => {
@@ -628,6 +691,7 @@ pub fn primary(
     }
     let caught = crate::stop_on_signals(&vm)?;
     let outcome = vm.run();
+    guest_ended.store(true, Ordering::SeqCst);
     // Only a channel failure while the guest ran matters: once it stopped,
     // a secondary that replayed to the same end may well close first.
     let lost = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -740,6 +804,12 @@ pub fn secondary(
         let (cancel, clean_end, life) = (cancel.clone(), clean_end.clone(), failover.clone());
         let mut released = chan.released();
         rt.spawn(async move {
+            let channel_failed = |e: ChannelError| {
+                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                if let Some(f) = &life {
+                    f.channel_failed();
+                }
+            };
             loop {
                 tokio::select! {
                     _ = cancel.notified() => break,
@@ -761,7 +831,7 @@ pub fn secondary(
                             }
                             // Stored (in order, in memory): acknowledge now.
                             if let Err(e) = chan.ack(last) {
-                                *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                channel_failed(e);
                                 break;
                             }
                         }
@@ -770,7 +840,7 @@ pub fn secondary(
                             break;
                         }
                         Err(e) => {
-                            *lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                            channel_failed(e);
                             break;
                         }
                     },
@@ -814,14 +884,14 @@ pub fn secondary(
     // then finishes the received log and goes live (or stops, having lost).
     let (decide, decisions) = crossbeam_channel::bounded::<Decision>(1);
     let lost_arbiter = Arc::new(AtomicBool::new(false));
-    let decided_at: Arc<Mutex<Option<(Instant, Instant, std::time::SystemTime)>>> = Arc::default();
+    let decided_at: Arc<Mutex<Option<(Loss, std::time::SystemTime)>>> = Arc::default();
     match failover.clone() {
         None => drop(decide),
         Some(f) => {
             let (cancel, clean_end, lost_arbiter, decided_at, status) =
                 (cancel.clone(), clean_end.clone(), lost_arbiter.clone(), decided_at.clone(), status.clone());
             rt.spawn(async move {
-                let (last, dead) = f.peer_dead().await;
+                let loss = f.peer_lost().await;
                 if clean_end.load(Ordering::SeqCst) {
                     return;
                 }
@@ -838,8 +908,7 @@ pub fn secondary(
                         Decision::Stop
                     }
                 };
-                *decided_at.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((last, dead, std::time::SystemTime::now()));
+                *decided_at.lock().unwrap_or_else(|p| p.into_inner()) = Some((loss, std::time::SystemTime::now()));
                 // A live copy sends no heartbeats as a secondary any more; a
                 // stopping one neither.
                 f.service.stop();
@@ -871,8 +940,8 @@ pub fn secondary(
             }
             live_status.set_role("standalone");
             live_status.set_state("running");
-            if let Some((last, dead, at)) = *live_decided.lock().unwrap_or_else(|p| p.into_inner()) {
-                live_status.failure("primary lost", at, dead.duration_since(last), dead.elapsed());
+            if let Some((loss, at)) = *live_decided.lock().unwrap_or_else(|p| p.into_inner()) {
+                live_status.failure("primary lost", &loss, at);
             }
             Ok(LiveWorld { input: Box::new(input), output: Box::new(output) })
         });

@@ -61,6 +61,9 @@ fn kvm_netns_sigkill_primary_kvstore_lives_on_with_its_connection_and_every_writ
     assert_eq!(st["role"], "standalone", "{st}");
     let f = &st["last_failure"];
     assert_eq!(f["kind"], "primary lost", "{st}");
+    // The dead process's kernel closed the channel: no need to wait for
+    // the heartbeats' silence.
+    assert_eq!(f["detected_by"], "log channel closed", "{st}");
     eprintln!(
         "failover: reaction {} ms, recovery {} ms, client-seen worst stall {:?}",
         f["reaction_ms"], f["recovery_ms"], worst_stall
@@ -92,6 +95,7 @@ fn kvm_netns_sigkill_secondary_the_primary_carries_on_alone() {
     assert_eq!(st["role"], "standalone", "{st}");
     assert_eq!(st["peer"], "down", "{st}");
     assert_eq!(st["last_failure"]["kind"], "secondary lost", "{st}");
+    assert_eq!(st["last_failure"]["detected_by"], "log channel closed", "{st}");
     eprintln!("secondary lost: 50 requests in {took:?}; {}", st["last_failure"]);
     drop(primary);
 }
@@ -190,6 +194,8 @@ fn kvm_netns_sigstop_primary_loses_the_arbiter_and_emits_nothing_when_continued(
     assert_eq!(reply(&mut s), ":2\r\n");
     let st = common::status_json(dir.path().join("s.sock").to_str().unwrap());
     assert_eq!(st["role"], "standalone", "{st}");
+    // A stopped process closes nothing: only the heartbeats' silence tells.
+    assert_eq!(st["last_failure"]["detected_by"], "heartbeat silence", "{st}");
     // Watch host a's TAP: the old primary must not emit a single frame.
     let tap = lab.host_a().tap().to_string();
     let mut capture = lab
@@ -259,11 +265,17 @@ fn kvm_netns_demo_runs_the_whole_story_for_both_guests() {
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    for (guest, want) in [("kvstore", "no acknowledged write lost"), ("streamer", "every sequence number arrived")] {
-        let out = common::ftvm().args(["demo", "--guest", guest]).output().unwrap();
+    // The process failure is seen by the channel closing; the host failure
+    // (nothing closes) by the heartbeats' silence alone.
+    for (guest, failure, want, detected) in [
+        ("kvstore", "process", "no acknowledged write lost", "detected by log channel closed"),
+        ("streamer", "host", "every sequence number arrived", "detected by heartbeat silence"),
+    ] {
+        let out = common::ftvm().args(["demo", "--guest", guest, "--failure", failure]).output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "demo {guest}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains(want) && stdout.contains("VMware FT"), "{stdout}");
+        assert!(stdout.contains(detected), "{stdout}");
     }
     assert!(!lab::netns_list().iter().any(|n| n.contains("-demo-")), "the demo left namespaces behind");
 }
