@@ -54,6 +54,8 @@ pub struct Status {
     log_bytes: AtomicU64,
     /// The last failure's event, as `last_failure` reports it.
     last_failure: Mutex<Option<serde_json::Value>>,
+    /// The heartbeat service's counters, when failover is on.
+    heartbeats: std::sync::OnceLock<tokio::sync::watch::Receiver<heartbeat::ServiceStats>>,
 }
 
 impl Status {
@@ -92,6 +94,13 @@ impl Status {
         }));
     }
 
+    /// Report the heartbeat service's counters from now on.
+    fn watch_heartbeats(&self, failover: Option<&Failover>) {
+        if let Some(f) = failover {
+            let _ = self.heartbeats.set(f.service.watch_stats());
+        }
+    }
+
     fn set_state(&self, state: impl Into<String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state.into();
     }
@@ -116,6 +125,17 @@ impl Status {
             "log_bytes": self.log_bytes.load(Ordering::SeqCst),
             "peer": if self.peer_up.load(Ordering::SeqCst) { "up" } else { "down" },
             "last_failure": self.last_failure.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or(serde_json::Value::Null),
+            "heartbeats": self.heartbeats.get().map_or(serde_json::Value::Null, |w| {
+                let stats = *w.borrow();
+                serde_json::json!({
+                    "sent": stats.sent,
+                    "accepted": stats.received.accepted,
+                    "forged": stats.received.forged,
+                    "replayed": stats.received.replayed,
+                    "foreign": stats.received.foreign,
+                    "malformed": stats.received.malformed,
+                })
+            }),
         })
     }
 }
@@ -504,6 +524,7 @@ pub fn primary(
     let failover =
         Failover::start(&rt, pair, &settings.name, heartbeat::Role::Primary, &key_bytes, local, Some(peer_addr))?
             .map(Arc::new);
+    status.watch_heartbeats(failover.as_deref());
     // Set once this primary carries on alone (won the arbiter).
     let unprotected = Arc::new(AtomicBool::new(false));
     // Set once the guest has stopped: a peer lost after that is no failure.
@@ -777,6 +798,7 @@ pub fn secondary(
     let local = listener.local_addr()?;
     let failover =
         Failover::start(&rt, pair, &settings.name, heartbeat::Role::Secondary, &key_bytes, local, None)?.map(Arc::new);
+    status.watch_heartbeats(failover.as_deref());
 
     let (tx, rx) = crossbeam_channel::unbounded::<Record>();
     // Ends the receiving (and so the log) when failover decides.
