@@ -29,28 +29,6 @@ fn root_ifnames_tagged(tag: &str) -> Vec<String> {
     lab::root_ifnames().into_iter().filter(|name| name.ends_with(&suffix)).collect()
 }
 
-/// Opens the TAP `name` in `netns` as a VMM would (IFF_TAP | IFF_NO_PI).
-fn open_tap(netns: &Netns, name: &str) -> File {
-    let name = name.to_owned();
-    netns.run(move || {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap_or_else(|e| panic!("opening /dev/net/tun: {e}"));
-        // SAFETY: ifreq is plain old data for which all zeroes is a valid value.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-        assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
-        file
-    })
-}
-
 /// Reads frames from `tap` until an ARP request for `target` arrives or `timeout` passes.
 fn await_arp_request(tap: &mut File, target: Ipv4Addr, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -96,7 +74,7 @@ fn netns_root_single_lab_client_reaches_host_and_tap() {
     }
     // ...so what the client sends towards the guest reaches the TAP: its ARP request for the
     // guest address. The ping itself times out, there is no guest to answer it.
-    let mut tap = open_tap(host.netns(), host.tap());
+    let mut tap = lab::open_tap(host.netns(), host.tap());
     assert!(lab.client().ping(lab.guest_ip(), Duration::from_millis(100)).is_none());
     assert!(
         await_arp_request(&mut tap, lab.guest_ip(), REACHABLE),

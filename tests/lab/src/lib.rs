@@ -445,6 +445,41 @@ pub fn netem_available() -> bool {
     })
 }
 
+/// Opens the TAP `name` in `netns` as a VMM would (IFF_TAP | IFF_NO_PI, single queue) and returns
+/// it: each read returns one Ethernet frame the namespace sent, each write injects one. The TAP
+/// must exist (`ip tuntap add`); it has carrier while the file is open. An open TAP keeps its
+/// namespace alive after the namespace is deleted: close it before dropping the lab.
+pub fn open_tap(netns: &Netns, name: &str) -> File {
+    let name = name.to_owned();
+    // /dev/net/tun binds the TAP of the name given in the namespace of the thread opening it.
+    netns.run(move || {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap_or_else(|e| panic!("opening /dev/net/tun: {e}"));
+        assert!(name.len() <= IFNAME_MAX, "TAP name {name} is longer than IFNAMSIZ allows");
+        // SAFETY: ifreq is plain old data for which all zeroes is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // At most IFNAME_MAX bytes (checked above), so the name keeps a terminating NUL.
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call, on a descriptor
+        // of /dev/net/tun that `file` owns.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        assert_eq!(
+            rc,
+            0,
+            "TUNSETIFF {name} in {}: {}",
+            std::thread::current().name().unwrap_or("?"),
+            io::Error::last_os_error()
+        );
+        file
+    })
+}
+
 /// Deletes lab namespaces whose owning process (the pid in their name) is gone, with any process
 /// still in them; returns their names. Runs once per process before its first lab; another test
 /// process sweeping at the same time may win the race for a namespace, which is fine.
