@@ -1265,3 +1265,58 @@ fn internet_checksum(data: &[u8]) -> u16 {
     }
     !(sum as u16)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impairment_displays_as_a_netem_spec() {
+        let ms = Duration::from_millis;
+        let spec = |loss_percent, delay, jitter| Impairment { loss_percent, delay, jitter }.to_string();
+        assert_eq!(spec(10.0, ms(5), ms(5)), "loss 10% delay 5ms 5ms");
+        assert_eq!(spec(0.5, Duration::from_micros(1500), Duration::ZERO), "loss 0.5% delay 1500us 0ms");
+        assert_eq!(spec(0.0, Duration::from_nanos(10), ms(1)), "loss 0% delay 10ns 1ms");
+    }
+
+    #[test]
+    fn draws_map_to_loss_and_delay_as_netem_does() {
+        let ms = Duration::from_millis;
+        let impairment = Impairment { loss_percent: 10.0, delay: ms(5), jitter: ms(5) };
+        assert!(impairment.loses(0.0) && impairment.loses(0.0999));
+        assert!(!impairment.loses(0.1) && !impairment.loses(0.9999));
+        assert!(!Impairment { loss_percent: 0.0, ..impairment }.loses(0.0));
+        assert!(Impairment { loss_percent: 100.0, ..impairment }.loses(0.9999));
+        assert_eq!(impairment.delay_for(0.0), Duration::ZERO);
+        assert_eq!(impairment.delay_for(0.5), ms(5));
+        assert!(impairment.delay_for(0.9999) <= ms(10));
+        // More jitter than delay: the early side is cut at zero.
+        let wide = Impairment { loss_percent: 0.0, delay: ms(2), jitter: ms(5) };
+        assert_eq!(wide.delay_for(0.1), Duration::ZERO);
+        assert_eq!(wide.delay_for(0.8), ms(5));
+    }
+
+    #[test]
+    fn splitmix_draws_are_uniform_enough() {
+        let mut rng = SplitMix64(42);
+        let draws: Vec<f64> = (0..100_000).map(|_| rng.next_f64()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+        let impairment = Impairment { loss_percent: 10.0, delay: Duration::ZERO, jitter: Duration::ZERO };
+        let lost = draws.iter().filter(|&&u| impairment.loses(u)).count();
+        assert!((9_500..=10_500).contains(&lost), "{lost} of 100000 lost at 10 %");
+        // Different streams, different draws.
+        assert_ne!(SplitMix64::seeded(0).next_u64(), SplitMix64::seeded(1).next_u64());
+    }
+
+    #[test]
+    fn pending_frames_leave_by_due_time_then_arrival() {
+        let now = Instant::now();
+        let pending =
+            |after_ms, seq| Reverse(Pending { due: now + Duration::from_millis(after_ms), seq, frame: vec![] });
+        let mut queue: BinaryHeap<_> = [pending(5, 0), pending(1, 1), pending(5, 2), pending(3, 3)].into();
+        let order: Vec<u64> = std::iter::from_fn(|| queue.pop().map(|Reverse(p)| p.seq)).collect();
+        assert_eq!(order, [1, 3, 0, 2]);
+    }
+}
