@@ -1,6 +1,7 @@
 //! Checks of the namespace lab itself (crate `ftvm-lab`, `tests/lab/`): the LAN reaches the hosts and their
 //! TAPs, the dedicated link works and can be impaired (netem, or the lab's relay where the kernel
-//! has no netem), labs run in parallel, and nothing is left behind, also when a test panics. All need root: `netns_root_` in their names.
+//! has no netem), labs run in parallel, and nothing is left behind, also when a test panics. All
+//! need root: `netns_root_` in their names.
 
 use ftvm_lab as lab;
 
@@ -492,7 +493,7 @@ fn netns_root_impaired_lab_dropped_by_panic_leaves_nothing() {
     let (sender, receiver) = mpsc::channel();
     let crashed = thread::spawn(move || {
         let lab = Lab::pair_impaired("imppanic", IMPAIRMENT);
-        // Traffic in flight in the relay when the panic comes.
+        // The relay has carried frames and its threads are running when the panic comes.
         assert!(lab.host_a().netns().wait_pingable(lab.host_b().link_ip(), REACHABLE), "no link");
         sender.send((lab.prefix().to_owned(), lab.ifname_tag().to_owned())).expect("the test thread waits for this");
         panic!("deliberate panic with a live impaired lab (expected in this test)");
