@@ -1,19 +1,20 @@
 //! Checks of the namespace lab itself (crate `ftvm-lab`, `tests/lab/`): the LAN reaches the hosts and their
-//! TAPs, the dedicated link works and can be impaired, labs run in parallel, and nothing is left
-//! behind, also when a test panics. All need root: `netns_root_` in their names.
+//! TAPs, the dedicated link works and can be impaired (netem, or the lab's relay where the kernel
+//! has no netem), labs run in parallel, and nothing is left behind, also when a test panics. All
+//! need root: `netns_root_` in their names.
 
 use ftvm_lab as lab;
 
 use std::fs::File;
-use std::io::Read;
-use std::net::Ipv4Addr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use lab::{Lab, Netns};
+use lab::{Impairment, Lab, Netns};
 
 /// Bound for an address on a freshly built lab to answer.
 const REACHABLE: Duration = Duration::from_secs(5);
@@ -29,26 +30,16 @@ fn root_ifnames_tagged(tag: &str) -> Vec<String> {
     lab::root_ifnames().into_iter().filter(|name| name.ends_with(&suffix)).collect()
 }
 
-/// Opens the TAP `name` in `netns` as a VMM would (IFF_TAP | IFF_NO_PI).
-fn open_tap(netns: &Netns, name: &str) -> File {
-    let name = name.to_owned();
-    netns.run(move || {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .open("/dev/net/tun")
-            .unwrap_or_else(|e| panic!("opening /dev/net/tun: {e}"));
-        // SAFETY: ifreq is plain old data for which all zeroes is a valid value.
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-            *dst = src as libc::c_char;
-        }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-        assert_eq!(rc, 0, "TUNSETIFF {name}: {}", std::io::Error::last_os_error());
-        file
-    })
+/// Threads of this process whose name starts with `prefix`, as /proc shows them (cut to 15
+/// bytes). The link relay of a lab names its threads "TAG ab rx" and so on. A thread shows its
+/// name only once it has started running, and still shows for a moment after it was joined.
+fn threads_named(prefix: &str) -> Vec<String> {
+    let tasks = std::fs::read_dir("/proc/self/task").expect("reading /proc/self/task");
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|comm| comm.trim_end().to_owned())
+        .filter(|comm| comm.starts_with(prefix))
+        .collect()
 }
 
 /// Reads frames from `tap` until an ARP request for `target` arrives or `timeout` passes.
@@ -96,7 +87,7 @@ fn netns_root_single_lab_client_reaches_host_and_tap() {
     }
     // ...so what the client sends towards the guest reaches the TAP: its ARP request for the
     // guest address. The ping itself times out, there is no guest to answer it.
-    let mut tap = open_tap(host.netns(), host.tap());
+    let mut tap = lab::open_tap(host.netns(), host.tap());
     assert!(lab.client().ping(lab.guest_ip(), Duration::from_millis(100)).is_none());
     assert!(
         await_arp_request(&mut tap, lab.guest_ip(), REACHABLE),
@@ -251,4 +242,270 @@ fn netns_root_sweeper_removes_namespaces_of_dead_processes() {
     lab::sweep_stale();
     // switch, client, host a
     assert_eq!(leftovers(lab.prefix()).len(), 3, "sweep_stale removed a live lab");
+}
+
+/// 10 % loss and 5 ms ± 5 ms delay: the experiment "no failover under a lossy, jittery link".
+const IMPAIRMENT: Impairment =
+    Impairment { loss_percent: 10.0, delay: Duration::from_millis(5), jitter: Duration::from_millis(5) };
+
+/// How late beyond delay + jitter a datagram may arrive: the relay's, the kernel's and the
+/// receiving thread's scheduling on a busy two-core machine.
+const SCHEDULING_MARGIN: Duration = Duration::from_millis(25);
+
+/// Sends `count` numbered, timestamped UDP datagrams from `a` to `b`'s link address, one per
+/// millisecond, receives them on `b`, and returns for each arrival, in arrival order, its sequence
+/// number and one-way delay in nanoseconds (both ends share one clock: this process's).
+fn udp_one_way(a: &lab::LabHost, b: &lab::LabHost, count: u32) -> Vec<(u32, i64)> {
+    let b_ip = b.link_ip();
+    // Sockets belong to the namespace they were created in, whichever thread uses them later.
+    let receiver = b.netns().run(move || UdpSocket::bind((b_ip, 0))).expect("binding on b's link address");
+    let a_ip = a.link_ip();
+    let sender = a.netns().run(move || UdpSocket::bind((a_ip, 0))).expect("binding on a's link address");
+    let to = receiver.local_addr().expect("receiver address");
+    receiver.set_read_timeout(Some(Duration::from_millis(50))).expect("read timeout");
+
+    let epoch = Instant::now();
+    let (done, finished) = mpsc::channel();
+    thread::scope(|scope| {
+        scope.spawn(move || {
+            for seq in 0..count {
+                // Pacing, not synchronisation: datagram `seq` leaves at epoch + seq ms.
+                let slot = epoch + Duration::from_millis(u64::from(seq));
+                thread::sleep(slot.saturating_duration_since(Instant::now()));
+                let sent_ns = u64::try_from(epoch.elapsed().as_nanos()).expect("under 584 years");
+                let mut payload = [0u8; 12];
+                payload[..4].copy_from_slice(&seq.to_be_bytes());
+                payload[4..].copy_from_slice(&sent_ns.to_be_bytes());
+                sender.send_to(&payload, to).expect("sending a datagram over the link");
+            }
+            done.send(Instant::now()).expect("the receiver waits for this");
+        });
+
+        let mut arrivals = Vec::new();
+        let mut stop_at = None;
+        let mut buf = [0u8; 64];
+        loop {
+            match receiver.recv(&mut buf) {
+                Ok(12) => {
+                    let received_ns = i64::try_from(epoch.elapsed().as_nanos()).expect("under 292 years");
+                    let seq = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+                    let sent_ns = i64::from_be_bytes(buf[4..12].try_into().expect("8 bytes"));
+                    arrivals.push((seq, received_ns - sent_ns));
+                }
+                Ok(len) => panic!("unexpected datagram of {len} bytes"),
+                // A socket with a receive timeout fails with EINTR, rather than restarting, after
+                // any signal or stop of the process (signal(7)).
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) => panic!("receiving on b: {e}"),
+            }
+            // Anything later than the last send plus the longest allowed delay is not coming.
+            match finished.try_recv() {
+                Ok(last_sent) => {
+                    stop_at = Some(last_sent + IMPAIRMENT.delay + IMPAIRMENT.jitter + SCHEDULING_MARGIN * 4)
+                }
+                // The sender panicked; the scope passes its panic on once this returns.
+                Err(mpsc::TryRecvError::Disconnected) if stop_at.is_none() => return arrivals,
+                Err(_) => {}
+            }
+            if stop_at.is_some_and(|at| Instant::now() >= at) {
+                return arrivals;
+            }
+        }
+    })
+}
+
+/// Echoes `len` bytes over TCP from `a` to `b`'s link address and back; panics on failure.
+fn tcp_echo(a: &lab::LabHost, b: &lab::LabHost, len: usize) {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let b_ip = b.link_ip();
+    let listener = b.netns().run(move || TcpListener::bind((b_ip, 0))).expect("listening on b's link address");
+    let to: SocketAddr = listener.local_addr().expect("listener address");
+    // Not scoped: if the client fails, this thread stays blocked in accept and the test fails
+    // anyway, instead of hanging while the scope waits for it.
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accepting on b");
+        stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+        let mut data = Vec::new();
+        stream.read_to_end(&mut data).expect("reading the request on b");
+        stream.write_all(&data).expect("echoing on b");
+    });
+    let mut stream = a.netns().run(move || TcpStream::connect_timeout(&to, TIMEOUT)).expect("connecting from a");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("read timeout");
+    let request: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    stream.write_all(&request).expect("sending from a");
+    stream.shutdown(Shutdown::Write).expect("half-closing from a");
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).expect("reading the echo on a");
+    assert!(reply == request, "TCP echo over the impaired link came back altered ({} bytes)", reply.len());
+    server.join().expect("the echo server failed");
+}
+
+/// Percentile `p` (0 to 100) of sorted `values`, nearest rank.
+fn percentile(sorted: &[i64], p: usize) -> i64 {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+#[test]
+fn netns_root_impaired_link_loses_and_jitters() {
+    if !lab::require_root() {
+        return;
+    }
+    assert_eq!(IMPAIRMENT.to_string(), "loss 10% delay 5ms 5ms");
+    let lab = Lab::pair_impaired("imp", IMPAIRMENT);
+    let (a, b) = (lab.host_a(), lab.host_b());
+    let tag = lab.ifname_tag().to_owned();
+    // Same names and addresses as a plain pair lab.
+    assert_eq!((a.link_ip(), b.link_ip()), (lab::LINK_IPS[0], lab::LINK_IPS[1]));
+    assert_eq!((a.link_dev(), b.link_dev()), (format!("ln-{tag}").as_str(), format!("ln-{tag}").as_str()));
+    assert_eq!(lab.impairment(), Some(IMPAIRMENT));
+    let relayed = !lab::netem_available();
+    assert_eq!(lab.link_stats().is_some(), relayed, "a relay exactly when the kernel has no netem");
+    let relay_threads = format!("{tag} ");
+    if relayed {
+        let details = a.netns().ip(&["-d", "link", "show", a.link_dev()]);
+        assert!(details.contains("tun type tap"), "the relayed link is not a TAP: {details}");
+        // A thread names itself once it runs, which may be a moment after Lab::pair_impaired.
+        assert!(
+            lab::wait_for(Duration::from_secs(1), || threads_named(&relay_threads).len() == 4),
+            "expected two relay threads per direction: {:?}",
+            threads_named(&relay_threads)
+        );
+    } else {
+        eprintln!("the kernel has netem: the link is a veth with netem, there is no relay to count");
+    }
+
+    // Resolves ARP both ways, so that the datagrams below are all the link carries.
+    assert!(a.netns().wait_pingable(b.link_ip(), REACHABLE), "a cannot ping b over the impaired link");
+    assert!(b.netns().wait_pingable(a.link_ip(), REACHABLE), "b cannot ping a over the impaired link");
+    assert_eq!(root_ifnames_tagged(&tag), Vec::<String>::new());
+
+    const SENT: u32 = 2000;
+    let before = lab.link_stats();
+    let started = Instant::now();
+    let arrivals = udp_one_way(a, b, SENT);
+    let took = started.elapsed();
+    let after = lab.link_stats();
+
+    let received = arrivals.len();
+    let fraction = received as f64 / f64::from(SENT);
+    let mut seqs: Vec<u32> = arrivals.iter().map(|&(seq, _)| seq).collect();
+    // Arrivals behind one with a higher number: overtaken in the link.
+    let mut highest = 0;
+    let reordered = seqs
+        .iter()
+        .filter(|&&seq| {
+            let overtaken = seq < highest;
+            highest = highest.max(seq);
+            overtaken
+        })
+        .count();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), received, "datagrams were duplicated");
+    let mut delays: Vec<i64> = arrivals.iter().map(|&(_, delay)| delay).collect();
+    delays.sort_unstable();
+    let ms = |ns: i64| ns as f64 / 1e6;
+    let (min, p10, p50, p90, max) = (
+        delays[0],
+        percentile(&delays, 10),
+        percentile(&delays, 50),
+        percentile(&delays, 90),
+        delays[delays.len() - 1],
+    );
+    eprintln!(
+        "impaired link ({IMPAIRMENT}): {received}/{SENT} received ({:.1} %) in {took:.2?}; one-way delay ms: \
+         min {:.2} p10 {:.2} p50 {:.2} p90 {:.2} max {:.2}; {reordered} reordered; relay {before:?} -> {after:?}",
+        fraction * 100.0,
+        ms(min),
+        ms(p10),
+        ms(p50),
+        ms(p90),
+        ms(max),
+    );
+
+    assert!((0.85..=0.95).contains(&fraction), "received {received} of {SENT} with 10 % loss");
+    let bound = IMPAIRMENT.delay + IMPAIRMENT.jitter + SCHEDULING_MARGIN;
+    assert!(min >= 0, "a datagram arrived before it was sent: {min} ns");
+    // The relay and this test's threads run at normal priority: on an oversubscribed machine (more
+    // busy threads than cores) a stall of tens of ms lands here, unlike netem's kernel timers.
+    assert!(
+        max <= bound.as_nanos() as i64,
+        "a datagram took {:.2} ms, more than {bound:?} (p90 {:.2} ms): a bug, or a machine too busy",
+        ms(max),
+        ms(p90)
+    );
+    assert!(
+        p90 - p10 >= Duration::from_millis(4).as_nanos() as i64,
+        "delays do not spread: p10 {:.2} ms, p90 {:.2} ms",
+        ms(p10),
+        ms(p90)
+    );
+    assert!((3e6..=10e6).contains(&(p50 as f64)), "median delay {:.2} ms is not about 5 ms", ms(p50));
+    assert!(reordered >= received / 20, "only {reordered} of {received} datagrams were reordered");
+
+    if let (Some(before), Some(after)) = (before, after) {
+        // ARP (a re-validation of an entry) may add a few frames to what the test sent.
+        const NOISE: u64 = 5;
+        let sent = u64::from(SENT);
+        let lost = sent - received as u64;
+        let a_to_b = |f: fn(&lab::DirectionStats) -> u64| f(&after.a_to_b) - f(&before.a_to_b);
+        let (read, dropped, forwarded) = (a_to_b(|d| d.read), a_to_b(|d| d.dropped), a_to_b(|d| d.forwarded));
+        assert!((sent..=sent + NOISE).contains(&read), "relay read {read} frames from a, the test sent {sent}");
+        assert!(dropped.abs_diff(lost) <= NOISE, "relay dropped {dropped} frames a to b, {lost} datagrams were lost");
+        assert!(forwarded.abs_diff(received as u64) <= NOISE, "relay forwarded {forwarded}, b received {received}");
+        assert_eq!(read, dropped + forwarded, "frames still in flight or refused: {before:?} -> {after:?}");
+        assert_eq!(after.a_to_b.undeliverable, 0);
+        assert!(after.b_to_a.read - before.b_to_a.read <= NOISE, "b sent on the link while only receiving UDP");
+    }
+
+    // Lossy and jittery, but TCP gets through.
+    tcp_echo(a, b, 4096);
+
+    // Failover tests cut the link by setting one end down; with TAPs as with the veth, nothing
+    // crosses it then, either way.
+    a.netns().set_link_up(a.link_dev(), false);
+    let cut = lab.link_stats();
+    assert!(b.netns().ping(a.link_ip(), Duration::from_millis(200)).is_none(), "a's end is down yet a answers");
+    if let (Some(cut), Some(now)) = (cut, lab.link_stats()) {
+        assert!(now.b_to_a.read > cut.b_to_a.read, "b's ping did not reach the relay");
+        assert_eq!(now.b_to_a.forwarded, cut.b_to_a.forwarded, "the relay delivered to a TAP that is down");
+    }
+    a.netns().set_link_up(a.link_dev(), true);
+    assert!(a.netns().wait_pingable(b.link_ip(), REACHABLE), "the link did not come back");
+
+    let prefix = lab.prefix().to_owned();
+    drop(lab);
+    assert_eq!(leftovers(&prefix), Vec::<String>::new());
+    assert_eq!(root_ifnames_tagged(&tag), Vec::<String>::new());
+    // Joined threads leave /proc/self/task a moment after pthread_join returns.
+    assert!(
+        lab::wait_for(Duration::from_secs(1), || threads_named(&relay_threads).is_empty()),
+        "relay threads outlived the lab: {:?}",
+        threads_named(&relay_threads)
+    );
+}
+
+#[test]
+fn netns_root_impaired_lab_dropped_by_panic_leaves_nothing() {
+    if !lab::require_root() {
+        return;
+    }
+    let (sender, receiver) = mpsc::channel();
+    let crashed = thread::spawn(move || {
+        let lab = Lab::pair_impaired("imppanic", IMPAIRMENT);
+        // The relay has carried frames and its threads are running when the panic comes.
+        assert!(lab.host_a().netns().wait_pingable(lab.host_b().link_ip(), REACHABLE), "no link");
+        sender.send((lab.prefix().to_owned(), lab.ifname_tag().to_owned())).expect("the test thread waits for this");
+        panic!("deliberate panic with a live impaired lab (expected in this test)");
+    });
+    assert!(crashed.join().is_err(), "the lab thread was meant to panic");
+    let (prefix, tag) = receiver.recv().expect("the lab thread reported its lab");
+    assert_eq!(leftovers(&prefix), Vec::<String>::new());
+    assert_eq!(root_ifnames_tagged(&tag), Vec::<String>::new());
+    let relay_threads = format!("{tag} ");
+    assert!(
+        lab::wait_for(Duration::from_secs(1), || threads_named(&relay_threads).is_empty()),
+        "relay threads outlived the lab: {:?}",
+        threads_named(&relay_threads)
+    );
 }

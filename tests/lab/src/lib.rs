@@ -12,10 +12,21 @@
 //!                                     └─ pa-TAG (pb-TAG) ─veth┘  tap-TAG ┘   └ the VM's TAP
 //!
 //!   dedicated link (pair labs only):  a: ln-TAG 10.0.1.1/24 ──veth── b: ln-TAG 10.0.1.2/24
+//!   impaired link ([`Lab::pair_impaired`], kernel without netem):
+//!                                     a: ln-TAG (TAP) ══ relay in this process ══ b: ln-TAG (TAP)
 //! ```
 //!
 //! Each host namespace has its own bridge joining its TAP and its LAN veth, so a VM on the TAP sits
 //! on the LAN with the client. The guest's address is [`GUEST_IP`] whichever host runs it.
+//!
+//! The dedicated link can be impaired ([`Lab::pair_impaired`], [`Impairment`]): frames lost and
+//! delayed with jitter, independently in each direction, as `tc netem loss L% delay D J` does. Where
+//! the kernel has the netem qdisc ([`netem_available`]) that is what is used, on both veth ends. The
+//! kernel of the development machines and of CI is built without it (CONFIG_NET_SCH_NETEM off), so
+//! there the link is instead two TAP devices, one in each host namespace, under the same names and
+//! addresses, and a relay in the lab's own process moves frames between them, dropping and delaying
+//! each as netem would ([`Lab::link_stats`] counts what it did). The hosts see an ordinary Ethernet
+//! link either way.
 //!
 //! Names: a lab's namespaces are `ftlab<pid>-<n>-[<label>-]<role>` (see [`Lab::prefix`]); the
 //! pid lets [`sweep_stale`] remove namespaces whose test process died without tearing down.
@@ -25,21 +36,23 @@
 //!
 //! Addresses are fixed: labs are separate namespaces, so parallel labs cannot collide.
 //!
-//! Needs root and the `ip` and `tc` programs of iproute2; nothing else (pings are sent from this
-//! process, see [`Netns::ping`], because Debian's minimal images have no `ping`).
+//! Needs root, `/dev/net/tun`, and the `ip` and `tc` programs of iproute2; nothing else (pings are
+//! sent from this process, see [`Netns::ping`], because Debian's minimal images have no `ping`).
 
-// Each test binary includes this module and uses only part of it; without this every helper that
-
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::ffi::OsStr;
+use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
-use std::sync::{Mutex, Once, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Once, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 /// First characters of every lab namespace; [`sweep_stale`] only looks at names with it.
 pub const NETNS_PREFIX: &str = "ftlab";
@@ -445,6 +458,368 @@ pub fn netem_available() -> bool {
     })
 }
 
+/// Loss and delay of an impaired dedicated link ([`Lab::pair_impaired`]): what
+/// `tc netem loss L% delay D J` does.
+///
+/// Each frame, in each direction independently, is dropped with probability
+/// `loss_percent / 100`; otherwise it is delivered `delay ± jitter` after it was sent, the offset
+/// drawn uniformly from `[delay - jitter, delay + jitter]` (cut at zero) for each frame on its
+/// own. Frames whose draws cross are delivered out of order, as with netem. [`fmt::Display`]
+/// gives the netem spec, "loss 10% delay 5ms 5ms".
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Impairment {
+    /// Chance, in percent (0 to 100), that a frame is lost.
+    pub loss_percent: f64,
+    /// Mean one-way delay added to each frame that is not lost.
+    pub delay: Duration,
+    /// Largest deviation from `delay`, either way.
+    pub jitter: Duration,
+}
+
+impl Impairment {
+    /// Whether a frame should be lost, given a uniform draw `u` in [0, 1).
+    fn loses(&self, u: f64) -> bool {
+        u * 100.0 < self.loss_percent
+    }
+
+    /// The delay of a frame, given a uniform draw `u` in [0, 1): `delay - jitter + 2 jitter u`,
+    /// at least zero.
+    fn delay_for(&self, u: f64) -> Duration {
+        let secs = self.delay.as_secs_f64() + self.jitter.as_secs_f64() * (2.0 * u - 1.0);
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+impl fmt::Display for Impairment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// A duration in tc's syntax, in the largest unit that holds it exactly.
+        fn tc_time(d: Duration) -> String {
+            let nanos = d.as_nanos();
+            if nanos % 1_000_000 == 0 {
+                format!("{}ms", nanos / 1_000_000)
+            } else if nanos % 1_000 == 0 {
+                format!("{}us", nanos / 1_000)
+            } else {
+                format!("{nanos}ns")
+            }
+        }
+        write!(f, "loss {}% delay {} {}", self.loss_percent, tc_time(self.delay), tc_time(self.jitter))
+    }
+}
+
+/// What the relay of an impaired link did with the frames of one direction since the lab was
+/// built. Frames read but not yet dropped, forwarded or refused are in flight, waiting for their
+/// delivery time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirectionStats {
+    /// Frames read from the sending host's TAP: everything that host sent on the link.
+    pub read: u64,
+    /// Frames lost on purpose ([`Impairment::loss_percent`]).
+    pub dropped: u64,
+    /// Frames written to the receiving host's TAP.
+    pub forwarded: u64,
+    /// Frames the receiving host's TAP refused, e.g. because that end was set down.
+    pub undeliverable: u64,
+}
+
+/// The counters of an impaired link's relay ([`Lab::link_stats`]), per direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Frames host a sent to host b.
+    pub a_to_b: DirectionStats,
+    /// Frames host b sent to host a.
+    pub b_to_a: DirectionStats,
+}
+
+/// Opens the TAP `name` in `netns` as a VMM would (IFF_TAP | IFF_NO_PI, single queue) and returns
+/// it: each read returns one Ethernet frame the namespace sent, each write injects one. The TAP
+/// must exist (`ip tuntap add`); it has carrier while the file is open. An open TAP keeps its
+/// namespace alive after the namespace is deleted: close it before dropping the lab.
+pub fn open_tap(netns: &Netns, name: &str) -> File {
+    let name = name.to_owned();
+    // /dev/net/tun binds the TAP of the name given in the namespace of the thread opening it.
+    netns.run(move || {
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap_or_else(|e| panic!("opening /dev/net/tun: {e}"));
+        assert!(name.len() <= IFNAME_MAX, "TAP name {name} is longer than IFNAMSIZ allows");
+        // SAFETY: ifreq is plain old data for which all zeroes is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        // At most IFNAME_MAX bytes (checked above), so the name keeps a terminating NUL.
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes one ifreq, which outlives the call, on a descriptor
+        // of /dev/net/tun that `file` owns.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+        assert_eq!(
+            rc,
+            0,
+            "TUNSETIFF {name} in {}: {}",
+            std::thread::current().name().unwrap_or("?"),
+            io::Error::last_os_error()
+        );
+        file
+    })
+}
+
+/// A small pseudo-random generator (splitmix64): enough for loss and jitter draws, and no
+/// dependency.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    /// Seeded from the clock, the pid and `stream`, so each direction and each lab draws its own.
+    fn seeded(stream: u64) -> SplitMix64 {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        // Truncating the nanoseconds is fine: only their low bits vary.
+        let seed = (now.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32)
+            ^ stream.wrapping_mul(0xA24B_AED4_963E_E407);
+        SplitMix64(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1): the top 53 bits as a fraction.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The relay's counters for one direction; see [`DirectionStats`].
+#[derive(Default)]
+struct Counters {
+    read: AtomicU64,
+    dropped: AtomicU64,
+    forwarded: AtomicU64,
+    undeliverable: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> DirectionStats {
+        DirectionStats {
+            read: self.read.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            undeliverable: self.undeliverable.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A frame waiting in the relay for its delivery time. Ordered by due time, then by arrival, so
+/// frames due at the same instant keep their order.
+struct Pending {
+    due: Instant,
+    seq: u64,
+    frame: Vec<u8>,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, other: &Self) -> bool {
+        (self.due, self.seq) == (other.due, other.seq)
+    }
+}
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.due, self.seq).cmp(&(other.due, other.seq))
+    }
+}
+
+/// Largest frame read from a TAP: TAPs without offloads send at most MTU + header, but a bigger
+/// buffer costs nothing and never truncates a frame.
+const MAX_FRAME: usize = 65536;
+
+/// The userspace impaired link between two TAPs (kernels without netem; see the module
+/// documentation). Per direction, a reader thread waits on the sending TAP and on `stop`, reads
+/// each frame, drops it or stamps it with its due time and hands it over a channel to a delivery
+/// thread, which keeps the frames in a min-heap by due time and writes each to the other TAP when
+/// it is due. Dropping it stops and joins all four threads, then closes the TAPs.
+struct LinkRelay {
+    /// An eventfd; written once on drop, which makes it readable for good and wakes the readers.
+    stop: Arc<File>,
+    counters: [Arc<Counters>; 2],
+    threads: Vec<JoinHandle<Result<(), String>>>,
+}
+
+impl LinkRelay {
+    /// Starts relaying between `taps` (host a's end, host b's end). `tag` names the threads
+    /// ("TAG ab rx"...), so they can be recognised in /proc.
+    fn start(tag: &str, impairment: Impairment, taps: [File; 2]) -> LinkRelay {
+        // SAFETY: eventfd takes an initial value and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+        // SAFETY: fd is the fresh descriptor eventfd just returned; nothing else owns it.
+        let stop = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        let taps = taps.map(Arc::new);
+        // Built before any thread starts, so that a failure to spawn one still stops the others
+        // (through Drop) while unwinding.
+        let mut relay = LinkRelay { stop, counters: Default::default(), threads: Vec::new() };
+        for (direction, (from, to), name) in [(0, (0, 1), "ab"), (1, (1, 0), "ba")] {
+            let (sender, receiver) = mpsc::channel();
+            let spawn = |role: &str, body: Box<dyn FnOnce() -> Result<(), String> + Send>| {
+                let thread = format!("{tag} {name} {role}");
+                std::thread::Builder::new()
+                    .name(thread.clone())
+                    .spawn(move || {
+                        let result = body();
+                        // Said now, when the link stops working, and again by Drop.
+                        if let Err(message) = &result {
+                            eprintln!("lab link relay thread {thread}: {message}");
+                        }
+                        result
+                    })
+                    .unwrap_or_else(|e| panic!("spawning the link relay's thread: {e}"))
+            };
+            let (to_tap, counters) = (Arc::clone(&taps[to]), Arc::clone(&relay.counters[direction]));
+            relay.threads.push(spawn("tx", Box::new(move || deliver_frames(&to_tap, &receiver, &counters))));
+            let (from_tap, stop, counters) =
+                (Arc::clone(&taps[from]), Arc::clone(&relay.stop), Arc::clone(&relay.counters[direction]));
+            let rng = SplitMix64::seeded(direction as u64);
+            relay.threads.push(spawn(
+                "rx",
+                Box::new(move || read_frames(&from_tap, &stop, impairment, rng, &counters, &sender)),
+            ));
+        }
+        relay
+    }
+
+    fn stats(&self) -> LinkStats {
+        LinkStats { a_to_b: self.counters[0].snapshot(), b_to_a: self.counters[1].snapshot() }
+    }
+}
+
+impl Drop for LinkRelay {
+    fn drop(&mut self) {
+        let mut failures = Vec::new();
+        // Adds 1 to the eventfd's counter: readable from now on, since nobody reads it.
+        if let Err(e) = (&*self.stop).write_all(&1u64.to_ne_bytes()) {
+            failures.push(format!("signalling the link relay to stop: {e}"));
+        }
+        // The readers see `stop` and return, dropping their senders; each delivery thread then
+        // finds its channel disconnected and returns, discarding frames still in flight.
+        for thread in self.threads.drain(..) {
+            let name = thread.thread().name().unwrap_or("?").to_owned();
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => failures.push(format!("thread {name}: {message}")),
+                Err(_) => failures.push(format!("thread {name} panicked")),
+            }
+        }
+        if !failures.is_empty() {
+            let message = format!("lab link relay: {}", failures.join("; "));
+            // A panic while unwinding would abort the whole test binary.
+            if std::thread::panicking() {
+                eprintln!("{message}");
+            } else {
+                panic!("{message}");
+            }
+        }
+    }
+}
+
+/// A relay reader: reads frames from `from` until `stop` becomes readable, drops each with the
+/// loss probability and sends the others to the delivery thread with their due time.
+fn read_frames(
+    from: &File,
+    stop: &File,
+    impairment: Impairment,
+    mut rng: SplitMix64,
+    counters: &Counters,
+    delivery: &mpsc::Sender<Pending>,
+) -> Result<(), String> {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut seq = 0u64;
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: fds is an array of 2 valid pollfds for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("poll: {e}"));
+        }
+        if fds[1].revents != 0 {
+            return Ok(());
+        }
+        if fds[0].revents & libc::POLLIN == 0 {
+            // POLLERR: the TAP was unregistered under the relay, which only happens if its
+            // namespace was deleted while the relay ran.
+            return Err(format!("the TAP reported poll events {:#x}", fds[0].revents));
+        }
+        // Only this thread reads this TAP, so after POLLIN a frame is queued and read cannot
+        // block.
+        let len = match (&*from).read(&mut buf) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("reading the TAP: {e}")),
+        };
+        let now = Instant::now();
+        counters.read.fetch_add(1, Ordering::Relaxed);
+        if impairment.loses(rng.next_f64()) {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let pending = Pending { due: now + impairment.delay_for(rng.next_f64()), seq, frame: buf[..len].to_vec() };
+        seq += 1;
+        if delivery.send(pending).is_err() {
+            return Err("the delivery thread has ended".to_owned());
+        }
+    }
+}
+
+/// A relay delivery thread: keeps the frames `from_reader` hands over in a min-heap by due time
+/// and writes each to `to` when it is due; returns when the reader is gone.
+fn deliver_frames(to: &File, from_reader: &mpsc::Receiver<Pending>, counters: &Counters) -> Result<(), String> {
+    let mut queue: BinaryHeap<Reverse<Pending>> = BinaryHeap::new();
+    loop {
+        let now = Instant::now();
+        while queue.peek().is_some_and(|Reverse(next)| next.due <= now) {
+            let Some(Reverse(pending)) = queue.pop() else { break };
+            // A TAP takes one whole frame per write, or refuses it: EIO while the interface is
+            // down, EINVAL for a runt. Those are frames the link loses; anything else is a bug.
+            match (&*to).write(&pending.frame) {
+                Ok(_) => counters.forwarded.fetch_add(1, Ordering::Relaxed),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) => {
+                    counters.undeliverable.fetch_add(1, Ordering::Relaxed)
+                }
+                Err(e) => return Err(format!("writing the TAP: {e}")),
+            };
+        }
+        let received = match queue.peek() {
+            Some(Reverse(next)) => from_reader.recv_timeout(next.due.saturating_duration_since(Instant::now())),
+            None => from_reader.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        match received {
+            Ok(pending) => queue.push(Reverse(pending)),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
 /// Deletes lab namespaces whose owning process (the pid in their name) is gone, with any process
 /// still in them; returns their names. Runs once per process before its first lab; another test
 /// process sweeping at the same time may win the race for a namespace, which is fine.
@@ -557,12 +932,16 @@ impl LabHost {
 
 /// A LAN of one or two hosts and a client, plus a dedicated link between two hosts; see the module
 /// documentation for the picture and [`HOST_LAN_IPS`] and the other consts for the address plan.
-/// Dropping it kills every process in its namespaces and deletes them.
+/// Dropping it stops the relay of an impaired link, kills every process in its namespaces and
+/// deletes them.
 pub struct Lab {
     prefix: String,
     tag: String,
-    // Dropped in this order; the order does not matter for correctness, since a veth pair dies
-    // with either end.
+    impairment: Option<Impairment>,
+    // Fields drop in this order. The relay goes first: its threads hold the link's TAPs open, and
+    // an open TAP keeps its namespace, with all its interfaces, alive after `ip netns delete`. The
+    // order of the rest does not matter, since a veth pair dies with either end.
+    relay: Option<LinkRelay>,
     hosts: Vec<LabHost>,
     client: Netns,
     client_dev: String,
@@ -574,15 +953,31 @@ impl Lab {
     /// Host a with a TAP on the LAN, and the client. `name` (a short test name, may be empty)
     /// only makes the namespace names easier to recognise.
     pub fn single(name: &str) -> Lab {
-        Lab::build(name, 1)
+        Lab::build(name, 1, None)
     }
 
     /// Hosts a and b, each with a TAP on the LAN, the client, and the dedicated link a-b.
     pub fn pair(name: &str) -> Lab {
-        Lab::build(name, 2)
+        Lab::build(name, 2, None)
     }
 
-    fn build(name: &str, hosts: usize) -> Lab {
+    /// As [`Lab::pair`], same names and addresses, but the dedicated link loses and delays frames
+    /// as `impairment` says, in both directions, for the lab's whole life.
+    ///
+    /// With netem in the kernel the link is the usual veth pair with netem on both ends. Without
+    /// it (this project's machines and CI), each host's `ln-TAG` is a TAP and a relay in this
+    /// process carries frames between them: see the module documentation and [`Lab::link_stats`].
+    /// Panics if the loss is not a percentage.
+    pub fn pair_impaired(name: &str, impairment: Impairment) -> Lab {
+        assert!(
+            (0.0..=100.0).contains(&impairment.loss_percent),
+            "loss must be a percentage from 0 to 100, not {}",
+            impairment.loss_percent
+        );
+        Lab::build(name, 2, Some(impairment))
+    }
+
+    fn build(name: &str, hosts: usize, impairment: Option<Impairment>) -> Lab {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(|| {
             sweep_stale();
@@ -635,18 +1030,56 @@ impl Lab {
             lab_hosts.push(LabHost { netns, bridge, tap, lan_dev, lan_ip, link: None });
         }
 
+        // Declared after the hosts, so that if a step below panics it drops first, closing the
+        // TAPs before the namespaces are deleted (see the field order of Lab).
+        let mut relay = None;
         if let [a, b] = lab_hosts.as_mut_slice() {
             let dev = ifname("ln");
-            // Both ends are created in their own namespace, never in the root one.
-            a.netns.ip(&["link", "add", &dev, "type", "veth", "peer", "name", &dev, "netns", b.netns.name()]);
+            let use_relay = impairment.is_some() && !netem_available();
+            if use_relay {
+                // Persistent TAPs, each created in its own namespace; they have no carrier until
+                // the relay opens them below.
+                for host in [&*a, &*b] {
+                    host.netns.ip(&["tuntap", "add", &dev, "mode", "tap"]);
+                }
+            } else {
+                // Both ends are created in their own namespace, never in the root one.
+                a.netns.ip(&["link", "add", &dev, "type", "veth", "peer", "name", &dev, "netns", b.netns.name()]);
+            }
             for (host, ip) in [(&mut *a, LINK_IPS[0]), (&mut *b, LINK_IPS[1])] {
                 host.netns.ip(&["addr", "add", &format!("{ip}/{LINK_PREFIX_LEN}"), "dev", &dev]);
                 host.netns.set_link_up(&dev, true);
                 host.link = Some((dev.clone(), ip));
             }
+            match impairment {
+                Some(impairment) if use_relay => {
+                    let taps = [open_tap(&a.netns, &dev), open_tap(&b.netns, &dev)];
+                    relay = Some(LinkRelay::start(&tag, impairment, taps));
+                }
+                Some(impairment) => {
+                    // netem acts on what a device sends: one qdisc per direction.
+                    let spec = impairment.to_string();
+                    for host in [&*a, &*b] {
+                        netem(&host.netns, &dev, &spec);
+                    }
+                }
+                None => {}
+            }
         }
 
-        Lab { prefix, tag, hosts: lab_hosts, client, client_dev, switch, switch_bridge }
+        Lab { prefix, tag, impairment, relay, hosts: lab_hosts, client, client_dev, switch, switch_bridge }
+    }
+
+    /// The impairment of the dedicated link, if the lab was built by [`Lab::pair_impaired`].
+    pub fn impairment(&self) -> Option<Impairment> {
+        self.impairment
+    }
+
+    /// What the relay of an impaired link has done so far, per direction; `None` when there is no
+    /// relay: a lab not built by [`Lab::pair_impaired`], or one whose kernel has netem (then
+    /// `tc -s qdisc` on [`LabHost::link_dev`] has netem's own counters).
+    pub fn link_stats(&self) -> Option<LinkStats> {
+        self.relay.as_ref().map(LinkRelay::stats)
     }
 
     /// The start of every namespace name of this lab (ends in '-').
@@ -831,4 +1264,59 @@ fn internet_checksum(data: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn impairment_displays_as_a_netem_spec() {
+        let ms = Duration::from_millis;
+        let spec = |loss_percent, delay, jitter| Impairment { loss_percent, delay, jitter }.to_string();
+        assert_eq!(spec(10.0, ms(5), ms(5)), "loss 10% delay 5ms 5ms");
+        assert_eq!(spec(0.5, Duration::from_micros(1500), Duration::ZERO), "loss 0.5% delay 1500us 0ms");
+        assert_eq!(spec(0.0, Duration::from_nanos(10), ms(1)), "loss 0% delay 10ns 1ms");
+    }
+
+    #[test]
+    fn draws_map_to_loss_and_delay_as_netem_does() {
+        let ms = Duration::from_millis;
+        let impairment = Impairment { loss_percent: 10.0, delay: ms(5), jitter: ms(5) };
+        assert!(impairment.loses(0.0) && impairment.loses(0.0999));
+        assert!(!impairment.loses(0.1) && !impairment.loses(0.9999));
+        assert!(!Impairment { loss_percent: 0.0, ..impairment }.loses(0.0));
+        assert!(Impairment { loss_percent: 100.0, ..impairment }.loses(0.9999));
+        assert_eq!(impairment.delay_for(0.0), Duration::ZERO);
+        assert_eq!(impairment.delay_for(0.5), ms(5));
+        assert!(impairment.delay_for(0.9999) <= ms(10));
+        // More jitter than delay: the early side is cut at zero.
+        let wide = Impairment { loss_percent: 0.0, delay: ms(2), jitter: ms(5) };
+        assert_eq!(wide.delay_for(0.1), Duration::ZERO);
+        assert_eq!(wide.delay_for(0.8), ms(5));
+    }
+
+    #[test]
+    fn splitmix_draws_are_uniform_enough() {
+        let mut rng = SplitMix64(42);
+        let draws: Vec<f64> = (0..100_000).map(|_| rng.next_f64()).collect();
+        assert!(draws.iter().all(|u| (0.0..1.0).contains(u)));
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+        let impairment = Impairment { loss_percent: 10.0, delay: Duration::ZERO, jitter: Duration::ZERO };
+        let lost = draws.iter().filter(|&&u| impairment.loses(u)).count();
+        assert!((9_500..=10_500).contains(&lost), "{lost} of 100000 lost at 10 %");
+        // Different streams, different draws.
+        assert_ne!(SplitMix64::seeded(0).next_u64(), SplitMix64::seeded(1).next_u64());
+    }
+
+    #[test]
+    fn pending_frames_leave_by_due_time_then_arrival() {
+        let now = Instant::now();
+        let pending =
+            |after_ms, seq| Reverse(Pending { due: now + Duration::from_millis(after_ms), seq, frame: vec![] });
+        let mut queue: BinaryHeap<_> = [pending(5, 0), pending(1, 1), pending(5, 2), pending(3, 3)].into();
+        let order: Vec<u64> = std::iter::from_fn(|| queue.pop().map(|Reverse(p)| p.seq)).collect();
+        assert_eq!(order, [1, 3, 0, 2]);
+    }
 }
