@@ -122,11 +122,12 @@ fn start_pair(lab: &Lab, dir: &std::path::Path, guest: &[String]) -> Result<(Pro
     let mut sec = lab.host_b().netns().command(&exe);
     sec.arg("secondary").args(guest).args(["--key-file", &key, "--tap", lab.host_b().tap(), "--listen", &listen]);
     sec.args(["--arbiter", &arbiter, "--control", &ctl("s.sock")]);
-    let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    let log = |n: &str| std::fs::File::create(dir.join(n));
+    let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("secondary.log")?).spawn()?);
     let mut pri = lab.host_a().netns().command(&exe);
     pri.arg("primary").args(guest).args(["--key-file", &key, "--tap", lab.host_a().tap(), "--peer", &listen]);
     pri.args(["--arbiter", &arbiter, "--control", &ctl("p.sock")]);
-    let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?);
+    let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("primary.log")?).spawn()?);
     Ok((pri, sec))
 }
 
@@ -163,9 +164,32 @@ fn fail_primary(lab: &Lab, primary: &mut Proc, how: Failure) -> Result<()> {
 
 /// One trial: start the pair, put the client to work, SIGKILL the primary,
 /// check the client saw no loss, return the figures.
+/// The VMMs' logs (`primary.log`, `secondary.log`) are removed with the
+/// trial's directory when it succeeds and kept, and named, when it fails.
 pub fn trial(lab: &Lab, guest: DemoGuest, how: Failure, progress: bool, stop: &AtomicBool) -> Result<Trial> {
     let dir = std::env::temp_dir().join(format!("ftvm-demo-{}-{}", std::process::id(), lab.prefix()));
     std::fs::create_dir_all(&dir)?;
+    match run_trial(lab, &dir, guest, how, progress, stop) {
+        Ok(t) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(t)
+        }
+        Err(e) if stop.load(Ordering::SeqCst) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(e)
+        }
+        Err(e) => Err(e.context(format!("the VMMs' logs are kept in {}", dir.display()))),
+    }
+}
+
+fn run_trial(
+    lab: &Lab,
+    dir: &std::path::Path,
+    guest: DemoGuest,
+    how: Failure,
+    progress: bool,
+    stop: &AtomicBool,
+) -> Result<Trial> {
     let say = |m: &str| {
         if progress {
             eprintln!("  {m}");
@@ -177,7 +201,7 @@ pub fn trial(lab: &Lab, guest: DemoGuest, how: Failure, progress: bool, stop: &A
         DemoGuest::Kvstore => {
             let args: Vec<String> =
                 ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr].iter().map(|s| s.to_string()).collect();
-            let (mut primary, secondary) = start_pair(lab, &dir, &args)?;
+            let (mut primary, secondary) = start_pair(lab, dir, &args)?;
             say("protected kvstore pair starting: primary on host a, secondary on host b");
             let ip = lab.guest_ip();
             let stream = lab.client().run(move || -> Result<TcpStream> {
@@ -228,7 +252,7 @@ pub fn trial(lab: &Lab, guest: DemoGuest, how: Failure, progress: bool, stop: &A
                     bail!("key k{i} lost its acknowledged value");
                 }
             }
-            let (detected_by, reaction_ms, recovery_ms) = failure_figures(&dir, stop)?;
+            let (detected_by, reaction_ms, recovery_ms) = failure_figures(dir, stop)?;
             drop(secondary);
             Trial { detected_by, reaction_ms, recovery_ms, client_outage_ms: ms(worst), checked: acked + 600 }
         }
@@ -240,7 +264,7 @@ pub fn trial(lab: &Lab, guest: DemoGuest, how: Failure, progress: bool, stop: &A
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-            let (mut primary, secondary) = start_pair(lab, &dir, &args)?;
+            let (mut primary, secondary) = start_pair(lab, dir, &args)?;
             say("protected streamer pair starting; the client counts 1316-byte datagrams at 1000/s");
             let mut seen = std::collections::BTreeSet::new();
             let mut buf = [0u8; 2048];
@@ -267,12 +291,11 @@ pub fn trial(lab: &Lab, guest: DemoGuest, how: Failure, progress: bool, stop: &A
             if let Some(m) = (0..max).find(|s| !seen.contains(s)) {
                 bail!("datagram {m} never arrived");
             }
-            let (detected_by, reaction_ms, recovery_ms) = failure_figures(&dir, stop)?;
+            let (detected_by, reaction_ms, recovery_ms) = failure_figures(dir, stop)?;
             drop(secondary);
             Trial { detected_by, reaction_ms, recovery_ms, client_outage_ms: ms(worst), checked: max + 1 }
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(result)
 }
 
@@ -330,6 +353,9 @@ pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
     let stop = stop_flag()?;
     let mut out = serde_json::Map::new();
     let mut table = Vec::new();
+    // A failed trial (a lost write or datagram, no failover) is reported,
+    // not hidden, and does not throw away the other trials' figures.
+    let mut failed = Vec::new();
     for &how in failures {
         for guest in [DemoGuest::Streamer, DemoGuest::Kvstore] {
             let mut trials = Vec::new();
@@ -337,7 +363,17 @@ pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
                 interrupted(&stop)?;
                 eprintln!("{how:?} failure, {guest:?}: trial {i}/{reps}");
                 let lab = Lab::pair("bfo");
-                trials.push(trial(&lab, guest, how, false, &stop)?);
+                match trial(&lab, guest, how, false, &stop) {
+                    Ok(t) => trials.push(t),
+                    Err(e) => {
+                        interrupted(&stop)?;
+                        eprintln!("  trial {i} FAILED: {e:#}");
+                        failed.push(format!("{how:?} failure, {guest:?}, trial {i}: {e:#}"));
+                    }
+                }
+            }
+            if trials.is_empty() {
+                continue;
             }
             let stat = |f: fn(&Trial) -> f64| {
                 let mut v: Vec<f64> = trials.iter().map(f).collect();
@@ -359,8 +395,9 @@ pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
         }
     }
     if json {
+        out.insert("failed".into(), serde_json::to_value(&failed)?);
         println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return check_trials(&failed);
     }
     println!("{reps} repetitions per failure and guest, defaults (heartbeat 10 ms, dead after 5 intervals)");
     for how in failures {
@@ -387,5 +424,13 @@ pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
     }
     println!();
     println!("thesis (Table 4): VMware FT 24 / 1290 / 1314 ms; OpenSAF with an SA-aware component 9 / 46 / 55 ms");
-    Ok(())
+    check_trials(&failed)
+}
+
+/// An error naming every failed trial, if any failed.
+fn check_trials(failed: &[String]) -> Result<()> {
+    if failed.is_empty() {
+        return Ok(());
+    }
+    bail!("{} trial(s) failed:\n  {}", failed.len(), failed.join("\n  "))
 }

