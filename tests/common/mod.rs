@@ -161,3 +161,39 @@ pub fn connect_kvstore(lab: &ftvm_lab::Lab) -> BufReader<std::net::TcpStream> {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     BufReader::new(s)
 }
+
+/// A child process killed and reaped when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A protected kvstore pair with an arbiter: (primary, secondary, dir).
+pub fn failover_pair(lab: &ftvm_lab::Lab) -> (Proc, Proc, tempfile::TempDir) {
+    let cidr = lab.guest_cidr();
+    failover_pair_of(lab, &["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr])
+}
+
+/// A protected pair of any guest with an arbiter: (primary, secondary, dir).
+pub fn failover_pair_of(lab: &ftvm_lab::Lab, guest: &[&str]) -> (Proc, Proc, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "k");
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sec.arg("secondary").args(guest).args(["--key-file", &key, "--tap", lab.host_b().tap()]);
+    sec.args(["--listen", &listen, "--arbiter", &arbiter, "--control", &d("s.sock")]);
+    // Logs go to files: a pipe nobody reads would stall a VMM that logs much.
+    let log = |n: &str| std::fs::File::create(dir.path().join(n)).unwrap();
+    let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("secondary.log")).spawn().unwrap());
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(["--key-file", &key, "--tap", lab.host_a().tap()]);
+    pri.args(["--peer", &listen, "--arbiter", &arbiter, "--control", &d("p.sock")]);
+    let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("primary.log")).spawn().unwrap());
+    (pri, sec, dir)
+}

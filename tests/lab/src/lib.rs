@@ -679,6 +679,7 @@ impl LinkRelay {
                 std::thread::Builder::new()
                     .name(thread.clone())
                     .spawn(move || {
+                        realtime_priority();
                         let result = body();
                         // Said now, when the link stops working, and again by Drop.
                         if let Err(message) = &result {
@@ -732,6 +733,24 @@ impl Drop for LinkRelay {
                 panic!("{message}");
             }
         }
+    }
+}
+
+/// Gives the calling thread a low real-time priority (SCHED_FIFO 10), as netem's kernel timers
+/// effectively have: a relay at normal priority lags by tens of milliseconds when the VMMs and
+/// clients it carries keep both cores busy, and a link slower than its impairment would fail the
+/// experiments for the wrong reason. The relay's threads sleep unless a frame is due and do little
+/// per frame; the kernel's real-time throttling (sched_rt_runtime_us) bounds them anyway. Without
+/// the privilege the thread stays as it is, and says so once.
+fn realtime_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: sched_setscheduler(0, ...) changes only the calling thread's policy and reads one
+    // sched_param, which lives for the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        static SAID: Once = Once::new();
+        let e = io::Error::last_os_error();
+        SAID.call_once(|| eprintln!("lab link relay: normal priority ({e}): delays may exceed the impairment"));
     }
 }
 
