@@ -405,8 +405,8 @@ pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
     }
     println!();
     println!(
-        "{:<8} {:<9} {:<19} {:>8} {:>10} {:>8}  {}",
-        "failure", "guest", "figure", "min ms", "median ms", "p95 ms", "detected by"
+        "{:<8} {:<9} {:<19} {:>8} {:>10} {:>8}  detected by",
+        "failure", "guest", "figure", "min ms", "median ms", "p95 ms"
     );
     for (how, guest, detected, rows) in &table {
         for (name, (min, med, p95)) in rows {

@@ -249,7 +249,11 @@ impl Service {
             receiver: Receiver::new(key, config.pair, config.role.peer()),
             fixed_peer: config.peer,
             learnt_peer: None,
-            period: (config.interval / SENDS_PER_INTERVAL).max(Duration::from_micros(500)),
+            period: config
+                .interval
+                .checked_div(SENDS_PER_INTERVAL)
+                .unwrap_or(config.interval)
+                .max(Duration::from_micros(500)),
         };
         tracing::info!(
             role = %config.role, %local, peer = ?config.peer, %incarnation,
