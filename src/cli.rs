@@ -273,9 +273,9 @@ pub enum BenchCommand {
     /// The streamer guest's highest rate with no gap, in a lab of network
     /// namespaces (needs root and KVM).
     Streamer(StreamerBenchArgs),
-    /// SIGKILL of the primary (and, with `--failure host`, of its whole
-    /// host), repeated, under streamer and kvstore: reaction, recovery and
-    /// client-seen outage as min / median / p95.
+    /// SIGKILL of the primary VMM, and the loss of its whole host, repeated
+    /// under streamer and kvstore: reaction, recovery and client-seen outage
+    /// as min / median / p95 (needs root and KVM).
     Failover(FailoverBenchArgs),
     /// What protection costs: kvstore unprotected / protected over loopback
     /// / protected across a veth link, log bandwidth, replay lag, and a
