@@ -94,13 +94,6 @@ impl Status {
         }));
     }
 
-    /// Report the heartbeat service's counters from now on.
-    fn watch_heartbeats(&self, failover: Option<&Failover>) {
-        if let Some(f) = failover {
-            let _ = self.heartbeats.set(f.service.watch_stats());
-        }
-    }
-
     fn set_state(&self, state: impl Into<String>) {
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state.into();
     }
@@ -327,8 +320,12 @@ impl Loss {
 }
 
 impl Failover {
+    /// Start heartbeats (their counters reported in `status`) and open the
+    /// arbiter, if failover is on.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         rt: &tokio::runtime::Runtime,
+        status: &Status,
         pair: &PairSettings,
         name: &str,
         role: heartbeat::Role,
@@ -345,6 +342,7 @@ impl Failover {
         config.dead_after = pair.dead_after;
         let service = rt.block_on(heartbeat::Service::start(config, key))?;
         let owner = heartbeat::Owner::of(name, role, service.incarnation())?;
+        let _ = status.heartbeats.set(service.watch_stats());
         Ok(Some(Failover { service, arbiter, generation, owner, channel_lost: tokio::sync::Notify::new() }))
     }
 
@@ -521,10 +519,17 @@ pub fn primary(
         .next()
         .with_context(|| format!("--peer {peer} resolves to no address"))?;
     let local = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
-    let failover =
-        Failover::start(&rt, pair, &settings.name, heartbeat::Role::Primary, &key_bytes, local, Some(peer_addr))?
-            .map(Arc::new);
-    status.watch_heartbeats(failover.as_deref());
+    let failover = Failover::start(
+        &rt,
+        &status,
+        pair,
+        &settings.name,
+        heartbeat::Role::Primary,
+        &key_bytes,
+        local,
+        Some(peer_addr),
+    )?
+    .map(Arc::new);
     // Set once this primary carries on alone (won the arbiter).
     let unprotected = Arc::new(AtomicBool::new(false));
     // Set once the guest has stopped: a peer lost after that is no failure.
@@ -797,8 +802,8 @@ pub fn secondary(
     status.set_state("replaying");
     let local = listener.local_addr()?;
     let failover =
-        Failover::start(&rt, pair, &settings.name, heartbeat::Role::Secondary, &key_bytes, local, None)?.map(Arc::new);
-    status.watch_heartbeats(failover.as_deref());
+        Failover::start(&rt, &status, pair, &settings.name, heartbeat::Role::Secondary, &key_bytes, local, None)?
+            .map(Arc::new);
 
     let (tx, rx) = crossbeam_channel::unbounded::<Record>();
     // Ends the receiving (and so the log) when failover decides.

@@ -37,19 +37,22 @@ pub const RELEASED_RETAIN_MAX: usize = 256;
 /// Held outputs, shared with whoever learns the primary's released-up-to.
 #[derive(Default)]
 pub struct HeldOutputs {
-    held: Mutex<VecDeque<(u64, ExitIndex, Output)>>,
-    /// Frames released recently: (when the report came, exit, frame).
-    recent: Mutex<VecDeque<(Instant, ExitIndex, Output)>>,
+    queues: Mutex<Queues>,
     released: AtomicU64,
 }
 
-impl HeldOutputs {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, ExitIndex, Output)>> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// What [`HeldOutputs`] keeps, under one lock.
+#[derive(Default)]
+struct Queues {
+    /// Outputs not yet released: (log position, exit, output).
+    held: VecDeque<(u64, ExitIndex, Output)>,
+    /// Frames released recently: (when the report came, exit, frame).
+    recent: VecDeque<(Instant, ExitIndex, Output)>,
+}
 
-    fn lock_recent(&self) -> std::sync::MutexGuard<'_, VecDeque<(Instant, ExitIndex, Output)>> {
-        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+impl HeldOutputs {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The primary released every output up to `upto`: stop holding them
@@ -61,36 +64,36 @@ impl HeldOutputs {
     fn released_at(&self, upto: u64, now: Instant) {
         self.released.fetch_max(upto, Ordering::SeqCst);
         let upto = self.released.load(Ordering::SeqCst);
-        let mut held = self.lock();
-        let mut recent = self.lock_recent();
-        while held.front().is_some_and(|(p, _, _)| *p <= upto) {
-            if let Some((_, exit, out @ Output::Frame(_))) = held.pop_front() {
-                recent.push_back((now, exit, out));
+        let mut q = self.lock();
+        while q.held.front().is_some_and(|(p, _, _)| *p <= upto) {
+            if let Some((_, exit, out @ Output::Frame(_))) = q.held.pop_front() {
+                q.recent.push_back((now, exit, out));
             }
         }
-        while recent.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) > RELEASED_RETAIN)
-            || recent.len() > RELEASED_RETAIN_MAX
+        while q.recent.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) > RELEASED_RETAIN)
+            || q.recent.len() > RELEASED_RETAIN_MAX
         {
-            recent.pop_front();
+            q.recent.pop_front();
         }
     }
 
     /// Outputs held now.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().held.len()
     }
 
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().held.is_empty()
     }
 
     /// Take the recently released frames and every held output, oldest
     /// first (go-live re-emits them).
     pub fn drain(&self) -> Vec<(ExitIndex, Output)> {
-        let mut held = self.lock();
-        let mut out: Vec<_> = self.lock_recent().drain(..).map(|(_, e, o)| (e, o)).collect();
-        out.extend(held.drain(..).map(|(_, e, o)| (e, o)));
+        let mut q = self.lock();
+        let recent = q.recent.drain(..).map(|(_, e, o)| (e, o));
+        let mut out: Vec<_> = recent.collect();
+        out.extend(q.held.drain(..).map(|(_, e, o)| (e, o)));
         out
     }
 }
@@ -114,7 +117,7 @@ impl Suppressor {
             // The primary already released it: nothing to keep.
             return;
         }
-        self.held.lock().push_back((pos, exit, out));
+        self.held.lock().held.push_back((pos, exit, out));
     }
 }
 
@@ -169,7 +172,7 @@ mod tests {
         {
             let mut q = held.lock();
             for n in 0..(RELEASED_RETAIN_MAX as u64 + 10) {
-                q.push_back((n + 1, ExitIndex(n), frame(n as u8)));
+                q.held.push_back((n + 1, ExitIndex(n), frame(n as u8)));
             }
         }
         held.released_at(u64::MAX, Instant::now());
