@@ -5,7 +5,7 @@
 //!
 //! Parsing: the binary calls [`clap::Parser::try_parse`] on [`Cli`] and, on
 //! error, `err.exit()`. clap then prints its own message and exits with
-//! [`EXIT_USAGE`] (2) for a command line it cannot parse (unknown flag, missing
+//! [`crate::exit::EXIT_USAGE`] (2) for a command line it cannot parse (unknown flag, missing
 //! subcommand, a number that is not a number, `--seconds 0`), or 0 after
 //! printing `--help` / `--version`. `Cli::parse()` would do the same; calling
 //! `try_parse` keeps the decision visible in `main`.
@@ -14,22 +14,12 @@
 //! their help line, because a flag that was not typed must not hide the value
 //! from the `--config` file: the defaults are applied in [`crate::config`].
 
-// `main` wires these types in next; until then most of them are unused.
-#![allow(dead_code)] // (some items serve later subcommands)
-
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB};
-
-/// Exit status for an error that is not the command line's fault (DESIGN.md,
-/// "Exit status": 1 error, one clear line on stderr).
-pub const EXIT_ERROR: i32 = 1;
-/// Exit status for bad usage: a command line that cannot be parsed, or a flag
-/// value that is invalid in itself. clap uses the same value for its errors.
-pub const EXIT_USAGE: i32 = 2;
 
 /// `ftvm`: fault-tolerant virtual machines on KVM.
 #[derive(Debug, Parser)]
@@ -350,6 +340,7 @@ impl ExitsArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::EXIT_USAGE;
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {

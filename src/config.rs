@@ -54,7 +54,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::cli::{GuestArgs, EXIT_ERROR, EXIT_USAGE};
+use crate::cli::GuestArgs;
+use crate::exit::{EXIT_ERROR, EXIT_USAGE};
 
 /// `--guest` when neither flag nor file gives one.
 pub const DEFAULT_GUEST: &str = "hello";

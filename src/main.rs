@@ -10,7 +10,8 @@ mod bench_net;
 mod cli;
 mod config;
 mod demo;
-mod pair;
+mod exit;
+mod protect;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -25,11 +26,9 @@ use vmm::vcpu::RunOutcome;
 use vmm::world::{LiveInput, LiveOutput};
 use vmm::{BootSettings, Vm, VmConfig, VmError};
 
-use crate::cli::{BenchCommand, Cli, Command, EXIT_ERROR, EXIT_USAGE};
+use crate::cli::{BenchCommand, Cli, Command};
 use crate::config::{GuestSettings, GuestSource, SerialTarget};
-
-/// Exit status: the guest faulted (pvpanic, triple fault, unserved exit).
-const EXIT_GUEST_FAULT: i32 = 3;
+use crate::exit::{EXIT_ERROR, EXIT_GUEST_FAULT, EXIT_SIGNAL_BASE, EXIT_USAGE};
 
 /// An error with the exit status it maps to.
 struct Failure {
@@ -116,7 +115,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Secondary(args) => secondary(&args),
         Command::Status(args) => {
             let name = args.name.as_deref().unwrap_or(config::DEFAULT_GUEST);
-            pair::status(&control_path(args.control.as_deref(), name), args.json)?;
+            protect::status(&control_path(args.control.as_deref(), name), args.json)?;
             Ok(0)
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
@@ -252,7 +251,7 @@ fn finish(settings: &GuestSettings, outcome: Result<RunOutcome, VmError>, caught
         Ok(RunOutcome::PoweredOff { status, exit_index }) => {
             let _ = writeln!(
                 std::io::stderr(),
-                "ftvm: guest {} powered off with status {status} (exit {exit_index})",
+                "ftvm: guest {} powered off with status {status} (at guest exit #{exit_index})",
                 settings.name
             );
             Ok(EXIT_ERROR)
@@ -261,10 +260,10 @@ fn finish(settings: &GuestSettings, outcome: Result<RunOutcome, VmError>, caught
             let signal = caught.load(Ordering::SeqCst);
             let _ = writeln!(
                 std::io::stderr(),
-                "ftvm: guest {} stopped by signal {signal} at exit {exit_index}",
+                "ftvm: guest {} stopped by signal {signal} at guest exit #{exit_index}",
                 settings.name
             );
-            Ok(128 + signal)
+            Ok(EXIT_SIGNAL_BASE + signal)
         }
         Err(e) => Err(anyhow::Error::new(e).context(format!("guest {} stopped", settings.name))),
     }
@@ -296,8 +295,8 @@ fn control_path(flag: Option<&std::path::Path>, name: &str) -> std::path::PathBu
     flag.map(std::path::Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(format!("/run/ftvm/{name}.sock")))
 }
 
-fn pair_settings(pair: &cli::PairArgs, name: &str) -> pair::PairSettings {
-    pair::PairSettings {
+fn pair_settings(pair: &cli::PairArgs, name: &str) -> protect::PairSettings {
+    protect::PairSettings {
         key_file: pair.key_file.clone(),
         control: control_path(pair.control.as_deref(), name),
         digest_every: pair.digest_every,
@@ -321,7 +320,7 @@ fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
     }
     let pair = pair_settings(&args.pair, &settings.name);
     let Prepared { config, tap, serial } = prepare(&settings, Some(pair.digest_every))?;
-    Ok(pair::primary(&settings, config, tap, serial, &pair, &args.peer)?)
+    Ok(protect::primary(&settings, config, tap, serial, &pair, &args.peer)?)
 }
 
 /// `ftvm secondary`: the guest's NIC is attached (the device state must
@@ -340,7 +339,7 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
         }
     }
     let delay = std::time::Duration::from_millis(args.ack_delay_ms);
-    Ok(pair::secondary(&settings, config, serial, &pair, &args.listen, delay)?)
+    Ok(protect::secondary(&settings, config, serial, &pair, &args.listen, delay)?)
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Result<i32, Failure> {

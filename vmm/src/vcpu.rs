@@ -371,7 +371,8 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 struct StopInner {
     stop: AtomicBool,
     wake: EventFd,
-    run: RunPage,
+    /// The vCPU's kvm_run page; `None` for a handle that drives no vCPU.
+    run: Option<RunPage>,
     thread: OnceLock<libc::pthread_t>,
 }
 
@@ -384,7 +385,19 @@ impl StopHandle {
         Ok(StopHandle(Arc::new(StopInner {
             stop: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
-            run: RunPage::new(vcpu, run_size)?,
+            run: Some(RunPage::new(vcpu, run_size)?),
+            thread: OnceLock::new(),
+        })))
+    }
+
+    /// A handle tied to no vCPU: [`StopHandle::stop`] sets the flag and
+    /// signals [`StopHandle::wake_fd`]. What drives a guest without KVM (the
+    /// pair sessions' scripted guests) stops on it like a vCPU would.
+    pub fn detached() -> std::io::Result<StopHandle> {
+        Ok(StopHandle(Arc::new(StopInner {
+            stop: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            run: None,
             thread: OnceLock::new(),
         })))
     }
@@ -393,7 +406,9 @@ impl StopHandle {
     /// chance, which is at once whatever the guest is doing.
     pub fn stop(&self) {
         self.0.stop.store(true, Ordering::SeqCst);
-        self.0.run.set_immediate_exit();
+        if let Some(run) = &self.0.run {
+            run.set_immediate_exit();
+        }
         // A full eventfd counter only means a wake-up is already pending.
         let _ = self.0.wake.write(1);
         if let Some(&thread) = self.0.thread.get() {

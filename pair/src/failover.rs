@@ -1,0 +1,175 @@
+//! The failover policy, one for both roles: detection signals in (the
+//! heartbeats' silence, the logging channel failing), one claim on the
+//! arbiter, one verdict out.
+//!
+//! Safety rests on the arbiter alone: exactly one claim per generation
+//! wins, and a side that does not win (lost, or could not reach the
+//! arbiter) stops its guest. Detection only decides *when* to claim. When
+//! the channel breaks while heartbeats still flow (a middlebox reset, say),
+//! both sides are alive and both claim; the secondary waits
+//! [`FailoverConfig::head_start`] first, so the primary normally wins and the
+//! guest does not move needlessly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use heartbeat::{Arbiter, ArbiterError, Claim, Generation, Owner, Role};
+use tokio::sync::Notify;
+
+use crate::status::{Board, Detection, Loss};
+
+/// Settings of failover (PAIR-OPTS).
+#[derive(Clone, Debug)]
+pub struct FailoverConfig {
+    /// `--arbiter file:PATH`.
+    pub arbiter: String,
+    /// `--heartbeat-ms`.
+    pub heartbeat: Duration,
+    /// `--dead-after`.
+    pub dead_after: u32,
+    /// How long a secondary that saw the channel close, while the primary's
+    /// heartbeats were still arriving, waits before claiming.
+    pub head_start: Duration,
+}
+
+impl FailoverConfig {
+    /// Defaults for everything but the arbiter; the head start is half a
+    /// heartbeat interval.
+    pub fn new(arbiter: impl Into<String>, heartbeat: Duration, dead_after: u32) -> FailoverConfig {
+        FailoverConfig { arbiter: arbiter.into(), heartbeat, dead_after, head_start: heartbeat / 2 }
+    }
+}
+
+/// What the claim gave.
+#[derive(Debug)]
+pub enum Verdict {
+    /// This side won the arbiter: it is (or stays) the live copy.
+    Won,
+    /// The other side won: stop the guest, emit nothing more, exit 4.
+    Lost,
+    /// The arbiter could not be read or written: never a win.
+    Unreachable(ArbiterError),
+}
+
+impl Verdict {
+    pub fn won(&self) -> bool {
+        matches!(self, Verdict::Won)
+    }
+}
+
+/// Heartbeats and the arbiter of one pair process.
+pub struct Failover {
+    service: heartbeat::Service,
+    arbiter: Arbiter,
+    generation: Generation,
+    owner: Owner,
+    role: Role,
+    head_start: Duration,
+    channel_lost: Notify,
+}
+
+impl Failover {
+    /// Start heartbeats (their counters reported on `board`) and read the
+    /// arbiter's generation: the one a claim of this pair can win. Must be
+    /// called inside the session's tokio runtime.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        config: &FailoverConfig,
+        board: &Board,
+        name: &str,
+        role: Role,
+        key: &[u8],
+        local: SocketAddr,
+        peer: Option<SocketAddr>,
+    ) -> anyhow::Result<Failover> {
+        let arbiter = Arbiter::open(&config.arbiter)?;
+        let probe = arbiter.clone();
+        let (generation, _) = tokio::task::spawn_blocking(move || probe.current()).await??;
+        board.set_arbiter(&config.arbiter, generation.0);
+        let mut hb = heartbeat::ServiceConfig::new(role, heartbeat::PairId::for_vm_name(name), local, peer);
+        hb.interval = config.heartbeat;
+        hb.dead_after = config.dead_after;
+        let service = heartbeat::Service::start(hb, key).await?;
+        let owner = Owner::of(name, role, service.incarnation())?;
+        board.watch_heartbeats(service.watch_stats());
+        Ok(Failover {
+            service,
+            arbiter,
+            generation,
+            owner,
+            role,
+            head_start: config.head_start,
+            channel_lost: Notify::new(),
+        })
+    }
+
+    /// The logging channel failed without the peer's clean end. A peer
+    /// process that dies has its kernel close the connection, so this is the
+    /// fast sign of its death; a dead host closes nothing, and the
+    /// heartbeats' silence decides.
+    pub fn channel_failed(&self) {
+        self.channel_lost.notify_one();
+    }
+
+    /// Log traffic arrived: a sign of life as good as a heartbeat.
+    pub fn note_life(&self) {
+        self.service.note_life();
+    }
+
+    /// Stop sending heartbeats (a live copy is no longer this role; a
+    /// stopping one is gone).
+    pub fn stop_heartbeats(&self) {
+        self.service.stop();
+    }
+
+    /// Wait until the peer is lost: silent for `--dead-after` intervals, or
+    /// its channel failed.
+    pub async fn peer_lost(&self) -> Loss {
+        let mut w = self.service.watch();
+        let silence = async {
+            loop {
+                if matches!(*w.borrow_and_update(), heartbeat::PeerState::Dead { .. }) {
+                    break;
+                }
+                if w.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let by = tokio::select! {
+            () = silence => Detection::Silence,
+            () = self.channel_lost.notified() => Detection::ChannelClosed,
+        };
+        let now = Instant::now();
+        Loss { last_heard: self.service.last_heard().unwrap_or(now), decided: now, by }
+    }
+
+    /// Claim the arbiter for a loss. A secondary that saw only the channel
+    /// close while the peer's heartbeats were recent gives the primary its
+    /// head start first. The claim itself (file I/O, fsync) runs on a
+    /// blocking thread, not on the async workers.
+    pub async fn claim(&self, loss: &Loss) -> Verdict {
+        let recently_heard = self.service.last_heard().is_some_and(|t| t.elapsed() < self.service.timeout());
+        if self.role == Role::Secondary && loss.by == Detection::ChannelClosed && recently_heard {
+            tokio::time::sleep(self.head_start).await;
+        }
+        let (arbiter, generation, owner) = (self.arbiter.clone(), self.generation, self.owner.clone());
+        match tokio::task::spawn_blocking(move || arbiter.claim(generation, &owner)).await {
+            Ok(Ok(Claim::Won { .. })) => Verdict::Won,
+            Ok(Ok(Claim::Lost { .. })) => Verdict::Lost,
+            Ok(Err(e)) => Verdict::Unreachable(e),
+            Err(join) => Verdict::Unreachable(ArbiterError::Io {
+                path: self.arbiter.path().to_path_buf(),
+                source: std::io::Error::other(join.to_string()),
+            }),
+        }
+    }
+
+    /// Wait for the peer's loss, then claim: the one decision of a session.
+    pub async fn decide(self: Arc<Self>) -> (Loss, Verdict) {
+        let loss = self.peer_lost().await;
+        let verdict = self.claim(&loss).await;
+        (loss, verdict)
+    }
+}

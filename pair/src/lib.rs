@@ -1,0 +1,49 @@
+//! Pair sessions: what runs one protected guest on one host, between the
+//! replication and heartbeat crates below and the `ftvm` binary above.
+//!
+//! - [`primary::PrimarySession`]: the live guest's side: records, ships,
+//!   gates outputs on acks, carries on alone if it wins the arbiter;
+//! - [`secondary::SecondarySession`]: replays, acks, goes live if it wins;
+//! - [`failover`]: the one failover policy both use (detection in, one
+//!   claim on the arbiter, one verdict out);
+//! - [`status`] and [`control`]: what `ftvm status` shows, and the socket
+//!   it reads;
+//! - [`queues`]: every hand-off between the sessions' threads, with its
+//!   bound;
+//! - [`live`]: the real world a secondary attaches at go-live.
+//!
+//! A session does not own the guest: the caller builds its VM (or, in the
+//! tests, a scripted stand-in) with the session's input source and output
+//! sink, runs it, and hands the outcome back to the session's `finish`.
+#![forbid(unsafe_code)]
+
+pub mod control;
+pub mod failover;
+pub mod live;
+mod observed;
+pub mod primary;
+mod progress;
+pub mod queues;
+pub mod secondary;
+mod shipper;
+pub mod status;
+
+pub use control::{ControlError, ControlSocket};
+pub use failover::{Failover, FailoverConfig, Verdict};
+pub use primary::{PrimaryConfig, PrimaryEnd, PrimarySession};
+pub use secondary::{MakeLive, SecondaryConfig, SecondaryEnd, SecondarySession};
+pub use status::{Board, Role, Status};
+
+use replication::channel::ChannelError;
+
+/// A session's runtime: one worker for the channel, heartbeats and the
+/// failover decision; blocking work (the arbiter's claim) goes to its
+/// blocking pool.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("net").enable_all().build()
+}
+
+/// A failure to reach a secondary that is worth retrying.
+fn is_retryable(e: &ChannelError) -> bool {
+    matches!(e, ChannelError::Io(_) | ChannelError::Closed | ChannelError::HandshakeTimeout { .. })
+}

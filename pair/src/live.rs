@@ -1,0 +1,61 @@
+//! The live world a secondary attaches at go-live: its TAP opened then
+//! (never before: a secondary emits nothing), the live clock continuing
+//! from the last logged reading, and the guest's address announced.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use replication::go_live::LiveWorld;
+use vmm::hook::HookError;
+use vmm::tap::Tap;
+use vmm::world::{LiveInput, LiveOutput};
+
+use crate::secondary::MakeLive;
+
+/// Gratuitous ARPs sent at go-live, and the gap between them: a single
+/// frame just after a TAP opens can be lost (QEMU announces five times).
+pub const ANNOUNCEMENTS: u32 = 5;
+pub const ANNOUNCE_GAP: Duration = Duration::from_millis(120);
+
+/// The real world of a host: TAP `tap` (if the guest has a NIC), the serial
+/// console to `serial`; the guest's `mac` and `ip` announced on the TAP.
+pub fn tap_world(
+    tap: Option<String>,
+    mac: [u8; 6],
+    ip: Option<(Ipv4Addr, u8)>,
+    serial: Box<dyn Write + Send>,
+) -> MakeLive {
+    Box::new(move |clock: u64, wake| {
+        let tap = match &tap {
+            Some(name) => {
+                Some(Arc::new(Tap::open(name).map_err(|e| HookError::Network(std::io::Error::other(e.to_string())))?))
+            }
+            None => None,
+        };
+        let mut input = LiveInput::new(clock, vec![wake]);
+        let mut output = LiveOutput::new(serial);
+        if let Some(t) = &tap {
+            input = input.with_tap(t.clone());
+            output = output.with_tap(t.clone());
+            announce(t.clone(), mac, ip);
+        }
+        Ok(LiveWorld { input: Box::new(input), output: Box::new(output) })
+    })
+}
+
+/// Announce the guest's MAC and IP with [`ANNOUNCEMENTS`] gratuitous ARPs,
+/// [`ANNOUNCE_GAP`] apart, from a thread of their own.
+pub fn announce(tap: Arc<Tap>, mac: [u8; 6], ip: Option<(Ipv4Addr, u8)>) {
+    let Some((ip, _)) = ip else { return };
+    let frame = replication::go_live::gratuitous_arp(mac, ip.octets());
+    let _ = std::thread::Builder::new().name("announce".into()).spawn(move || {
+        for i in 0..ANNOUNCEMENTS {
+            if i > 0 {
+                std::thread::sleep(ANNOUNCE_GAP);
+            }
+            let _ = tap.write_frame(&frame);
+        }
+    });
+}

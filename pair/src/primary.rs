@@ -1,0 +1,392 @@
+//! The primary session: the guest is live, every input is logged and
+//! shipped to the secondary, every output waits for the secondary's ack.
+//!
+//! Threads and tasks it owns: the shipper (log tail → channel), the
+//! releaser (held outputs → world as acks arrive), on its tokio runtime the
+//! channel, the ack task, the channel-failure task and, with failover, the
+//! heartbeats and the one failover decision. The vCPU thread belongs to the
+//! caller, which plugs [`PrimarySession::input`] and the output sink that
+//! [`PrimarySession::start`] returns into its guest.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use replication::channel::{ChannelConfig, ChannelError, PrimaryChannel};
+use replication::log::LogShared;
+use replication::output_rule::{self, Releaser};
+use replication::record::{LogPosition, Record};
+use replication::recorder::Recorder;
+use vmm::hook::{ExitIndex, GuestSignal, HookError, InputSource, OutputSink};
+use vmm::vcpu::StopHandle;
+
+use crate::control::ControlSocket;
+use crate::failover::{Failover, FailoverConfig, Verdict};
+use crate::observed::Observed;
+use crate::shipper::Shipper;
+use crate::status::{Board, Role};
+
+/// Settings of a primary session.
+pub struct PrimaryConfig {
+    /// The VM's name (`--name`).
+    pub name: String,
+    /// The secondary's address (`--peer`).
+    pub peer: String,
+    pub channel: ChannelConfig,
+    /// `None`: no arbiter, so a lost secondary stops the guest.
+    pub failover: Option<FailoverConfig>,
+    /// The control socket to serve, if any.
+    pub control: Option<PathBuf>,
+    /// How long to keep dialling a secondary that does not answer.
+    pub connect_for: Duration,
+    /// How long winding down waits for the last held outputs' acks.
+    pub drain_for: Duration,
+}
+
+impl PrimaryConfig {
+    pub fn new(name: impl Into<String>, peer: impl Into<String>, channel: ChannelConfig) -> PrimaryConfig {
+        PrimaryConfig {
+            name: name.into(),
+            peer: peer.into(),
+            channel,
+            failover: None,
+            control: None,
+            connect_for: Duration::from_secs(600),
+            drain_for: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a primary session ended.
+#[derive(Debug)]
+pub enum PrimaryEnd {
+    /// The guest ran to its end or was stopped; the secondary was told
+    /// (or was already lost and this copy ran alone, having won).
+    Finished,
+    /// The secondary went live: this copy stopped without releasing
+    /// anything more (exit status 4).
+    LostArbiter,
+    /// The secondary was lost and there is no arbiter: the guest was stopped
+    /// rather than hold outputs forever.
+    SecondaryLost(ChannelError),
+}
+
+/// Where a primary stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Paired: outputs wait for acks.
+    Protected,
+    /// Won the arbiter after losing the secondary: runs unprotected.
+    Alone,
+    /// Lost the arbiter: nothing more may leave.
+    Fenced,
+}
+
+/// The state the session's threads share.
+pub(crate) struct PrimaryShared {
+    phase: Mutex<Phase>,
+    /// Cleared to end the shipper thread.
+    shipping: AtomicBool,
+    /// Set once the guest stopped: a peer lost after that is no failure.
+    guest_ended: AtomicBool,
+    /// The channel's failure while the guest ran.
+    channel_error: Mutex<Option<ChannelError>>,
+    stop: OnceLock<StopHandle>,
+}
+
+impl PrimaryShared {
+    pub(crate) fn phase(&self) -> Phase {
+        *self.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = phase;
+    }
+    pub(crate) fn shipping(&self) -> bool {
+        self.shipping.load(Ordering::SeqCst)
+    }
+    fn stop_guest(&self) {
+        if let Some(stop) = self.stop.get() {
+            stop.stop();
+        }
+    }
+}
+
+/// The live output sink behind the gate.
+pub struct DynSink(pub Box<dyn OutputSink>);
+
+impl OutputSink for DynSink {
+    fn serial(&mut self, exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
+        self.0.serial(exit, bytes)
+    }
+    fn transmit_frame(&mut self, exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        self.0.transmit_frame(exit, frame)
+    }
+    fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
+        self.0.signal(exit, signal)
+    }
+}
+
+pub(crate) type SharedReleaser = Arc<Releaser<DynSink>>;
+
+/// A running primary session.
+pub struct PrimarySession {
+    name: String,
+    board: Arc<Board>,
+    _control: Option<ControlSocket>,
+    rt: tokio::runtime::Runtime,
+    chan: Arc<PrimaryChannel>,
+    failover: Option<Arc<Failover>>,
+    log: Arc<LogShared>,
+    shared: Arc<PrimaryShared>,
+    releaser: SharedReleaser,
+    drain_for: Duration,
+    shipper_thread: JoinHandle<Result<(), ChannelError>>,
+    releaser_thread: JoinHandle<Result<(), HookError>>,
+}
+
+impl PrimarySession {
+    /// Serve the control socket, wait for the secondary, start heartbeats
+    /// and the shipping machinery. Returns the session and the output sink
+    /// the guest must use (the gate over `live_output`).
+    pub fn start(
+        config: PrimaryConfig,
+        live_output: Box<dyn OutputSink>,
+    ) -> Result<(PrimarySession, Box<dyn OutputSink>)> {
+        let board = Arc::new(Board::new(config.name.clone(), Role::Primary));
+        board.set_state("waiting for the secondary");
+        board.set_peer_address(config.peer.clone());
+        let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
+        let rt = crate::runtime()?;
+        let chan = Arc::new(connect(&rt, &config)?);
+        board.set_peer(true);
+        board.set_state("running");
+        let failover = match &config.failover {
+            Some(f) => Some(Arc::new(rt.block_on(start_failover(f, &board, &config))?)),
+            None => None,
+        };
+        let log = Arc::new(LogShared::default());
+        log.set_acked(LogPosition(0));
+        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let releaser = Arc::new(releaser);
+        let shared = Arc::new(PrimaryShared {
+            phase: Mutex::new(Phase::Protected),
+            shipping: AtomicBool::new(true),
+            guest_ended: AtomicBool::new(false),
+            channel_error: Mutex::new(None),
+            stop: OnceLock::new(),
+        });
+        spawn_ack_task(&rt, &chan, &log, &board, &releaser, failover.clone());
+        spawn_channel_watch(&rt, &chan, &board, &shared, failover.clone());
+        let shipper = Shipper::new(log.clone(), chan.clone(), board.clone(), releaser.clone(), shared.clone());
+        {
+            let s = shipper.clone();
+            log.set_flusher(move || {
+                if let Err(e) = s.ship(true) {
+                    tracing::debug!(error = %e, "shipping the log tail failed");
+                }
+            });
+        }
+        let shipper_thread = shipper.spawn()?;
+        let releaser_thread = {
+            let releaser = releaser.clone();
+            std::thread::Builder::new().name("releaser".into()).spawn(move || releaser.run())?
+        };
+        crate::progress::primary(&board, &log, &releaser)?;
+        eprintln!("ftvm: primary {}: paired with the secondary at {}: protected", config.name, config.peer);
+        let session = PrimarySession {
+            name: config.name,
+            board,
+            _control: control,
+            rt,
+            chan,
+            failover,
+            log,
+            shared,
+            releaser,
+            drain_for: config.drain_for,
+            shipper_thread,
+            releaser_thread,
+        };
+        Ok((session, Box::new(gate)))
+    }
+
+    /// The status board.
+    pub fn board(&self) -> Arc<Board> {
+        self.board.clone()
+    }
+
+    /// The guest's input source: `live` recorded into the log.
+    pub fn input<L: InputSource + 'static>(&self, live: L) -> Box<dyn InputSource> {
+        let log = self.log.clone();
+        Box::new(Observed {
+            inner: Recorder::new(live, self.log.clone()),
+            board: self.board.clone(),
+            position: Arc::new(move || log.appended().0),
+        })
+    }
+
+    /// The guest is about to run: failover may stop it through `stop`.
+    pub fn running(&self, stop: StopHandle) {
+        let _ = self.shared.stop.set(stop);
+        if let Some(f) = self.failover.clone() {
+            let (shared, board, log, releaser) =
+                (self.shared.clone(), self.board.clone(), self.log.clone(), self.releaser.clone());
+            self.rt.spawn(async move {
+                let (loss, verdict) = f.clone().decide().await;
+                board.set_peer(false);
+                if shared.guest_ended.load(Ordering::SeqCst) {
+                    return;
+                }
+                if verdict.won() {
+                    // Carry on alone: every held output may go now.
+                    shared.set_phase(Phase::Alone);
+                    log.set_acked(LogPosition(u64::MAX / 2));
+                    let _ = releaser.release_ready();
+                    board.set_role(Role::Standalone);
+                    board.failure("secondary lost", &loss, std::time::SystemTime::now());
+                    eprintln!("ftvm: primary: the secondary is lost; won the arbiter, running UNPROTECTED");
+                } else {
+                    if let Verdict::Unreachable(e) = &verdict {
+                        tracing::error!(error = %e, "cannot reach the arbiter: stopping the guest");
+                    }
+                    // The other copy lives (or nobody can tell): stop, emit nothing more.
+                    shared.set_phase(Phase::Fenced);
+                    shared.stop_guest();
+                }
+                f.stop_heartbeats();
+            });
+        }
+    }
+
+    /// The guest stopped at `exit`: tell the secondary where, release what
+    /// its acks allow (bounded wait), close the channel, join the threads.
+    pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
+        self.shared.guest_ended.store(true, Ordering::SeqCst);
+        let lost = self.shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if self.shared.phase() == Phase::Fenced {
+            // Not a single held output goes out: the other copy is the live one.
+            self.releaser.stop();
+            self.board.set_state("stopped: lost the arbiter");
+            return Ok(PrimaryEnd::LostArbiter);
+        }
+        self.log.append(Record::Shutdown { exit });
+        self.log.request_flush();
+        let deadline = Instant::now() + self.drain_for;
+        while self.releaser.held() > 0 && Instant::now() < deadline && self.chan.error().is_none() {
+            self.log.wait_changed(Duration::from_millis(10));
+            let _ = self.releaser.release_ready();
+        }
+        self.board.outputs_held.store(self.releaser.held() as u64, Ordering::SeqCst);
+        self.shared.shipping.store(false, Ordering::SeqCst);
+        self.log.request_flush();
+        let shipped = self.shipper_thread.join().map_err(|_| anyhow!("the shipper thread panicked"))?;
+        self.releaser.stop();
+        let _ = self.releaser_thread.join();
+        if let Some(f) = &self.failover {
+            f.stop_heartbeats();
+        }
+        if let Ok(chan) = Arc::try_unwrap(self.chan) {
+            let _ = self.rt.block_on(chan.shutdown());
+        }
+        self.board.set_state("stopped");
+        if let Err(e) = shipped {
+            tracing::debug!(vm = %self.name, error = %e, "the channel closed while winding down");
+        }
+        match lost {
+            Some(e) if self.failover.is_none() => Ok(PrimaryEnd::SecondaryLost(e)),
+            _ => Ok(PrimaryEnd::Finished),
+        }
+    }
+}
+
+/// Dial the secondary until it answers (retryable failures) or refuses.
+fn connect(rt: &tokio::runtime::Runtime, config: &PrimaryConfig) -> Result<PrimaryChannel> {
+    eprintln!("ftvm: primary {}: waiting for the secondary at {}", config.name, config.peer);
+    let started = Instant::now();
+    loop {
+        match rt.block_on(PrimaryChannel::connect(config.peer.as_str(), config.channel.clone())) {
+            Ok(c) => return Ok(c),
+            Err(e) if crate::is_retryable(&e) => {
+                if started.elapsed() > config.connect_for {
+                    return Err(anyhow!(e).context(format!(
+                        "no secondary answered at {} for {} s",
+                        config.peer,
+                        config.connect_for.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => return Err(anyhow!(e).context(format!("the secondary at {} refused the pair", config.peer))),
+        }
+    }
+}
+
+async fn start_failover(f: &FailoverConfig, board: &Board, config: &PrimaryConfig) -> Result<Failover> {
+    let peer = tokio::net::lookup_host(config.peer.as_str())
+        .await?
+        .next()
+        .with_context(|| format!("--peer {} resolves to no address", config.peer))?;
+    let local = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
+    let key = config.channel.key.as_bytes();
+    Failover::start(f, board, &config.name, heartbeat::Role::Primary, key, local, Some(peer)).await
+}
+
+/// Acks from the channel into the log; release what they allow at once.
+fn spawn_ack_task(
+    rt: &tokio::runtime::Runtime,
+    chan: &Arc<PrimaryChannel>,
+    log: &Arc<LogShared>,
+    board: &Arc<Board>,
+    releaser: &SharedReleaser,
+    failover: Option<Arc<Failover>>,
+) {
+    let mut acked = chan.acked();
+    let (log, board, releaser) = (log.clone(), board.clone(), releaser.clone());
+    rt.spawn(async move {
+        loop {
+            let upto = *acked.borrow_and_update();
+            if let Some(f) = &failover {
+                f.note_life();
+            }
+            log.set_acked(upto);
+            // Release what this ack allows right here, without waking the
+            // releaser thread (it remains as the fallback).
+            if let Err(e) = releaser.release_ready() {
+                tracing::warn!(error = %e, "releasing held outputs failed");
+            }
+            board.acked_position.store(upto.0, Ordering::SeqCst);
+            if acked.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// A failed channel: with failover the arbiter decides now; without it the
+/// guest stops rather than hold outputs forever.
+fn spawn_channel_watch(
+    rt: &tokio::runtime::Runtime,
+    chan: &Arc<PrimaryChannel>,
+    board: &Arc<Board>,
+    shared: &Arc<PrimaryShared>,
+    failover: Option<Arc<Failover>>,
+) {
+    let (chan, board, shared) = (chan.clone(), board.clone(), shared.clone());
+    rt.spawn(async move {
+        let e = chan.failed().await;
+        board.set_peer(false);
+        *shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        if shared.guest_ended.load(Ordering::SeqCst) {
+            // Once the guest has stopped, a secondary that replayed to the
+            // end may well close first.
+            return;
+        }
+        match &failover {
+            Some(f) => f.channel_failed(),
+            None => shared.stop_guest(),
+        }
+    });
+}

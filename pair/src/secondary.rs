@@ -1,0 +1,402 @@
+//! The secondary session: replays the primary's log with outputs
+//! suppressed, acks each batch once stored, and goes live when the primary
+//! is lost and the arbiter is won.
+//!
+//! Tasks it owns on its tokio runtime: the receiving task (channel →
+//! record queue → replayer; acks; released reports), with failover the
+//! heartbeats and the one failover decision, and with `--ack-delay-ms` the
+//! ack delayer. The vCPU thread belongs to the caller, which plugs the
+//! input and output that [`SecondarySession::hooks`] returns into its guest.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{anyhow, Context, Result};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use replication::channel::{Acker, ChannelConfig, ChannelError, SecondaryChannel};
+use replication::go_live::{Attach, Decision, LiveWorld, SwitchInput, SwitchOutput};
+use replication::record::{LogPosition, Record};
+use replication::replayer::Replayer;
+use replication::suppressed::HeldOutputs;
+use tokio::sync::Notify;
+use vmm::hook::{HookError, InputSource, OutputSink};
+use vmm::vcpu::{RunOutcome, StopHandle, VcpuError};
+use vmm::VmError;
+
+use crate::control::ControlSocket;
+use crate::failover::{Failover, FailoverConfig, Verdict};
+use crate::observed::Observed;
+use crate::queues::{self, DelayedAck, RECEIVE_BACKOFF};
+use crate::status::{Board, Loss, Role};
+
+/// Settings of a secondary session.
+pub struct SecondaryConfig {
+    pub name: String,
+    /// `--listen`.
+    pub listen: String,
+    pub channel: ChannelConfig,
+    /// `None`: no arbiter, so a lost primary ends replay.
+    pub failover: Option<FailoverConfig>,
+    pub control: Option<PathBuf>,
+    /// `--ack-delay-ms` (a test knob): each ack leaves this long after its
+    /// batch arrived.
+    pub ack_delay: Duration,
+}
+
+impl SecondaryConfig {
+    pub fn new(name: impl Into<String>, listen: impl Into<String>, channel: ChannelConfig) -> SecondaryConfig {
+        SecondaryConfig {
+            name: name.into(),
+            listen: listen.into(),
+            channel,
+            failover: None,
+            control: None,
+            ack_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Builds the live world at go-live from the last logged clock reading
+/// (ns) and the fd a live HLT sleep must also wait on.
+pub type MakeLive = Box<dyn FnOnce(u64, RawFd) -> Result<LiveWorld, HookError> + Send>;
+
+/// How a secondary session ended.
+#[derive(Debug)]
+pub enum SecondaryEnd {
+    /// It went live; the guest then ended as the outcome says.
+    WentLive(Result<RunOutcome, VmError>),
+    /// The primary lives and holds the arbiter: this copy stopped (exit 4).
+    LostArbiter,
+    /// The primary could not be declared lost safely (arbiter unreachable):
+    /// this copy stopped without going live.
+    ArbiterUnreachable(heartbeat::ArbiterError),
+    /// The primary ended cleanly and replay reached the same point.
+    PrimaryStopped,
+    /// The primary was lost and there is no arbiter: replay ended there.
+    PrimaryLost(ChannelError),
+    /// Replay diverged from the log.
+    Diverged(HookError),
+    /// Anything else the guest did.
+    Guest(Result<RunOutcome, VmError>),
+}
+
+/// The state the session's tasks share.
+#[derive(Default)]
+struct SecondaryShared {
+    /// The primary's clean end arrived.
+    clean_end: AtomicBool,
+    /// The channel's failure.
+    channel_error: Mutex<Option<ChannelError>>,
+    /// The failover decision, once made.
+    verdict: Mutex<Option<(Loss, SystemTime, Verdict)>>,
+    /// The exit index at which the guest went live (0: not live).
+    went_live_at: Arc<AtomicU64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running secondary session.
+pub struct SecondarySession {
+    board: Arc<Board>,
+    _control: Option<ControlSocket>,
+    _rt: tokio::runtime::Runtime,
+    shared: Arc<SecondaryShared>,
+    held: Arc<HeldOutputs>,
+    consumed: Arc<AtomicU64>,
+    records: Receiver<Record>,
+    decisions: Receiver<Decision>,
+    local: std::net::SocketAddr,
+}
+
+impl SecondarySession {
+    /// Serve the control socket, wait for an authenticated primary, then
+    /// start receiving, heartbeats and the failover decision.
+    pub fn accept(config: SecondaryConfig) -> Result<SecondarySession> {
+        let board = Arc::new(Board::new(config.name.clone(), Role::Secondary));
+        board.set_state("waiting for the primary");
+        let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
+        let rt = crate::runtime()?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(config.listen.as_str()))
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local = listener.local_addr()?;
+        eprintln!("ftvm: secondary {}: waiting for the primary on {local}", config.name);
+        let chan = accept(&rt, &listener, &config)?;
+        board.set_peer(true);
+        board.set_state("replaying");
+        let failover = match &config.failover {
+            Some(f) => {
+                let key = config.channel.key.as_bytes();
+                let role = heartbeat::Role::Secondary;
+                Some(Arc::new(rt.block_on(Failover::start(f, &board, &config.name, role, key, local, None))?))
+            }
+            None => None,
+        };
+        let shared = Arc::new(SecondaryShared::default());
+        let held = Arc::new(HeldOutputs::default());
+        let (tx, records) = queues::received_records();
+        let cancel = Arc::new(Notify::new());
+        let receiving = Receiving {
+            board: board.clone(),
+            shared: shared.clone(),
+            held: held.clone(),
+            failover: failover.clone(),
+            tx,
+            cancel: cancel.clone(),
+            delayed: spawn_ack_delayer(&rt, &chan, config.ack_delay),
+            ack_delay: config.ack_delay,
+        };
+        rt.spawn(receiving.run(chan));
+        let (decide, decisions) = queues::decisions();
+        if let Some(f) = failover {
+            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, decide));
+        }
+        let consumed = Arc::new(AtomicU64::new(0));
+        crate::progress::secondary(&board, &consumed)?;
+        eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
+        Ok(SecondarySession { board, _control: control, _rt: rt, shared, held, consumed, records, decisions, local })
+    }
+
+    /// The status board.
+    pub fn board(&self) -> Arc<Board> {
+        self.board.clone()
+    }
+
+    /// The address the session listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local
+    }
+
+    /// The guest's input source (replay, then live) as a factory taking the
+    /// guest's stop handle, and its output sink (suppressed, then live).
+    pub fn hooks(
+        &self,
+        make_live: MakeLive,
+    ) -> (impl FnOnce(&StopHandle) -> Box<dyn InputSource>, Box<dyn OutputSink>) {
+        let (output, slot) = SwitchOutput::new(self.held.clone(), self.consumed.clone());
+        let (board, shared, held, consumed) =
+            (self.board.clone(), self.shared.clone(), self.held.clone(), self.consumed.clone());
+        let (records, decisions) = (self.records.clone(), self.decisions.clone());
+        let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
+            let wake = stop.wake_fd();
+            let went = shared.went_live_at.clone();
+            let live_board = board.clone();
+            let attach: Attach = Box::new(move |clock: u64| {
+                let world = make_live(clock, wake)?;
+                live_board.set_role(Role::Standalone);
+                live_board.set_state("running: live, unprotected");
+                if let Some((loss, at, _)) = lock(&shared.verdict).as_ref() {
+                    live_board.failure("primary lost", loss, *at);
+                }
+                eprintln!("ftvm: secondary {}: went live; running UNPROTECTED", live_board.snapshot().name);
+                Ok(world)
+            });
+            let replayer = Replayer::new(records, stop.clone(), consumed.clone());
+            let switch = SwitchInput::new(replayer, decisions, attach, slot, held, stop.clone(), went);
+            Box::new(Observed { inner: switch, board, position: Arc::new(move || consumed.load(Ordering::Relaxed)) })
+        };
+        (input, Box::new(output))
+    }
+
+    /// The guest stopped: say how the session ended.
+    pub fn finish(self, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
+        self.board.set_state("stopped");
+        if self.shared.went_live_at.load(Ordering::SeqCst) > 0 {
+            return SecondaryEnd::WentLive(outcome);
+        }
+        match lock(&self.shared.verdict).take() {
+            Some((_, _, Verdict::Lost)) => return SecondaryEnd::LostArbiter,
+            Some((_, _, Verdict::Unreachable(e))) => return SecondaryEnd::ArbiterUnreachable(e),
+            _ => {}
+        }
+        match outcome {
+            Err(VmError::Vcpu(VcpuError::Hook { source: HookError::Ended { .. }, .. })) => {
+                match lock(&self.shared.channel_error).take() {
+                    Some(e) if !self.shared.clean_end.load(Ordering::SeqCst) => SecondaryEnd::PrimaryLost(e),
+                    _ => SecondaryEnd::PrimaryStopped,
+                }
+            }
+            Err(VmError::Vcpu(VcpuError::Hook { source: e @ HookError::Diverged { .. }, .. })) => {
+                self.board.count_divergence();
+                SecondaryEnd::Diverged(e)
+            }
+            other => SecondaryEnd::Guest(other),
+        }
+    }
+}
+
+/// Wait for an authenticated primary of the same guest. A wrong key, a
+/// broken or idle connection, garbage or another protocol version is
+/// refused and the wait goes on; only an authenticated primary of another
+/// guest ends it.
+fn accept(
+    rt: &tokio::runtime::Runtime,
+    listener: &tokio::net::TcpListener,
+    config: &SecondaryConfig,
+) -> Result<SecondaryChannel> {
+    loop {
+        match rt.block_on(SecondaryChannel::accept(listener, config.channel.clone())) {
+            Ok(c) => return Ok(c),
+            Err(e @ ChannelError::IdentityMismatch { .. }) => {
+                return Err(anyhow!(e).context("the primary's guest does not match this one"));
+            }
+            Err(e) => eprintln!("ftvm: secondary {}: refused a connection: {e}", config.name),
+        }
+    }
+}
+
+/// The ack-delay test knob: acks leave in order, each `delay` after its
+/// batch arrived, without slowing the receiving down.
+fn spawn_ack_delayer(
+    rt: &tokio::runtime::Runtime,
+    chan: &SecondaryChannel,
+    delay: Duration,
+) -> Option<tokio::sync::mpsc::Sender<DelayedAck>> {
+    if delay.is_zero() {
+        return None;
+    }
+    let (tx, mut rx) = queues::delayed_acks();
+    let acker: Acker = chan.acker();
+    rt.spawn(async move {
+        while let Some((at, upto)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if acker.ack(upto).is_err() {
+                return;
+            }
+        }
+    });
+    Some(tx)
+}
+
+/// The receiving task's state.
+struct Receiving {
+    board: Arc<Board>,
+    shared: Arc<SecondaryShared>,
+    held: Arc<HeldOutputs>,
+    failover: Option<Arc<Failover>>,
+    tx: Sender<Record>,
+    cancel: Arc<Notify>,
+    delayed: Option<tokio::sync::mpsc::Sender<DelayedAck>>,
+    ack_delay: Duration,
+}
+
+impl Receiving {
+    /// Receive batches, queue their records for the replayer, ack them;
+    /// forget held outputs the primary released. Dropping `tx` at the end
+    /// lets the replayer see the end of the log.
+    async fn run(self, mut chan: SecondaryChannel) {
+        let mut released = chan.released();
+        loop {
+            tokio::select! {
+                () = self.cancel.notified() => break,
+                batch = chan.recv() => match batch {
+                    Ok(Some(batch)) => {
+                        let last = batch.last();
+                        if !self.store(batch.records).await {
+                            break;
+                        }
+                        if let Err(e) = self.ack(&chan, last).await {
+                            self.channel_failed(e);
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        self.shared.clean_end.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                    Err(e) => {
+                        self.channel_failed(e);
+                        break;
+                    }
+                },
+                changed = released.changed() => {
+                    if changed.is_err() { continue; }
+                    let upto = *released.borrow_and_update();
+                    self.held.released(upto.0);
+                    self.board.released_position.store(upto.0, Ordering::SeqCst);
+                    self.board.outputs_held.store(self.held.len() as u64, Ordering::SeqCst);
+                }
+            }
+        }
+        self.board.set_peer(false);
+    }
+
+    /// Queue records for the replayer; while the queue is full, wait (the
+    /// channel is not read, so acks stop and the primary sees the lag).
+    /// `false` when the replayer is gone or the session is cancelled.
+    async fn store(&self, records: Vec<Record>) -> bool {
+        let n = records.len() as u64;
+        if let Some(f) = &self.failover {
+            // Log traffic is a sign of life too.
+            f.note_life();
+        }
+        for r in records {
+            let mut r = r;
+            loop {
+                match self.tx.try_send(r) {
+                    Ok(()) => break,
+                    Err(TrySendError::Disconnected(_)) => return false,
+                    Err(TrySendError::Full(back)) => {
+                        r = back;
+                        tokio::select! {
+                            () = self.cancel.notified() => return false,
+                            () = tokio::time::sleep(RECEIVE_BACKOFF) => {}
+                        }
+                    }
+                }
+            }
+        }
+        self.board.received.fetch_add(n, Ordering::SeqCst);
+        true
+    }
+
+    /// Stored (in order, in memory): acknowledge now, or after the delay.
+    async fn ack(&self, chan: &SecondaryChannel, last: LogPosition) -> Result<(), ChannelError> {
+        match &self.delayed {
+            Some(d) => {
+                let _ = d.send((tokio::time::Instant::now() + self.ack_delay, last)).await;
+                Ok(())
+            }
+            None => chan.ack(last),
+        }
+    }
+
+    fn channel_failed(&self, e: ChannelError) {
+        *lock(&self.shared.channel_error) = Some(e);
+        if let Some(f) = &self.failover {
+            f.channel_failed();
+        }
+    }
+}
+
+/// When the primary is lost, claim the arbiter; the replayer then finishes
+/// the received log and goes live (or stops, having lost).
+async fn decide_failover(
+    f: Arc<Failover>,
+    board: Arc<Board>,
+    shared: Arc<SecondaryShared>,
+    cancel: Arc<Notify>,
+    decide: Sender<Decision>,
+) {
+    let loss = f.peer_lost().await;
+    if shared.clean_end.load(Ordering::SeqCst) {
+        return;
+    }
+    board.set_peer(false);
+    cancel.notify_one();
+    let verdict = f.claim(&loss).await;
+    let decision = if verdict.won() { Decision::GoLive } else { Decision::Stop };
+    if let Verdict::Unreachable(e) = &verdict {
+        tracing::error!(error = %e, "cannot reach the arbiter: not going live");
+    }
+    *lock(&shared.verdict) = Some((loss, SystemTime::now(), verdict));
+    // A live copy sends no heartbeats as a secondary any more; a stopping
+    // one neither.
+    f.stop_heartbeats();
+    let _ = decide.send(decision);
+}

@@ -1,0 +1,349 @@
+//! What `ftvm status` reports: a live [`Board`] that the session's threads
+//! update, and the plain [`Status`] snapshot it serialises to.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+/// The role of a VMM process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Its guest is live and protected: outputs wait for the secondary.
+    Primary,
+    /// It replays the primary's log, outputs suppressed.
+    Secondary,
+    /// Its guest is live and unprotected (after a go-live, or a primary that
+    /// carried on alone).
+    Standalone,
+}
+
+/// Whether the peer is heard from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    Up,
+    Down,
+}
+
+/// How a side learnt that its peer is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Detection {
+    /// `--dead-after` intervals without a heartbeat or log traffic.
+    #[serde(rename = "heartbeat silence")]
+    Silence,
+    /// The logging channel closed or failed without the peer's `Shutdown`.
+    #[serde(rename = "log channel closed")]
+    ChannelClosed,
+}
+
+impl Detection {
+    /// As `last_failure.detected_by` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detection::Silence => "heartbeat silence",
+            Detection::ChannelClosed => "log channel closed",
+        }
+    }
+}
+
+/// One failure and how it was handled, with the thesis' metrics.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FailureEvent {
+    /// `primary lost` or `secondary lost`.
+    pub kind: &'static str,
+    pub detected_by: Detection,
+    /// When it was decided, RFC 3339 UTC.
+    pub at: String,
+    /// Last sign of life → declared lost.
+    pub reaction_ms: f64,
+    /// Declared lost → service resumed (arbiter won, live world attached).
+    pub recovery_ms: f64,
+    /// `reaction_ms + recovery_ms`.
+    pub outage_ms: f64,
+    /// Failure → redundancy restored; null until repair exists.
+    pub repair_ms: Option<f64>,
+}
+
+/// Heartbeat counters, when failover is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct HeartbeatCounts {
+    pub sent: u64,
+    pub accepted: u64,
+    pub forged: u64,
+    pub replayed: u64,
+    pub foreign: u64,
+    pub malformed: u64,
+}
+
+impl From<heartbeat::ServiceStats> for HeartbeatCounts {
+    fn from(s: heartbeat::ServiceStats) -> Self {
+        HeartbeatCounts {
+            sent: s.sent,
+            accepted: s.received.accepted,
+            forged: s.received.forged,
+            replayed: s.received.replayed,
+            foreign: s.received.foreign,
+            malformed: s.received.malformed,
+        }
+    }
+}
+
+/// `ftvm status --json`: one object. Fields that do not apply to the role
+/// are null (a standalone has no acks and no replay lag).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub role: Role,
+    /// What the process is doing, in words.
+    pub state: String,
+    pub uptime_s: f64,
+    pub exit_index: u64,
+    /// Primary: records appended; secondary: records replayed.
+    pub log_position: u64,
+    /// Primary: acknowledged by the secondary; secondary: received.
+    pub acked_position: Option<u64>,
+    /// Positions whose outputs have all been released.
+    pub released_position: u64,
+    /// Primary: records not yet acknowledged; secondary: received, not yet
+    /// replayed.
+    pub replay_lag_records: Option<u64>,
+    pub divergences: u64,
+    /// Outputs waiting for an ack (primary) or kept for re-emission
+    /// (secondary).
+    pub outputs_held: u64,
+    /// Primary: encoded bytes of the records shipped.
+    pub log_bytes: u64,
+    pub peer: PeerState,
+    /// The peer's address (`--peer`, or where the primary connected from).
+    pub peer_address: Option<String>,
+    /// `--arbiter`, and its generation when the pair formed.
+    pub arbiter: Option<String>,
+    pub arbiter_generation: Option<u64>,
+    pub last_failure: Option<FailureEvent>,
+    pub heartbeats: Option<HeartbeatCounts>,
+}
+
+/// The live status, updated by the session's threads.
+pub struct Board {
+    name: String,
+    started: Instant,
+    role: Mutex<Role>,
+    state: Mutex<String>,
+    pub(crate) exit_index: AtomicU64,
+    pub(crate) log_position: AtomicU64,
+    pub(crate) acked_position: AtomicU64,
+    pub(crate) released_position: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) divergences: AtomicU64,
+    pub(crate) outputs_held: AtomicU64,
+    pub(crate) log_bytes: AtomicU64,
+    peer_up: AtomicBool,
+    peer_address: Mutex<Option<String>>,
+    arbiter: Mutex<Option<(String, u64)>>,
+    last_failure: Mutex<Option<FailureEvent>>,
+    heartbeats: OnceLock<tokio::sync::watch::Receiver<heartbeat::ServiceStats>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Board {
+    pub fn new(name: impl Into<String>, role: Role) -> Board {
+        Board {
+            name: name.into(),
+            started: Instant::now(),
+            role: Mutex::new(role),
+            state: Mutex::new(String::new()),
+            exit_index: AtomicU64::new(0),
+            log_position: AtomicU64::new(0),
+            acked_position: AtomicU64::new(0),
+            released_position: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            divergences: AtomicU64::new(0),
+            outputs_held: AtomicU64::new(0),
+            log_bytes: AtomicU64::new(0),
+            peer_up: AtomicBool::new(false),
+            peer_address: Mutex::new(None),
+            arbiter: Mutex::new(None),
+            last_failure: Mutex::new(None),
+            heartbeats: OnceLock::new(),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        *lock(&self.role)
+    }
+
+    pub fn set_role(&self, role: Role) {
+        *lock(&self.role) = role;
+    }
+
+    pub fn set_state(&self, state: impl Into<String>) {
+        *lock(&self.state) = state.into();
+    }
+
+    pub fn set_peer(&self, up: bool) {
+        self.peer_up.store(up, Ordering::SeqCst);
+    }
+
+    pub fn set_peer_address(&self, address: impl Into<String>) {
+        *lock(&self.peer_address) = Some(address.into());
+    }
+
+    pub fn set_arbiter(&self, spec: &str, generation: u64) {
+        *lock(&self.arbiter) = Some((spec.to_string(), generation));
+    }
+
+    pub fn count_divergence(&self) {
+        self.divergences.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn watch_heartbeats(&self, stats: tokio::sync::watch::Receiver<heartbeat::ServiceStats>) {
+        let _ = self.heartbeats.set(stats);
+    }
+
+    /// Record a failure and log it as one structured event.
+    pub fn failure(&self, kind: &'static str, loss: &Loss, at: SystemTime) {
+        let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+        let (reaction, recovery) = (loss.reaction(), loss.decided.elapsed());
+        let event = FailureEvent {
+            kind,
+            detected_by: loss.by,
+            at: rfc3339(at),
+            reaction_ms: ms(reaction),
+            recovery_ms: ms(recovery),
+            outage_ms: ms(reaction + recovery),
+            repair_ms: None,
+        };
+        tracing::warn!(
+            kind,
+            detected_by = loss.by.as_str(),
+            reaction_ms = event.reaction_ms,
+            recovery_ms = event.recovery_ms,
+            outage_ms = event.outage_ms,
+            "failure handled"
+        );
+        *lock(&self.last_failure) = Some(event);
+    }
+
+    pub fn last_failure(&self) -> Option<FailureEvent> {
+        lock(&self.last_failure).clone()
+    }
+
+    /// The status now.
+    pub fn snapshot(&self) -> Status {
+        let role = self.role();
+        let log = self.log_position.load(Ordering::SeqCst);
+        let acked = self.acked_position.load(Ordering::SeqCst);
+        let received = self.received.load(Ordering::SeqCst);
+        let (acked_position, lag) = match role {
+            Role::Primary => (Some(acked), Some(log.saturating_sub(acked))),
+            Role::Secondary => (Some(received), Some(received.saturating_sub(log))),
+            Role::Standalone => (None, None),
+        };
+        let arbiter = lock(&self.arbiter).clone();
+        Status {
+            name: self.name.clone(),
+            role,
+            state: lock(&self.state).clone(),
+            uptime_s: (self.started.elapsed().as_secs_f64() * 1e3).round() / 1e3,
+            exit_index: self.exit_index.load(Ordering::SeqCst),
+            log_position: log,
+            acked_position,
+            released_position: self.released_position.load(Ordering::SeqCst),
+            replay_lag_records: lag,
+            divergences: self.divergences.load(Ordering::SeqCst),
+            outputs_held: self.outputs_held.load(Ordering::SeqCst),
+            log_bytes: self.log_bytes.load(Ordering::SeqCst),
+            peer: if self.peer_up.load(Ordering::SeqCst) { PeerState::Up } else { PeerState::Down },
+            peer_address: lock(&self.peer_address).clone(),
+            arbiter: arbiter.as_ref().map(|(spec, _)| spec.clone()),
+            arbiter_generation: arbiter.map(|(_, g)| g),
+            last_failure: self.last_failure(),
+            heartbeats: self.heartbeats.get().map(|w| HeartbeatCounts::from(*w.borrow())),
+        }
+    }
+}
+
+/// A lost peer: when it was last heard, when it was declared lost, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Loss {
+    pub last_heard: Instant,
+    pub decided: Instant,
+    pub by: Detection,
+}
+
+impl Loss {
+    pub fn reaction(&self) -> Duration {
+        self.decided.saturating_duration_since(self.last_heard)
+    }
+}
+
+/// `at` as RFC 3339 UTC, to the millisecond.
+pub fn rfc3339(at: SystemTime) -> String {
+    let d = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_798_675_200_123);
+        assert_eq!(rfc3339(t), "2026-12-31T00:00:00.123Z");
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn fields_follow_the_role() {
+        let b = Board::new("kv", Role::Primary);
+        b.log_position.store(10, Ordering::SeqCst);
+        b.acked_position.store(7, Ordering::SeqCst);
+        let s = b.snapshot();
+        assert_eq!((s.acked_position, s.replay_lag_records), (Some(7), Some(3)));
+        b.set_role(Role::Standalone);
+        let v = serde_json::to_value(b.snapshot()).unwrap();
+        assert_eq!(v["role"], "standalone");
+        assert!(v["acked_position"].is_null() && v["replay_lag_records"].is_null(), "{v}");
+        assert_eq!(v["peer"], "down");
+        assert_eq!(v["name"], "kv");
+    }
+
+    #[test]
+    fn failure_times_rounded_to_microseconds() {
+        let b = Board::new("kv", Role::Secondary);
+        let now = Instant::now();
+        let loss = Loss { last_heard: now - Duration::from_nanos(5_266_322_001), decided: now, by: Detection::Silence };
+        b.failure("primary lost", &loss, SystemTime::now());
+        let v = serde_json::to_value(b.snapshot()).unwrap();
+        assert_eq!(v["last_failure"]["reaction_ms"], 5266.322);
+        assert_eq!(v["last_failure"]["detected_by"], "heartbeat silence");
+        assert!(v["last_failure"]["repair_ms"].is_null());
+    }
+}

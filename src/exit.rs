@@ -1,0 +1,22 @@
+//! Exit statuses of `ftvm`: stable, documented in README, and relied on by
+//! the cluster manager integrations.
+//!
+//! | status | meaning |
+//! | --- | --- |
+//! | 0 | the guest powered off cleanly (or, for a secondary, the primary ended cleanly and replay reached the same point) |
+//! | 1 | error: one clear line on stderr |
+//! | 2 | bad usage: a command line that cannot be parsed, or a flag value invalid in itself |
+//! | 3 | guest fault (pvpanic, triple fault, an exit nothing serves) |
+//! | 4 | lost the arbiter: this copy stopped so that the other could live |
+//! | 128+N | stopped by signal N (SIGINT, SIGTERM, SIGHUP) |
+
+/// An error that is not the command line's fault.
+pub const EXIT_ERROR: i32 = 1;
+/// Bad usage. clap uses the same value for its errors.
+pub const EXIT_USAGE: i32 = 2;
+/// The guest faulted.
+pub const EXIT_GUEST_FAULT: i32 = 3;
+/// Lost the arbiter; this copy stopped so that the other lives.
+pub const EXIT_LOST_ARBITER: i32 = 4;
+/// Base of "stopped by signal N": 128 + N, as shells report it.
+pub const EXIT_SIGNAL_BASE: i32 = 128;

@@ -1,0 +1,185 @@
+//! `ftvm primary` and `ftvm secondary`: the wiring of the `pair` crate's
+//! sessions to a KVM guest built from the command line's settings, and the
+//! mapping of how a session ended to an exit status.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use pair::{
+    FailoverConfig, PrimaryConfig, PrimaryEnd, PrimarySession, SecondaryConfig, SecondaryEnd, SecondarySession,
+};
+use replication::channel::ChannelConfig;
+use replication::frame::GuestIdentity;
+use replication::key::SharedKey;
+use sha2::{Digest, Sha256};
+use vmm::world::{LiveInput, LiveOutput};
+use vmm::{Vm, VmConfig};
+
+use crate::config::GuestSettings;
+use crate::exit::EXIT_LOST_ARBITER;
+
+/// Settings of a pair process beyond the guest's.
+pub struct PairSettings {
+    pub key_file: PathBuf,
+    pub control: PathBuf,
+    pub digest_every: u64,
+    pub state_dump: Option<PathBuf>,
+    /// `--arbiter file:PATH`: enables failover. Without it a pair process
+    /// that loses its peer stops (no arbiter, no way to rule out two live
+    /// copies).
+    pub arbiter: Option<String>,
+    pub heartbeat: Duration,
+    pub dead_after: u32,
+}
+
+impl PairSettings {
+    fn failover(&self) -> Option<FailoverConfig> {
+        self.arbiter.as_ref().map(|a| FailoverConfig::new(a.clone(), self.heartbeat, self.dead_after))
+    }
+
+    fn channel(&self, elf: &[u8], settings: &GuestSettings) -> Result<ChannelConfig> {
+        let key = SharedKey::from_file(&self.key_file)?;
+        Ok(ChannelConfig::new(key, identity(elf, settings)))
+    }
+}
+
+/// The guest settings both hosts must agree on, as the handshake compares
+/// them: image digest, memory size, and a digest of the guest-visible
+/// settings (MAC, IP, gateway, params, whether it has a NIC).
+pub fn identity(elf: &[u8], settings: &GuestSettings) -> GuestIdentity {
+    let image: [u8; 32] = Sha256::digest(elf).into();
+    let canonical = format!(
+        "mac={:02x?};ip={:?};gateway={:?};params={:?};nic={}",
+        settings.mac,
+        settings.ip,
+        settings.gateway,
+        settings.params,
+        settings.tap.is_some()
+    );
+    let config: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
+    GuestIdentity { image, memory_bytes: settings.memory_mib << 20, config }
+}
+
+/// `ftvm status`: read a pair process's control socket.
+pub fn status(control: &Path, json: bool) -> Result<()> {
+    let v = pair::control::query(control)?;
+    if json {
+        println!("{v}");
+    } else {
+        print!("{}", pair::control::human(&v));
+    }
+    Ok(())
+}
+
+/// Write the final vCPU state and all guest memory to `path` (tests compare
+/// the primary's and the secondary's byte for byte).
+fn dump_state(vm: &mut Vm, memory_mib: u64, path: &Path) -> Result<()> {
+    use vm_memory::Bytes;
+    let vcpu = vm.vcpu_state().context("cannot read the final vCPU state")?;
+    let mut mem = vec![0u8; usize::try_from(memory_mib << 20)?];
+    vm.memory().read_slice(&mut mem, vm_memory::GuestAddress(0)).context("cannot read guest memory")?;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(&vmm::state::encode(vmm::digest::VcpuState::VERSION, &vcpu))?;
+    f.write_all(&mem)?;
+    Ok(())
+}
+
+/// `ftvm primary`.
+pub fn primary(
+    settings: &GuestSettings,
+    config: VmConfig,
+    tap: Option<Arc<vmm::tap::Tap>>,
+    serial: Box<dyn Write + Send>,
+    pair: &PairSettings,
+    peer: &str,
+) -> Result<i32> {
+    let mut session_config = PrimaryConfig::new(&settings.name, peer, pair.channel(&config.elf, settings)?);
+    session_config.failover = pair.failover();
+    session_config.control = Some(pair.control.clone());
+    let mut output = LiveOutput::new(serial);
+    if let Some(t) = &tap {
+        output = output.with_tap(t.clone());
+    }
+    let (session, gate) = PrimarySession::start(session_config, Box::new(output))?;
+    let input = |stop: &vmm::vcpu::StopHandle| {
+        let live = LiveInput::new(0, vec![stop.wake_fd()]);
+        session.input(match tap {
+            Some(t) => live.with_tap(t),
+            None => live,
+        })
+    };
+    let mut vm = Vm::new(&config, input, gate).with_context(|| format!("cannot start guest {}", settings.name))?;
+    session.running(vm.stop_handle());
+    let caught = crate::stop_on_signals(&vm)?;
+    let outcome = vm.run();
+    let exit = vm.exit_index();
+    match session.finish(exit)? {
+        PrimaryEnd::LostArbiter => {
+            eprintln!(
+                "ftvm: primary {}: lost the arbiter: the secondary went live; stopped at guest exit #{exit} without releasing anything",
+                settings.name
+            );
+            return Ok(EXIT_LOST_ARBITER);
+        }
+        PrimaryEnd::SecondaryLost(e) => {
+            if let Some(path) = &pair.state_dump {
+                dump_state(&mut vm, config.memory_mib, path)?;
+            }
+            return Err(anyhow!(e).context(format!(
+                "primary {}: the secondary is lost and there is no --arbiter, so the guest stopped at guest exit #{exit}",
+                settings.name
+            )));
+        }
+        PrimaryEnd::Finished => {}
+    }
+    if let Some(path) = &pair.state_dump {
+        dump_state(&mut vm, config.memory_mib, path)?;
+    }
+    crate::finish(settings, outcome, &caught)
+}
+
+/// `ftvm secondary`: the guest's NIC is attached (the device state must
+/// match the primary's) but its TAP is opened only at go-live.
+pub fn secondary(
+    settings: &GuestSettings,
+    config: VmConfig,
+    serial: Box<dyn Write + Send>,
+    pair: &PairSettings,
+    listen: &str,
+    ack_delay: Duration,
+) -> Result<i32> {
+    let mut session_config = SecondaryConfig::new(&settings.name, listen, pair.channel(&config.elf, settings)?);
+    session_config.failover = pair.failover();
+    session_config.control = Some(pair.control.clone());
+    session_config.ack_delay = ack_delay;
+    let session = SecondarySession::accept(session_config)?;
+    let (input, output) = session.hooks(pair::live::tap_world(settings.tap.clone(), settings.mac, settings.ip, serial));
+    let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let caught = crate::stop_on_signals(&vm)?;
+    let outcome = vm.run();
+    if let Some(path) = &pair.state_dump {
+        dump_state(&mut vm, config.memory_mib, path)?;
+    }
+    let (name, exit) = (&settings.name, vm.exit_index());
+    match session.finish(outcome) {
+        SecondaryEnd::WentLive(outcome) | SecondaryEnd::Guest(outcome) => crate::finish(settings, outcome, &caught),
+        SecondaryEnd::LostArbiter => {
+            eprintln!("ftvm: secondary {name}: the primary is unreachable but holds the arbiter; stopped at guest exit #{exit}");
+            Ok(EXIT_LOST_ARBITER)
+        }
+        SecondaryEnd::ArbiterUnreachable(e) => Err(anyhow!(e).context(format!(
+            "secondary {name}: the primary is lost but the arbiter cannot be reached, so this copy stopped at guest exit #{exit} without going live"
+        ))),
+        SecondaryEnd::PrimaryStopped => {
+            eprintln!("ftvm: secondary {name}: the primary stopped; replayed to guest exit #{exit}");
+            Ok(0)
+        }
+        SecondaryEnd::PrimaryLost(e) => Err(anyhow!(e).context(format!(
+            "secondary {name}: primary lost; no --arbiter, so this copy stops (replayed to guest exit #{exit})"
+        ))),
+        SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
+    }
+}
