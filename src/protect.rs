@@ -164,7 +164,13 @@ pub fn secondary(
         dump_state(&mut vm, config.memory_mib, path)?;
     }
     let (name, exit) = (&settings.name, vm.exit_index());
-    match session.finish(outcome) {
+    let end = session.finish(outcome);
+    let signal = caught.load(std::sync::atomic::Ordering::SeqCst);
+    if signal != 0 && !matches!(end, SecondaryEnd::WentLive(_)) {
+        eprintln!("ftvm: secondary {name}: stopped by signal {signal} at guest exit #{exit}");
+        return Ok(crate::exit::EXIT_SIGNAL_BASE + signal);
+    }
+    match end {
         SecondaryEnd::WentLive(outcome) | SecondaryEnd::Guest(outcome) => crate::finish(settings, outcome, &caught),
         SecondaryEnd::LostArbiter => {
             eprintln!("ftvm: secondary {name}: the primary is unreachable but holds the arbiter; stopped at guest exit #{exit}");

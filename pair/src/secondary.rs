@@ -22,6 +22,7 @@ use replication::record::{LogPosition, Record};
 use replication::replayer::Replayer;
 use replication::suppressed::HeldOutputs;
 use tokio::sync::Notify;
+use vmm::devices::DeviceError;
 use vmm::hook::{HookError, InputSource, OutputSink};
 use vmm::vcpu::{RunOutcome, StopHandle, VcpuError};
 use vmm::VmError;
@@ -78,7 +79,7 @@ pub enum SecondaryEnd {
     /// The primary was lost and there is no arbiter: replay ended there.
     PrimaryLost(ChannelError),
     /// Replay diverged from the log.
-    Diverged(HookError),
+    Diverged(VmError),
     /// Anything else the guest did.
     Guest(Result<RunOutcome, VmError>),
 }
@@ -86,7 +87,8 @@ pub enum SecondaryEnd {
 /// The state the session's tasks share.
 #[derive(Default)]
 struct SecondaryShared {
-    /// The primary's clean end arrived.
+    /// The primary's clean end arrived (its Shutdown record, or the
+    /// channel's orderly close).
     clean_end: AtomicBool,
     /// The channel's failure.
     channel_error: Mutex<Option<ChannelError>>,
@@ -214,19 +216,30 @@ impl SecondarySession {
             Some((_, _, Verdict::Unreachable(e))) => return SecondaryEnd::ArbiterUnreachable(e),
             _ => {}
         }
-        match outcome {
-            Err(VmError::Vcpu(VcpuError::Hook { source: HookError::Ended { .. }, .. })) => {
-                match lock(&self.shared.channel_error).take() {
-                    Some(e) if !self.shared.clean_end.load(Ordering::SeqCst) => SecondaryEnd::PrimaryLost(e),
-                    _ => SecondaryEnd::PrimaryStopped,
+        match outcome.as_ref().err().and_then(hook_error) {
+            Some(HookError::Ended { .. }) => match lock(&self.shared.channel_error).take() {
+                Some(e) if !self.shared.clean_end.load(Ordering::SeqCst) => SecondaryEnd::PrimaryLost(e),
+                _ => SecondaryEnd::PrimaryStopped,
+            },
+            Some(HookError::Diverged { .. }) => {
+                self.board.count_divergence();
+                match outcome {
+                    Err(e) => SecondaryEnd::Diverged(e),
+                    Ok(o) => SecondaryEnd::Guest(Ok(o)),
                 }
             }
-            Err(VmError::Vcpu(VcpuError::Hook { source: e @ HookError::Diverged { .. }, .. })) => {
-                self.board.count_divergence();
-                SecondaryEnd::Diverged(e)
-            }
-            other => SecondaryEnd::Guest(other),
+            _ => SecondaryEnd::Guest(outcome),
         }
+    }
+}
+
+/// The replication hook's error behind a guest's end, whether the vCPU loop
+/// or a device (the NIC reading a frame) met it.
+fn hook_error(e: &VmError) -> Option<&HookError> {
+    match e {
+        VmError::Vcpu(VcpuError::Hook { source, .. }) => Some(source),
+        VmError::Vcpu(VcpuError::Device { source: DeviceError::Hook { source, .. }, .. }) => Some(source),
+        _ => None,
     }
 }
 
@@ -336,6 +349,12 @@ impl Receiving {
             f.note_life();
         }
         for r in records {
+            if matches!(r, Record::Shutdown { .. }) {
+                // The primary's orderly end is in the log: whatever the
+                // channel does from here (the last ack may meet a closed
+                // socket) is no failure.
+                self.shared.clean_end.store(true, Ordering::SeqCst);
+            }
             let mut r = r;
             loop {
                 match self.tx.try_send(r) {

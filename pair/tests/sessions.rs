@@ -1,0 +1,447 @@
+//! Pair sessions driven without KVM: a scripted guest (a deterministic state
+//! machine that takes its inputs at exits, as the lockstep contract says)
+//! runs on a primary session and on a secondary session joined by a real
+//! logging channel and real heartbeats on loopback, with a real arbiter
+//! file. Covers the output rule across a lost ack, the failover policy's
+//! races, and shutdown from each state.
+
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pair::{
+    Failover, FailoverConfig, PrimaryConfig, PrimaryEnd, PrimarySession, Role, SecondaryConfig, SecondaryEnd,
+    SecondarySession, Verdict,
+};
+use replication::channel::ChannelConfig;
+use replication::frame::GuestIdentity;
+use replication::go_live::LiveWorld;
+use replication::key::SharedKey;
+use vmm::hook::{Access, ExitIndex, ExitKind, HookError, InputSource, OutputSink, Wake};
+use vmm::vcpu::{RunOutcome, StopHandle, VcpuError};
+use vmm::VmError;
+
+// ---------------------------------------------------------------- the guest
+
+/// A guest without KVM: at each exit it may read the clock, poll for a
+/// frame (echoing it back as an output), and print its state.
+struct ScriptedGuest {
+    input: Box<dyn InputSource>,
+    output: Box<dyn OutputSink>,
+    stop: StopHandle,
+    /// Powers off after this many exits.
+    exits: u64,
+    /// Wall-clock pacing between exits, so failures land mid-run.
+    pace: Duration,
+    state: u64,
+}
+
+impl ScriptedGuest {
+    fn step(&mut self, exit: ExitIndex) -> Result<(), HookError> {
+        let kind = ExitKind::Pio { port: 0x80, size: 1, access: Access::Write };
+        self.input.on_exit(exit, &kind)?;
+        if exit.0 % 4 == 0 {
+            let t = self.input.clock_ns(exit)?;
+            self.state = self.state.rotate_left(7) ^ t;
+        }
+        if exit.0 % 8 == 0 {
+            if let Some(frame) = self.input.receive_frame(exit)? {
+                self.state = self.state.wrapping_add(frame.len() as u64);
+                self.output.transmit_frame(exit, &frame)?;
+            }
+        }
+        if exit.0 % 16 == 0 {
+            self.output.serial(exit, format!("{:016x}\n", self.state).as_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<RunOutcome, VmError> {
+        for i in 1..=self.exits {
+            let exit = ExitIndex(i);
+            if self.stop.is_stopped() {
+                return Ok(RunOutcome::Stopped { exit_index: ExitIndex(i - 1) });
+            }
+            self.step(exit).map_err(|source| VmError::Vcpu(VcpuError::Hook { exit_index: exit, source }))?;
+            if !self.pace.is_zero() {
+                std::thread::sleep(self.pace);
+            }
+        }
+        Ok(RunOutcome::PoweredOff { status: 0, exit_index: ExitIndex(self.exits) })
+    }
+}
+
+/// What reached the world from a live side.
+#[derive(Default)]
+struct World {
+    frames_in: Mutex<Vec<Vec<u8>>>,
+    serial: Mutex<Vec<Vec<u8>>>,
+    frames_out: Mutex<Vec<Vec<u8>>>,
+    clock: Mutex<u64>,
+}
+
+struct WorldInput(Arc<World>);
+
+impl InputSource for WorldInput {
+    fn clock_ns(&mut self, _exit: ExitIndex) -> Result<u64, HookError> {
+        let mut c = self.0.clock.lock().unwrap();
+        *c += 1_000;
+        Ok(*c)
+    }
+    fn entropy(&mut self, _exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
+        buf.fill(7);
+        Ok(())
+    }
+    fn halt(&mut self, _exit: ExitIndex, _deadline: Option<u64>) -> Result<Wake, HookError> {
+        Ok(Wake::Deadline)
+    }
+    fn receive_frame(&mut self, _exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        Ok(self.0.frames_in.lock().unwrap().pop())
+    }
+}
+
+struct WorldOutput(Arc<World>);
+
+impl OutputSink for WorldOutput {
+    fn serial(&mut self, _exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
+        self.0.serial.lock().unwrap().push(bytes.to_vec());
+        Ok(())
+    }
+    fn transmit_frame(&mut self, _exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        self.0.frames_out.lock().unwrap().push(frame.to_vec());
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- set-up
+
+fn channel() -> ChannelConfig {
+    let key = SharedKey::from_bytes(b"0123456789abcdef0123456789abcdef0123456789abcdef").unwrap();
+    ChannelConfig::new(key, GuestIdentity { image: [1; 32], memory_bytes: 64 << 20, config: [2; 32] })
+}
+
+fn free_port() -> SocketAddr {
+    // A port free for both TCP (the channel) and UDP (heartbeats).
+    loop {
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = t.local_addr().unwrap();
+        if UdpSocket::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
+
+struct Arbiter {
+    _dir: tempfile::TempDir,
+    spec: String,
+}
+
+fn arbiter() -> Arbiter {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = format!("file:{}", dir.path().join("arbiter").display());
+    Arbiter { _dir: dir, spec }
+}
+
+fn failover(a: &Arbiter) -> FailoverConfig {
+    FailoverConfig::new(a.spec.clone(), Duration::from_millis(10), 5)
+}
+
+/// A secondary session accepting at `listen`, on its own thread.
+fn secondary(
+    listen: SocketAddr,
+    fo: Option<FailoverConfig>,
+    ack_delay: Duration,
+) -> std::thread::JoinHandle<SecondarySession> {
+    std::thread::spawn(move || {
+        let mut c = SecondaryConfig::new("t", listen.to_string(), channel());
+        c.failover = fo;
+        c.ack_delay = ack_delay;
+        SecondarySession::accept(c).unwrap()
+    })
+}
+
+fn primary(peer: SocketAddr, fo: Option<FailoverConfig>, world: &Arc<World>) -> (PrimarySession, Box<dyn OutputSink>) {
+    let mut c = PrimaryConfig::new("t", peer.to_string(), channel());
+    c.failover = fo;
+    c.drain_for = Duration::from_secs(2);
+    PrimarySession::start(c, Box::new(WorldOutput(world.clone()))).unwrap()
+}
+
+fn guest(
+    input: Box<dyn InputSource>,
+    output: Box<dyn OutputSink>,
+    stop: StopHandle,
+    exits: u64,
+    pace: Duration,
+) -> ScriptedGuest {
+    ScriptedGuest { input, output, stop, exits, pace, state: 0 }
+}
+
+/// Run the primary's guest on its own thread; the session stays here.
+fn run_primary(
+    session: &PrimarySession,
+    gate: Box<dyn OutputSink>,
+    world: &Arc<World>,
+    exits: u64,
+    pace: Duration,
+) -> (StopHandle, std::thread::JoinHandle<Result<RunOutcome, VmError>>) {
+    let stop = StopHandle::detached().unwrap();
+    let mut g = guest(session.input(WorldInput(world.clone())), gate, stop.clone(), exits, pace);
+    session.running(stop.clone());
+    (stop, std::thread::spawn(move || g.run()))
+}
+
+/// Run the secondary's guest (replay, then live into `world`).
+fn run_secondary(
+    session: &SecondarySession,
+    world: &Arc<World>,
+    exits: u64,
+    pace: Duration,
+) -> (StopHandle, std::thread::JoinHandle<Result<RunOutcome, VmError>>) {
+    let live = world.clone();
+    let make_live: pair::MakeLive = Box::new(move |_clock, _wake| {
+        Ok(LiveWorld { input: Box::new(WorldInput(live.clone())), output: Box::new(WorldOutput(live)) })
+    });
+    let (input, output) = session.hooks(make_live);
+    let stop = StopHandle::detached().unwrap();
+    let mut g = guest(input(&stop), output, stop.clone(), exits, pace);
+    (stop, std::thread::spawn(move || g.run()))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn feed(world: &World, n: usize) {
+    let mut q = world.frames_in.lock().unwrap();
+    for i in 0..n {
+        q.push(vec![i as u8; 60 + i]);
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn replay_follows_the_primary_and_outputs_are_released_after_acks() {
+    let addr = free_port();
+    let sec = secondary(addr, None, Duration::ZERO);
+    let pw = Arc::new(World::default());
+    feed(&pw, 20);
+    let (ps, gate) = primary(addr, None, &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (_s_stop, s_guest) = run_secondary(&ss, &sw, 4000, Duration::ZERO);
+    let (_p_stop, p_guest) = run_primary(&ps, gate, &pw, 4000, Duration::ZERO);
+    let outcome = p_guest.join().unwrap();
+    assert!(matches!(outcome, Ok(RunOutcome::PoweredOff { status: 0, .. })), "{outcome:?}");
+    assert!(matches!(ps.finish(ExitIndex(4000)).unwrap(), PrimaryEnd::Finished));
+    // Every output reached the world once the secondary acked it.
+    assert_eq!(pw.serial.lock().unwrap().len(), 250);
+    assert_eq!(pw.frames_out.lock().unwrap().len(), 20);
+    // The secondary replayed the same run and suppressed every output.
+    let s_outcome = s_guest.join().unwrap();
+    assert!(matches!(s_outcome, Ok(RunOutcome::PoweredOff { .. })), "{s_outcome:?}");
+    assert!(sw.serial.lock().unwrap().is_empty() && sw.frames_out.lock().unwrap().is_empty());
+    let board = ss.board();
+    assert!(matches!(ss.finish(s_outcome), SecondaryEnd::Guest(Ok(RunOutcome::PoweredOff { .. }))));
+    assert_eq!(board.snapshot().divergences, 0);
+}
+
+#[test]
+fn no_output_leaves_without_its_ack_even_when_the_ack_is_lost() {
+    let addr = free_port();
+    // Acks held back for a minute: as good as lost for this test.
+    let sec = secondary(addr, None, Duration::from_secs(60));
+    let pw = Arc::new(World::default());
+    feed(&pw, 5);
+    let (ps, gate) = primary(addr, None, &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (s_stop, s_guest) = run_secondary(&ss, &sw, 1_000_000, Duration::ZERO);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, 1_000_000, Duration::from_micros(50));
+    let board = ps.board();
+    wait_for("outputs held", Duration::from_secs(10), || board.snapshot().outputs_held >= 20);
+    assert!(pw.serial.lock().unwrap().is_empty(), "an output left before its ack");
+    assert!(pw.frames_out.lock().unwrap().is_empty(), "a frame left before its ack");
+    // The secondary dies with the acks: without an arbiter the primary's
+    // guest is stopped, and still nothing is released.
+    s_stop.stop();
+    let _ = s_guest.join();
+    drop(ss);
+    let outcome = p_guest.join().unwrap();
+    assert!(matches!(outcome, Ok(RunOutcome::Stopped { .. })), "{outcome:?}");
+    assert!(p_stop.is_stopped());
+    let end = ps.finish(ExitIndex(0)).unwrap();
+    assert!(matches!(end, PrimaryEnd::SecondaryLost(_)), "{end:?}");
+    assert!(pw.serial.lock().unwrap().is_empty() && pw.frames_out.lock().unwrap().is_empty());
+}
+
+#[test]
+fn primary_process_lost_the_secondary_goes_live_and_carries_on() {
+    let (addr, arb) = (free_port(), arbiter());
+    let sec = secondary(addr, Some(failover(&arb)), Duration::ZERO);
+    let pw = Arc::new(World::default());
+    let (ps, gate) = primary(addr, Some(failover(&arb)), &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    feed(&sw, 3);
+    let (_s_stop, s_guest) = run_secondary(&ss, &sw, 3000, Duration::from_micros(200));
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, 3000, Duration::from_micros(200));
+    wait_for("some replay", Duration::from_secs(10), || ss.board().snapshot().log_position > 100);
+    // The primary's process dies: its guest stops, its session goes
+    // without a word (the kernel closes its sockets).
+    p_stop.stop();
+    let _ = p_guest.join();
+    drop(ps);
+    let outcome = s_guest.join().unwrap();
+    assert!(matches!(outcome, Ok(RunOutcome::PoweredOff { .. })), "{outcome:?}");
+    let board = ss.board();
+    assert!(matches!(ss.finish(outcome), SecondaryEnd::WentLive(_)));
+    let st = board.snapshot();
+    assert_eq!(st.role, Role::Standalone);
+    let f = st.last_failure.expect("a failure event");
+    assert_eq!((f.kind, f.detected_by.as_str()), ("primary lost", "log channel closed"));
+    // Live now: its outputs reach its world, the frames fed to it echo.
+    assert!(!sw.serial.lock().unwrap().is_empty());
+    assert_eq!(sw.frames_out.lock().unwrap().len(), 3);
+}
+
+/// A relay in front of the secondary: TCP (the channel) and UDP
+/// (heartbeats) on one port, each cut on its own.
+struct Relay {
+    addr: SocketAddr,
+    cut_tcp: Arc<AtomicBool>,
+}
+
+fn relay(to: SocketAddr) -> Relay {
+    let addr = free_port();
+    let cut_tcp = Arc::new(AtomicBool::new(false));
+    let listener = TcpListener::bind(addr).unwrap();
+    let cut = cut_tcp.clone();
+    std::thread::spawn(move || {
+        let (a, _) = listener.accept().unwrap();
+        let b = TcpStream::connect(to).unwrap();
+        for (mut from, mut into) in
+            [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b.try_clone().unwrap(), a.try_clone().unwrap())]
+        {
+            std::thread::spawn(move || std::io::copy(&mut from, &mut into));
+        }
+        while !cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let _ = a.shutdown(std::net::Shutdown::Both);
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    });
+    let udp = UdpSocket::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let mut primary: Option<SocketAddr> = None;
+        while let Ok((n, from)) = udp.recv_from(&mut buf) {
+            let dest = if from == to {
+                primary
+            } else {
+                primary = Some(from);
+                Some(to)
+            };
+            if let Some(d) = dest {
+                let _ = udp.send_to(&buf[..n], d);
+            }
+        }
+    });
+    Relay { addr, cut_tcp }
+}
+
+#[test]
+fn channel_cut_while_heartbeats_flow_the_primary_keeps_the_guest() {
+    let (addr, arb) = (free_port(), arbiter());
+    let sec = secondary(addr, Some(failover(&arb)), Duration::ZERO);
+    let r = relay(addr);
+    let pw = Arc::new(World::default());
+    let (ps, gate) = primary(r.addr, Some(failover(&arb)), &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (_s_stop, s_guest) = run_secondary(&ss, &sw, 1_000_000, Duration::ZERO);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, 1_000_000, Duration::from_micros(100));
+    let pb = ps.board();
+    wait_for("heartbeats both ways", Duration::from_secs(10), || {
+        pb.snapshot().heartbeats.is_some_and(|h| h.accepted > 3)
+            && ss.board().snapshot().heartbeats.is_some_and(|h| h.accepted > 3)
+    });
+    r.cut_tcp.store(true, Ordering::SeqCst);
+    // The secondary gives the primary its head start and loses.
+    let s_outcome = s_guest.join().unwrap();
+    assert!(matches!(ss.finish(s_outcome), SecondaryEnd::LostArbiter));
+    wait_for("the primary carrying on alone", Duration::from_secs(10), || pb.snapshot().role == Role::Standalone);
+    let f = pb.snapshot().last_failure.expect("a failure event");
+    assert_eq!((f.kind, f.detected_by.as_str()), ("secondary lost", "log channel closed"));
+    p_stop.stop();
+    let _ = p_guest.join();
+    assert!(matches!(ps.finish(ExitIndex(0)).unwrap(), PrimaryEnd::Finished));
+    // Alone, it released what it held.
+    assert!(!pw.serial.lock().unwrap().is_empty());
+}
+
+#[test]
+fn the_secondary_stops_cleanly_where_the_primary_stopped() {
+    let (addr, arb) = (free_port(), arbiter());
+    let sec = secondary(addr, Some(failover(&arb)), Duration::ZERO);
+    let pw = Arc::new(World::default());
+    let (ps, gate) = primary(addr, Some(failover(&arb)), &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (_s, s_guest) = run_secondary(&ss, &sw, 1_000_000, Duration::ZERO);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, 1_000_000, Duration::from_micros(100));
+    wait_for("some replay", Duration::from_secs(10), || ss.board().snapshot().log_position > 50);
+    // An operator stops the primary (SIGTERM): a clean end, not a failure.
+    p_stop.stop();
+    let Ok(RunOutcome::Stopped { exit_index }) = p_guest.join().unwrap() else { panic!("not stopped") };
+    assert!(matches!(ps.finish(exit_index).unwrap(), PrimaryEnd::Finished));
+    let s_outcome = s_guest.join().unwrap();
+    let end = ss.finish(s_outcome);
+    assert!(matches!(end, SecondaryEnd::PrimaryStopped), "{end:?}");
+    assert!(sw.serial.lock().unwrap().is_empty(), "a secondary that did not go live emitted");
+}
+
+#[test]
+fn both_sides_claim_at_once_exactly_one_wins() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for _ in 0..5 {
+        let arb = arbiter();
+        let board = pair::Board::new("t", Role::Primary);
+        let key = [9u8; 32];
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (a, b) = rt.block_on(async {
+            let cfg = failover(&arb);
+            let a = Failover::start(&cfg, &board, "t", heartbeat::Role::Primary, &key, local, None).await.unwrap();
+            let b = Failover::start(&cfg, &board, "t", heartbeat::Role::Secondary, &key, local, None).await.unwrap();
+            (a, b)
+        });
+        let now = Instant::now();
+        let loss = pair::status::Loss { last_heard: now, decided: now, by: pair::status::Detection::Silence };
+        let (va, vb) = rt.block_on(async { tokio::join!(a.claim(&loss), b.claim(&loss)) });
+        assert_eq!(u8::from(va.won()) + u8::from(vb.won()), 1, "{va:?} {vb:?}");
+    }
+}
+
+#[test]
+fn a_claim_that_fails_on_io_is_never_a_win() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let arb = arbiter();
+    let board = pair::Board::new("t", Role::Secondary);
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let f = rt
+        .block_on(Failover::start(&failover(&arb), &board, "t", heartbeat::Role::Secondary, &[9; 32], local, None))
+        .unwrap();
+    // The shared storage goes bad under it.
+    let path = arb.spec.strip_prefix("file:").unwrap();
+    std::fs::write(path, "not an arbiter\n").unwrap();
+    let now = Instant::now();
+    let loss = pair::status::Loss { last_heard: now, decided: now, by: pair::status::Detection::Silence };
+    let v = rt.block_on(f.claim(&loss));
+    assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+}
