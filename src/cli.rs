@@ -15,7 +15,6 @@
 //! from the `--config` file: the defaults are applied in [`crate::config`].
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -58,9 +57,6 @@ pub enum Command {
     /// namespaces, a client at work, the primary killed, the figures beside
     /// VMware FT's, every acknowledged write checked.
     Demo(DemoArgs),
-    /// Benchmarks that print tables (and JSON).
-    #[command(subcommand)]
-    Bench(BenchCommand),
 }
 
 /// PAIR-OPTS shared by `primary` and `secondary`.
@@ -144,11 +140,11 @@ pub struct StatusArgs {
 pub struct DemoArgs {
     /// The protected guest.
     #[arg(long, value_enum, default_value = "kvstore")]
-    pub guest: crate::demo::DemoGuest,
+    pub guest: ftvm_demo::DemoGuest,
     /// How the primary fails: `process` (SIGKILL of the VMM) or `host` (its
     /// host falls silent, then SIGKILL: detection by heartbeats alone).
     #[arg(long, value_enum, default_value = "process")]
-    pub failure: crate::demo::Failure,
+    pub failure: ftvm_demo::Failure,
 }
 
 /// `ftvm keygen`.
@@ -250,93 +246,6 @@ fn memory_help() -> String {
     )
 }
 
-/// `ftvm bench ...`: one variant per benchmark.
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Guest exits per second: a test guest that does nothing but exit, on
-    /// real KVM (needs /dev/kvm).
-    Exits(ExitsArgs),
-    /// The kvstore guest under redis-benchmark (-t set,get) in a lab of
-    /// network namespaces, beside a real redis-server (needs root, KVM,
-    /// redis-tools; redis-server for the reference).
-    Kvstore(KvstoreBenchArgs),
-    /// The streamer guest's highest rate with no gap, in a lab of network
-    /// namespaces (needs root and KVM).
-    Streamer(StreamerBenchArgs),
-    /// SIGKILL of the primary VMM, and the loss of its whole host, repeated
-    /// under streamer and kvstore: reaction, recovery and client-seen outage
-    /// as min / median / p95 (needs root and KVM).
-    Failover(FailoverBenchArgs),
-    /// What protection costs: kvstore unprotected / protected over loopback
-    /// / protected across a veth link, log bandwidth, replay lag, and a
-    /// CPU-bound guest (needs root, KVM, redis-tools).
-    Lockstep(KvstoreBenchArgs),
-}
-
-/// `ftvm bench kvstore`.
-#[derive(Debug, Args)]
-pub struct KvstoreBenchArgs {
-    /// Requests per test (redis-benchmark -n).
-    #[arg(long, value_name = "N", default_value_t = 20000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub requests: u64,
-    /// Parallel connections (redis-benchmark -c).
-    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub clients: u32,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `ftvm bench failover`.
-#[derive(Debug, Args)]
-pub struct FailoverBenchArgs {
-    /// Repetitions per guest and failure.
-    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub reps: u32,
-    /// The failures to measure (repeatable); both by default.
-    #[arg(long, value_enum, value_name = "process|host")]
-    pub failure: Vec<crate::demo::Failure>,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `ftvm bench streamer`.
-#[derive(Debug, Args)]
-pub struct StreamerBenchArgs {
-    /// Seconds measured at each rate.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub seconds: u64,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// `ftvm bench exits`.
-#[derive(Debug, Args)]
-pub struct ExitsArgs {
-    // clap appends "[default: 5]" itself, from default_value_t.
-    /// How long to measure, in whole seconds (at least 1).
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 5,
-        value_parser = clap::value_parser!(u64).range(1..)
-    )]
-    pub seconds: u64,
-
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-}
-
-impl ExitsArgs {
-    /// The measuring time.
-    pub fn duration(&self) -> Duration {
-        Duration::from_secs(self.seconds)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,37 +273,6 @@ mod tests {
             panic!("`ftvm guests --all` parsed as another subcommand");
         };
         assert!(g.all);
-    }
-
-    #[test]
-    fn bench_exits_seconds_and_json() {
-        let Command::Bench(BenchCommand::Exits(e)) = parse(&["bench", "exits", "--seconds", "1"]).unwrap().command
-        else {
-            panic!("`ftvm bench exits` parsed as another subcommand");
-        };
-        assert_eq!(e.seconds, 1);
-        assert_eq!(e.duration(), Duration::from_secs(1));
-        assert!(!e.json);
-
-        let Command::Bench(BenchCommand::Exits(e)) = parse(&["bench", "exits", "--json"]).unwrap().command else {
-            panic!("`ftvm bench exits --json` parsed as another subcommand");
-        };
-        assert_eq!(e.seconds, 5);
-        assert!(e.json);
-    }
-
-    #[test]
-    fn bench_exits_refuses_zero_and_non_numbers() {
-        for bad in ["0", "-1", "five", ""] {
-            let err = parse(&["bench", "exits", "--seconds", bad]).unwrap_err();
-            assert_eq!(err.exit_code(), EXIT_USAGE, "--seconds {bad:?}");
-        }
-    }
-
-    #[test]
-    fn bench_needs_a_benchmark() {
-        let err = parse(&["bench"]).unwrap_err();
-        assert_eq!(err.exit_code(), EXIT_USAGE);
     }
 
     #[test]

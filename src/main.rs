@@ -4,12 +4,8 @@
 //! 2 bad usage, 3 guest fault, 128+N stopped by signal N.
 #![forbid(unsafe_code)]
 
-mod bench;
-mod bench_lockstep;
-mod bench_net;
 mod cli;
 mod config;
-mod demo;
 mod exit;
 mod protect;
 
@@ -26,7 +22,7 @@ use vmm::vcpu::RunOutcome;
 use vmm::world::{LiveInput, LiveOutput};
 use vmm::{BootSettings, Vm, VmConfig, VmError};
 
-use crate::cli::{BenchCommand, Cli, Command};
+use crate::cli::{Cli, Command};
 use crate::config::{GuestSettings, GuestSource, SerialTarget};
 use crate::exit::{EXIT_ERROR, EXIT_GUEST_FAULT, EXIT_SIGNAL_BASE, EXIT_USAGE};
 
@@ -120,32 +116,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
         Command::Demo(args) => {
-            demo::demo(args.guest, args.failure)?;
-            Ok(0)
-        }
-        Command::Bench(BenchCommand::Failover(args)) => {
-            let failures = if args.failure.is_empty() {
-                vec![demo::Failure::Process, demo::Failure::Host]
-            } else {
-                args.failure.clone()
-            };
-            demo::bench(args.reps, &failures, args.json)?;
-            Ok(0)
-        }
-        Command::Bench(BenchCommand::Exits(args)) => {
-            bench::exits(args.seconds, 3, args.json)?;
-            Ok(0)
-        }
-        Command::Bench(BenchCommand::Kvstore(args)) => {
-            bench_net::kvstore(args.requests, args.clients, args.json)?;
-            Ok(0)
-        }
-        Command::Bench(BenchCommand::Lockstep(args)) => {
-            bench_lockstep::lockstep(args.requests, args.clients, args.json)?;
-            Ok(0)
-        }
-        Command::Bench(BenchCommand::Streamer(args)) => {
-            bench_net::streamer(args.seconds, args.json)?;
+            ftvm_demo::demo(args.guest, args.failure)?;
             Ok(0)
         }
     }

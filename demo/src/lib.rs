@@ -1,4 +1,4 @@
-//! `ftvm demo` and `ftvm bench failover`: a protected pair in a lab of
+//! `ftvm demo` and the trials of `ftvm-bench failover`: a protected pair in a lab of
 //! namespaces (two hosts, a dedicated link, a LAN bridge, a client, a shared
 //! arbiter directory), a client at work, the primary killed with SIGKILL
 //! (its process dies; or, with [`Failure::Host`], its whole host falls
@@ -36,7 +36,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Failure::Process => "the primary VMM killed (SIGKILL)",
             Failure::Host => "the primary's host silenced (link and LAN down), then SIGKILL",
@@ -48,14 +48,14 @@ impl Failure {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Trial {
     /// How the secondary learnt: "log channel closed" or "heartbeat silence".
-    detected_by: String,
-    reaction_ms: f64,
-    recovery_ms: f64,
+    pub detected_by: String,
+    pub reaction_ms: f64,
+    pub recovery_ms: f64,
     /// The longest the client waited for a reply (kvstore) or between two
     /// datagrams (streamer) across the failure.
-    client_outage_ms: f64,
+    pub client_outage_ms: f64,
     /// kvstore: acknowledged writes checked afterwards; streamer: datagrams.
-    checked: u64,
+    pub checked: u64,
 }
 
 struct Proc(Child);
@@ -67,7 +67,7 @@ impl Drop for Proc {
     }
 }
 
-fn interrupted(flag: &AtomicBool) -> Result<()> {
+pub fn interrupted(flag: &AtomicBool) -> Result<()> {
     if flag.load(Ordering::SeqCst) {
         bail!("interrupted; the lab is being torn down");
     }
@@ -107,7 +107,7 @@ fn status(path: &std::path::Path) -> Option<serde_json::Value> {
 
 /// Start a protected pair of `guest` with an arbiter in `dir`.
 fn start_pair(lab: &Lab, dir: &std::path::Path, guest: &[String]) -> Result<(Proc, Proc)> {
-    let exe = std::env::current_exe()?;
+    let exe = ftvm_exe()?;
     let key = dir.join("key");
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -305,7 +305,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Ctrl-C / SIGTERM set the flag; long waits check it and return, so the
 /// lab is torn down by its Drop.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, flag.clone())?;
@@ -347,90 +347,16 @@ pub fn demo(guest: DemoGuest, how: Failure) -> Result<()> {
     Ok(())
 }
 
-/// `ftvm bench failover`: `reps` trials per guest and failure, min /
-/// median / p95.
-pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
-    let stop = stop_flag()?;
-    let mut out = serde_json::Map::new();
-    let mut table = Vec::new();
-    // A failed trial (a lost write or datagram, no failover) is reported,
-    // not hidden, and does not throw away the other trials' figures.
-    let mut failed = Vec::new();
-    for &how in failures {
-        for guest in [DemoGuest::Streamer, DemoGuest::Kvstore] {
-            let mut trials = Vec::new();
-            for i in 1..=reps {
-                interrupted(&stop)?;
-                eprintln!("{how:?} failure, {guest:?}: trial {i}/{reps}");
-                let lab = Lab::pair("bfo");
-                match trial(&lab, guest, how, false, &stop) {
-                    Ok(t) => trials.push(t),
-                    Err(e) => {
-                        interrupted(&stop)?;
-                        eprintln!("  trial {i} FAILED: {e:#}");
-                        failed.push(format!("{how:?} failure, {guest:?}, trial {i}: {e:#}"));
-                    }
-                }
-            }
-            if trials.is_empty() {
-                continue;
-            }
-            let stat = |f: fn(&Trial) -> f64| {
-                let mut v: Vec<f64> = trials.iter().map(f).collect();
-                v.sort_by(f64::total_cmp);
-                let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-                (v[0], at(0.5), at(0.95))
-            };
-            let rows = [
-                ("reaction", stat(|t| t.reaction_ms)),
-                ("recovery", stat(|t| t.recovery_ms)),
-                ("client-seen outage", stat(|t| t.client_outage_ms)),
-            ];
-            let mut detected: Vec<&str> = trials.iter().map(|t| t.detected_by.as_str()).collect();
-            detected.sort_unstable();
-            detected.dedup();
-            let key = format!("{how:?}/{guest:?}").to_lowercase();
-            out.insert(key, serde_json::to_value(&trials)?);
-            table.push((how, guest, detected.join(", "), rows));
-        }
+/// The `ftvm` binary: this process when it is `ftvm` (the demo), else the
+/// `ftvm` beside it (`ftvm-bench` is built into the same directory).
+pub fn ftvm_exe() -> Result<std::path::PathBuf> {
+    let me = std::env::current_exe()?;
+    if me.file_name().is_some_and(|n| n == "ftvm") {
+        return Ok(me);
     }
-    if json {
-        out.insert("failed".into(), serde_json::to_value(&failed)?);
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return check_trials(&failed);
+    let sibling = me.with_file_name("ftvm");
+    if !sibling.exists() {
+        bail!("{} not found: build it beside this program (cargo build --release builds both)", sibling.display());
     }
-    println!("{reps} repetitions per failure and guest, defaults (heartbeat 10 ms, dead after 5 intervals)");
-    for how in failures {
-        println!("  {how:?}: {}", how.describe());
-    }
-    println!();
-    println!(
-        "{:<8} {:<9} {:<19} {:>8} {:>10} {:>8}  detected by",
-        "failure", "guest", "figure", "min ms", "median ms", "p95 ms"
-    );
-    for (how, guest, detected, rows) in &table {
-        for (name, (min, med, p95)) in rows {
-            println!(
-                "{:<8} {:<9} {:<19} {:>8.1} {:>10.1} {:>8.1}  {}",
-                format!("{how:?}"),
-                format!("{guest:?}"),
-                name,
-                min,
-                med,
-                p95,
-                detected
-            );
-        }
-    }
-    println!();
-    println!("thesis (Table 4): VMware FT 24 / 1290 / 1314 ms; OpenSAF with an SA-aware component 9 / 46 / 55 ms");
-    check_trials(&failed)
-}
-
-/// An error naming every failed trial, if any failed.
-fn check_trials(failed: &[String]) -> Result<()> {
-    if failed.is_empty() {
-        return Ok(());
-    }
-    bail!("{} trial(s) failed:\n  {}", failed.len(), failed.join("\n  "))
+    Ok(sibling)
 }

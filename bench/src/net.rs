@@ -1,4 +1,4 @@
-//! `ftvm bench kvstore` and `ftvm bench streamer`: the network guests in a
+//! `ftvm-bench kvstore` and `ftvm-bench streamer`: the network guests in a
 //! lab of namespaces (crate `ftvm-lab`), measured with real clients, beside a
 //! reference measured in the same run on the same lab.
 
@@ -184,7 +184,7 @@ pub(crate) fn redis_benchmark(
     Ok((figures, shown))
 }
 
-/// `ftvm bench kvstore`.
+/// `ftvm-bench kvstore`.
 pub fn kvstore(requests: u64, clients: u32, json: bool) -> Result<()> {
     let lab = Lab::single("bkv");
     eprintln!("lab up; booting kvstore");
@@ -290,7 +290,7 @@ fn receive(sock: &UdpSocket, duration: Duration) -> Result<(u64, u64, u64, u64)>
     Ok((received, gaps, disorder, next.unwrap_or(0)))
 }
 
-/// `ftvm bench streamer`: the highest rate the streamer sustains with no
+/// `ftvm-bench streamer`: the highest rate the streamer sustains with no
 /// gap, trying increasing rates.
 pub fn streamer(seconds: u64, json: bool) -> Result<()> {
     let lab = Lab::single("bst");

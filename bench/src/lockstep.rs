@@ -1,4 +1,4 @@
-//! `ftvm bench lockstep`: what protection costs, side by side in one run on
+//! `ftvm-bench lockstep`: what protection costs, side by side in one run on
 //! one machine: kvstore under the same redis-benchmark load (1) unprotected,
 //! (2) protected with the secondary over loopback, (3) protected with the
 //! secondary in another namespace across a veth link; a CPU-bound guest's
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ftvm_lab::{Lab, Netns};
 
-use crate::bench_net::{redis_benchmark, RedisFigure};
+use crate::net::{redis_benchmark, RedisFigure};
 
 /// A process of the benchmark; killed on drop; stdout lines on a channel.
 struct Proc {
@@ -22,7 +22,7 @@ struct Proc {
 
 impl Proc {
     fn spawn(ns: &Netns, args: &[String]) -> Result<Proc> {
-        let exe = std::env::current_exe()?;
+        let exe = ftvm_demo::ftvm_exe()?;
         let mut child = ns
             .command(exe)
             .args(args)
@@ -224,7 +224,7 @@ fn crunch_run(lab: &Lab, dir: &std::path::Path, setup: Setup) -> Result<f64> {
     Ok(took)
 }
 
-/// `ftvm bench lockstep`.
+/// `ftvm-bench lockstep`.
 pub fn lockstep(requests: u64, clients: u32, json: bool) -> Result<()> {
     let lab = Lab::pair("blk");
     let dir = tempfile_dir()?;

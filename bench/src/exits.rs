@@ -84,7 +84,7 @@ impl Rate {
     }
 }
 
-/// Results of `ftvm bench exits`.
+/// Results of `ftvm-bench exits`.
 #[derive(serde::Serialize)]
 pub struct ExitsReport {
     rounds: u32,
@@ -102,7 +102,7 @@ fn best(rates: &[Rate]) -> Rate {
     *rates.iter().max_by(|a, b| a.exits_per_sec.total_cmp(&b.exits_per_sec)).expect("at least one round")
 }
 
-/// `ftvm bench exits`: guest exits per second through the VMM's full exit
+/// `ftvm-bench exits`: guest exits per second through the VMM's full exit
 /// path beside a bare KVM_RUN loop, for PIO and MMIO, alternating runs.
 pub fn exits(seconds: u64, rounds: u32, json: bool) -> Result<()> {
     let count = CALIBRATION_EXITS_PER_SEC.saturating_mul(seconds.max(1)) / 2;

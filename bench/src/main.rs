@@ -1,0 +1,158 @@
+//! `ftvm-bench`: the benchmarks, each a program that prints a table (or
+//! JSON) with its baseline measured in the same run. Kept out of the `ftvm`
+//! binary: production VMs carry no benchmark code. Needs the `ftvm` binary
+//! beside it (`cargo build --release` builds both).
+#![forbid(unsafe_code)]
+
+mod exits;
+mod failover;
+mod lockstep;
+mod net;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use ftvm_demo::Failure;
+
+/// `ftvm-bench`: ftvm's benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "ftvm-bench", version, about = "ftvm's benchmarks: tables beside a baseline measured in the same run")]
+struct Cli {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+/// One variant per benchmark.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Guest exits per second: a test guest that does nothing but exit, on
+    /// real KVM (needs /dev/kvm).
+    Exits(ExitsArgs),
+    /// The kvstore guest under redis-benchmark (-t set,get) in a lab of
+    /// network namespaces, beside a real redis-server (needs root, KVM,
+    /// redis-tools; redis-server for the reference).
+    Kvstore(KvstoreBenchArgs),
+    /// The streamer guest's highest rate with no gap, in a lab of network
+    /// namespaces (needs root and KVM).
+    Streamer(StreamerBenchArgs),
+    /// SIGKILL of the primary VMM, and the loss of its whole host, repeated
+    /// under streamer and kvstore: reaction, recovery and client-seen outage
+    /// as min / median / p95 (needs root and KVM).
+    Failover(FailoverBenchArgs),
+    /// What protection costs: kvstore unprotected / protected over loopback
+    /// / protected across a veth link, log bandwidth, replay lag, and a
+    /// CPU-bound guest (needs root, KVM, redis-tools).
+    Lockstep(KvstoreBenchArgs),
+}
+
+/// `ftvm-bench kvstore`.
+#[derive(Debug, Args)]
+pub struct KvstoreBenchArgs {
+    /// Requests per test (redis-benchmark -n).
+    #[arg(long, value_name = "N", default_value_t = 20000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub requests: u64,
+    /// Parallel connections (redis-benchmark -c).
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub clients: u32,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm-bench failover`.
+#[derive(Debug, Args)]
+pub struct FailoverBenchArgs {
+    /// Repetitions per guest and failure.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub reps: u32,
+    /// The failures to measure (repeatable); both by default.
+    #[arg(long, value_enum, value_name = "process|host")]
+    pub failure: Vec<Failure>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm-bench streamer`.
+#[derive(Debug, Args)]
+pub struct StreamerBenchArgs {
+    /// Seconds measured at each rate.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub seconds: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm-bench exits`.
+#[derive(Debug, Args)]
+pub struct ExitsArgs {
+    // clap appends "[default: 5]" itself, from default_value_t.
+    /// How long to measure, in whole seconds (at least 1).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub seconds: u64,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        BenchCommand::Exits(a) => exits::exits(a.seconds, 3, a.json),
+        BenchCommand::Kvstore(a) => net::kvstore(a.requests, a.clients, a.json),
+        BenchCommand::Streamer(a) => net::streamer(a.seconds, a.json),
+        BenchCommand::Lockstep(a) => lockstep::lockstep(a.requests, a.clients, a.json),
+        BenchCommand::Failover(a) => {
+            let failures = if a.failure.is_empty() { vec![Failure::Process, Failure::Host] } else { a.failure };
+            failover::bench(a.reps, &failures, a.json)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ftvm-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exits_seconds_and_json() {
+        let BenchCommand::Exits(e) = Cli::try_parse_from(["ftvm-bench", "exits", "--seconds", "1"]).unwrap().command
+        else {
+            panic!("`exits` parsed as another benchmark");
+        };
+        assert_eq!((e.seconds, e.json), (1, false));
+        let BenchCommand::Exits(e) = Cli::try_parse_from(["ftvm-bench", "exits", "--json"]).unwrap().command else {
+            panic!("`exits --json` parsed as another benchmark");
+        };
+        assert_eq!((e.seconds, e.json), (5, true));
+    }
+
+    #[test]
+    fn bad_numbers_and_no_benchmark_are_usage_errors() {
+        for bad in ["0", "-1", "five", ""] {
+            let err = Cli::try_parse_from(["ftvm-bench", "exits", "--seconds", bad]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "--seconds {bad:?}");
+        }
+        assert_eq!(Cli::try_parse_from(["ftvm-bench"]).unwrap_err().exit_code(), 2);
+    }
+}
