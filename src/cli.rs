@@ -53,37 +53,44 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a new random shared key (64 hex digits) for --key-file.
     Keygen(KeygenArgs),
+    /// Show the split-brain arbiter's generation and owner, or release an
+    /// owner known to be gone (its host died) so that a new pair may start.
+    Arbiter(ArbiterArgs),
     /// The whole story on one machine (root): a protected pair in a lab of
     /// namespaces, a client at work, the primary killed, the figures beside
     /// VMware FT's, every acknowledged write checked.
     Demo(DemoArgs),
 }
 
-/// PAIR-OPTS shared by `primary` and `secondary`.
-#[derive(Debug, Args)]
+/// PAIR-OPTS shared by `primary` and `secondary`. Each may also come from
+/// the `--config` file (same names without dashes); flags override it, and
+/// [`crate::config::resolve_pair`] applies the defaults and validates.
+#[derive(Debug, Default, Clone, Args)]
 pub struct PairArgs {
     /// The pair's shared key: a file of at least 32 bytes (64 hex digits as
-    /// `ftvm keygen` writes), readable by its owner only.
+    /// `ftvm keygen` writes), readable by its owner only [required]
     #[arg(long, value_name = "FILE")]
-    pub key_file: PathBuf,
-    /// Control socket for `ftvm status` [default: /run/ftvm/NAME.sock].
+    pub key_file: Option<PathBuf>,
+    /// Control socket for `ftvm status` [default: /run/ftvm/NAME.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     /// Compare a digest of vCPU, device and dirtied-memory state every N
-    /// guest exits (both hosts must use the same N).
-    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub digest_every: u64,
+    /// guest exits; both hosts must use the same N [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub digest_every: Option<u64>,
     /// Shared storage for the split-brain arbiter (`file:PATH`; the file is
-    /// created if missing). Enables failover: without it a pair process that
-    /// loses its peer stops its guest.
+    /// created if missing, its directory must exist). Enables failover:
+    /// without it a pair process that loses its peer stops its guest
     #[arg(long, value_name = "file:PATH")]
     pub arbiter: Option<String>,
-    /// Heartbeat interval on the dedicated link, in milliseconds.
-    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    pub heartbeat_ms: u64,
-    /// The peer is dead after this many heartbeat intervals of silence.
-    #[arg(long, value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(2..=1000))]
-    pub dead_after: u32,
+    /// Heartbeat interval on the dedicated link, in milliseconds, 1 to
+    /// 10000; two heartbeats go out per interval [default: 10]
+    #[arg(long, value_name = "N")]
+    pub heartbeat_ms: Option<u64>,
+    /// The peer is dead after this many heartbeat intervals of silence, 2 to
+    /// 1000 [default: 5]
+    #[arg(long, value_name = "N")]
+    pub dead_after: Option<u32>,
     /// Write the final vCPU state and guest memory to FILE when the guest
     /// stops (for comparing the two hosts).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -97,11 +104,13 @@ pub struct PrimaryArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub pair: PairArgs,
-    /// The secondary's logging-channel address on the dedicated link.
+    /// The secondary's logging-channel address on the dedicated link,
+    /// HOST:PORT (an IPv6 address in brackets) [required]
     #[arg(long, value_name = "HOST:PORT")]
-    pub peer: String,
+    pub peer: Option<String>,
     /// Start without a secondary and run unprotected (says so); outputs are
-    /// released at once.
+    /// released at once. With --arbiter, the arbiter is claimed first: a
+    /// copy that loses exits 4 without emitting anything.
     #[arg(long)]
     pub unprotected_start: bool,
 }
@@ -113,9 +122,9 @@ pub struct SecondaryArgs {
     pub guest: GuestArgs,
     #[command(flatten)]
     pub pair: PairArgs,
-    /// Where to accept the primary's logging channel.
+    /// Where to accept the primary's logging channel, HOST:PORT [required]
     #[arg(long, value_name = "HOST:PORT")]
-    pub listen: String,
+    pub listen: Option<String>,
     /// Test knob: hold every ack this long (shows the output rule at work).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub ack_delay_ms: u64,
@@ -147,10 +156,23 @@ pub struct DemoArgs {
     pub failure: ftvm_demo::Failure,
 }
 
+/// `ftvm arbiter`.
+#[derive(Debug, Args)]
+pub struct ArbiterArgs {
+    /// The arbiter (`file:PATH`), as the pair uses it.
+    #[arg(long, value_name = "file:PATH")]
+    pub arbiter: String,
+    /// Clear the owner: only when that copy is known to be gone (a live
+    /// copy keeps running, and a new pair would make a second one).
+    #[arg(long)]
+    pub release: bool,
+}
+
 /// `ftvm keygen`.
 #[derive(Debug, Args)]
 pub struct KeygenArgs {
-    /// Write the key to FILE (created with mode 0600) instead of stdout.
+    /// Write the key to FILE (created with mode 0600; its directory, if
+    /// missing, with mode 0700) instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
 }
@@ -222,9 +244,10 @@ pub struct GuestArgs {
     #[arg(long, value_name = "stdout|FILE")]
     pub serial: Option<String>,
 
-    /// TOML file carrying any of these settings under the same names without
-    /// dashes (memory-mib = 64, param = ["rate=100"]); flags override it
-    /// [default: none]
+    /// TOML file carrying any of these settings, and for primary/secondary
+    /// the PAIR-OPTS, under the same names without dashes (memory-mib = 64,
+    /// param = ["rate=100"], key-file = "/etc/ftvm/pair.key"); flags
+    /// override it [default: none]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }
@@ -347,9 +370,7 @@ mod tests {
             &["run", "--memory-mib", "-1"],
             &["run", "--no-such-flag"],
             &["run", "--guest"],
-            // Required PAIR-OPTS missing.
-            &["primary", "--key-file", "k"],
-            &["secondary", "--listen", "127.0.0.1:1"],
+            &["primary", "--heartbeat-ms", "often"],
             &["demo", "--guest", "nosuch"],
         ] {
             let err = parse(args).unwrap_err();

@@ -20,6 +20,12 @@
 //! serial = "stdout"             # or a file path
 //! ```
 //!
+//! `primary` and `secondary` also take the PAIR-OPTS from the file
+//! (`key-file`, `control`, `digest-every`, `arbiter`, `heartbeat-ms`,
+//! `dead-after`) and their address (`peer` for a primary, `listen` for a
+//! secondary; each ignores the other's, so one file can serve both hosts);
+//! `ftvm run` refuses them.
+//!
 //! A key ftvm does not know is an error naming it (and its line), so a typo
 //! is never silently ignored; `config` is not a key (no file includes another).
 //! Paths in the file (`guest`, `serial`) are relative to the working
@@ -46,15 +52,12 @@
 //! TOML, an unknown key, a value of the wrong type): it holds the same
 //! settings as the command line, so bad content is bad usage.
 
-// `main` wires these types in next; until then most of them are unused.
-#![allow(dead_code)] // (some items serve later subcommands)
-
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::cli::GuestArgs;
+use crate::cli::{GuestArgs, PairArgs};
 use crate::exit::{EXIT_ERROR, EXIT_USAGE};
 
 /// `--guest` when neither flag nor file gives one.
@@ -189,6 +192,16 @@ pub enum ConfigError {
     ParamsTooLong { len: usize },
     #[error("--serial is empty: give `stdout` or a file path")]
     SerialEmpty,
+    #[error("`{key}` in the config file is a pair setting: it applies to `ftvm primary` and `ftvm secondary`, not `ftvm run`")]
+    PairKeyInRun { key: &'static str },
+    #[error("{flag} is missing: give it on the command line or in the --config file (see `ftvm {command} --help`)")]
+    Missing { flag: &'static str, command: &'static str },
+    #[error("{flag} {value} is out of range: it takes {min} to {max}")]
+    OutOfRange { flag: &'static str, value: u64, min: u64, max: u64 },
+    #[error("--arbiter {value:?} is not understood: the accepted form is file:PATH (PATH naming a file)")]
+    ArbiterSpec { value: String },
+    #[error("{flag} {value:?} is not a usable address: {reason}")]
+    Address { flag: &'static str, value: String, reason: &'static str },
 }
 
 impl ConfigError {
@@ -220,7 +233,12 @@ impl ConfigError {
             | ParamNul { .. }
             | ParamDuplicate { .. }
             | ParamsTooLong { .. }
-            | SerialEmpty => EXIT_USAGE,
+            | SerialEmpty
+            | PairKeyInRun { .. }
+            | Missing { .. }
+            | OutOfRange { .. }
+            | ArbiterSpec { .. }
+            | Address { .. } => EXIT_USAGE,
         }
     }
 }
@@ -243,6 +261,32 @@ struct ConfigFile {
     #[serde(default)]
     param: Vec<String>,
     serial: Option<String>,
+    // PAIR-OPTS: `primary` and `secondary` only.
+    key_file: Option<PathBuf>,
+    control: Option<PathBuf>,
+    digest_every: Option<u64>,
+    arbiter: Option<String>,
+    heartbeat_ms: Option<u64>,
+    dead_after: Option<u32>,
+    peer: Option<String>,
+    listen: Option<String>,
+}
+
+impl ConfigFile {
+    /// The pair settings this file gives, by key, for `ftvm run` to refuse.
+    fn pair_keys(&self) -> Vec<&'static str> {
+        let given = [
+            ("key-file", self.key_file.is_some()),
+            ("control", self.control.is_some()),
+            ("digest-every", self.digest_every.is_some()),
+            ("arbiter", self.arbiter.is_some()),
+            ("heartbeat-ms", self.heartbeat_ms.is_some()),
+            ("dead-after", self.dead_after.is_some()),
+            ("peer", self.peer.is_some()),
+            ("listen", self.listen.is_some()),
+        ];
+        given.into_iter().filter(|(_, g)| *g).map(|(k, _)| k).collect()
+    }
 }
 
 impl ConfigFile {
@@ -276,11 +320,144 @@ fn line_of(bytes: &[u8], offset: usize) -> usize {
 /// GUEST-OPTS into settings: loads the `--config` file if one is given,
 /// merges it under the flags, applies defaults and validates the result.
 pub fn resolve(args: &GuestArgs) -> Result<GuestSettings, ConfigError> {
-    let file = match &args.config {
-        Some(path) => ConfigFile::load(path)?,
-        None => ConfigFile::default(),
-    };
+    let file = load(args)?;
+    if let Some(key) = file.pair_keys().first() {
+        return Err(ConfigError::PairKeyInRun { key });
+    }
     merge(args, file)
+}
+
+fn load(args: &GuestArgs) -> Result<ConfigFile, ConfigError> {
+    match &args.config {
+        Some(path) => ConfigFile::load(path),
+        None => Ok(ConfigFile::default()),
+    }
+}
+
+/// Which side of a pair is being configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairRole {
+    Primary,
+    Secondary,
+}
+
+/// PAIR-OPTS, merged with the `--config` file, defaults applied, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairConfig {
+    pub key_file: PathBuf,
+    pub control: Option<PathBuf>,
+    pub digest_every: u64,
+    pub arbiter: Option<String>,
+    pub heartbeat_ms: u64,
+    pub dead_after: u32,
+    pub state_dump: Option<PathBuf>,
+    /// `--peer` (primary) or `--listen` (secondary): a checked HOST:PORT.
+    pub address: String,
+}
+
+/// `--digest-every` when neither flag nor file gives one.
+pub const DEFAULT_DIGEST_EVERY: u64 = 1000;
+/// `--heartbeat-ms` when neither flag nor file gives one.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 10;
+/// `--dead-after` when neither flag nor file gives one.
+pub const DEFAULT_DEAD_AFTER: u32 = 5;
+
+/// GUEST-OPTS and PAIR-OPTS (with `--peer` or `--listen` as `address`) of
+/// `ftvm primary` / `ftvm secondary`, merged with the `--config` file.
+pub fn resolve_pair(
+    guest: &GuestArgs,
+    pair: &PairArgs,
+    address: Option<&str>,
+    role: PairRole,
+) -> Result<(GuestSettings, PairConfig), ConfigError> {
+    let file = load(guest)?;
+    let (command, addr_flag, file_addr) = match role {
+        PairRole::Primary => ("primary", "--peer", file.peer.clone()),
+        PairRole::Secondary => ("secondary", "--listen", file.listen.clone()),
+    };
+    let key_file = pair.key_file.clone().or(file.key_file.clone());
+    let key_file = key_file.ok_or(ConfigError::Missing { flag: "--key-file", command })?;
+    let address = address.map(str::to_owned).or(file_addr).ok_or(ConfigError::Missing { flag: addr_flag, command })?;
+    check_address(addr_flag, &address, role == PairRole::Secondary)?;
+    let arbiter = pair.arbiter.clone().or(file.arbiter.clone());
+    if let Some(a) = &arbiter {
+        check_arbiter(a)?;
+    }
+    let config = PairConfig {
+        key_file,
+        control: pair.control.clone().or(file.control.clone()),
+        digest_every: in_range(
+            "--digest-every",
+            pair.digest_every.or(file.digest_every),
+            DEFAULT_DIGEST_EVERY,
+            1,
+            u64::MAX,
+        )?,
+        arbiter,
+        heartbeat_ms: in_range(
+            "--heartbeat-ms",
+            pair.heartbeat_ms.or(file.heartbeat_ms),
+            DEFAULT_HEARTBEAT_MS,
+            1,
+            10_000,
+        )?,
+        dead_after: in_range(
+            "--dead-after",
+            pair.dead_after.or(file.dead_after).map(u64::from),
+            u64::from(DEFAULT_DEAD_AFTER),
+            2,
+            1000,
+        )?
+        .try_into()
+        .unwrap_or(DEFAULT_DEAD_AFTER),
+        state_dump: pair.state_dump.clone(),
+        address,
+    };
+    Ok((merge(guest, file)?, config))
+}
+
+fn in_range(flag: &'static str, value: Option<u64>, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let v = value.unwrap_or(default);
+    if (min..=max).contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::OutOfRange { flag, value: v, min, max })
+    }
+}
+
+/// `--arbiter`: the only form there is, `file:PATH`.
+fn check_arbiter(value: &str) -> Result<(), ConfigError> {
+    match value.strip_prefix("file:") {
+        Some(path) if !path.is_empty() && !path.ends_with('/') => Ok(()),
+        _ => Err(ConfigError::ArbiterSpec { value: value.to_owned() }),
+    }
+}
+
+/// `--peer` / `--listen`: HOST:PORT, an IPv6 host in brackets, a port in
+/// 1..=65535 (0 too for --listen: any free port), and a host that resolves.
+fn check_address(flag: &'static str, value: &str, port_zero_ok: bool) -> Result<(), ConfigError> {
+    let bad = |reason: &'static str| ConfigError::Address { flag, value: value.to_owned(), reason };
+    let (host, port) = value.rsplit_once(':').ok_or(bad("it is not of the form HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number from 1 to 65535"))?;
+    if port == 0 && !port_zero_ok {
+        return Err(bad("the port is not a number from 1 to 65535"));
+    }
+    if host.is_empty() {
+        return Err(bad("the host is empty"));
+    }
+    match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_err() => {
+            return Err(bad("the bracketed host is not an IPv6 address"))
+        }
+        None if host.contains(':') || host.contains('[') || host.contains(']') => {
+            return Err(bad("an IPv6 address goes in brackets, e.g. [fd00::2]:7000"))
+        }
+        _ => {}
+    }
+    match std::net::ToSocketAddrs::to_socket_addrs(value).map(|mut a| a.next()) {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(bad("the host does not resolve to an address")),
+    }
 }
 
 fn merge(args: &GuestArgs, file: ConfigFile) -> Result<GuestSettings, ConfigError> {
@@ -379,7 +556,7 @@ impl GuestSource {
 
 /// 1 to [`MAX_NAME_LEN`] characters of `[A-Za-z0-9_.-]`: safe in a socket
 /// path, a log field and a shell word.
-fn is_valid_name(name: &str) -> bool {
+pub fn is_valid_name(name: &str) -> bool {
     (1..=MAX_NAME_LEN).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
@@ -984,5 +1161,73 @@ serial = "file.log"
         let f = config_file(b"");
         let path = f.path().to_str().expect("temp path is UTF-8");
         assert_eq!(run(&["--config", path]).unwrap(), run(&[]).unwrap());
+    }
+
+    /// `ftvm primary ARGS...` through clap and [`resolve_pair`].
+    fn primary(args: &[&str]) -> Result<(GuestSettings, PairConfig), ConfigError> {
+        let cli = Cli::try_parse_from(["ftvm", "primary"].iter().chain(args))
+            .unwrap_or_else(|e| panic!("clap refused {args:?}: {e}"));
+        let Command::Primary(p) = cli.command else {
+            panic!("`ftvm primary` parsed as another subcommand");
+        };
+        resolve_pair(&p.guest, &p.pair, p.peer.as_deref(), PairRole::Primary)
+    }
+
+    #[test]
+    fn pair_settings_come_from_the_config_file_and_flags_override_them() {
+        let f = config_file(
+            b"guest = \"kvstore\"\nkey-file = \"/etc/ftvm/pair.key\"\npeer = \"127.0.0.1:7000\"\n\
+              listen = \"0.0.0.0:7000\"\narbiter = \"file:/srv/arb\"\nheartbeat-ms = 5\ndead-after = 4\n\
+              digest-every = 500\ncontrol = \"/run/kv.sock\"\n",
+        );
+        let path = f.path().to_str().unwrap();
+        let (g, p) = primary(&["--config", path]).unwrap();
+        assert_eq!(g.guest, GuestSource::Embedded("kvstore".into()));
+        assert_eq!(p.key_file, PathBuf::from("/etc/ftvm/pair.key"));
+        assert_eq!(p.address, "127.0.0.1:7000");
+        assert_eq!(p.arbiter.as_deref(), Some("file:/srv/arb"));
+        assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every), (5, 4, 500));
+        assert_eq!(p.control, Some(PathBuf::from("/run/kv.sock")));
+        let (_, p) = primary(&["--config", path, "--peer", "127.0.0.2:7001", "--heartbeat-ms", "20"]).unwrap();
+        assert_eq!((p.address.as_str(), p.heartbeat_ms), ("127.0.0.2:7001", 20));
+    }
+
+    #[test]
+    fn pair_defaults_and_missing_required_settings() {
+        let (_, p) = primary(&["--key-file", "k", "--peer", "127.0.0.1:7000"]).unwrap();
+        assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every), (10, 5, 1000));
+        assert_eq!(p.arbiter, None);
+        let e = primary(&["--peer", "127.0.0.1:7000"]).unwrap_err();
+        assert!(e.to_string().contains("--key-file") && e.to_string().contains("ftvm primary --help"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        let e = primary(&["--key-file", "k"]).unwrap_err();
+        assert!(e.to_string().contains("--peer"), "{e}");
+    }
+
+    #[test]
+    fn bad_addresses_arbiters_and_ranges_are_usage_errors() {
+        for bad in ["foo", "10.0.1.2:70000", "::::", "10.0.1.2:0", ":7000", "fd00::1:7000", "[nothex]:7000"] {
+            let e = primary(&["--key-file", "k", "--peer", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "--peer {bad}: {e}");
+            assert!(e.to_string().contains("--peer"), "{e}");
+        }
+        assert!(primary(&["--key-file", "k", "--peer", "[::1]:7000"]).is_ok());
+        for bad in ["nfs:/x", "file:", "/tmp/arb", "file:/srv/"] {
+            let e = primary(&["--key-file", "k", "--peer", "127.0.0.1:1", "--arbiter", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "--arbiter {bad}: {e}");
+        }
+        for (flag, bad) in
+            [("--heartbeat-ms", "0"), ("--heartbeat-ms", "10001"), ("--dead-after", "1"), ("--digest-every", "0")]
+        {
+            let e = primary(&["--key-file", "k", "--peer", "127.0.0.1:1", flag, bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{flag} {bad}: {e}");
+            assert!(e.to_string().contains(flag), "{e}");
+        }
+    }
+
+    #[test]
+    fn run_refuses_pair_settings_in_its_config_file() {
+        let f = config_file(b"guest = \"hello\"\nkey-file = \"/k\"\n");
+        refused(&["--config", f.path().to_str().unwrap()], 2, &["key-file", "ftvm run"]);
     }
 }

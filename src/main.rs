@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use tracing_subscriber::EnvFilter;
 use vmm::boot::Privilege;
 use vmm::vcpu::RunOutcome;
@@ -43,6 +43,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             } else {
                 EXIT_ERROR
             }
+        } else if error.downcast_ref::<pair::failover::LiveElsewhere>().is_some() {
+            exit::EXIT_LOST_ARBITER
         } else if error.downcast_ref::<UsageError>().is_some() {
             EXIT_USAGE
         } else {
@@ -94,9 +96,18 @@ fn usage_error(e: clap::Error) -> ExitCode {
         e.exit();
     }
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or("invalid command line");
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    let _ = writeln!(std::io::stderr(), "ftvm: {first} (try `ftvm --help`)");
+    // clap's message runs up to the blank line before "Usage:"; some spread
+    // it over several lines (the arguments missing): one line here.
+    let message: Vec<&str> =
+        text.lines().take_while(|l| !l.trim().is_empty() && !l.starts_with("Usage:")).map(str::trim).collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    let message = if message.is_empty() { "invalid command line" } else { message };
+    let help = match std::env::args().nth(1).filter(|a| Cli::command().find_subcommand(a).is_some()) {
+        Some(sub) => format!("ftvm {sub} --help"),
+        None => "ftvm --help".to_string(),
+    };
+    let _ = writeln!(std::io::stderr(), "ftvm: {message} (try `{help}`)");
     ExitCode::from(EXIT_USAGE as u8)
 }
 
@@ -111,10 +122,18 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Secondary(args) => secondary(&args),
         Command::Status(args) => {
             let name = args.name.as_deref().unwrap_or(config::DEFAULT_GUEST);
+            if !config::is_valid_name(name) {
+                return Err(UsageError(format!(
+                    "--name {name:?} is not a valid name: use 1 to {} characters from A-Z a-z 0-9 _ . -",
+                    config::MAX_NAME_LEN
+                ))
+                .into());
+            }
             protect::status(&control_path(args.control.as_deref(), name), args.json)?;
             Ok(0)
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
+        Command::Arbiter(args) => arbiter(&args),
         Command::Demo(args) => {
             ftvm_demo::demo(args.guest, args.failure)?;
             Ok(0)
@@ -266,11 +285,10 @@ fn control_path(flag: Option<&std::path::Path>, name: &str) -> std::path::PathBu
     flag.map(std::path::Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(format!("/run/ftvm/{name}.sock")))
 }
 
-fn pair_settings(pair: &cli::PairArgs, name: &str) -> protect::PairSettings {
+fn pair_settings(pair: &config::PairConfig, name: &str) -> protect::PairSettings {
     protect::PairSettings {
         key_file: pair.key_file.clone(),
         control: control_path(pair.control.as_deref(), name),
-        digest_every: pair.digest_every,
         state_dump: pair.state_dump.clone(),
         arbiter: pair.arbiter.clone(),
         heartbeat: std::time::Duration::from_millis(pair.heartbeat_ms),
@@ -280,25 +298,42 @@ fn pair_settings(pair: &cli::PairArgs, name: &str) -> protect::PairSettings {
 
 /// `ftvm primary`.
 fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
-    let settings = config::resolve(&args.guest)?;
+    let role = config::PairRole::Primary;
+    let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.peer.as_deref(), role)?;
     if args.unprotected_start {
-        let _ = writeln!(
-            std::io::stderr(),
-            "ftvm: primary {}: --unprotected-start: running without a secondary, UNPROTECTED",
-            settings.name
-        );
-        return run(&settings);
+        return unprotected_start(&settings, &pair);
     }
-    let pair = pair_settings(&args.pair, &settings.name);
+    let pair_settings = pair_settings(&pair, &settings.name);
     let Prepared { config, tap, serial } = prepare(&settings, Some(pair.digest_every))?;
-    Ok(protect::primary(&settings, config, tap, serial, &pair, &args.peer)?)
+    Ok(protect::primary(&settings, config, tap, serial, &pair_settings, &pair.address)?)
+}
+
+/// `ftvm primary --unprotected-start`: no secondary. A copy that will emit
+/// to the world claims the arbiter first (when there is one): if it names a
+/// live copy of this guest, this one exits 4 without emitting anything.
+fn unprotected_start(settings: &GuestSettings, pair: &config::PairConfig) -> Result<i32, Failure> {
+    let ownership = match &pair.arbiter {
+        Some(spec) => Some(pair::failover::claim_alone(spec, &settings.name)?),
+        None => None,
+    };
+    let _ = writeln!(
+        std::io::stderr(),
+        "ftvm: primary {}: --unprotected-start: running without a secondary, UNPROTECTED",
+        settings.name
+    );
+    let code = run(settings);
+    if let Some(o) = ownership {
+        o.release();
+    }
+    code
 }
 
 /// `ftvm secondary`: the guest's NIC is attached (the device state must
 /// match the primary's) but its TAP is not opened: nothing reaches the world.
 fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
-    let settings = config::resolve(&args.guest)?;
-    let pair = pair_settings(&args.pair, &settings.name);
+    let role = config::PairRole::Secondary;
+    let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
+    let pair_settings = pair_settings(&pair, &settings.name);
     let mut no_tap = settings.clone();
     no_tap.tap = None;
     let Prepared { mut config, serial, .. } = prepare(&no_tap, Some(pair.digest_every))?;
@@ -310,7 +345,24 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
         }
     }
     let delay = std::time::Duration::from_millis(args.ack_delay_ms);
-    Ok(protect::secondary(&settings, config, serial, &pair, &args.listen, delay)?)
+    Ok(protect::secondary(&settings, config, serial, &pair_settings, &pair.address, delay)?)
+}
+
+/// `ftvm arbiter show|release`.
+fn arbiter(args: &cli::ArbiterArgs) -> Result<i32, Failure> {
+    let arbiter = heartbeat::Arbiter::open(&args.arbiter).map_err(|e| UsageError(format!("--arbiter: {e}")))?;
+    let (generation, owner) = arbiter.current().context("cannot read the arbiter")?;
+    let owner = owner.map_or_else(|| "(none)".to_string(), |o| o.to_string());
+    if args.release {
+        if arbiter.release(generation, None).context("cannot release the arbiter")? {
+            println!("released: generation {} now has no owner (was {owner})", generation.0 + 1);
+        } else {
+            return Err(anyhow::anyhow!("the arbiter changed while releasing it: nothing done").into());
+        }
+    } else {
+        println!("generation {}\nowner {owner}", generation.0);
+    }
+    Ok(0)
 }
 
 fn keygen(out: Option<&std::path::Path>) -> Result<i32, Failure> {
@@ -319,6 +371,14 @@ fn keygen(out: Option<&std::path::Path>) -> Result<i32, Failure> {
         None => println!("{key}"),
         Some(path) => {
             use std::os::unix::fs::OpenOptionsExt;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .with_context(|| format!("cannot create the key's directory {}", dir.display()))?;
+            }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

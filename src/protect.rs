@@ -25,7 +25,6 @@ use crate::exit::EXIT_LOST_ARBITER;
 pub struct PairSettings {
     pub key_file: PathBuf,
     pub control: PathBuf,
-    pub digest_every: u64,
     pub state_dump: Option<PathBuf>,
     /// `--arbiter file:PATH`: enables failover. Without it a pair process
     /// that loses its peer stops (no arbiter, no way to rule out two live

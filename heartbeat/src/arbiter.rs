@@ -271,6 +271,29 @@ impl Arbiter {
         Ok(claim)
     }
 
+    /// Give ownership up: if the file holds `expected` (and, when `me` is
+    /// given, names `me` as owner), move it to `expected + 1` with no owner
+    /// and return `true`; otherwise leave it and return `false`. The live
+    /// copy releases when its guest stops, so that a new pair or an
+    /// unprotected start may claim; an operator releases the owner of a
+    /// copy known to be gone (its host died) with `me` = `None`.
+    pub fn release(&self, expected: Generation, me: Option<&Owner>) -> Result<bool, ArbiterError> {
+        self.locked(|| {
+            let (generation, owner) = self.read()?;
+            if generation != expected || (me.is_some() && owner.as_ref() != me) {
+                return Ok(false);
+            }
+            let next = expected
+                .0
+                .checked_add(1)
+                .map(Generation)
+                .ok_or_else(|| ArbiterError::GenerationExhausted { path: self.path.clone() })?;
+            self.write(next, None)?;
+            tracing::info!(path = %self.path.display(), generation = %next, "released the arbiter");
+            Ok(true)
+        })
+    }
+
     /// Run `f` holding the exclusive lock. The lock is released when the
     /// lock file is closed, at the end of this call or if the process dies.
     fn locked<T>(&self, f: impl FnOnce() -> Result<T, ArbiterError>) -> Result<T, ArbiterError> {
@@ -388,6 +411,28 @@ mod tests {
         arbiter.claim(Generation(0), &owner("a")).unwrap();
         let again = Arbiter::open(&spec(&path)).unwrap();
         assert_eq!(again.current().unwrap(), (Generation(1), Some(owner("a"))));
+    }
+
+    #[test]
+    fn release_frees_only_what_is_still_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("arbiter");
+        let arbiter = Arbiter::open(&spec(&path)).unwrap();
+        let (live, other) = (owner("kv-secondary-01"), owner("kv-primary-02"));
+        arbiter.claim(Generation(0), &live).unwrap();
+        // Somebody else's release, or a stale generation, changes nothing.
+        assert!(!arbiter.release(Generation(1), Some(&other)).unwrap());
+        assert!(!arbiter.release(Generation(0), None).unwrap());
+        assert_eq!(arbiter.current().unwrap(), (Generation(1), Some(live.clone())));
+        // The owner's own release moves the generation on, with no owner.
+        assert!(arbiter.release(Generation(1), Some(&live)).unwrap());
+        assert_eq!(fs::read_to_string(&path).unwrap(), "ftvm-arbiter v1\ngeneration 2\nowner (none)\n");
+        // A claim of the old generation (a stale copy) cannot win it back.
+        assert!(matches!(arbiter.claim(Generation(0), &live).unwrap(), Claim::Lost { .. }));
+        // An operator's release needs no owner.
+        arbiter.claim(Generation(2), &other).unwrap();
+        assert!(arbiter.release(Generation(3), None).unwrap());
+        assert_eq!(arbiter.current().unwrap(), (Generation(4), None));
     }
 
     #[test]

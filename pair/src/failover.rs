@@ -67,6 +67,21 @@ pub struct Failover {
     role: Role,
     head_start: Duration,
     channel_lost: Notify,
+    /// The generation this side won, while it owns the arbiter.
+    won: std::sync::Mutex<Option<Generation>>,
+}
+
+/// The arbiter names a live copy of this guest: starting another could make
+/// two. Released by that copy when its guest stops, or by an operator who
+/// knows it is gone (`ftvm arbiter release`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the arbiter {spec} names {owner} as the live copy of this guest: refusing to start another \
+     (if that copy is gone for good, release it with `ftvm arbiter --release --arbiter {spec}`)"
+)]
+pub struct LiveElsewhere {
+    pub spec: String,
+    pub owner: String,
 }
 
 impl Failover {
@@ -85,7 +100,10 @@ impl Failover {
     ) -> anyhow::Result<Failover> {
         let arbiter = Arbiter::open(&config.arbiter)?;
         let probe = arbiter.clone();
-        let (generation, _) = tokio::task::spawn_blocking(move || probe.current()).await??;
+        let (generation, holder) = tokio::task::spawn_blocking(move || probe.current()).await??;
+        if let Some(holder) = holder {
+            return Err(LiveElsewhere { spec: config.arbiter.clone(), owner: holder.to_string() }.into());
+        }
         board.set_arbiter(&config.arbiter, generation.0);
         let mut hb = heartbeat::ServiceConfig::new(role, heartbeat::PairId::for_vm_name(name), local, peer);
         hb.interval = config.heartbeat;
@@ -101,6 +119,7 @@ impl Failover {
             role,
             head_start: config.head_start,
             channel_lost: Notify::new(),
+            won: std::sync::Mutex::new(None),
         })
     }
 
@@ -156,7 +175,10 @@ impl Failover {
         }
         let (arbiter, generation, owner) = (self.arbiter.clone(), self.generation, self.owner.clone());
         match tokio::task::spawn_blocking(move || arbiter.claim(generation, &owner)).await {
-            Ok(Ok(Claim::Won { .. })) => Verdict::Won,
+            Ok(Ok(Claim::Won { generation })) => {
+                *self.won.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(generation);
+                Verdict::Won
+            }
             Ok(Ok(Claim::Lost { .. })) => Verdict::Lost,
             Ok(Err(e)) => Verdict::Unreachable(e),
             Err(join) => Verdict::Unreachable(ArbiterError::Io {
@@ -166,10 +188,69 @@ impl Failover {
         }
     }
 
+    /// This copy's guest stopped: if it owns the arbiter, give it up, so
+    /// that a new pair may form. Blocking (file I/O); call it off the async
+    /// workers.
+    pub fn release(&self) {
+        let won = self.won.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(generation) = won {
+            if let Err(e) = self.arbiter.release(generation, Some(&self.owner)) {
+                tracing::warn!(error = %e, "could not release the arbiter");
+            }
+        }
+    }
+
     /// Wait for the peer's loss, then claim: the one decision of a session.
     pub async fn decide(self: Arc<Self>) -> (Loss, Verdict) {
         let loss = self.peer_lost().await;
         let verdict = self.claim(&loss).await;
         (loss, verdict)
+    }
+}
+
+/// Refuse to start a pair while the arbiter names a live copy of the guest.
+/// Checked before anything else (waiting for a peer can take minutes); the
+/// check is repeated when the pair forms.
+pub fn check_free(spec: &str) -> anyhow::Result<()> {
+    let arbiter = Arbiter::open(spec)?;
+    match arbiter.current()? {
+        (_, Some(holder)) => Err(LiveElsewhere { spec: spec.to_string(), owner: holder.to_string() }.into()),
+        (_, None) => Ok(()),
+    }
+}
+
+/// A copy that runs without a peer (`--unprotected-start`) and will emit to
+/// the world: it claims the arbiter first, and only a free one (no live
+/// copy named). Returns the ownership to release when the guest stops.
+pub fn claim_alone(spec: &str, name: &str) -> anyhow::Result<Ownership> {
+    let arbiter = Arbiter::open(spec)?;
+    let (generation, holder) = arbiter.current()?;
+    if let Some(holder) = holder {
+        return Err(LiveElsewhere { spec: spec.to_string(), owner: holder.to_string() }.into());
+    }
+    let owner = Owner::new(format!("{name}-standalone-{}", std::process::id()))?;
+    match arbiter.claim(generation, &owner)? {
+        Claim::Won { generation } => Ok(Ownership { arbiter, generation, owner }),
+        Claim::Lost { owner: holder, .. } => Err(LiveElsewhere {
+            spec: spec.to_string(),
+            owner: holder.map_or_else(|| "another copy".to_string(), |o| o.to_string()),
+        }
+        .into()),
+    }
+}
+
+/// The arbiter, won by this process.
+pub struct Ownership {
+    arbiter: Arbiter,
+    generation: Generation,
+    owner: Owner,
+}
+
+impl Ownership {
+    /// The guest stopped: free the arbiter.
+    pub fn release(self) {
+        if let Err(e) = self.arbiter.release(self.generation, Some(&self.owner)) {
+            tracing::warn!(error = %e, "could not release the arbiter");
+        }
     }
 }

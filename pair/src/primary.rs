@@ -155,6 +155,9 @@ impl PrimarySession {
         config: PrimaryConfig,
         live_output: Box<dyn OutputSink>,
     ) -> Result<(PrimarySession, Box<dyn OutputSink>)> {
+        if let Some(f) = &config.failover {
+            crate::failover::check_free(&f.arbiter)?;
+        }
         let board = Arc::new(Board::new(config.name.clone(), Role::Primary));
         board.set_state("waiting for the secondary");
         board.set_peer_address(config.peer.clone());
@@ -287,6 +290,8 @@ impl PrimarySession {
         let _ = self.releaser_thread.join();
         if let Some(f) = &self.failover {
             f.stop_heartbeats();
+            // Alone, this copy owned the guest: no longer.
+            f.release();
         }
         if let Ok(chan) = Arc::try_unwrap(self.chan) {
             let _ = self.rt.block_on(chan.shutdown());

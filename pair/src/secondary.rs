@@ -107,6 +107,7 @@ pub struct SecondarySession {
     board: Arc<Board>,
     _control: Option<ControlSocket>,
     _rt: tokio::runtime::Runtime,
+    failover: Option<Arc<Failover>>,
     shared: Arc<SecondaryShared>,
     held: Arc<HeldOutputs>,
     consumed: Arc<AtomicU64>,
@@ -119,6 +120,9 @@ impl SecondarySession {
     /// Serve the control socket, wait for an authenticated primary, then
     /// start receiving, heartbeats and the failover decision.
     pub fn accept(config: SecondaryConfig) -> Result<SecondarySession> {
+        if let Some(f) = &config.failover {
+            crate::failover::check_free(&f.arbiter)?;
+        }
         let board = Arc::new(Board::new(config.name.clone(), Role::Secondary));
         board.set_state("waiting for the primary");
         let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
@@ -155,13 +159,24 @@ impl SecondarySession {
         };
         rt.spawn(receiving.run(chan));
         let (decide, decisions) = queues::decisions();
-        if let Some(f) = failover {
+        if let Some(f) = failover.clone() {
             rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, decide));
         }
         let consumed = Arc::new(AtomicU64::new(0));
         crate::progress::secondary(&board, &consumed)?;
         eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
-        Ok(SecondarySession { board, _control: control, _rt: rt, shared, held, consumed, records, decisions, local })
+        Ok(SecondarySession {
+            board,
+            _control: control,
+            _rt: rt,
+            failover,
+            shared,
+            held,
+            consumed,
+            records,
+            decisions,
+            local,
+        })
     }
 
     /// The status board.
@@ -209,6 +224,10 @@ impl SecondarySession {
     pub fn finish(self, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
         self.board.set_state("stopped");
         if self.shared.went_live_at.load(Ordering::SeqCst) > 0 {
+            if let Some(f) = &self.failover {
+                // The live copy's guest stopped: it owns the guest no more.
+                f.release();
+            }
             return SecondaryEnd::WentLive(outcome);
         }
         match lock(&self.shared.verdict).take() {

@@ -180,7 +180,8 @@ pub fn failover_pair(lab: &ftvm_lab::Lab) -> (Proc, Proc, tempfile::TempDir) {
 
 /// A protected pair of any guest with an arbiter: (primary, secondary, dir).
 pub fn failover_pair_of(lab: &ftvm_lab::Lab, guest: &[&str]) -> (Proc, Proc, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+    // FTVM_TEST_KEEP=1 keeps the directory (and the VMMs' logs) for a look.
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
     let key = key_file(dir.path(), "k");
     let arbiter = format!("file:{}", dir.path().join("arbiter").display());
     let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
