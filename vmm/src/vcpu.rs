@@ -510,7 +510,15 @@ impl Vcpu {
         }
     }
 
-    /// The raw vCPU fd, for the benchmark's bare KVM_RUN loop.
+    /// The vCPU fd, to read registers.
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The raw vCPU fd, for the benchmark's bare KVM_RUN loop. Only with the
+    /// `bench` feature: a KVM_RUN outside [`Vcpu::run`] skips exit counting,
+    /// the hook and the devices.
+    #[cfg(feature = "bench")]
     pub fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
     }

@@ -34,6 +34,11 @@ pub struct VmConfig {
     /// Compute a state digest every this many exits (and log dirty pages
     /// for it); `None`: no digests.
     pub digest_every: Option<u64>,
+    /// Put the test device ([`testdev`]) on both buses, at
+    /// [`ftvm_abi::TESTDEV_PORT`] and [`ftvm_abi::TESTDEV_MMIO_ADDR`]: only
+    /// for the benchmark and test guests that hammer it. `false` for every
+    /// production VM, where those addresses are unmapped like any other.
+    pub test_devices: bool,
 }
 
 /// The guest-visible settings written into the boot-parameter block.
@@ -212,7 +217,7 @@ impl Vm {
         let stop = StopHandle::new(&fd, run_size).map_err(VmError::StopHandle)?;
         crate::vcpu::install_kick_handler().map_err(VmError::Signal)?;
 
-        let (pio, mut mmio, deadline) = devices()?;
+        let (pio, mut mmio, deadline) = devices(config.test_devices)?;
         if let Some(mac) = config.boot.mac {
             let net = crate::devices::virtio_net::VirtioNet::new(mem.clone(), mac);
             mmio.insert(ftvm_abi::VIRTIO_MMIO_BASE, crate::devices::virtio_net::LEN, Box::new(net))?;
@@ -237,14 +242,16 @@ impl Vm {
         &self.mem
     }
 
-    /// The vCPU, for the benchmark's bare loop.
+    /// The vCPU, for the benchmark's bare loop. Only with the `bench`
+    /// feature: nothing else may run the vCPU around the exit loop.
+    #[cfg(feature = "bench")]
     pub fn vcpu_mut(&mut self) -> &mut Vcpu {
         &mut self.vcpu
     }
 
     /// The vCPU's registers now (after [`Vm::run`] returned: where it stopped).
-    pub fn vcpu_state(&mut self) -> Result<VcpuState, DigestError> {
-        VcpuState::read(self.vcpu.fd_mut())
+    pub fn vcpu_state(&self) -> Result<VcpuState, DigestError> {
+        VcpuState::read(self.vcpu.fd())
     }
 
     /// Guest exits so far.
@@ -268,7 +275,8 @@ impl Vm {
 }
 
 /// The standard devices: PIO bus, MMIO bus, and the timer's deadline handle.
-fn devices() -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
+/// The test device goes on both buses only when `test_devices` is set.
+fn devices(test_devices: bool) -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
     use ftvm_abi as abi;
     let mut pio = Bus::new();
     let timer_dev = timer::Timer::new();
@@ -280,9 +288,11 @@ fn devices() -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
     pio.insert(u64::from(abi::TIMER_LO_PORT), timer::LEN, Box::new(timer_dev))?;
     pio.insert(u64::from(abi::HEALTH_PORT), health::LEN, Box::new(health::Health::new()))?;
     pio.insert(u64::from(abi::POWER_PORT), power::LEN, Box::new(power::Power::new()))?;
-    pio.insert(u64::from(abi::TESTDEV_PORT), testdev::PIO_LEN, Box::new(testdev::TestDev::new()))?;
     pio.insert(u64::from(abi::HALT_PORT), halt::LEN, Box::new(halt::Halt::new()))?;
     let mut mmio = Bus::new();
-    mmio.insert(abi::TESTDEV_MMIO_ADDR, testdev::MMIO_LEN, Box::new(testdev::TestDev::new()))?;
+    if test_devices {
+        pio.insert(u64::from(abi::TESTDEV_PORT), testdev::PIO_LEN, Box::new(testdev::TestDev::new()))?;
+        mmio.insert(abi::TESTDEV_MMIO_ADDR, testdev::MMIO_LEN, Box::new(testdev::TestDev::new()))?;
+    }
     Ok((pio, mmio, deadline))
 }

@@ -2,7 +2,9 @@
 //! zeros. Benchmarks hammer it to measure the cost of an exit, and test
 //! guests use it on both buses: at [`ftvm_abi::TESTDEV_PORT`] on the PIO bus
 //! ([`PIO_LEN`]) and at [`ftvm_abi::TESTDEV_MMIO_ADDR`] on the MMIO bus
-//! ([`MMIO_LEN`]). It never carries an input and emits no output.
+//! ([`MMIO_LEN`]). It never carries an input and emits no output. A VM has
+//! it only when its config asks ([`VmConfig::test_devices`](crate::VmConfig::test_devices)):
+//! production VMs do not.
 //!
 //! The write path is what a benchmark measures on top of the exit itself, so
 //! it is kept trivial: no allocation, no hook call, no branch on the offset.
