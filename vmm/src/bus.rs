@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::devices::DeviceError;
+use crate::devices::error::DeviceError;
 use crate::hook::ExitCtx;
 use crate::state::StateError;
 

@@ -17,19 +17,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::bus::Bus;
+/// The digest type lives with the hook that carries it (so `hook` depends
+/// on nothing); it is named here too, where it is computed.
+pub use crate::hook::StateDigest;
 use crate::memory::GuestMem;
 use crate::state::StateVersion;
-
-/// The three hashes compared at a digest point.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct StateDigest {
-    /// vCPU registers.
-    pub vcpu: u64,
-    /// Every device's state.
-    pub devices: u64,
-    /// Guest pages written since the previous digest.
-    pub memory: u64,
-}
 
 /// Errors computing a digest.
 #[derive(Debug, thiserror::Error)]

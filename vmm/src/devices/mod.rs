@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod entropy;
+pub mod error;
 pub mod halt;
 pub mod health;
 pub mod power;
@@ -19,23 +20,7 @@ pub mod virtio_net;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use crate::hook::HookError;
-
-/// A device could not complete an access. Stops the guest.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// The input source or output sink failed.
-    #[error("device {device} failed")]
-    Hook {
-        device: &'static str,
-        #[source]
-        source: HookError,
-    },
-    /// The guest broke the virtio-net protocol; the device set
-    /// DEVICE_NEEDS_RESET.
-    #[error("the guest misused its virtio-net device")]
-    Net(#[from] virtio_net::NetError),
-}
+pub use error::DeviceError;
 
 /// Read `data.len()` (1, 2 or 4) little-endian bytes of `value`, as a
 /// 32-bit register read: narrower reads return the low bytes.
