@@ -179,6 +179,30 @@ pub trait Persist: Sized {
     }
 }
 
+/// What a bus holds of a device's state: [`Persist`] made object-safe (no
+/// associated type, no constant). Every [`Persist`] type has it through the
+/// blanket implementation below, so a device writes only what is its own
+/// (its state struct, `save`, `restore` and its checks) and cannot forget
+/// to snapshot: a [`BusDevice`](crate::bus::BusDevice) must be `Persist`.
+pub trait Snapshot {
+    /// The state as a versioned blob ([`encode`]).
+    fn snapshot(&self) -> Vec<u8>;
+
+    /// Replace the state with a blob from [`Snapshot::snapshot`],
+    /// validating it first; on error the object is unchanged.
+    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError>;
+}
+
+impl<P: Persist> Snapshot for P {
+    fn snapshot(&self) -> Vec<u8> {
+        self.save_blob()
+    }
+
+    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
+        self.restore_blob(blob)
+    }
+}
+
 /// Checks every [`Persist`] type must pass: save → restore → save gives the
 /// same bytes, a blob of another version or a truncated one is refused with a
 /// typed error and leaves the object unchanged. `mutate` must change the

@@ -94,14 +94,6 @@ impl BusDevice for TestDev {
         self.writes = self.writes.wrapping_add(1);
         Ok(())
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for TestDev {

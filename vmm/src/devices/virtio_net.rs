@@ -504,14 +504,6 @@ impl BusDevice for VirtioNet {
     fn after_halt(&mut self, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         self.poll_rx(ctx)
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for VirtioNet {
