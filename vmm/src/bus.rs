@@ -4,6 +4,11 @@
 //! mapped. Ranges are checked at insert (no zero-length, no overlap) and an
 //! access is resolved with one ordered-map lookup; an access whose last byte
 //! leaves the device's range is not delivered.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::arithmetic_side_effects)
+)]
+#![deny(clippy::cast_possible_truncation)]
 
 use std::collections::BTreeMap;
 
@@ -92,7 +97,8 @@ impl Bus {
     /// offset of `addr` in it.
     fn resolve(&mut self, addr: u64, size: usize) -> Option<(u64, &mut Entry)> {
         let (&base, entry) = self.entries.range_mut(..=addr).next_back()?;
-        let offset = addr - base;
+        // `range(..=addr)` gives base <= addr.
+        let offset = addr.checked_sub(base)?;
         let last = offset.checked_add(u64::try_from(size).ok()?)?;
         (last <= entry.len).then_some((offset, entry))
     }

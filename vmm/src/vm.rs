@@ -1,6 +1,11 @@
 //! A KVM virtual machine ready to run: guest memory in one memslot, the
 //! guest ELF loaded, boot structures written, one vCPU in long mode with the
 //! fixed CPUID, and the devices on their buses.
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::arithmetic_side_effects)
+)]
+#![deny(clippy::cast_possible_truncation)]
 
 use std::io::Cursor;
 use std::net::Ipv4Addr;
@@ -146,10 +151,11 @@ pub fn boot_params(mem_size: u64, settings: &BootSettings) -> Result<BootParams,
         encoded.extend_from_slice(v.as_bytes());
         encoded.push(0);
     }
-    let dst = bp.params.get_mut(..encoded.len()).ok_or(VmError::ParamsTooLong { len: encoded.len() })?;
+    let too_long = VmError::ParamsTooLong { len: encoded.len() };
+    let dst = bp.params.get_mut(..encoded.len()).ok_or(too_long)?;
     dst.copy_from_slice(&encoded);
     // Bounded by PARAMS_LEN just above.
-    bp.params_len = encoded.len() as u32;
+    bp.params_len = u32::try_from(encoded.len()).map_err(|_| VmError::ParamsTooLong { len: encoded.len() })?;
     Ok(bp)
 }
 
@@ -184,11 +190,13 @@ impl Vm {
         }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         let mem_size = config.memory_mib << 20;
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        let mem_len = usize::try_from(mem_size).map_err(|_| VmError::MemorySize { mib: config.memory_mib })?;
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_len)])
             .map_err(|source| VmError::Memory { mib: config.memory_mib, source })?;
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_bindings::kvm_userspace_memory_region {
-                slot: slot as u32,
+                // One region: slot 0 (KVM refuses a slot number it lacks).
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
                 flags: if config.digest_every.is_some() { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),

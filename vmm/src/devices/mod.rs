@@ -3,6 +3,11 @@
 //! [`ExitCtx`](crate::hook::ExitCtx) of the exit it is handling; each saves
 //! and restores its state as a plain versioned struct
 //! ([`Persist`](crate::state::Persist)).
+#![cfg_attr(
+    not(test),
+    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::arithmetic_side_effects)
+)]
+#![deny(clippy::cast_possible_truncation)]
 
 pub mod clock;
 pub mod entropy;
@@ -25,9 +30,17 @@ pub use error::DeviceError;
 /// Read `data.len()` (1, 2 or 4) little-endian bytes of `value`, as a
 /// 32-bit register read: narrower reads return the low bytes.
 pub(crate) fn read_u32_reg(value: u32, data: &mut [u8]) {
-    let bytes = value.to_le_bytes();
-    let n = data.len().min(4);
-    data[..n].copy_from_slice(&bytes[..n]);
+    // zip stops at the shorter side: bytes past the fourth are left as given.
+    for (dst, src) in data.iter_mut().zip(value.to_le_bytes()) {
+        *dst = src;
+    }
+}
+
+/// The low 32 bits of `value` (the register half a 32-bit read of a 64-bit
+/// value returns first).
+pub(crate) fn low_half(value: u64) -> u32 {
+    let [a, b, c, d, ..] = value.to_le_bytes();
+    u32::from_le_bytes([a, b, c, d])
 }
 
 /// The value of a register write of 1, 2 or 4 bytes, zero-extended. `None`
