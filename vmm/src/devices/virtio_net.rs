@@ -23,8 +23,9 @@
 //!   frame leaves the world exactly when the guest can take it; otherwise it
 //!   stays queued on the host side.
 //!
-//! No interrupt is raised; InterruptStatus bit 0 is set when buffers are used,
-//! for a later interrupt-driven (checkpoint-mode) guest.
+//! No interrupt is raised (lockstep guests poll the used rings); InterruptStatus
+//! bit 0 is still set when buffers are used, as virtio 1.2 §4.2.2 defines it,
+//! so a driver that reads the register sees the truth.
 //!
 //! Threat note: the guest controls every register value, the rings, the
 //! descriptors and the buffers they point at. Each ring and buffer is checked
