@@ -9,11 +9,6 @@
 //! contents, in ascending page order. The boot page tables are built with
 //! their accessed and dirty bits already set, so the CPU never writes them:
 //! what is hashed is only what the guest's execution wrote.
-#![cfg_attr(
-    not(test),
-    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::arithmetic_side_effects)
-)]
-#![deny(clippy::cast_possible_truncation)]
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuFd, VmFd};

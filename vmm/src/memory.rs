@@ -1,11 +1,6 @@
 //! Guest memory: one anonymous mapping from guest-physical 0, with a bitmap
 //! of the pages the VMM itself writes (device DMA), which KVM's dirty log
 //! does not see.
-#![cfg_attr(
-    not(test),
-    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::arithmetic_side_effects)
-)]
-#![deny(clippy::cast_possible_truncation)]
 
 use vm_memory::bitmap::AtomicBitmap;
 

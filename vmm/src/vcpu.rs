@@ -13,11 +13,6 @@
 //! because of `immediate_exit`; a vCPU asleep in HLT wakes on the eventfd.
 //! No vCPU pointer in a thread-local, no global state. Returns the VMM
 //! provokes this way are not guest exits and are not counted.
-#![cfg_attr(
-    not(test),
-    deny(clippy::indexing_slicing, clippy::unwrap_used, clippy::expect_used, clippy::arithmetic_side_effects)
-)]
-#![deny(clippy::cast_possible_truncation)]
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
