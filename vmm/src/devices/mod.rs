@@ -2,7 +2,10 @@
 //! offsets; each takes inputs and emits outputs only through the
 //! [`ExitCtx`](crate::hook::ExitCtx) of the exit it is handling; each saves
 //! and restores its state as a plain versioned struct
-//! ([`Persist`](crate::state::Persist)).
+//! ([`Persist`](crate::state::Persist)), from which the bus gets its
+//! snapshot ([`Snapshot`](crate::state::Snapshot)) with no code of its own.
+//! The errors they report to the bus live in [`error`], which depends on no
+//! device, so `bus` and the devices do not depend on each other.
 
 pub mod clock;
 pub mod entropy;
