@@ -52,6 +52,17 @@ pub enum Privilege {
 }
 /// Size of the TSS minus one.
 const TSS_LIMIT: u32 = 0x67;
+/// Bytes of the TSS: its limit plus one.
+const TSS_LEN: usize = 0x68;
+const _: () = assert!(TSS_LEN as u64 == TSS_LIMIT as u64 + 1);
+/// Entries of the GDT ([`gdt`]).
+const GDT_ENTRIES: usize = 7;
+/// GDTR's limit: the GDT's size in bytes less one.
+const GDT_LIMIT: u16 = 7 * 8 - 1;
+const _: () = assert!(GDT_LIMIT as usize == GDT_ENTRIES * 8 - 1);
+/// [`TSS_ADDR`] as a descriptor's 32-bit base.
+const TSS_BASE: u32 = 0x2800;
+const _: () = assert!(TSS_BASE as u64 == TSS_ADDR);
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
@@ -83,14 +94,12 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// The GDT: null, 64-bit code, data, the two halves of the TSS descriptor,
 /// then 64-bit code and data for CPL 3.
-pub fn gdt() -> [u64; 7] {
-    // TSS_ADDR sits below 4 GiB by construction of the ABI.
-    let tss_base = TSS_ADDR as u32;
+pub fn gdt() -> [u64; GDT_ENTRIES] {
     [
         0,
         gdt_entry(0xa09b, 0, 0xfffff),
         gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0x0089, tss_base, TSS_LIMIT),
+        gdt_entry(0x0089, TSS_BASE, TSS_LIMIT),
         0, // upper half of the 16-byte TSS descriptor: base bits 63..32 = 0
         gdt_entry(0xa0fb, 0, 0xfffff),
         gdt_entry(0xc0f3, 0, 0xfffff),
@@ -106,10 +115,11 @@ pub fn write_boot_structures(mem: &GuestMem, params: &BootParams) -> Result<(), 
     write(mem, "boot-parameter block", BOOT_PARAMS_ADDR, params.as_bytes())?;
     let gdt: Vec<u8> = gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
     write(mem, "GDT", GDT_ADDR, &gdt)?;
-    write(mem, "TSS", TSS_ADDR, &[0u8; TSS_LIMIT as usize + 1])?;
+    write(mem, "TSS", TSS_ADDR, &[0u8; TSS_LEN])?;
     write(mem, "PML4", PML4_ADDR, &(PDPT_ADDR | PTE_PRESENT_RW).to_le_bytes())?;
-    let pdpt: Vec<u8> =
-        (0..PD_COUNT).flat_map(|i| ((PD_ADDR + i * PAGE_SIZE) | PTE_PRESENT_RW).to_le_bytes()).collect();
+    // i < PD_COUNT: a few pages above PD_ADDR, nothing saturates.
+    let pd = |i: u64| PD_ADDR.saturating_add(i.saturating_mul(PAGE_SIZE));
+    let pdpt: Vec<u8> = (0..PD_COUNT).flat_map(|i| (pd(i) | PTE_PRESENT_RW).to_le_bytes()).collect();
     write(mem, "PDPT", PDPT_ADDR, &pdpt)?;
     // 4 page directories × 512 entries × 2 MiB: identity map of 0..4 GiB.
     let pds: Vec<u8> = (0..PD_COUNT * 512).flat_map(|i| ((i << 21) | PDE_2M_PAGE).to_le_bytes()).collect();
@@ -159,7 +169,7 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs, privilege: Privilege) -> kvm_sregs 
         ..Default::default()
     };
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (gdt().len() * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     // No IDT: an exception in the guest escalates to a triple fault.
     sregs.idt.base = 0;
     sregs.idt.limit = 0;

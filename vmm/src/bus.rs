@@ -7,13 +7,17 @@
 
 use std::collections::BTreeMap;
 
-use crate::devices::DeviceError;
+use crate::devices::error::DeviceError;
 use crate::hook::ExitCtx;
-use crate::state::StateError;
+use crate::state::Snapshot;
 
 /// A device on a bus. Handles one access at a time, on the vCPU thread,
 /// while the guest waits on the exit that made it.
-pub trait BusDevice: Send {
+///
+/// A device without a snapshot story does not go on a bus: [`Snapshot`]
+/// (its state as a versioned blob, and restoring from one) comes with
+/// implementing [`Persist`](crate::state::Persist).
+pub trait BusDevice: Snapshot + Send {
     /// Short name for logs and errors ("serial", "clock").
     fn name(&self) -> &'static str;
 
@@ -33,14 +37,6 @@ pub trait BusDevice: Send {
     fn after_halt(&mut self, _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         Ok(())
     }
-
-    /// The device's state as a versioned blob (`state::encode`). Required:
-    /// a device without a snapshot story does not go on a bus.
-    fn snapshot(&self) -> Vec<u8>;
-
-    /// Replace the device's state with a blob from [`BusDevice::snapshot`],
-    /// validating it first; on error the device is unchanged.
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError>;
 }
 
 /// The byte a read returns where nothing answers (as on a real ISA bus).
@@ -96,7 +92,8 @@ impl Bus {
     /// offset of `addr` in it.
     fn resolve(&mut self, addr: u64, size: usize) -> Option<(u64, &mut Entry)> {
         let (&base, entry) = self.entries.range_mut(..=addr).next_back()?;
-        let offset = addr - base;
+        // `range(..=addr)` gives base <= addr.
+        let offset = addr.checked_sub(base)?;
         let last = offset.checked_add(u64::try_from(size).ok()?)?;
         (last <= entry.len).then_some((offset, entry))
     }
@@ -141,6 +138,7 @@ impl Bus {
 mod tests {
     use super::*;
     use crate::hook::{ExitIndex, GuestSignal, HookError, InputSource, OutputSink, Wake};
+    use crate::state::{Persist, StateError, StateVersion};
 
     struct Nop;
     impl InputSource for Nop {
@@ -178,10 +176,15 @@ mod tests {
             self.1 = offset;
             Ok(())
         }
-        fn snapshot(&self) -> Vec<u8> {
-            self.1.to_le_bytes().to_vec()
+    }
+    impl Persist for Probe {
+        type State = u64;
+        const VERSION: StateVersion = StateVersion { kind: "probe", major: 1, minor: 0 };
+        fn save(&self) -> u64 {
+            self.1
         }
-        fn restore_snapshot(&mut self, _: &[u8]) -> Result<(), StateError> {
+        fn restore(&mut self, state: &u64) -> Result<(), StateError> {
+            self.1 = *state;
             Ok(())
         }
     }
@@ -211,5 +214,28 @@ mod tests {
         assert_eq!(buf, [UNMAPPED_READ; 4]);
         assert!(!bus.write(0x0f, &[1], &mut ctx).unwrap());
         assert!(!bus.write(u64::MAX, &[1, 2], &mut ctx).unwrap());
+    }
+
+    #[test]
+    fn devices_snapshot_and_restore_through_the_bus() {
+        let mut bus = Bus::new();
+        bus.insert(0x10, 8, Box::new(Probe("a", 0))).unwrap();
+        bus.insert(0x20, 8, Box::new(Probe("b", 0))).unwrap();
+        let (mut i, mut o) = (Nop, Nop);
+        let mut ctx = ExitCtx::new(ExitIndex(1), &mut i, &mut o);
+        bus.write(0x13, &[1], &mut ctx).unwrap();
+        let saved: Vec<Vec<u8>> = bus.devices().map(|(_, d)| d.snapshot()).collect();
+        assert_eq!(saved[0], crate::state::encode(Probe::VERSION, &3u64));
+        bus.write(0x15, &[1], &mut ctx).unwrap();
+        let mut other_kind = saved[0].clone();
+        other_kind[8] = b'q';
+        for (_, dev) in bus.devices_mut() {
+            assert!(matches!(dev.restore_snapshot(&other_kind), Err(StateError::WrongKind { .. })));
+        }
+        assert_eq!(bus.devices().map(|(_, d)| d.snapshot()).next(), Some(crate::state::encode(Probe::VERSION, &5u64)));
+        for ((_, dev), blob) in bus.devices_mut().zip(&saved) {
+            dev.restore_snapshot(blob).unwrap();
+        }
+        assert_eq!(bus.devices().map(|(_, d)| d.snapshot()).collect::<Vec<_>>(), saved);
     }
 }

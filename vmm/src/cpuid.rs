@@ -63,14 +63,19 @@ fn entry(function: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_ent
     kvm_cpuid_entry2 { function, index: 0, flags: 0, eax, ebx, ecx, edx, ..Default::default() }
 }
 
-fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
-    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+/// `bytes` as `N` little-endian 32-bit words (zeros past its end).
+fn words<const N: usize>(bytes: &[u8]) -> [u32; N] {
+    let mut out = [0; N];
+    for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *word = chunk.try_into().map_or(0, u32::from_le_bytes);
+    }
+    out
 }
 
 /// The template, independent of the host.
 pub fn template() -> Vec<kvm_cpuid_entry2> {
-    let v: Vec<u32> = words(VENDOR).collect();
-    let b: Vec<u32> = words(BRAND).collect();
+    let [v0, v1, v2] = words(VENDOR);
+    let [b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11] = words(BRAND);
     // Family 6, model 0x3a, stepping 9. EBX: CLFLUSH line 8 quadwords, one
     // logical processor, APIC ID 0.
     let leaf1_eax = 0x0003_06a9;
@@ -79,16 +84,16 @@ pub fn template() -> Vec<kvm_cpuid_entry2> {
     leaf7.flags = kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
     vec![
         // Max basic leaf 7; vendor in EBX, EDX, ECX order.
-        entry(0, 7, v[0], v[2], v[1]),
+        entry(0, 7, v0, v2, v1),
         entry(1, leaf1_eax, leaf1_ebx, LEAF1_ECX | LEAF1_ECX_HYPERVISOR, LEAF1_EDX),
         // Leaf 7 subleaf 0: no structured extended features at all (hides
         // RDSEED, FSGSBASE, AVX2, SGX, ...).
         leaf7,
         entry(0x8000_0000, 0x8000_0008, 0, 0, 0),
         entry(0x8000_0001, 0, 0, EXT1_ECX, EXT1_EDX),
-        entry(0x8000_0002, b[0], b[1], b[2], b[3]),
-        entry(0x8000_0003, b[4], b[5], b[6], b[7]),
-        entry(0x8000_0004, b[8], b[9], b[10], b[11]),
+        entry(0x8000_0002, b0, b1, b2, b3),
+        entry(0x8000_0003, b4, b5, b6, b7),
+        entry(0x8000_0004, b8, b9, b10, b11),
         // 40 physical and 48 linear address bits.
         entry(0x8000_0008, 0x3028, 0, 0, 0),
     ]

@@ -17,19 +17,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::bus::Bus;
+/// The digest type lives with the hook that carries it (so `hook` depends
+/// on nothing); it is named here too, where it is computed.
+pub use crate::hook::StateDigest;
 use crate::memory::GuestMem;
 use crate::state::StateVersion;
-
-/// The three hashes compared at a digest point.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct StateDigest {
-    /// vCPU registers.
-    pub vcpu: u64,
-    /// Every device's state.
-    pub devices: u64,
-    /// Guest pages written since the previous digest.
-    pub memory: u64,
-}
 
 /// Errors computing a digest.
 #[derive(Debug, thiserror::Error)]
@@ -119,18 +111,27 @@ pub fn devices_hash(pio: &Bus, mmio: &Bus) -> u64 {
     h.digest()
 }
 
+/// Bytes of a guest page, as the dirty log counts them.
+const PAGE_SIZE: usize = 0x1000;
+const _: () = assert!(PAGE_SIZE as u64 == ftvm_abi::PAGE_SIZE);
+
+/// Whether bit `bit` of a bitmap stored as little-endian 64-bit words (KVM's
+/// dirty log) is set; bits past the end are clear.
+fn bit_set(words: &[u64], bit: usize) -> bool {
+    words.get(bit / 64).is_some_and(|w| (w >> (bit % 64)) & 1 == 1)
+}
+
 /// Collects the pages written since the last call, from KVM's dirty log and
 /// from the VMM's own write bitmap, and hashes them.
 pub struct DirtyPages {
     mem: GuestMem,
-    page_size: usize,
 }
 
 impl DirtyPages {
     /// Track `mem`, whose regions are memslots 0, 1, ... in order, registered
     /// with `KVM_MEM_LOG_DIRTY_PAGES`.
     pub fn new(mem: GuestMem) -> Self {
-        DirtyPages { mem, page_size: ftvm_abi::PAGE_SIZE as usize }
+        DirtyPages { mem }
     }
 
     /// Hash of the pages written since the previous call (or since the
@@ -138,7 +139,7 @@ impl DirtyPages {
     pub fn hash_and_reset(&self, vm: &VmFd) -> Result<(u64, u64), DigestError> {
         let mut h = Xxh3::new();
         let mut pages = 0u64;
-        let mut buf = vec![0u8; self.page_size];
+        let mut buf = vec![0u8; PAGE_SIZE];
         for (slot, region) in self.mem.iter().enumerate() {
             // One memslot per region, numbered in order (Vm::new).
             let slot = u32::try_from(slot).unwrap_or(u32::MAX);
@@ -146,24 +147,35 @@ impl DirtyPages {
             let kvm_dirty = vm.get_dirty_log(slot, len).map_err(DigestError::DirtyLog)?;
             // The mapping's own bitmap (the region-level `bitmap()` is a slice view).
             let vmm_dirty = std::ops::Deref::deref(region).bitmap();
-            let page_count = len / self.page_size;
-            for page in 0..page_count {
-                let by_guest = kvm_dirty.get(page / 64).is_some_and(|w| w & (1 << (page % 64)) != 0);
-                let offset = page * self.page_size;
-                let by_vmm = vmm_dirty.is_addr_set(offset);
-                if !(by_guest || by_vmm) {
+            for (page, offset) in (0..len).step_by(PAGE_SIZE).enumerate() {
+                if !(bit_set(&kvm_dirty, page) || vmm_dirty.is_addr_set(offset)) {
                     continue;
                 }
-                let addr = region.start_addr().0 + offset as u64;
+                // Inside the region, which lies in the guest's address space:
+                // never saturates (and a saturated address fails the read).
+                let addr = region.start_addr().0.saturating_add(offset as u64);
                 self.mem
                     .read_slice(&mut buf, GuestAddress(addr))
                     .map_err(|source| DigestError::Memory { page: addr, source })?;
                 h.update(&addr.to_le_bytes());
                 h.update(&buf);
-                pages += 1;
+                pages = pages.saturating_add(1);
             }
             vmm_dirty.reset();
         }
         Ok((h.digest(), pages))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_log_bits_are_read_per_word_and_past_the_end_is_clear() {
+        let words = [0b101u64, 1 << 63];
+        assert!(bit_set(&words, 0) && !bit_set(&words, 1) && bit_set(&words, 2));
+        assert!(bit_set(&words, 127) && !bit_set(&words, 64));
+        assert!(!bit_set(&words, 128) && !bit_set(&words, usize::MAX));
     }
 }

@@ -23,6 +23,18 @@ impl fmt::Display for ExitIndex {
     }
 }
 
+/// The three hashes compared at a digest point, computed by
+/// [`digest`](crate::digest) and handed to [`InputSource::digest`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StateDigest {
+    /// vCPU registers.
+    pub vcpu: u64,
+    /// Every device's state.
+    pub devices: u64,
+    /// Guest pages written since the previous digest.
+    pub memory: u64,
+}
+
 /// Direction of a PIO or MMIO access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Access {
@@ -130,7 +142,7 @@ pub trait InputSource: Send {
     /// The state digest computed after exit `exit` (every N exits, when the
     /// VM was built with digests): the recorder logs it, the replayer
     /// compares it with the logged one. Default: ignored.
-    fn digest(&mut self, _exit: ExitIndex, _digest: &crate::digest::StateDigest) -> Result<(), HookError> {
+    fn digest(&mut self, _exit: ExitIndex, _digest: &StateDigest) -> Result<(), HookError> {
         Ok(())
     }
 }

@@ -74,14 +74,16 @@ pub enum StateError {
 pub fn encode<T: Serialize>(version: StateVersion, state: &T) -> Vec<u8> {
     // postcard only fails on a writer error or a type serde cannot express
     // (maps with non-string keys are fine): neither happens with a Vec and
-    // the plain state structs of this crate.
+    // the plain state structs of this crate, whatever values they hold.
+    #[allow(clippy::expect_used)]
     let payload = postcard::to_allocvec(state).expect("state structs always serialize");
-    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut out = Vec::with_capacity(HEADER_LEN.saturating_add(payload.len()));
     out.extend_from_slice(&MAGIC);
+    // The name, cut at 16 bytes and NUL-padded (zip stops at the shorter).
     let mut kind = [0u8; 16];
-    let name = version.kind.as_bytes();
-    let n = name.len().min(16);
-    kind[..n].copy_from_slice(&name[..n]);
+    for (dst, src) in kind.iter_mut().zip(version.kind.as_bytes()) {
+        *dst = *src;
+    }
     out.extend_from_slice(&kind);
     out.extend_from_slice(&version.major.to_le_bytes());
     out.extend_from_slice(&version.minor.to_le_bytes());
@@ -93,31 +95,46 @@ pub fn encode<T: Serialize>(version: StateVersion, state: &T) -> Vec<u8> {
     out
 }
 
-fn field<const N: usize>(blob: &[u8], at: usize) -> [u8; N] {
-    let mut b = [0u8; N];
-    b.copy_from_slice(&blob[at..at + N]);
-    b
+/// The header's fields, split off the front of a blob in order.
+struct Header<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Header<'a> {
+    /// The next `N` bytes; `None` when fewer are left.
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (field, rest) = self.rest.split_first_chunk::<N>()?;
+        self.rest = rest;
+        Some(*field)
+    }
 }
 
 /// Decode a blob written by [`encode`] for `version`, checking everything.
 pub fn decode<T: DeserializeOwned>(version: StateVersion, blob: &[u8]) -> Result<T, StateError> {
-    if blob.len() < HEADER_LEN {
-        return Err(StateError::Truncated { len: blob.len(), needed: HEADER_LEN });
-    }
-    if blob[..8] != MAGIC {
+    let truncated = |needed| StateError::Truncated { len: blob.len(), needed };
+    let mut header = Header { rest: blob };
+    let (Some(magic), Some(kind_bytes), Some(major), Some(minor), Some(len), Some(expected_crc)) = (
+        header.take::<8>(),
+        header.take::<16>(),
+        header.take::<2>(),
+        header.take::<2>(),
+        header.take::<4>(),
+        header.take::<4>(),
+    ) else {
+        return Err(truncated(HEADER_LEN));
+    };
+    if magic != MAGIC {
         return Err(StateError::BadMagic);
     }
-    let kind_bytes = &blob[8..24];
-    let kind_len = kind_bytes.iter().position(|b| *b == 0).unwrap_or(16);
-    let kind = &kind_bytes[..kind_len];
+    // The name ends at the first NUL, or fills all 16 bytes.
+    let kind = kind_bytes.split(|b| *b == 0).next().unwrap_or_default();
     if kind != version.kind.as_bytes() {
         return Err(StateError::WrongKind {
             expected: version.kind,
             found: String::from_utf8_lossy(kind).into_owned(),
         });
     }
-    let major = u16::from_le_bytes(field(blob, 24));
-    let minor = u16::from_le_bytes(field(blob, 26));
+    let (major, minor) = (u16::from_le_bytes(major), u16::from_le_bytes(minor));
     if major != version.major || minor > version.minor {
         return Err(StateError::WrongVersion {
             kind: version.kind,
@@ -127,21 +144,19 @@ pub fn decode<T: DeserializeOwned>(version: StateVersion, blob: &[u8]) -> Result
             found_minor: minor,
         });
     }
-    let len = u32::from_le_bytes(field(blob, 28));
-    if len > MAX_PAYLOAD {
-        return Err(StateError::TooLarge { kind: version.kind, len });
+    let len = u32::from_le_bytes(len);
+    let payload_len = usize::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_PAYLOAD)
+        .ok_or(StateError::TooLarge { kind: version.kind, len })?;
+    let payload = header.rest;
+    match payload.len().checked_sub(payload_len) {
+        None => return Err(truncated(HEADER_LEN.saturating_add(payload_len))),
+        Some(0) => {}
+        Some(extra) => return Err(StateError::Trailing { kind: version.kind, extra }),
     }
-    let expected_crc = u32::from_le_bytes(field(blob, 32));
-    // len <= MAX_PAYLOAD, so this cannot overflow usize.
-    let needed = HEADER_LEN + len as usize;
-    if blob.len() < needed {
-        return Err(StateError::Truncated { len: blob.len(), needed });
-    }
-    if blob.len() > needed {
-        return Err(StateError::Trailing { kind: version.kind, extra: blob.len() - needed });
-    }
-    let payload = &blob[HEADER_LEN..];
     let found = crc32c::crc32c(payload);
+    let expected_crc = u32::from_le_bytes(expected_crc);
     if found != expected_crc {
         return Err(StateError::CrcMismatch { kind: version.kind, expected: expected_crc, found });
     }
@@ -176,6 +191,30 @@ pub trait Persist: Sized {
     fn restore_blob(&mut self, blob: &[u8]) -> Result<(), StateError> {
         let state: Self::State = decode(Self::VERSION, blob)?;
         self.restore(&state)
+    }
+}
+
+/// What a bus holds of a device's state: [`Persist`] made object-safe (no
+/// associated type, no constant). Every [`Persist`] type has it through the
+/// blanket implementation below, so a device writes only what is its own
+/// (its state struct, `save`, `restore` and its checks) and cannot forget
+/// to snapshot: a [`BusDevice`](crate::bus::BusDevice) must be `Persist`.
+pub trait Snapshot {
+    /// The state as a versioned blob ([`encode`]).
+    fn snapshot(&self) -> Vec<u8>;
+
+    /// Replace the state with a blob from [`Snapshot::snapshot`],
+    /// validating it first; on error the object is unchanged.
+    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError>;
+}
+
+impl<P: Persist> Snapshot for P {
+    fn snapshot(&self) -> Vec<u8> {
+        self.save_blob()
+    }
+
+    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
+        self.restore_blob(blob)
     }
 }
 

@@ -20,6 +20,10 @@ use std::os::unix::fs::OpenOptionsExt;
 pub const TUN_PATH: &str = "/dev/net/tun";
 /// Longest interface name the kernel accepts (IFNAMSIZ less the NUL).
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;
+/// TUNSETIFF flags: a TAP (Ethernet frames) without the packet-information
+/// prefix, as the `c_short` `struct ifreq` holds them.
+const TAP_FLAGS: libc::c_short = 0x1002;
+const _: () = assert!(TAP_FLAGS as libc::c_int == libc::IFF_TAP | libc::IFF_NO_PI);
 
 /// Errors from opening a TAP device.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +80,7 @@ impl Tap {
             // c_char is i8 or u8 depending on the target: a bit-for-bit copy.
             *dst = *src as libc::c_char;
         }
-        // IFF_TAP | IFF_NO_PI is 0x1002: fits a c_short.
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags = TAP_FLAGS;
         // SAFETY: TUNSETIFF reads and writes one `struct ifreq` at the pointer
         // it is given; `req` is such a struct, NUL-terminated in its name (the
         // name is at most IFNAMSIZ-1 bytes, the rest zeroed), and lives for
@@ -215,15 +218,15 @@ mod tests {
             assert!(ifindex != 0, "if_nametoindex({ifname}): {}", io::Error::last_os_error());
             // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
             let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
             addr.sll_protocol = ETH_P_ALL.to_be();
-            addr.sll_ifindex = ifindex as i32;
+            addr.sll_ifindex = i32::try_from(ifindex).unwrap();
             // SAFETY: addr is a sockaddr_ll of the size passed, living for the call.
             let rc = unsafe {
                 libc::bind(
                     owned.as_raw_fd(),
                     (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
                 )
             };
             assert!(rc == 0, "bind: {}", io::Error::last_os_error());

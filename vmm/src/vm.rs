@@ -34,6 +34,11 @@ pub struct VmConfig {
     /// Compute a state digest every this many exits (and log dirty pages
     /// for it); `None`: no digests.
     pub digest_every: Option<u64>,
+    /// Put the test device ([`testdev`]) on both buses, at
+    /// [`ftvm_abi::TESTDEV_PORT`] and [`ftvm_abi::TESTDEV_MMIO_ADDR`]: only
+    /// for the benchmark and test guests that hammer it. `false` for every
+    /// production VM, where those addresses are unmapped like any other.
+    pub test_devices: bool,
 }
 
 /// The guest-visible settings written into the boot-parameter block.
@@ -141,10 +146,11 @@ pub fn boot_params(mem_size: u64, settings: &BootSettings) -> Result<BootParams,
         encoded.extend_from_slice(v.as_bytes());
         encoded.push(0);
     }
-    let dst = bp.params.get_mut(..encoded.len()).ok_or(VmError::ParamsTooLong { len: encoded.len() })?;
+    let too_long = VmError::ParamsTooLong { len: encoded.len() };
+    let dst = bp.params.get_mut(..encoded.len()).ok_or(too_long)?;
     dst.copy_from_slice(&encoded);
     // Bounded by PARAMS_LEN just above.
-    bp.params_len = encoded.len() as u32;
+    bp.params_len = u32::try_from(encoded.len()).map_err(|_| VmError::ParamsTooLong { len: encoded.len() })?;
     Ok(bp)
 }
 
@@ -179,11 +185,13 @@ impl Vm {
         }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         let mem_size = config.memory_mib << 20;
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        let mem_len = usize::try_from(mem_size).map_err(|_| VmError::MemorySize { mib: config.memory_mib })?;
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_len)])
             .map_err(|source| VmError::Memory { mib: config.memory_mib, source })?;
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_bindings::kvm_userspace_memory_region {
-                slot: slot as u32,
+                // One region: slot 0 (KVM refuses a slot number it lacks).
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
                 flags: if config.digest_every.is_some() { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -212,7 +220,7 @@ impl Vm {
         let stop = StopHandle::new(&fd, run_size).map_err(VmError::StopHandle)?;
         crate::vcpu::install_kick_handler().map_err(VmError::Signal)?;
 
-        let (pio, mut mmio, deadline) = devices()?;
+        let (pio, mut mmio, deadline) = devices(config.test_devices)?;
         if let Some(mac) = config.boot.mac {
             let net = crate::devices::virtio_net::VirtioNet::new(mem.clone(), mac);
             mmio.insert(ftvm_abi::VIRTIO_MMIO_BASE, crate::devices::virtio_net::LEN, Box::new(net))?;
@@ -237,14 +245,16 @@ impl Vm {
         &self.mem
     }
 
-    /// The vCPU, for the benchmark's bare loop.
+    /// The vCPU, for the benchmark's bare loop. Only with the `bench`
+    /// feature: nothing else may run the vCPU around the exit loop.
+    #[cfg(feature = "bench")]
     pub fn vcpu_mut(&mut self) -> &mut Vcpu {
         &mut self.vcpu
     }
 
     /// The vCPU's registers now (after [`Vm::run`] returned: where it stopped).
-    pub fn vcpu_state(&mut self) -> Result<VcpuState, DigestError> {
-        VcpuState::read(self.vcpu.fd_mut())
+    pub fn vcpu_state(&self) -> Result<VcpuState, DigestError> {
+        VcpuState::read(self.vcpu.fd())
     }
 
     /// Guest exits so far.
@@ -268,7 +278,8 @@ impl Vm {
 }
 
 /// The standard devices: PIO bus, MMIO bus, and the timer's deadline handle.
-fn devices() -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
+/// The test device goes on both buses only when `test_devices` is set.
+fn devices(test_devices: bool) -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
     use ftvm_abi as abi;
     let mut pio = Bus::new();
     let timer_dev = timer::Timer::new();
@@ -280,9 +291,11 @@ fn devices() -> Result<(Bus, Bus, timer::TimerDeadline), BusError> {
     pio.insert(u64::from(abi::TIMER_LO_PORT), timer::LEN, Box::new(timer_dev))?;
     pio.insert(u64::from(abi::HEALTH_PORT), health::LEN, Box::new(health::Health::new()))?;
     pio.insert(u64::from(abi::POWER_PORT), power::LEN, Box::new(power::Power::new()))?;
-    pio.insert(u64::from(abi::TESTDEV_PORT), testdev::PIO_LEN, Box::new(testdev::TestDev::new()))?;
     pio.insert(u64::from(abi::HALT_PORT), halt::LEN, Box::new(halt::Halt::new()))?;
     let mut mmio = Bus::new();
-    mmio.insert(abi::TESTDEV_MMIO_ADDR, testdev::MMIO_LEN, Box::new(testdev::TestDev::new()))?;
+    if test_devices {
+        pio.insert(u64::from(abi::TESTDEV_PORT), testdev::PIO_LEN, Box::new(testdev::TestDev::new()))?;
+        mmio.insert(abi::TESTDEV_MMIO_ADDR, testdev::MMIO_LEN, Box::new(testdev::TestDev::new()))?;
+    }
     Ok((pio, mmio, deadline))
 }

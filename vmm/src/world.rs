@@ -90,34 +90,30 @@ impl InputSource for LiveInput {
     }
 
     fn entropy(&mut self, _exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let rest = &mut buf[filled..];
+        let mut rest = buf;
+        while !rest.is_empty() {
             // SAFETY: `rest` is a valid, exclusively borrowed buffer of
             // `rest.len()` bytes for getrandom to fill.
             let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-            if n < 0 {
+            let Ok(n) = usize::try_from(n) else {
                 let err = std::io::Error::last_os_error();
                 if err.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
                 return Err(HookError::Entropy(err));
-            }
-            // n >= 0 and <= rest.len().
-            filled += n as usize;
+            };
+            // getrandom fills at most `rest.len()` bytes: `n..` is in range.
+            rest = std::mem::take(&mut rest).get_mut(n..).unwrap_or_default();
         }
         Ok(())
     }
 
     fn halt(&mut self, _exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
         let timeout = match deadline {
-            Some(d) => {
-                let now = self.now_ns();
-                if d <= now {
-                    return Ok(Wake::Deadline);
-                }
-                Some(std::time::Duration::from_nanos(d - now))
-            }
+            Some(d) => match d.checked_sub(self.now_ns()) {
+                Some(left) if left > 0 => Some(std::time::Duration::from_nanos(left)),
+                _ => return Ok(Wake::Deadline),
+            },
             None => None,
         };
         let woke = wait_readable(&self.wake_fds, timeout).map_err(HookError::Wait)?;
@@ -174,7 +170,7 @@ impl OutputSink for LiveOutput {
             // Queue full, or the interface is down (EIO): the frame is lost
             // on the wire, as with a real NIC; TCP and the application cope.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
-                self.tx_dropped += 1;
+                self.tx_dropped = self.tx_dropped.wrapping_add(1);
                 tracing::trace!(%exit, len = frame.len(), "TAP refused a frame; dropped");
                 Ok(())
             }
@@ -184,7 +180,7 @@ impl OutputSink for LiveOutput {
 
     fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
         match signal {
-            GuestSignal::Healthy { .. } => self.healthy += 1,
+            GuestSignal::Healthy { .. } => self.healthy = self.healthy.wrapping_add(1),
             // The vCPU loop stops the guest and reports the panic as its error.
             GuestSignal::Panicked { event } => tracing::debug!(%exit, event, "guest reported a panic"),
         }

@@ -55,6 +55,7 @@ fn run(seed: u8, step: u64) -> (Vec<(ExitIndex, StateDigest)>, vmm::digest::Vcpu
         boot: BootSettings::default(),
         privilege: vmm::boot::Privilege::User,
         digest_every: Some(3),
+        test_devices: false,
     };
     let digests: Digests = Arc::default();
     let d = digests.clone();

@@ -20,10 +20,13 @@
 //!
 //! # Lockstep rules the ports follow
 //!
-//! Every input a guest can observe (time, randomness, later received frames)
-//! enters at a guest exit: a PIO access to one of the ports below. No port
-//! raises an interrupt. A guest sleeps by writing a wake-up deadline to the
-//! timer and executing HLT.
+//! Every input a guest can observe enters at a guest exit: time and
+//! randomness at a PIO access to one of the ports below, received frames at
+//! a notify of the virtio-net receive queue (an MMIO write to the device at
+//! [`VIRTIO_MMIO_BASE`]) or right after a halt (HLT, or a write of
+//! [`HALT_PORT`]). Nothing raises an interrupt.
+//! A guest sleeps by writing a wake-up deadline to the timer and executing
+//! HLT.
 #![no_std]
 
 // ---------------------------------------------------------------------------

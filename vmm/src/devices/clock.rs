@@ -13,7 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bus::{BusDevice, UNMAPPED_READ};
-use crate::devices::{read_u32_reg, DeviceError};
+use crate::devices::{low_half, read_u32_reg, DeviceError};
 use crate::hook::ExitCtx;
 use crate::state::{Persist, StateError, StateVersion};
 
@@ -67,29 +67,20 @@ impl BusDevice for Clock {
                     ctx.input.clock_ns(ctx.exit).map_err(|source| DeviceError::Hook { device: "clock", source })?;
                 self.latched = now;
                 self.readings = self.readings.wrapping_add(1);
-                // Low half: truncation is the point.
-                read_u32_reg(now as u32, data);
+                read_u32_reg(low_half(now), data);
             }
             (HI, 4) => read_u32_reg((self.latched >> 32) as u32, data),
             _ => {
                 data.fill(UNMAPPED_READ);
-                self.ignored += 1;
+                self.ignored = self.ignored.wrapping_add(1);
             }
         }
         Ok(())
     }
 
     fn write(&mut self, _offset: u64, _data: &[u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
-        self.ignored += 1;
+        self.ignored = self.ignored.wrapping_add(1);
         Ok(())
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
     }
 }
 

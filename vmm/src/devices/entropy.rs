@@ -86,14 +86,6 @@ impl BusDevice for Entropy {
         self.ignored = self.ignored.wrapping_add(1);
         Ok(())
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for Entropy {

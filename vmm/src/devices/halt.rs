@@ -51,14 +51,6 @@ impl BusDevice for Halt {
         ctx.request_halt();
         Ok(())
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for Halt {

@@ -102,14 +102,6 @@ impl BusDevice for Health {
             .signal(ctx.exit, GuestSignal::Healthy { value })
             .map_err(|source| DeviceError::Hook { device: NAME, source })
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for Health {

@@ -2,10 +2,14 @@
 //! offsets; each takes inputs and emits outputs only through the
 //! [`ExitCtx`](crate::hook::ExitCtx) of the exit it is handling; each saves
 //! and restores its state as a plain versioned struct
-//! ([`Persist`](crate::state::Persist)).
+//! ([`Persist`](crate::state::Persist)), from which the bus gets its
+//! snapshot ([`Snapshot`](crate::state::Snapshot)) with no code of its own.
+//! The errors they report to the bus live in [`error`], which depends on no
+//! device, so `bus` and the devices do not depend on each other.
 
 pub mod clock;
 pub mod entropy;
+pub mod error;
 pub mod halt;
 pub mod health;
 pub mod power;
@@ -19,30 +23,22 @@ pub mod virtio_net;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use crate::hook::HookError;
-
-/// A device could not complete an access. Stops the guest.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    /// The input source or output sink failed.
-    #[error("device {device} failed")]
-    Hook {
-        device: &'static str,
-        #[source]
-        source: HookError,
-    },
-    /// The guest broke the virtio-net protocol; the device set
-    /// DEVICE_NEEDS_RESET.
-    #[error("the guest misused its virtio-net device")]
-    Net(#[from] virtio_net::NetError),
-}
+pub use error::DeviceError;
 
 /// Read `data.len()` (1, 2 or 4) little-endian bytes of `value`, as a
 /// 32-bit register read: narrower reads return the low bytes.
 pub(crate) fn read_u32_reg(value: u32, data: &mut [u8]) {
-    let bytes = value.to_le_bytes();
-    let n = data.len().min(4);
-    data[..n].copy_from_slice(&bytes[..n]);
+    // zip stops at the shorter side: bytes past the fourth are left as given.
+    for (dst, src) in data.iter_mut().zip(value.to_le_bytes()) {
+        *dst = src;
+    }
+}
+
+/// The low 32 bits of `value` (the register half a 32-bit read of a 64-bit
+/// value returns first).
+pub(crate) fn low_half(value: u64) -> u32 {
+    let [a, b, c, d, ..] = value.to_le_bytes();
+    u32::from_le_bytes([a, b, c, d])
 }
 
 /// The value of a register write of 1, 2 or 4 bytes, zero-extended. `None`

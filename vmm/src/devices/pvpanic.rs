@@ -113,14 +113,6 @@ impl BusDevice for PvPanic {
             .signal(ctx.exit, GuestSignal::Panicked { event })
             .map_err(|source| DeviceError::Hook { device: NAME, source })
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for PvPanic {

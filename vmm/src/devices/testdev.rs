@@ -2,7 +2,9 @@
 //! zeros. Benchmarks hammer it to measure the cost of an exit, and test
 //! guests use it on both buses: at [`ftvm_abi::TESTDEV_PORT`] on the PIO bus
 //! ([`PIO_LEN`]) and at [`ftvm_abi::TESTDEV_MMIO_ADDR`] on the MMIO bus
-//! ([`MMIO_LEN`]). It never carries an input and emits no output.
+//! ([`MMIO_LEN`]). It never carries an input and emits no output. A VM has
+//! it only when its config asks ([`VmConfig::test_devices`](crate::VmConfig::test_devices)):
+//! production VMs do not.
 //!
 //! The write path is what a benchmark measures on top of the exit itself, so
 //! it is kept trivial: no allocation, no hook call, no branch on the offset.
@@ -91,14 +93,6 @@ impl BusDevice for TestDev {
         self.last_value = u64::from_le_bytes(bytes);
         self.writes = self.writes.wrapping_add(1);
         Ok(())
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
     }
 }
 

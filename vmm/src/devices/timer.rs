@@ -138,14 +138,6 @@ impl BusDevice for Timer {
         }
         Ok(())
     }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
-    }
 }
 
 impl Persist for Timer {
@@ -176,7 +168,7 @@ mod tests {
     use super::*;
     use crate::devices::testing::Scripted;
     use crate::hook::ExitIndex;
-    use crate::state::check_persist;
+    use crate::state::{check_persist, Snapshot};
 
     fn write32(timer: &mut Timer, world: &mut Scripted, offset: u64, value: u32) {
         world.with_ctx(ExitIndex(1), |ctx| timer.write(offset, &value.to_le_bytes(), ctx)).unwrap();

@@ -277,8 +277,8 @@ impl MmioTransport {
     /// wide. `config` is the device's configuration space. Returns false
     /// (and leaves `data` alone) when the access is not decoded.
     pub fn read(&self, offset: u64, data: &mut [u8], config: &[u8]) -> bool {
-        if offset >= CONFIG_OFFSET {
-            return read_config(offset - CONFIG_OFFSET, data, config);
+        if let Some(config_offset) = offset.checked_sub(CONFIG_OFFSET) {
+            return read_config(config_offset, data, config);
         }
         let value = match (offset, data.len()) {
             (_, len) if len != 4 => return false,
@@ -287,8 +287,7 @@ impl MmioTransport {
             (REG_DEVICE_ID, _) => self.info.device_id,
             (REG_VENDOR_ID, _) => VENDOR_ID,
             (REG_DEVICE_FEATURES, _) => match self.regs.device_features_sel {
-                // Truncation picks the word: the point.
-                0 => self.info.features as u32,
+                0 => super::low_half(self.info.features),
                 1 => (self.info.features >> 32) as u32,
                 _ => 0,
             },

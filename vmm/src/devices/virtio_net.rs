@@ -23,8 +23,9 @@
 //!   frame leaves the world exactly when the guest can take it; otherwise it
 //!   stays queued on the host side.
 //!
-//! No interrupt is raised; InterruptStatus bit 0 is set when buffers are used,
-//! for a later interrupt-driven (checkpoint-mode) guest.
+//! No interrupt is raised (lockstep guests poll the used rings); InterruptStatus
+//! bit 0 is still set when buffers are used, as virtio 1.2 §4.2.2 defines it,
+//! so a driver that reads the register sees the truth.
 //!
 //! Threat note: the guest controls every register value, the rings, the
 //! descriptors and the buffers they point at. Each ring and buffer is checked
@@ -41,9 +42,10 @@ use std::sync::atomic::Ordering;
 use serde::{Deserialize, Serialize};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::bus::BusDevice;
+pub use crate::devices::error::{NetError, Ring};
 use crate::devices::virtio_mmio::{DeviceInfo, MmioRegs, MmioTransport, QueueRegs, Written, VIRTIO_F_VERSION_1};
 use crate::devices::DeviceError;
 use crate::hook::ExitCtx;
@@ -67,7 +69,7 @@ pub const NUM_QUEUES: u16 = 2;
 /// Largest queue size (QueueNumMax), as Firecracker's.
 pub const QUEUE_MAX: u16 = 256;
 /// Size of `virtio_net_hdr` with VIRTIO_F_VERSION_1 (virtio 1.2 §5.1.6).
-pub const HDR_LEN: usize = 12;
+pub const HDR_LEN: usize = crate::devices::error::NET_HDR_LEN;
 /// The largest chain a transmit may use: header plus a 65550-byte frame,
 /// the largest receive buffer virtio 1.2 §5.1.6.3.1 asks drivers for. A
 /// larger transmit chain is a guest error.
@@ -81,100 +83,6 @@ const DESC_F_INDIRECT: u16 = 4;
 
 const INFO: DeviceInfo =
     DeviceInfo { device_id: DEVICE_ID, features: FEATURES, num_queues: NUM_QUEUES, queue_max: QUEUE_MAX };
-
-/// A part of a queue, for error messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Ring {
-    /// The descriptor table.
-    Descriptors,
-    /// The driver area (available ring).
-    Driver,
-    /// The device area (used ring).
-    Device,
-}
-
-impl std::fmt::Display for Ring {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Ring::Descriptors => "descriptor table",
-            Ring::Driver => "available ring",
-            Ring::Device => "used ring",
-        })
-    }
-}
-
-/// The guest broke the virtio protocol. The device has set
-/// DEVICE_NEEDS_RESET and stopped; the guest is stopped with this error.
-#[derive(Debug, thiserror::Error)]
-pub enum NetError {
-    /// QueueReady with a size that is zero, not a power of two or above QueueNumMax.
-    #[error("queue {queue} was made ready with size {size}, not a power of two up to {max}")]
-    QueueSize { queue: u16, size: u32, max: u16 },
-    /// A ring address breaks the ring's alignment (virtio 1.2 §2.7).
-    #[error("queue {queue} {ring} at {addr:#x} is not {align}-byte aligned")]
-    RingAlignment { queue: u16, ring: Ring, addr: u64, align: u64 },
-    /// A ring does not lie in guest memory.
-    #[error("queue {queue} {ring} at {addr:#x}+{len:#x} is outside guest memory")]
-    RingOutsideMemory { queue: u16, ring: Ring, addr: u64, len: u64 },
-    /// A status write that clears a bit, sets a device-only bit, or sets
-    /// DRIVER_OK without FEATURES_OK.
-    #[error("the driver wrote status {to:#x} over {from:#x}")]
-    BadStatus { from: u32, to: u32 },
-    /// A notify for a queue the device does not have.
-    #[error("the driver notified queue {queue}, which does not exist")]
-    NoSuchQueue { queue: u32 },
-    /// A notify before the driver set DRIVER_OK.
-    #[error("the driver notified queue {queue} before DRIVER_OK (status {status:#x})")]
-    NotifyBeforeDriverOk { queue: u16, status: u32 },
-    /// A notify for a queue that is not ready.
-    #[error("the driver notified queue {queue}, which is not ready")]
-    QueueNotReady { queue: u16 },
-    /// The available index ran more than a queue's worth ahead.
-    #[error("queue {queue} available index {avail_idx} is more than {size} ahead of the device's {next_avail}")]
-    AvailIndex { queue: u16, avail_idx: u16, next_avail: u16, size: u16 },
-    /// A head or `next` index beyond the descriptor table.
-    #[error("queue {queue} refers to descriptor {index}, past its {size} descriptors")]
-    DescriptorIndex { queue: u16, index: u16, size: u16 },
-    /// A chain with more descriptors than the table has: it loops.
-    #[error("queue {queue} chain from head {head} is longer than {max} descriptors: it loops")]
-    ChainTooLong { queue: u16, head: u16, max: u16 },
-    /// An indirect descriptor; VIRTIO_F_INDIRECT_DESC is not offered.
-    #[error("queue {queue} descriptor {index} is indirect, which was not negotiated")]
-    IndirectDescriptor { queue: u16, index: u16 },
-    /// A descriptor of length zero.
-    #[error("queue {queue} descriptor {index} has length zero")]
-    ZeroLength { queue: u16, index: u16 },
-    /// A device-writable buffer on the transmit queue or a device-readable
-    /// one on the receive queue.
-    #[error("queue {queue} descriptor {index} is device-{}, this queue takes only device-{} buffers",
-        if *device_writable { "writable" } else { "readable" },
-        if *device_writable { "readable" } else { "writable" })]
-    Direction { queue: u16, index: u16, device_writable: bool },
-    /// A buffer that does not lie in guest memory.
-    #[error("queue {queue} descriptor {index} buffer at {addr:#x}+{len:#x} is outside guest memory")]
-    BufferOutsideMemory { queue: u16, index: u16, addr: u64, len: u32 },
-    /// A transmit chain larger than [`MAX_CHAIN_BYTES`].
-    #[error("queue {queue} chain from head {head} holds more than {max} bytes")]
-    ChainTooLarge { queue: u16, head: u16, max: u64 },
-    /// A transmit chain shorter than the virtio-net header.
-    #[error("queue {queue} chain from head {head} holds {len} bytes, less than the {HDR_LEN}-byte header")]
-    HeaderTooShort { queue: u16, head: u16, len: u64 },
-    /// Guest memory refused an access the device had checked (a ring or a buffer).
-    #[error("queue {queue} access at {addr:#x} failed")]
-    Memory {
-        queue: u16,
-        addr: u64,
-        #[source]
-        source: GuestMemoryError,
-    },
-    /// The ring library refused an access.
-    #[error("queue {queue} ring access failed")]
-    RingAccess {
-        queue: u16,
-        #[source]
-        source: virtio_queue::Error,
-    },
-}
 
 /// Counters, saved with the state (they are the same on both hosts).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,7 +177,7 @@ impl VirtioNet {
     /// asks at the same exits as the primary. Does nothing (and takes no
     /// frame) before DRIVER_OK, after an error or while no buffer is posted.
     pub fn poll_rx(&mut self, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
-        if !self.transport.driver_ok() || self.queues[usize::from(RX_QUEUE)].is_none() {
+        if !self.transport.driver_ok() || self.queues.get(usize::from(RX_QUEUE)).is_none_or(Option::is_none) {
             return Ok(());
         }
         let r = self.fill_rx(ctx);
@@ -301,7 +209,7 @@ impl VirtioNet {
         match self.transport.write(offset, data) {
             Written::Done => Ok(()),
             Written::Ignored | Written::Stopped => {
-                self.counters.ignored += 1;
+                self.counters.ignored = self.counters.ignored.wrapping_add(1);
                 Ok(())
             }
             Written::Reset => {
@@ -330,7 +238,7 @@ impl VirtioNet {
 
     fn notify(&mut self, queue: u32, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         if self.transport.needs_reset() {
-            self.counters.ignored += 1;
+            self.counters.ignored = self.counters.ignored.wrapping_add(1);
             return Ok(());
         }
         let q = u16::try_from(queue).ok().filter(|q| *q < NUM_QUEUES).ok_or(NetError::NoSuchQueue { queue })?;
@@ -348,7 +256,7 @@ impl VirtioNet {
 
     /// Send every available transmit chain (at most a queue's worth).
     fn process_tx(&mut self, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
-        let Some(queue) = self.queues[usize::from(TX_QUEUE)].as_mut() else {
+        let Some(queue) = self.queues.get_mut(usize::from(TX_QUEUE)).and_then(Option::as_mut) else {
             return Ok(());
         };
         for _ in 0..queue.size() {
@@ -362,7 +270,7 @@ impl VirtioNet {
                 ctx.output
                     .transmit_frame(ctx.exit, &frame)
                     .map_err(|source| DeviceError::Hook { device: "virtio-net", source })?;
-                self.counters.tx_frames += 1;
+                self.counters.tx_frames = self.counters.tx_frames.wrapping_add(1);
             }
             queue.add_used(&self.mem, head, 0).map_err(|source| NetError::RingAccess { queue: TX_QUEUE, source })?;
             self.transport.note_used();
@@ -373,7 +281,7 @@ impl VirtioNet {
     /// Fill posted receive buffers while the world has frames (at most a
     /// queue's worth of frames taken per exit).
     fn fill_rx(&mut self, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
-        let Some(queue) = self.queues[usize::from(RX_QUEUE)].as_mut() else {
+        let Some(queue) = self.queues.get_mut(usize::from(RX_QUEUE)).and_then(Option::as_mut) else {
             return Ok(());
         };
         for _ in 0..queue.size() {
@@ -392,10 +300,11 @@ impl VirtioNet {
                 queue.go_to_previous_position();
                 break;
             };
-            let len = HDR_LEN + frame.len();
+            // Saturates only for a frame far above MAX_FRAME_LEN, dropped below.
+            let len = HDR_LEN.saturating_add(frame.len());
             if frame.len() > MAX_FRAME_LEN || u64::try_from(len).map_or(true, |l| l > capacity) {
                 tracing::debug!(len = frame.len(), capacity, "virtio-net: frame does not fit, dropped");
-                self.counters.rx_dropped += 1;
+                self.counters.rx_dropped = self.counters.rx_dropped.wrapping_add(1);
                 queue.go_to_previous_position();
                 continue;
             }
@@ -410,7 +319,7 @@ impl VirtioNet {
             queue
                 .add_used(&self.mem, head, used_len)
                 .map_err(|source| NetError::RingAccess { queue: RX_QUEUE, source })?;
-            self.counters.rx_frames += 1;
+            self.counters.rx_frames = self.counters.rx_frames.wrapping_add(1);
             self.transport.note_used();
         }
         Ok(())
@@ -424,11 +333,13 @@ fn build_queue(mem: &GuestMem, queue: u16, regs: &QueueRegs, pos: RingPosition) 
         .ok()
         .filter(|s| s.is_power_of_two() && *s <= QUEUE_MAX)
         .ok_or(NetError::QueueSize { queue, size: regs.size, max: QUEUE_MAX })?;
-    let n = u64::from(size);
-    // Sizes and alignments of virtio 1.2 §2.7 (no event index).
-    check_ring(mem, queue, Ring::Descriptors, regs.desc, 16, 16 * n)?;
-    check_ring(mem, queue, Ring::Driver, regs.driver, 2, 4 + 2 * n)?;
-    check_ring(mem, queue, Ring::Device, regs.device, 4, 4 + 8 * n)?;
+    // Sizes and alignments of virtio 1.2 §2.7 (no event index): a header of
+    // `fixed` bytes and `size` entries of `entry` bytes. size <= QUEUE_MAX,
+    // so nothing saturates.
+    let len = |fixed: u64, entry: u64| u64::from(size).saturating_mul(entry).saturating_add(fixed);
+    check_ring(mem, queue, Ring::Descriptors, regs.desc, 16, len(0, 16))?;
+    check_ring(mem, queue, Ring::Driver, regs.driver, 2, len(4, 2))?;
+    check_ring(mem, queue, Ring::Device, regs.device, 4, len(4, 8))?;
     let ring = |source| NetError::RingAccess { queue, source };
     let mut q = Queue::new(QUEUE_MAX).map_err(ring)?;
     q.try_set_size(size).map_err(ring)?;
@@ -442,7 +353,7 @@ fn build_queue(mem: &GuestMem, queue: u16, regs: &QueueRegs, pos: RingPosition) 
 }
 
 fn check_ring(mem: &GuestMem, queue: u16, ring: Ring, addr: u64, align: u64, len: u64) -> Result<(), NetError> {
-    if addr % align != 0 {
+    if addr.checked_rem(align) != Some(0) {
         return Err(NetError::RingAlignment { queue, ring, addr, align });
     }
     let fits = usize::try_from(len).is_ok_and(|l| mem.check_range(GuestAddress(addr), l, Permissions::ReadWrite));
@@ -491,8 +402,9 @@ fn walk_chain(
         if segments.len() >= usize::from(size) {
             return Err(NetError::ChainTooLong { queue: index, head, max: size });
         }
-        // at < size <= QUEUE_MAX: no overflow; the table was checked to fit.
-        let addr = table.0 + 16 * u64::from(at);
+        // at < size <= QUEUE_MAX and the table was checked to fit in guest
+        // memory: nothing saturates.
+        let addr = table.0.saturating_add(u64::from(at).saturating_mul(16));
         let desc: Descriptor =
             mem.read_obj(GuestAddress(addr)).map_err(|source| NetError::Memory { queue: index, addr, source })?;
         if desc.flags() & DESC_F_INDIRECT != 0 {
@@ -513,8 +425,8 @@ fn walk_chain(
                 len: desc.len(),
             });
         }
-        // At most QUEUE_MAX lengths of u32: no overflow.
-        total += u64::from(desc.len());
+        // At most QUEUE_MAX lengths of u32: never saturates.
+        total = total.saturating_add(u64::from(desc.len()));
         if !writable && total > MAX_CHAIN_BYTES {
             return Err(NetError::ChainTooLarge { queue: index, head, max: MAX_CHAIN_BYTES });
         }
@@ -530,29 +442,29 @@ fn walk_chain(
 /// the header.
 fn read_frame(mem: &GuestMem, segments: &[Segment], total: u64, head: u16) -> Result<Vec<u8>, NetError> {
     let header = HDR_LEN as u64;
-    if total < header {
+    let Some(frame_len) = total.checked_sub(header) else {
         return Err(NetError::HeaderTooShort { queue: TX_QUEUE, head, len: total });
-    }
+    };
     // total <= MAX_CHAIN_BYTES, checked while walking.
-    let mut frame = Vec::with_capacity(usize::try_from(total - header).unwrap_or(0));
+    let mut frame = Vec::with_capacity(usize::try_from(frame_len).unwrap_or(0));
     let mut skip = header;
     for seg in segments {
         let len = u64::from(seg.len);
-        if skip >= len {
-            skip -= len;
+        if let Some(left) = skip.checked_sub(len) {
+            // The whole segment is header.
+            skip = left;
             continue;
         }
-        // skip < len and the segment lies in guest memory: no overflow.
-        let addr = seg.addr.0 + skip;
-        let n = usize::try_from(len - skip).unwrap_or(0);
+        // skip < len and the segment lies in guest memory: nothing saturates.
+        let addr = seg.addr.0.saturating_add(skip);
+        let n = usize::try_from(len.saturating_sub(skip)).unwrap_or(0);
         skip = 0;
         let start = frame.len();
-        frame.resize(start + n, 0);
-        mem.read_slice(&mut frame[start..], GuestAddress(addr)).map_err(|source| NetError::Memory {
-            queue: TX_QUEUE,
-            addr,
-            source,
-        })?;
+        // Bounded by MAX_CHAIN_BYTES: never saturates.
+        frame.resize(start.saturating_add(n), 0);
+        // Just resized: `start..` is the n new bytes (an empty slice otherwise).
+        let dst = frame.get_mut(start..).unwrap_or_default();
+        mem.read_slice(dst, GuestAddress(addr)).map_err(|source| NetError::Memory { queue: TX_QUEUE, addr, source })?;
     }
     Ok(frame)
 }
@@ -584,7 +496,7 @@ impl BusDevice for VirtioNet {
     fn read(&mut self, offset: u64, data: &mut [u8], _ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         let config = self.config();
         if !self.transport.read(offset, data, &config) {
-            self.counters.ignored += 1;
+            self.counters.ignored = self.counters.ignored.wrapping_add(1);
         }
         Ok(())
     }
@@ -596,14 +508,6 @@ impl BusDevice for VirtioNet {
 
     fn after_halt(&mut self, ctx: &mut ExitCtx<'_>) -> Result<(), DeviceError> {
         self.poll_rx(ctx)
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        self.save_blob()
-    }
-
-    fn restore_snapshot(&mut self, blob: &[u8]) -> Result<(), StateError> {
-        self.restore_blob(blob)
     }
 }
 
@@ -748,7 +652,7 @@ mod tests {
 
         fn write_driver_features(&mut self, features: u64) {
             self.write(REG_DRIVER_FEATURES_SEL, 0).unwrap();
-            self.write(REG_DRIVER_FEATURES, features as u32).unwrap();
+            self.write(REG_DRIVER_FEATURES, crate::devices::low_half(features)).unwrap();
             self.write(REG_DRIVER_FEATURES_SEL, 1).unwrap();
             self.write(REG_DRIVER_FEATURES, (features >> 32) as u32).unwrap();
         }
@@ -773,7 +677,7 @@ mod tests {
             for (low, addr) in
                 [(REG_QUEUE_DESC_LOW, desc), (REG_QUEUE_DRIVER_LOW, driver), (REG_QUEUE_DEVICE_LOW, device)]
             {
-                self.write(low, addr as u32)?;
+                self.write(low, crate::devices::low_half(addr))?;
                 self.write(low + 4, (addr >> 32) as u32)?;
             }
             self.write(REG_QUEUE_READY, 1)
@@ -825,8 +729,13 @@ mod tests {
         }
     }
 
+    /// A buffer length as a descriptor's u32.
+    fn len32(len: usize) -> u32 {
+        u32::try_from(len).unwrap()
+    }
+
     fn frame(len: usize, seed: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+        (0..len).map(|i| i.to_le_bytes()[0].wrapping_mul(31) ^ seed).collect()
     }
 
     /// The receive header the device writes: no offloads, num_buffers 1.
@@ -899,12 +808,12 @@ mod tests {
         // Chain 0 -> 1: header and frame apart, as VirtIONetRaw::send does.
         h.mem.write_slice(&[0; HDR_LEN], GuestAddress(BUF)).unwrap();
         h.mem.write_slice(&a, GuestAddress(BUF + 0x100)).unwrap();
-        h.put_desc(TX_QUEUE, 0, BUF, HDR_LEN as u32, F_NEXT, 1);
-        h.put_desc(TX_QUEUE, 1, BUF + 0x100, a.len() as u32, 0, 0);
+        h.put_desc(TX_QUEUE, 0, BUF, len32(HDR_LEN), F_NEXT, 1);
+        h.put_desc(TX_QUEUE, 1, BUF + 0x100, len32(a.len()), 0, 0);
         // Chain 5: header and frame in one buffer.
         h.mem.write_slice(&[0; HDR_LEN], GuestAddress(BUF + 0x1000)).unwrap();
         h.mem.write_slice(&b, GuestAddress(BUF + 0x1000 + HDR_LEN as u64)).unwrap();
-        h.put_desc(TX_QUEUE, 5, BUF + 0x1000, (HDR_LEN + b.len()) as u32, 0, 0);
+        h.put_desc(TX_QUEUE, 5, BUF + 0x1000, len32(HDR_LEN + b.len()), 0, 0);
         h.make_avail(TX_QUEUE, 0);
         h.make_avail(TX_QUEUE, 5);
         h.notify(TX_QUEUE.into()).unwrap();
@@ -932,7 +841,7 @@ mod tests {
         h.after_halt().unwrap();
         assert_eq!(h.world.frame_reads, vec![ExitIndex(h.exit)]);
         let len = HDR_LEN + f.len();
-        assert_eq!(h.used(RX_QUEUE), (1, vec![(0, len as u32)]));
+        assert_eq!(h.used(RX_QUEUE), (1, vec![(0, len32(len))]));
         let got = h.bytes(BUF, len);
         assert_eq!(got[..HDR_LEN], RX_HDR);
         assert_eq!(got[HDR_LEN..], f[..]);
@@ -946,11 +855,11 @@ mod tests {
         h.init();
         let f = frame(1514, 4);
         h.world.frames.push_back(f.clone());
-        h.put_desc(RX_QUEUE, 3, BUF, HDR_LEN as u32, F_WRITE | F_NEXT, 7);
+        h.put_desc(RX_QUEUE, 3, BUF, len32(HDR_LEN), F_WRITE | F_NEXT, 7);
         h.put_desc(RX_QUEUE, 7, BUF + 0x1000, 1514, F_WRITE, 0);
         h.make_avail(RX_QUEUE, 3);
         h.notify(RX_QUEUE.into()).unwrap();
-        assert_eq!(h.used(RX_QUEUE), (1, vec![(3, (HDR_LEN + f.len()) as u32)]));
+        assert_eq!(h.used(RX_QUEUE), (1, vec![(3, len32(HDR_LEN + f.len()))]));
         assert_eq!(h.bytes(BUF, HDR_LEN), RX_HDR);
         assert_eq!(h.bytes(BUF + 0x1000, f.len()), f);
     }
@@ -1201,11 +1110,11 @@ mod tests {
             REG_QUEUE_DRIVER_LOW,
             REG_QUEUE_DEVICE_LOW,
         ];
-        for round in 0..300 {
+        for round in 0..300u32 {
             let mut h = Harness::new();
             h.init();
             for _ in 0..8 {
-                h.world.frames.push_back(frame((rng.next() % 2000) as usize, round as u8));
+                h.world.frames.push_back(frame(usize::try_from(rng.next() % 2000).unwrap(), round.to_le_bytes()[0]));
             }
             for q in [RX_QUEUE, TX_QUEUE] {
                 for i in 0..QSIZE {
@@ -1213,11 +1122,11 @@ mod tests {
                     let addr = if r & 1 == 0 { (r >> 8) % MEM_SIZE as u64 } else { r };
                     let len = (rng.next() % 3000) as u32;
                     let flags = (rng.next() % 8) as u16;
-                    let next = (rng.next() % u64::from(QSIZE + 2)) as u16;
+                    let next = u16::try_from(rng.next() % u64::from(QSIZE + 2)).unwrap();
                     h.put_desc(q, i, addr, len, flags, next);
                 }
                 for _ in 0..rng.next() % 20 {
-                    let head = (rng.next() % u64::from(QSIZE + 1)) as u16;
+                    let head = u16::try_from(rng.next() % u64::from(QSIZE + 1)).unwrap();
                     h.make_avail(q, head);
                 }
             }
@@ -1226,8 +1135,12 @@ mod tests {
                     0 => h.notify((rng.next() % 3) as u32),
                     1 => h.after_halt(),
                     2 => {
-                        let off = offsets[(rng.next() % offsets.len() as u64) as usize];
-                        let value = if rng.next() % 2 == 0 { (rng.next() % 20) as u32 } else { rng.next() as u32 };
+                        let off = offsets[usize::try_from(rng.next() % offsets.len() as u64).unwrap()];
+                        let value = if rng.next() % 2 == 0 {
+                            u32::try_from(rng.next() % 20).unwrap()
+                        } else {
+                            crate::devices::low_half(rng.next())
+                        };
                         h.write(off, value)
                     }
                     _ => {
