@@ -226,6 +226,7 @@ fn prepare(settings: &GuestSettings, digest_every: Option<u64>) -> Result<Prepar
         },
         privilege,
         digest_every,
+        test_devices: false,
     };
     let tap = settings.tap.as_deref().map(open_tap).transpose()?;
     Ok(Prepared { config, tap, serial })

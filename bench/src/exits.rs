@@ -31,6 +31,7 @@ fn loop_vm(guest: &str, count: u64) -> Result<Vm> {
         boot: BootSettings { params: vec![("count".into(), count.to_string())], ..Default::default() },
         privilege: if image.kernel_mode { Privilege::Kernel } else { Privilege::User },
         digest_every: None,
+        test_devices: true,
     };
     let vm = Vm::new(&config, |_| Box::new(LiveInput::new(0, Vec::new())), Box::new(Discard))?;
     Ok(vm)

@@ -70,6 +70,7 @@ impl LabVm {
             },
             privilege: vmm::boot::Privilege::User,
             digest_every: None,
+            test_devices: false,
         };
         let (line_tx, lines) = mpsc::channel();
         let (stop_tx, stop_rx) = mpsc::channel();

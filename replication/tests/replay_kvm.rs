@@ -35,6 +35,7 @@ fn config(guest: &str) -> VmConfig {
         boot: BootSettings::default(),
         privilege: vmm::boot::Privilege::User,
         digest_every: Some(5),
+        test_devices: false,
     }
 }
 
