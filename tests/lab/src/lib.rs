@@ -37,7 +37,16 @@
 //! Addresses are fixed: labs are separate namespaces, so parallel labs cannot collide.
 //!
 //! Needs root, `/dev/net/tun`, and the `ip` and `tc` programs of iproute2; nothing else (pings are
-//! sent from this process, see [`Netns::ping`], because Debian's minimal images have no `ping`).
+//! sent from this process, see [`Netns::ping`], because Debian's minimal images have no `ping`;
+//! frames are captured in this process too, see [`Netns::capture`], so there is no `tcpdump`). A
+//! program that is not installed ends a test with one line naming its Debian package
+//! ([`tool_missing`]).
+
+mod capture;
+mod tools;
+
+pub use capture::{Capture, Direction, Frame};
+pub use tools::{find_in_path, require_tool, spawn, spawn_error, tool_missing, TOOL_PACKAGES};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -123,9 +132,10 @@ pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool 
 }
 
 /// Runs `cmd` to completion with stdin closed; on a failure to start or a non-zero exit returns a
-/// message with the command line, the status and its stderr.
+/// message with the command line, the status and its stderr ([`tool_missing`]'s line for a
+/// program that is not installed).
 pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
-    let output = cmd.stdin(Stdio::null()).output().map_err(|e| format!("`{cmd:?}` could not start: {e}"))?;
+    let output = cmd.stdin(Stdio::null()).output().map_err(|e| spawn_error(cmd, &e))?;
     if output.status.success() {
         Ok(output)
     } else {
@@ -207,8 +217,10 @@ impl Netns {
 
     /// `ip netns exec NAME PROGRAM`, ready for arguments, pipes and spawning. The program runs with
     /// this namespace as its network namespace; a program that opens a TAP must run in the
-    /// namespace that holds the TAP.
+    /// namespace that holds the TAP. Panics with [`tool_missing`]'s line if `program` is not
+    /// installed (`ip netns exec` would only fail later, with status 255).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        require_tool(&program.as_ref().to_string_lossy());
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
@@ -392,10 +404,10 @@ pub struct LabChild {
 }
 
 impl LabChild {
-    /// Spawns `cmd`, typically built with [`Netns::command`]; panics if it cannot start.
+    /// Spawns `cmd`, typically built with [`Netns::command`]; panics if it cannot start
+    /// ([`spawn_error`]).
     pub fn spawn(cmd: &mut Command) -> LabChild {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning `{cmd:?}`: {e}"));
-        LabChild { child }
+        LabChild { child: spawn(cmd) }
     }
 }
 
