@@ -153,8 +153,8 @@ fn kvm_netns_sigstop_primary_loses_the_arbiter_and_emits_nothing_when_continued(
     let mut s = connect(&lab);
     s.get_mut().write_all(&resp(&["SET", "x", "1"])).unwrap();
     assert_eq!(reply(&mut s), "+OK\r\n");
-    let pid = primary.0.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let pid = primary.0.id();
+    common::signal("STOP", pid);
     // The secondary takes over: the same connection goes on.
     s.get_mut().write_all(&resp(&["INCR", "x"])).unwrap();
     assert_eq!(reply(&mut s), ":2\r\n");
@@ -166,7 +166,7 @@ fn kvm_netns_sigstop_primary_loses_the_arbiter_and_emits_nothing_when_continued(
     // when it returns and records every frame the TAP's holder writes (lab selftest
     // netns_root_capture_sees_every_frame_a_tap_user_sends_both_ways).
     let capture = lab.host_a().netns().capture(lab.host_a().tap());
-    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    common::signal("CONT", pid);
     assert_eq!(
         exit_code(&mut primary, Duration::from_secs(30)),
         Some(4),
