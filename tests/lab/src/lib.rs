@@ -113,8 +113,8 @@ pub fn require_root() -> bool {
 ///
 /// Only for external conditions that offer nothing to wait on: an address becoming pingable, a
 /// carrier coming up. Whatever gives an event (a channel, a line of a child's output, a process
-/// exit) must be awaited directly, with its timeout as the failure bound: STYLE.md forbids
-/// sleeping for synchronisation everywhere else.
+/// exit) must be awaited directly, with its timeout as the failure bound: sleeping for
+/// synchronisation is not done anywhere else (docs/DESIGN.md, "Testing").
 pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
