@@ -221,7 +221,7 @@ fn netns_root_sweeper_removes_namespaces_of_dead_processes() {
         return;
     }
     // A pid that is certainly dead: a child that has exited and been reaped.
-    let mut child = std::process::Command::new("true").spawn().expect("spawning true");
+    let mut child = lab::spawn(&mut std::process::Command::new("true"));
     let dead = child.id();
     child.wait().expect("waiting for true");
     assert!(!Path::new(&format!("/proc/{dead}")).exists());
@@ -597,4 +597,28 @@ fn netns_root_capture_of_a_missing_interface_says_so() {
     let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| netns.capture("nosuchif0"))).err();
     let message = panic.and_then(|p| p.downcast_ref::<String>().cloned()).unwrap_or_default();
     assert!(message.contains("no interface nosuchif0"), "{message:?}");
+}
+
+#[test]
+fn netns_root_a_missing_program_is_one_line_naming_its_package() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::single("missing");
+    let netns = lab.client();
+    // Installed: an `ip netns exec` command line.
+    let cmd = netns.try_command("ip").expect("ip is installed");
+    assert_eq!(cmd.get_program(), "ip");
+    // Not installed: the one line, as an Err, or as the panic of Netns::command. Without the
+    // check, `ip netns exec` would start and fail later with status 255.
+    let absent = "ftvm-no-such-program";
+    assert_eq!(netns.try_command(absent).err(), Some(format!("{absent} not found on PATH")));
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| netns.command(absent))).err();
+    let message = panic.and_then(|p| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+    assert_eq!(message, format!("{absent} not found on PATH"));
+    // A known tool names its Debian package.
+    assert_eq!(
+        lab::tool_missing("redis-benchmark"),
+        "redis-benchmark not found: install Debian's redis-tools (scripts/test does)"
+    );
 }

@@ -46,7 +46,7 @@ mod capture;
 mod tools;
 
 pub use capture::{Capture, Direction, Frame};
-pub use tools::{find_in_path, require_tool, spawn, spawn_error, tool_missing, TOOL_PACKAGES};
+pub use tools::{check_tool, find_in_path, require_tool, spawn, spawn_error, tool_missing, TOOL_PACKAGES};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -220,10 +220,17 @@ impl Netns {
     /// namespace that holds the TAP. Panics with [`tool_missing`]'s line if `program` is not
     /// installed (`ip netns exec` would only fail later, with status 255).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
-        require_tool(&program.as_ref().to_string_lossy());
+        self.try_command(program).unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// As [`Netns::command`], but a program that is not installed is an `Err` with
+    /// [`tool_missing`]'s line instead of a panic: for callers that report errors, such as
+    /// `ftvm bench`.
+    pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command, String> {
+        check_tool(&program.as_ref().to_string_lossy())?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
+        Ok(cmd)
     }
 
     /// Runs `argv` (program first) in this namespace to completion; returns its stdout, panics

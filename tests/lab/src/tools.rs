@@ -4,7 +4,8 @@
 //! A test that spawns a program which is not installed must not end in "No such file or
 //! directory" or, through `ip netns exec`, in an exec failure with exit status 255: it ends in
 //! "redis-cli not found: install Debian's redis-tools (scripts/test does)". Everything in the lab
-//! spawns through [`spawn`], [`spawn_error`] or [`require_tool`], and the tests do the same.
+//! spawns through [`spawn`], [`spawn_error`], [`check_tool`] or [`require_tool`], and the tests do
+//! the same.
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -48,12 +49,22 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
-/// Panics with [`tool_missing`]'s line unless `program` is on this process's `PATH`. For programs
+/// `Err` with [`tool_missing`]'s line unless `program` is on this process's `PATH`. For programs
 /// started indirectly (`ip netns exec NS PROGRAM`), where the spawn itself would succeed.
+pub fn check_tool(program: &str) -> Result<(), String> {
+    // Unset PATH: what execvp searches then.
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/bin:/usr/bin"));
+    match find_in_path(program, &path) {
+        Some(_) => Ok(()),
+        None => Err(tool_missing(program)),
+    }
+}
+
+/// Panics with [`tool_missing`]'s line unless `program` is on this process's `PATH`
+/// ([`check_tool`]).
 pub fn require_tool(program: &str) {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
-    if find_in_path(program, &path).is_none() {
-        panic!("{}", tool_missing(program));
+    if let Err(message) = check_tool(program) {
+        panic!("{message}");
     }
 }
 
