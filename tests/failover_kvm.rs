@@ -90,6 +90,25 @@ fn kvm_netns_sigkill_secondary_the_primary_carries_on_alone() {
     drop(primary);
 }
 
+/// Whether every thread of process `pid` is in the stopped state (`T` in /proc/PID/task/*/stat):
+/// a SIGSTOP has taken effect.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in tasks {
+        let Ok(task) = task else { return false };
+        // "TID (comm) STATE ...": the command name may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { return false };
+        match stat.rsplit_once(") ") {
+            Some((_, rest)) if rest.starts_with('T') => any = true,
+            _ => return false,
+        }
+    }
+    any
+}
+
 fn exit_code(p: &mut Proc, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -155,6 +174,10 @@ fn kvm_netns_sigstop_primary_loses_the_arbiter_and_emits_nothing_when_continued(
     assert_eq!(reply(&mut s), "+OK\r\n");
     let pid = primary.0.id();
     common::signal("STOP", pid);
+    // kill returns once the signal is queued; each thread stops on its way back to user mode. A
+    // request sent before the vCPU and releaser threads stopped can still be answered by the
+    // primary (seen on a loaded machine), and the secondary then has nothing to take over yet.
+    assert!(lab::wait_for(Duration::from_secs(10), || all_threads_stopped(pid)), "the primary did not stop");
     // The secondary takes over: the same connection goes on.
     s.get_mut().write_all(&resp(&["INCR", "x"])).unwrap();
     assert_eq!(reply(&mut s), ":2\r\n");
