@@ -5,8 +5,21 @@
 //! rustflags and linker script), built by a nested
 //! `cargo build --release --target x86_64-unknown-linux-gnu` run from that
 //! directory, so that its `.cargo/config.toml` applies, into a target
-//! directory under `OUT_DIR`. See "Building freestanding guests inside the
-//! normal build" in the project's machine notes for the traps this avoids.
+//! directory under `OUT_DIR`. The traps this avoids:
+//!
+//! - without an explicit `--target`, the guests' `[target]` rustflags reach
+//!   the build scripts of their dependencies, which then crash;
+//! - the outer cargo sets `CARGO_ENCODED_RUSTFLAGS=''` for build scripts,
+//!   which would silently replace the guests' rustflags (symptom: `duplicate
+//!   symbol: _start`): every `CARGO_*` variable but `CARGO_HOME`, and those in
+//!   [`OUTER_ONLY`], are removed from the inner cargo's environment;
+//! - run from anywhere else, the inner cargo would not find the guests'
+//!   `.cargo/config.toml`; its own target directory keeps its artifacts,
+//!   built with other flags, apart from the outer build's.
+//!
+//! What the guests need besides is in the guests' workspace: the rustflags
+//! and linker script (`guests/.cargo/config.toml`, `guests/rt`), and the
+//! C memory functions in their own `#![no_builtins]` crate (`guests/mem`).
 
 use std::{
     env,

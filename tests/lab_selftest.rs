@@ -221,7 +221,7 @@ fn netns_root_sweeper_removes_namespaces_of_dead_processes() {
         return;
     }
     // A pid that is certainly dead: a child that has exited and been reaped.
-    let mut child = std::process::Command::new("true").spawn().expect("spawning true");
+    let mut child = lab::spawn(&mut std::process::Command::new("true"));
     let dead = child.id();
     child.wait().expect("waiting for true");
     assert!(!Path::new(&format!("/proc/{dead}")).exists());
@@ -507,5 +507,118 @@ fn netns_root_impaired_lab_dropped_by_panic_leaves_nothing() {
         lab::wait_for(Duration::from_secs(1), || threads_named(&relay_threads).is_empty()),
         "relay threads outlived the lab: {:?}",
         threads_named(&relay_threads)
+    );
+}
+
+/// An Ethernet frame from the guest's side of a TAP: broadcast, from a locally administered MAC,
+/// EtherType 0x88b5 (IEEE's local experimental type, which no stack answers) and `payload`.
+fn experimental_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+    frame.extend_from_slice(&[0x88, 0xb5]);
+    frame.extend_from_slice(payload);
+    frame.resize(frame.len().max(60), 0);
+    frame
+}
+
+#[test]
+fn netns_root_capture_sees_every_frame_a_tap_user_sends_both_ways() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::single("capture");
+    let host = lab.host_a();
+    // Host a's TAP held as a VMM holds it; the lab is quiet (no IPv6 chatter), so the frames the
+    // capture records are exactly those this test causes.
+    let mut tap = lab::open_tap(host.netns(), host.tap());
+
+    // A frame written to the TAP, and the capture stopped at once, without waiting for anything:
+    // the frame must be there. This is what the failover test relies on to prove that an old
+    // primary emitted nothing.
+    for round in 0..20u8 {
+        let capture = host.netns().capture(host.tap());
+        let frame = experimental_frame(&[round; 46]);
+        tap.write_all(&frame).expect("writing a frame to the TAP");
+        let frames = capture.stop();
+        assert_eq!(
+            frames,
+            vec![lab::Frame { direction: lab::Direction::Received, len: frame.len(), bytes: frame.clone() }],
+            "round {round}"
+        );
+    }
+
+    // A capture that saw nothing returns nothing: an empty result means no frame crossed.
+    assert_eq!(host.netns().capture(host.tap()).stop(), Vec::<lab::Frame>::new());
+
+    // A burst, back to back: none lost, in order.
+    let capture = host.netns().capture(host.tap());
+    for i in 0..2000u16 {
+        tap.write_all(&experimental_frame(&i.to_be_bytes())).expect("writing a frame to the TAP");
+    }
+    let frames = capture.stop();
+    let sequence: Vec<u16> = frames.iter().map(|f| u16::from_be_bytes([f.bytes[14], f.bytes[15]])).collect();
+    assert_eq!(sequence, (0..2000).collect::<Vec<u16>>(), "frames lost or reordered");
+
+    // The other way: what the bridge sends towards the VM (the client's ARP request for the
+    // guest's address) is recorded as sent. Once the TAP's reader has it, the capture has it.
+    let capture = host.netns().capture(host.tap());
+    assert!(lab.client().ping(lab.guest_ip(), Duration::from_millis(100)).is_none(), "nothing answers for the guest");
+    assert!(await_arp_request(&mut tap, lab.guest_ip(), REACHABLE), "no ARP request on {}", host.tap());
+    let frames = capture.stop();
+    let arp_for_guest =
+        |f: &lab::Frame| f.ethertype() == 0x0806 && f.bytes.get(38..42) == Some(&lab.guest_ip().octets()[..]);
+    assert!(
+        frames.iter().any(|f| f.direction == lab::Direction::Sent && arp_for_guest(f)),
+        "the ARP request towards the TAP was not captured as sent: {frames:?}"
+    );
+    assert!(frames.iter().all(|f| f.direction == lab::Direction::Sent), "nothing was written to the TAP: {frames:?}");
+
+    // A capture is bound to its interface: frames of the host's LAN veth alone are not on the TAP.
+    let capture = host.netns().capture(host.tap());
+    let lan = host.netns().capture(host.lan_dev());
+    assert!(lab.client().wait_pingable(host.lan_ip(), REACHABLE), "client cannot ping host a");
+    let lan_frames = lan.stop();
+    assert!(lan_frames.iter().any(|f| f.ethertype() == 0x0800), "no IPv4 frame on {}: {lan_frames:?}", host.lan_dev());
+    let tap_frames = capture.stop();
+    assert!(
+        !tap_frames.iter().any(|f| f.ethertype() == 0x0800),
+        "unicast IPv4 for the host reached the TAP: {tap_frames:?}"
+    );
+    drop(tap);
+}
+
+#[test]
+fn netns_root_capture_of_a_missing_interface_says_so() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::single("capmissing");
+    let netns = lab.host_a().netns();
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| netns.capture("nosuchif0"))).err();
+    let message = panic.and_then(|p| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+    assert!(message.contains("no interface nosuchif0"), "{message:?}");
+}
+
+#[test]
+fn netns_root_a_missing_program_is_one_line_naming_its_package() {
+    if !lab::require_root() {
+        return;
+    }
+    let lab = Lab::single("missing");
+    let netns = lab.client();
+    // Installed: an `ip netns exec` command line.
+    let cmd = netns.try_command("ip").expect("ip is installed");
+    assert_eq!(cmd.get_program(), "ip");
+    // Not installed: the one line, as an Err, or as the panic of Netns::command. Without the
+    // check, `ip netns exec` would start and fail later with status 255.
+    let absent = "ftvm-no-such-program";
+    assert_eq!(netns.try_command(absent).err(), Some(format!("{absent} not found on PATH")));
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| netns.command(absent))).err();
+    let message = panic.and_then(|p| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+    assert_eq!(message, format!("{absent} not found on PATH"));
+    // A known tool names its Debian package.
+    assert_eq!(
+        lab::tool_missing("redis-benchmark"),
+        "redis-benchmark not found: install Debian's redis-tools (scripts/test does)"
     );
 }

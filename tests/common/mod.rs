@@ -17,6 +17,15 @@ pub fn kvm() -> bool {
     vmm::testing::kvm_available()
 }
 
+/// `kill -SIGNAL PID`, e.g. `signal("STOP", pid)`; panics if it fails, with one line naming the
+/// Debian package if `kill` is not installed.
+pub fn signal(name: &str, pid: u32) {
+    let mut cmd = Command::new("kill");
+    cmd.arg(format!("-{name}")).arg(pid.to_string());
+    let status = ftvm_lab::spawn(&mut cmd).wait().expect("waiting for kill");
+    assert!(status.success(), "`{cmd:?}` failed: {status}");
+}
+
 /// Run `ftvm args...` to completion (bounded: a hung VMM fails the test).
 pub fn run(args: &[&str]) -> Output {
     let mut child = ftvm().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn ftvm");
@@ -38,8 +47,7 @@ pub fn run(args: &[&str]) -> Output {
     let status = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(s) => s.expect("wait ftvm"),
         Err(_) => {
-            // SAFETY-free: kill by pid through the command line tool.
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            signal("KILL", pid);
             panic!("ftvm {args:?} did not finish within 60 s");
         }
     };

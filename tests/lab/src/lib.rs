@@ -37,7 +37,16 @@
 //! Addresses are fixed: labs are separate namespaces, so parallel labs cannot collide.
 //!
 //! Needs root, `/dev/net/tun`, and the `ip` and `tc` programs of iproute2; nothing else (pings are
-//! sent from this process, see [`Netns::ping`], because Debian's minimal images have no `ping`).
+//! sent from this process, see [`Netns::ping`], because Debian's minimal images have no `ping`;
+//! frames are captured in this process too, see [`Netns::capture`], so there is no `tcpdump`). A
+//! program that is not installed ends a test with one line naming its Debian package
+//! ([`tool_missing`]).
+
+mod capture;
+mod tools;
+
+pub use capture::{Capture, Direction, Frame};
+pub use tools::{check_tool, find_in_path, require_tool, spawn, spawn_error, tool_missing, TOOL_PACKAGES};
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -104,8 +113,8 @@ pub fn require_root() -> bool {
 ///
 /// Only for external conditions that offer nothing to wait on: an address becoming pingable, a
 /// carrier coming up. Whatever gives an event (a channel, a line of a child's output, a process
-/// exit) must be awaited directly, with its timeout as the failure bound: STYLE.md forbids
-/// sleeping for synchronisation everywhere else.
+/// exit) must be awaited directly, with its timeout as the failure bound: sleeping for
+/// synchronisation is not done anywhere else (docs/DESIGN.md, "Testing").
 pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
@@ -123,9 +132,10 @@ pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool 
 }
 
 /// Runs `cmd` to completion with stdin closed; on a failure to start or a non-zero exit returns a
-/// message with the command line, the status and its stderr.
+/// message with the command line, the status and its stderr ([`tool_missing`]'s line for a
+/// program that is not installed).
 pub fn try_run(cmd: &mut Command) -> Result<Output, String> {
-    let output = cmd.stdin(Stdio::null()).output().map_err(|e| format!("`{cmd:?}` could not start: {e}"))?;
+    let output = cmd.stdin(Stdio::null()).output().map_err(|e| spawn_error(cmd, &e))?;
     if output.status.success() {
         Ok(output)
     } else {
@@ -207,11 +217,20 @@ impl Netns {
 
     /// `ip netns exec NAME PROGRAM`, ready for arguments, pipes and spawning. The program runs with
     /// this namespace as its network namespace; a program that opens a TAP must run in the
-    /// namespace that holds the TAP.
+    /// namespace that holds the TAP. Panics with [`tool_missing`]'s line if `program` is not
+    /// installed (`ip netns exec` would only fail later, with status 255).
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        self.try_command(program).unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// As [`Netns::command`], but a program that is not installed is an `Err` with
+    /// [`tool_missing`]'s line instead of a panic: for callers that report errors, such as
+    /// `ftvm bench`.
+    pub fn try_command(&self, program: impl AsRef<OsStr>) -> Result<Command, String> {
+        check_tool(&program.as_ref().to_string_lossy())?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
+        Ok(cmd)
     }
 
     /// Runs `argv` (program first) in this namespace to completion; returns its stdout, panics
@@ -392,10 +411,10 @@ pub struct LabChild {
 }
 
 impl LabChild {
-    /// Spawns `cmd`, typically built with [`Netns::command`]; panics if it cannot start.
+    /// Spawns `cmd`, typically built with [`Netns::command`]; panics if it cannot start
+    /// ([`spawn_error`]).
     pub fn spawn(cmd: &mut Command) -> LabChild {
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning `{cmd:?}`: {e}"));
-        LabChild { child }
+        LabChild { child: spawn(cmd) }
     }
 }
 
