@@ -31,13 +31,27 @@ pub struct FailoverConfig {
     /// How long a secondary that saw the channel close, while the primary's
     /// heartbeats were still arriving, waits before claiming.
     pub head_start: Duration,
+    /// `--max-lag-ms`: how far (in the primary's execution time) the
+    /// secondary's replay may fall behind before the primary treats it as
+    /// lost. A failover to a secondary that far behind would take that long.
+    pub max_lag: Duration,
 }
+
+/// `--max-lag-ms` when not given: generous, because on a lossy link TCP
+/// retransmissions alone delay the log by up to ~1.6 s (10 % loss).
+pub const DEFAULT_MAX_LAG: Duration = Duration::from_millis(3000);
 
 impl FailoverConfig {
     /// Defaults for everything but the arbiter; the head start is half a
     /// heartbeat interval.
     pub fn new(arbiter: impl Into<String>, heartbeat: Duration, dead_after: u32) -> FailoverConfig {
-        FailoverConfig { arbiter: arbiter.into(), heartbeat, dead_after, head_start: heartbeat / 2 }
+        FailoverConfig {
+            arbiter: arbiter.into(),
+            heartbeat,
+            dead_after,
+            head_start: heartbeat / 2,
+            max_lag: DEFAULT_MAX_LAG,
+        }
     }
 }
 
@@ -67,6 +81,9 @@ pub struct Failover {
     role: Role,
     head_start: Duration,
     channel_lost: Notify,
+    lagging: Notify,
+    lag_since: std::sync::Mutex<Option<Instant>>,
+    stats: tokio::sync::watch::Receiver<heartbeat::ServiceStats>,
     /// The generation this side won, while it owns the arbiter.
     won: std::sync::Mutex<Option<Generation>>,
 }
@@ -110,6 +127,7 @@ impl Failover {
         hb.dead_after = config.dead_after;
         let service = heartbeat::Service::start(hb, key).await?;
         let owner = Owner::of(name, role, service.incarnation())?;
+        let stats = service.watch_stats();
         board.watch_heartbeats(service.watch_stats());
         Ok(Failover {
             service,
@@ -119,6 +137,9 @@ impl Failover {
             role,
             head_start: config.head_start,
             channel_lost: Notify::new(),
+            lagging: Notify::new(),
+            lag_since: std::sync::Mutex::new(None),
+            stats,
             won: std::sync::Mutex::new(None),
         })
     }
@@ -129,6 +150,24 @@ impl Failover {
     /// heartbeats' silence decides.
     pub fn channel_failed(&self) {
         self.channel_lost.notify_one();
+    }
+
+    /// The secondary's replay is too far behind (primary only): it has
+    /// not kept up since `since`.
+    pub fn secondary_lagging(&self, since: Instant) {
+        *self.lag_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(since);
+        self.lagging.notify_one();
+    }
+
+    /// Put this side's progress (exit index, log position: on a secondary
+    /// the records *replayed*) into its heartbeats.
+    pub fn report_progress(&self, exit_index: u64, log_position: u64) {
+        self.service.set_progress(exit_index, log_position);
+    }
+
+    /// The log position in the peer's last accepted heartbeat.
+    pub fn peer_position(&self) -> Option<u64> {
+        self.stats.borrow().peer_progress.map(|p| p.log_position)
     }
 
     /// Log traffic arrived: a sign of life as good as a heartbeat.
@@ -159,9 +198,17 @@ impl Failover {
         let by = tokio::select! {
             () = silence => Detection::Silence,
             () = self.channel_lost.notified() => Detection::ChannelClosed,
+            () = self.lagging.notified() => Detection::Lagging,
         };
         let now = Instant::now();
-        Loss { last_heard: self.service.last_heard().unwrap_or(now), decided: now, by }
+        // Lagging, the secondary is heard from: what it stopped doing is
+        // keeping up.
+        let lag_since = *self.lag_since.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last_heard = match by {
+            Detection::Lagging => lag_since,
+            _ => self.service.last_heard(),
+        };
+        Loss { last_heard: last_heard.unwrap_or(now), decided: now, by }
     }
 
     /// Claim the arbiter for a loss. A secondary that saw only the channel

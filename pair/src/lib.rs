@@ -19,6 +19,7 @@
 
 pub mod control;
 pub mod failover;
+mod lag;
 pub mod live;
 mod observed;
 pub mod primary;

@@ -44,6 +44,8 @@ pub struct PrimaryConfig {
     pub connect_for: Duration,
     /// How long winding down waits for the last held outputs' acks.
     pub drain_for: Duration,
+    /// Bytes of held outputs past which the guest's output side waits.
+    pub max_held_bytes: usize,
 }
 
 impl PrimaryConfig {
@@ -56,6 +58,7 @@ impl PrimaryConfig {
             control: None,
             connect_for: Duration::from_secs(600),
             drain_for: Duration::from_secs(5),
+            max_held_bytes: output_rule::DEFAULT_MAX_HELD_BYTES,
         }
     }
 }
@@ -103,6 +106,9 @@ impl PrimaryShared {
     }
     fn set_phase(&self, phase: Phase) {
         *self.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = phase;
+    }
+    pub(crate) fn guest_has_ended(&self) -> bool {
+        self.guest_ended.load(Ordering::SeqCst)
     }
     pub(crate) fn shipping(&self) -> bool {
         self.shipping.load(Ordering::SeqCst)
@@ -174,6 +180,7 @@ impl PrimarySession {
         log.set_acked(LogPosition(0));
         let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
         let releaser = Arc::new(releaser);
+        releaser.set_max_held_bytes(config.max_held_bytes);
         let shared = Arc::new(PrimaryShared {
             phase: Mutex::new(Phase::Protected),
             shipping: AtomicBool::new(true),
@@ -183,6 +190,10 @@ impl PrimarySession {
         });
         spawn_ack_task(&rt, &chan, &log, &board, &releaser, failover.clone());
         spawn_channel_watch(&rt, &chan, &board, &shared, failover.clone());
+        if let (Some(f), Some(fc)) = (&failover, &config.failover) {
+            let (log, board, shared) = (log.clone(), board.clone(), shared.clone());
+            crate::lag::spawn_primary_watch(&rt, log, board, f.clone(), shared, fc.max_lag);
+        }
         let shipper = Shipper::new(log.clone(), chan.clone(), board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
@@ -233,7 +244,9 @@ impl PrimarySession {
 
     /// The guest is about to run: failover may stop it through `stop`.
     pub fn running(&self, stop: StopHandle) {
-        let _ = self.shared.stop.set(stop);
+        let _ = self.shared.stop.set(stop.clone());
+        // A guest waiting for room among held outputs stops when asked.
+        self.releaser.set_abort(Box::new(move || stop.is_stopped()));
         if let Some(f) = self.failover.clone() {
             let (shared, board, log, releaser) =
                 (self.shared.clone(), self.board.clone(), self.log.clone(), self.releaser.clone());

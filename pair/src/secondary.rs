@@ -164,6 +164,9 @@ impl SecondarySession {
         }
         let consumed = Arc::new(AtomicU64::new(0));
         crate::progress::secondary(&board, &consumed)?;
+        if let (Some(f), Some(fc)) = (&failover, &config.failover) {
+            crate::lag::spawn_secondary_reporter(&rt, board.clone(), f.clone(), consumed.clone(), fc.heartbeat / 2);
+        }
         eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
         Ok(SecondarySession {
             board,
@@ -206,6 +209,8 @@ impl SecondarySession {
             let attach: Attach = Box::new(move |clock: u64| {
                 let world = make_live(clock, wake)?;
                 live_board.set_role(Role::Standalone);
+                // What was held is re-emitted right after this: none is left.
+                live_board.outputs_held.store(0, Ordering::SeqCst);
                 live_board.set_state("running: live, unprotected");
                 if let Some((loss, at, _)) = lock(&shared.verdict).as_ref() {
                     live_board.failure("primary lost", loss, *at);

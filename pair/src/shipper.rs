@@ -77,6 +77,7 @@ impl Shipper {
             self.chan.flush();
         }
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
+        self.board.outputs_held_bytes.store(self.releaser.held_bytes() as u64, Ordering::Relaxed);
         // Only positions whose outputs are all out: the secondary forgets
         // what it holds up to there.
         let now_released = self.releaser.released_through();

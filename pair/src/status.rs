@@ -37,6 +37,11 @@ pub enum Detection {
     /// The logging channel closed or failed without the peer's `Shutdown`.
     #[serde(rename = "log channel closed")]
     ChannelClosed,
+    /// The secondary's replay fell further behind the primary than
+    /// `--max-lag-ms` of the primary's execution: alive, but a failover to
+    /// it would take that long.
+    #[serde(rename = "replay lag")]
+    Lagging,
 }
 
 impl Detection {
@@ -45,6 +50,7 @@ impl Detection {
         match self {
             Detection::Silence => "heartbeat silence",
             Detection::ChannelClosed => "log channel closed",
+            Detection::Lagging => "replay lag",
         }
     }
 }
@@ -114,6 +120,12 @@ pub struct Status {
     /// Outputs waiting for an ack (primary) or kept for re-emission
     /// (secondary).
     pub outputs_held: u64,
+    /// Primary: their bytes (bounded: past the bound the guest's output
+    /// side waits).
+    pub outputs_held_bytes: u64,
+    /// Primary, with failover: how far the secondary's replay is behind,
+    /// in milliseconds of the primary's execution.
+    pub replay_lag_ms: Option<f64>,
     /// Primary: encoded bytes of the records shipped.
     pub log_bytes: u64,
     pub peer: PeerState,
@@ -139,6 +151,9 @@ pub struct Board {
     pub(crate) received: AtomicU64,
     pub(crate) divergences: AtomicU64,
     pub(crate) outputs_held: AtomicU64,
+    pub(crate) outputs_held_bytes: AtomicU64,
+    /// Microseconds; `u64::MAX`: not measured.
+    pub(crate) replay_lag_us: AtomicU64,
     pub(crate) log_bytes: AtomicU64,
     peer_up: AtomicBool,
     peer_address: Mutex<Option<String>>,
@@ -165,6 +180,8 @@ impl Board {
             received: AtomicU64::new(0),
             divergences: AtomicU64::new(0),
             outputs_held: AtomicU64::new(0),
+            outputs_held_bytes: AtomicU64::new(0),
+            replay_lag_us: AtomicU64::new(u64::MAX),
             log_bytes: AtomicU64::new(0),
             peer_up: AtomicBool::new(false),
             peer_address: Mutex::new(None),
@@ -258,6 +275,11 @@ impl Board {
             replay_lag_records: lag,
             divergences: self.divergences.load(Ordering::SeqCst),
             outputs_held: self.outputs_held.load(Ordering::SeqCst),
+            outputs_held_bytes: self.outputs_held_bytes.load(Ordering::SeqCst),
+            replay_lag_ms: match (role, self.replay_lag_us.load(Ordering::SeqCst)) {
+                (Role::Primary, us) if us != u64::MAX => Some(us as f64 / 1e3),
+                _ => None,
+            },
             log_bytes: self.log_bytes.load(Ordering::SeqCst),
             peer: if self.peer_up.load(Ordering::SeqCst) { PeerState::Up } else { PeerState::Down },
             peer_address: lock(&self.peer_address).clone(),

@@ -34,6 +34,8 @@ struct ScriptedGuest {
     exits: u64,
     /// Wall-clock pacing between exits, so failures land mid-run.
     pace: Duration,
+    /// While set, the guest makes no progress (a frozen vCPU thread).
+    frozen: Arc<AtomicBool>,
     state: u64,
 }
 
@@ -60,6 +62,9 @@ impl ScriptedGuest {
     fn run(&mut self) -> Result<RunOutcome, VmError> {
         for i in 1..=self.exits {
             let exit = ExitIndex(i);
+            while self.frozen.load(Ordering::SeqCst) && !self.stop.is_stopped() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if self.stop.is_stopped() {
                 return Ok(RunOutcome::Stopped { exit_index: ExitIndex(i - 1) });
             }
@@ -162,9 +167,19 @@ fn secondary(
 }
 
 fn primary(peer: SocketAddr, fo: Option<FailoverConfig>, world: &Arc<World>) -> (PrimarySession, Box<dyn OutputSink>) {
+    primary_with(peer, fo, world, |_| {})
+}
+
+fn primary_with(
+    peer: SocketAddr,
+    fo: Option<FailoverConfig>,
+    world: &Arc<World>,
+    adjust: impl FnOnce(&mut PrimaryConfig),
+) -> (PrimarySession, Box<dyn OutputSink>) {
     let mut c = PrimaryConfig::new("t", peer.to_string(), channel());
     c.failover = fo;
     c.drain_for = Duration::from_secs(2);
+    adjust(&mut c);
     PrimarySession::start(c, Box::new(WorldOutput(world.clone()))).unwrap()
 }
 
@@ -175,7 +190,7 @@ fn guest(
     exits: u64,
     pace: Duration,
 ) -> ScriptedGuest {
-    ScriptedGuest { input, output, stop, exits, pace, state: 0 }
+    ScriptedGuest { input, output, stop, exits, pace, frozen: Arc::default(), state: 0 }
 }
 
 /// Run the primary's guest on its own thread; the session stays here.
@@ -199,6 +214,17 @@ fn run_secondary(
     exits: u64,
     pace: Duration,
 ) -> (StopHandle, std::thread::JoinHandle<Result<RunOutcome, VmError>>) {
+    let (stop, guest, _) = run_secondary_frozen(session, world, exits, pace);
+    (stop, guest)
+}
+
+/// As [`run_secondary`], with the flag that freezes its guest.
+fn run_secondary_frozen(
+    session: &SecondarySession,
+    world: &Arc<World>,
+    exits: u64,
+    pace: Duration,
+) -> (StopHandle, std::thread::JoinHandle<Result<RunOutcome, VmError>>, Arc<AtomicBool>) {
     let live = world.clone();
     let make_live: pair::MakeLive = Box::new(move |_clock, _wake| {
         Ok(LiveWorld { input: Box::new(WorldInput(live.clone())), output: Box::new(WorldOutput(live)) })
@@ -206,7 +232,8 @@ fn run_secondary(
     let (input, output) = session.hooks(make_live);
     let stop = StopHandle::detached().unwrap();
     let mut g = guest(input(&stop), output, stop.clone(), exits, pace);
-    (stop, std::thread::spawn(move || g.run()))
+    let frozen = g.frozen.clone();
+    (stop, std::thread::spawn(move || g.run()), frozen)
 }
 
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -444,4 +471,61 @@ fn a_claim_that_fails_on_io_is_never_a_win() {
     let loss = pair::status::Loss { last_heard: now, decided: now, by: pair::status::Detection::Silence };
     let v = rt.block_on(f.claim(&loss));
     assert!(matches!(v, Verdict::Unreachable(_)), "{v:?}");
+}
+
+#[test]
+fn held_outputs_are_bounded_in_bytes_and_the_guest_waits_at_the_bound() {
+    let addr = free_port();
+    let sec = secondary(addr, None, Duration::from_secs(60));
+    let pw = Arc::new(World::default());
+    feed(&pw, 50);
+    let (ps, gate) = primary_with(addr, None, &pw, |c| c.max_held_bytes = 2000);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (_s_stop, _s_guest) = run_secondary(&ss, &sw, 1_000_000, Duration::ZERO);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, 1_000_000, Duration::ZERO);
+    let board = ps.board();
+    wait_for("the output side to fill", Duration::from_secs(10), || board.snapshot().outputs_held_bytes > 2000);
+    let at = board.snapshot().exit_index;
+    std::thread::sleep(Duration::from_millis(100));
+    let st = board.snapshot();
+    // One output may cross the bound, then the guest waits: no progress.
+    assert!(st.outputs_held_bytes <= 2000 + 200, "{st:?}");
+    assert_eq!(st.exit_index, at, "the guest ran on past the bound");
+    assert!(pw.serial.lock().unwrap().is_empty());
+    // A stop still ends it.
+    p_stop.stop();
+    let outcome = p_guest.join().unwrap();
+    assert!(matches!(outcome, Ok(RunOutcome::Stopped { .. })), "{outcome:?}");
+}
+
+#[test]
+fn a_frozen_replayer_is_noticed_and_the_primary_carries_on() {
+    let (addr, arb) = (free_port(), arbiter());
+    let mut fo = failover(&arb);
+    fo.max_lag = Duration::from_millis(300);
+    let sec = secondary(addr, Some(fo.clone()), Duration::ZERO);
+    let pw = Arc::new(World::default());
+    let (ps, gate) = primary(addr, Some(fo), &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (_s_stop, s_guest, frozen) = run_secondary_frozen(&ss, &sw, 1_000_000, Duration::ZERO);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, 1_000_000, Duration::from_micros(100));
+    let pb = ps.board();
+    wait_for("replay under way", Duration::from_secs(10), || ss.board().snapshot().log_position > 50);
+    // The secondary's vCPU freezes; its network side (acks, heartbeats) lives on.
+    frozen.store(true, Ordering::SeqCst);
+    wait_for("the primary carrying on alone", Duration::from_secs(10), || pb.snapshot().role == Role::Standalone);
+    let f = pb.snapshot().last_failure.expect("a failure event");
+    assert_eq!((f.kind, f.detected_by.as_str()), ("secondary lost", "replay lag"));
+    assert!(f.reaction_ms >= 300.0, "{f:?}");
+    // Thawed, the secondary finds the primary holds the arbiter: it stops.
+    frozen.store(false, Ordering::SeqCst);
+    let s_outcome = s_guest.join().unwrap();
+    let end = ss.finish(s_outcome);
+    assert!(matches!(end, SecondaryEnd::LostArbiter), "{end:?}");
+    assert!(sw.serial.lock().unwrap().is_empty() && sw.frames_out.lock().unwrap().is_empty());
+    p_stop.stop();
+    let _ = p_guest.join();
+    assert!(matches!(ps.finish(ExitIndex(0)).unwrap(), PrimaryEnd::Finished));
 }

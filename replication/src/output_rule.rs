@@ -6,6 +6,12 @@
 //! it) is written straight away; any other is queued, a flush of the log is
 //! requested, and the releaser thread writes it when the ack arrives. Outputs
 //! leave in the order the guest produced them.
+//!
+//! Held outputs are bounded in bytes ([`DEFAULT_MAX_HELD_BYTES`]): an output
+//! that takes them past the bound is queued, and then the vCPU waits until
+//! acks bring them back under it, as a guest waits on a full NIC queue. A
+//! secondary that stops acking cannot make the primary grow without limit;
+//! what happens to such a secondary is the failover policy's business.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,9 +29,22 @@ enum Held {
     Frame(Vec<u8>),
 }
 
+/// Bytes of held outputs past which the guest's output side waits.
+pub const DEFAULT_MAX_HELD_BYTES: usize = 32 << 20;
+
+/// Asked while the vCPU waits for room: `true` ends the wait (the guest is
+/// being stopped).
+pub type Abort = Box<dyn Fn() -> bool + Send + Sync>;
+
 struct Gate<S> {
     sink: S,
     held: VecDeque<(LogPosition, ExitIndex, Held, Instant)>,
+    /// Bytes in `held`.
+    held_bytes: usize,
+    max_held_bytes: usize,
+    /// The vCPU is waiting for room right now.
+    full: bool,
+    abort: Option<Abort>,
     stopped: bool,
     /// How long the last released output waited for its ack, in µs: the
     /// output rule's added latency, about one log round trip.
@@ -49,6 +68,10 @@ pub fn gate<S: OutputSink>(sink: S, log: Arc<LogShared>) -> (OutputGate<S>, Rele
     let gate = Arc::new(Mutex::new(Gate {
         sink,
         held: VecDeque::new(),
+        held_bytes: 0,
+        max_held_bytes: DEFAULT_MAX_HELD_BYTES,
+        full: false,
+        abort: None,
         stopped: false,
         last_wait_us: Arc::new(AtomicU64::new(0)),
     }));
@@ -57,6 +80,14 @@ pub fn gate<S: OutputSink>(sink: S, log: Arc<LogShared>) -> (OutputGate<S>, Rele
 
 fn lock<S>(m: &Mutex<Gate<S>>) -> std::sync::MutexGuard<'_, Gate<S>> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Held {
+    fn len(&self) -> usize {
+        match self {
+            Held::Serial(b) | Held::Frame(b) => b.len(),
+        }
+    }
 }
 
 impl<S: OutputSink> Gate<S> {
@@ -77,10 +108,33 @@ impl<S: OutputSink> OutputGate<S> {
             self.log.set_released(pos);
             return Ok(());
         }
+        gate.held_bytes = gate.held_bytes.saturating_add(out.len());
         gate.held.push_back((pos, exit, out, Instant::now()));
+        let full = gate.held_bytes > gate.max_held_bytes;
         drop(gate);
         self.log.request_flush();
+        if full {
+            self.wait_for_room();
+        }
         Ok(())
+    }
+
+    /// Held outputs are over the bound: wait (the guest's output side is
+    /// full) until acks release enough, the gate stops, or the abort check
+    /// says the guest is being stopped.
+    fn wait_for_room(&self) {
+        loop {
+            {
+                let mut gate = lock(&self.gate);
+                let aborted = gate.abort.as_ref().is_some_and(|f| f());
+                if gate.held_bytes <= gate.max_held_bytes || gate.stopped || aborted {
+                    gate.full = false;
+                    return;
+                }
+                gate.full = true;
+            }
+            self.log.wait_changed(Duration::from_millis(10));
+        }
     }
 
     /// Outputs waiting for their ack.
@@ -113,13 +167,38 @@ impl<S: OutputSink> Releaser<S> {
                 break;
             }
             let Some((pos, exit, out, since)) = gate.held.pop_front() else { break };
+            gate.held_bytes = gate.held_bytes.saturating_sub(out.len());
             gate.emit(exit, &out)?;
             let waited = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
             gate.last_wait_us.store(waited, Ordering::Relaxed);
             self.log.set_released(pos);
             n += 1;
         }
+        if gate.held.is_empty() && gate.held.capacity() > 4096 {
+            // A burst held many: give the memory back once drained.
+            gate.held = VecDeque::new();
+        }
         Ok(n)
+    }
+
+    /// Set the bound on held bytes past which the guest's output side waits.
+    pub fn set_max_held_bytes(&self, max: usize) {
+        lock(&self.gate).max_held_bytes = max;
+    }
+
+    /// What ends a wait for room early (the guest's stop handle).
+    pub fn set_abort(&self, abort: Abort) {
+        lock(&self.gate).abort = Some(abort);
+    }
+
+    /// Bytes of outputs held.
+    pub fn held_bytes(&self) -> usize {
+        lock(&self.gate).held_bytes
+    }
+
+    /// Whether the guest's output side waits for room now.
+    pub fn is_full(&self) -> bool {
+        lock(&self.gate).full
     }
 
     /// Release outputs as acks arrive until [`Releaser::stop`].
@@ -212,5 +291,62 @@ mod tests {
         assert_eq!(releaser.released_through(), LogPosition(1));
         log.append(crate::record::Record::Clock { exit: ExitIndex(5), ns: 3 });
         assert_eq!(releaser.released_through(), LogPosition(2));
+    }
+
+    #[test]
+    fn past_the_byte_bound_the_guest_waits_until_acks_make_room() {
+        let log = Arc::new(LogShared::default());
+        let sink = Sink::default();
+        let (mut gate, releaser) = gate(sink.clone(), log.clone());
+        let releaser = Arc::new(releaser);
+        releaser.set_max_held_bytes(1000);
+        log.set_acked(LogPosition(0));
+        log.append(crate::record::Record::Clock { exit: ExitIndex(1), ns: 1 });
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let guest = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                for i in 0..5u64 {
+                    gate.serial(ExitIndex(2 + i), &[b'x'; 400]).unwrap();
+                    done.store(i + 1, Ordering::SeqCst);
+                }
+            })
+        };
+        // 400 + 400 + 400 passes the bound at the third: the guest waits.
+        while !releaser.is_full() {
+            std::thread::yield_now();
+        }
+        assert_eq!(done.load(Ordering::SeqCst), 2, "the output that crossed the bound returned");
+        assert_eq!(releaser.held_bytes(), 1200);
+        assert!(sink.0.lock().unwrap().is_empty());
+        // The ack comes: room again, the guest goes on, everything in order.
+        log.set_acked(LogPosition(1));
+        while done.load(Ordering::SeqCst) < 5 {
+            releaser.release_ready().unwrap();
+            std::thread::yield_now();
+        }
+        guest.join().unwrap();
+        releaser.release_ready().unwrap();
+        assert_eq!(sink.0.lock().unwrap().len(), 5);
+        assert_eq!(releaser.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_stopping_guest_is_not_held_in_the_wait() {
+        let log = Arc::new(LogShared::default());
+        let (mut gate, releaser) = gate(Sink::default(), log.clone());
+        releaser.set_max_held_bytes(10);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        releaser.set_abort(Box::new(move || s.load(Ordering::SeqCst)));
+        log.append(crate::record::Record::Clock { exit: ExitIndex(1), ns: 1 });
+        let guest = std::thread::spawn(move || gate.serial(ExitIndex(2), &[0; 100]).unwrap());
+        while !releaser.is_full() {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::SeqCst);
+        guest.join().unwrap();
+        // Still held: nothing leaves without its ack.
+        assert_eq!(releaser.held(), 1);
     }
 }
