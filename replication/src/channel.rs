@@ -1129,6 +1129,18 @@ const HANDSHAKE_READ_CHUNK: usize = 4 * 1024;
 /// pending handshake can be dropped to free one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// `error` and its sources, one after the other.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 fn worth_logging(count: u64) -> bool {
     count <= LOGGED_REFUSALS || count.is_power_of_two()
 }
@@ -1316,7 +1328,7 @@ impl SecondaryChannel {
                             Err(HandshakeFailure { error, authenticated: false }) => {
                                 refused = refused.saturating_add(1);
                                 if worth_logging(refused) {
-                                    warn!(%peer, count = refused, "refused a connection from {peer}: {error}");
+                                    warn!(%peer, count = refused, "refused a connection from {peer}: {}", chain(&error));
                                 }
                             }
                         }
