@@ -2080,6 +2080,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn random_and_mutated_handshakes_never_end_the_waiting() {
+        let (listener, addr) = listener().await;
+        let mut s = config();
+        s.handshake_timeout = Duration::from_millis(300);
+        let accept = tokio::spawn(async move { SecondaryChannel::accept(&listener, s).await });
+        let good = hello_bytes(&config().key, PROTOCOL_VERSION, identity());
+        let recorded = recorded_session().await;
+        // A deterministic xorshift: a failure reproduces.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for case in 0..300u64 {
+            let below = |n: usize, r: u64| usize::try_from(r % u64::try_from(n).unwrap()).unwrap();
+            let bytes: Vec<u8> = match case % 4 {
+                // Random bytes, sometimes behind the right magic and version.
+                0 => {
+                    let mut b: Vec<u8> = (0..below(200, next())).map(|_| next().to_le_bytes()[0]).collect();
+                    if next() % 2 == 0 {
+                        b.splice(0..0, [b'f', b'L', 1, 0]);
+                    }
+                    b
+                }
+                // The good Hello with one byte changed.
+                1 => {
+                    let mut b = good.clone();
+                    let at = below(b.len(), next());
+                    b[at] ^= u8::try_from(1 + next() % 255).unwrap();
+                    b
+                }
+                // The good Hello cut short.
+                2 => good[..below(good.len(), next())].to_vec(),
+                // An earlier session, one byte changed, or cut short.
+                _ => {
+                    let mut b = recorded.clone();
+                    let at = below(b.len(), next());
+                    if next() % 2 == 0 {
+                        b[at] ^= u8::try_from(1 + next() % 255).unwrap();
+                    } else {
+                        b.truncate(at);
+                    }
+                    b
+                }
+            };
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let _ = stream.write_all(&bytes).await;
+            let _ = stream.shutdown().await;
+            until_closed(&mut stream).await;
+            assert!(!accept.is_finished(), "case {case} ({bytes:02x?}): accept returned {:?}", accept.await);
+        }
+        a_real_primary_pairs(addr, accept).await;
+    }
+
+    #[tokio::test]
     async fn a_primary_of_another_guest_is_refused_only_once_it_proved_the_key() {
         // An unauthenticated Hello of another guest is not believed (above);
         // a real primary of another guest ends the waiting with the mismatch.
