@@ -2171,6 +2171,7 @@ mod tests {
         let started = std::time::Instant::now();
         a_real_primary_pairs(addr, accept).await;
         let took = started.elapsed();
+        eprintln!("paired {took:?} after connecting, with 500 idle connections held open");
         // Aimed at well under a second; generous for a loaded machine.
         assert!(took < Duration::from_secs(3), "the real primary waited {took:?}");
         drop(idle);
@@ -2206,6 +2207,7 @@ mod tests {
         let took = started.elapsed();
         stop.send_replace(true);
         let opened = timeout(BOUND, flood).await.unwrap().unwrap();
+        eprintln!("paired {took:?} after connecting, during a flood of {opened} new connections");
         assert!(opened > 0);
         assert!(took < Duration::from_secs(3), "the real primary waited {took:?} ({opened} attacker connections)");
     }
