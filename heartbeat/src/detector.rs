@@ -25,25 +25,44 @@
 //!
 //! The [`Receiver`] accepts a datagram only if it decodes and its MAC is
 //! right ([`crate::message`]), it comes from this pair and from the peer's
-//! role, and its (incarnation, sequence number) is new: a strictly greater
-//! sequence number than any accepted for the same incarnation, or an
-//! incarnation never seen before (the peer restarted; logged). Everything
-//! else is ignored and counted ([`Counters`]): a replayed or reordered-older
-//! heartbeat never counts as life, so an attacker on the link who records
-//! heartbeats cannot keep a dead peer alive by playing them back.
+//! role, it is proven fresh, and its (incarnation, sequence number) is new:
+//! a strictly greater sequence number than any accepted for the same
+//! incarnation. Everything else is ignored and counted ([`Counters`]): a
+//! replayed or reordered-older heartbeat never counts as life, so an
+//! attacker on the link who records heartbeats cannot keep a dead peer
+//! alive by playing them back.
 //!
-//! The receiver remembers the last [`RETIRED_INCARNATIONS`] incarnations it
-//! has moved on from and refuses them, so a replay of an earlier run's
-//! heartbeats neither counts as life nor flips the receiver back to it.
-//! A heartbeat of an incarnation the receiver has never seen (recorded while
-//! the receiver was not running, or from more than that many restarts ago)
-//! is indistinguishable from a restart and is accepted once per sequence
-//! number: the limit of heartbeats that do not answer a challenge.
+//! # Fresh, and a restart believed only once proven
+//!
+//! The receiver holds a [`Challenge`], random when it starts, which this
+//! side's heartbeats carry; the peer echoes the latest one it saw. A
+//! heartbeat is proven fresh when it echoes the receiver's current
+//! challenge, or, from the incarnation the receiver follows, the challenge
+//! it was believed with (it may not have seen the next one yet). A
+//! heartbeat recorded before the receiver started cannot echo a challenge
+//! drawn after it was sent, and nobody without the key can make one that
+//! does.
+//!
+//! A heartbeat that is authentic but not proven fresh is
+//! [`Verdict::Unproven`]: not life, and nothing changes, whatever incarnation
+//! it claims; the caller answers it with a heartbeat echoing the stranger's
+//! challenge (so a peer that really restarted can prove itself: its next
+//! heartbeat echoes this side's challenge) and the current incarnation stays
+//! in force until then. When a new incarnation is proven, the receiver
+//! retires the old one and moves to the next challenge
+//! ([`HeartbeatKey::next_challenge`]), so heartbeats of any other
+//! incarnation made before (which can echo only the old challenge) are
+//! refused too; it still remembers the last [`RETIRED_INCARNATIONS`]
+//! incarnations it moved on from, as a second guard.
+//!
+//! So one datagram replayed from an earlier run of the pair (the same key
+//! and pair) is at worst answered once; it never retires the live peer's
+//! incarnation, and the live peer's heartbeats go on counting.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::message::{Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Role};
+use crate::message::{Challenge, Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Role};
 
 /// The default heartbeat interval (`--heartbeat-ms 10`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
@@ -197,6 +216,10 @@ pub struct Counters {
     /// Datagrams that are not heartbeats this version understands (length,
     /// magic, version), or correctly MACed ones with undefined role or flags.
     pub malformed: u64,
+    /// Valid heartbeats of the peer that did not echo this side's challenge:
+    /// recorded before it (a replay from an earlier run), or a restarted
+    /// peer that has not seen the challenge yet. Answered, never life.
+    pub unproven: u64,
 }
 
 /// What the receiver made of one datagram.
@@ -225,6 +248,31 @@ pub enum Verdict {
     },
     /// Not a heartbeat this version understands.
     Malformed(MessageError),
+    /// Valid, of this pair and from the peer's role, but not proven fresh
+    /// (it does not echo this side's challenge): not life, nothing changes.
+    /// The caller answers it, to the address it came from, with a heartbeat
+    /// echoing `challenge`.
+    Unproven {
+        /// The incarnation it claimed.
+        incarnation: Incarnation,
+        /// Its sequence number.
+        seq: u64,
+        /// Its sender's challenge, to echo in the answer.
+        challenge: Challenge,
+    },
+}
+
+/// The incarnation the receiver follows.
+#[derive(Debug, Clone, Copy)]
+struct Current {
+    incarnation: Incarnation,
+    /// The highest sequence number accepted from it.
+    newest: u64,
+    /// The challenge it was proven with: it may echo this one until it has
+    /// seen the receiver's next.
+    proven_with: Challenge,
+    /// Its latest challenge, which this side's heartbeats echo.
+    challenge: Challenge,
 }
 
 /// Validates the peer's heartbeats: MAC, pair, role, freshness.
@@ -233,8 +281,9 @@ pub struct Receiver {
     key: HeartbeatKey,
     pair: PairId,
     from: Role,
-    /// The peer's current incarnation and the highest sequence accepted.
-    current: Option<(Incarnation, u64)>,
+    /// The challenge a heartbeat must echo to be proven fresh.
+    challenge: Challenge,
+    current: Option<Current>,
     /// Incarnations the peer has moved on from, newest last.
     retired: VecDeque<Incarnation>,
     counters: Counters,
@@ -242,9 +291,11 @@ pub struct Receiver {
 
 impl Receiver {
     /// A receiver for heartbeats of pair `pair` sent by the peer whose role
-    /// is `from` (the other side's: `my_role.peer()`).
-    pub fn new(key: HeartbeatKey, pair: PairId, from: Role) -> Receiver {
-        Receiver { key, pair, from, current: None, retired: VecDeque::new(), counters: Counters::default() }
+    /// is `from` (the other side's: `my_role.peer()`), holding `challenge`
+    /// (normally [`Challenge::random`], once per process), which this side's
+    /// heartbeats must carry ([`Receiver::challenge`]).
+    pub fn new(key: HeartbeatKey, pair: PairId, from: Role, challenge: Challenge) -> Receiver {
+        Receiver { key, pair, from, challenge, current: None, retired: VecDeque::new(), counters: Counters::default() }
     }
 
     /// Judge one datagram. Only [`Verdict::Accepted`] is a sign of life:
@@ -257,6 +308,7 @@ impl Receiver {
             Verdict::Replayed { .. } => &mut self.counters.replayed,
             Verdict::Foreign { .. } => &mut self.counters.foreign,
             Verdict::Malformed(_) => &mut self.counters.malformed,
+            Verdict::Unproven { .. } => &mut self.counters.unproven,
         };
         *counter = counter.saturating_add(1);
         verdict
@@ -272,33 +324,43 @@ impl Receiver {
             return Verdict::Foreign { pair: heartbeat.pair, role: heartbeat.role };
         }
         let (incarnation, seq) = (heartbeat.incarnation, heartbeat.seq);
-        match self.current {
-            Some((current, newest)) if current == incarnation => {
-                if seq <= newest {
-                    return Verdict::Replayed { incarnation, seq, newest: Some(newest) };
+        let unproven = Verdict::Unproven { incarnation, seq, challenge: heartbeat.challenge };
+        match &mut self.current {
+            Some(current) if current.incarnation == incarnation => {
+                if seq <= current.newest {
+                    return Verdict::Replayed { incarnation, seq, newest: Some(current.newest) };
                 }
+                if heartbeat.echo != self.challenge && heartbeat.echo != current.proven_with {
+                    return unproven;
+                }
+                current.newest = seq;
+                current.challenge = heartbeat.challenge;
+                return Verdict::Accepted(heartbeat);
             }
             _ if self.retired.contains(&incarnation) => {
                 return Verdict::Replayed { incarnation, seq, newest: None };
             }
-            previous => {
-                let previous = previous.map(|(incarnation, _)| incarnation);
-                match previous {
-                    None => tracing::info!(peer = %self.from, %incarnation, seq, "first heartbeat from the peer"),
-                    Some(previous) => tracing::info!(
-                        peer = %self.from, %incarnation, %previous, seq,
-                        "the peer restarted: heartbeats from a new incarnation"
-                    ),
-                }
-                if let Some(previous) = previous {
-                    if self.retired.len() >= RETIRED_INCARNATIONS {
-                        self.retired.pop_front();
-                    }
-                    self.retired.push_back(previous);
-                }
-            }
+            _ if heartbeat.echo != self.challenge => return unproven,
+            _ => {}
         }
-        self.current = Some((incarnation, seq));
+        // A new incarnation, proven fresh: believe it.
+        let previous = self.current.map(|current| current.incarnation);
+        match previous {
+            None => tracing::info!(peer = %self.from, %incarnation, seq, "first heartbeat from the peer"),
+            Some(previous) => tracing::info!(
+                peer = %self.from, %incarnation, %previous, seq,
+                "the peer restarted: heartbeats from a new incarnation, proven fresh"
+            ),
+        }
+        if let Some(previous) = previous {
+            if self.retired.len() >= RETIRED_INCARNATIONS {
+                self.retired.pop_front();
+            }
+            self.retired.push_back(previous);
+        }
+        self.current =
+            Some(Current { incarnation, newest: seq, proven_with: self.challenge, challenge: heartbeat.challenge });
+        self.challenge = self.key.next_challenge(self.challenge, incarnation);
         Verdict::Accepted(heartbeat)
     }
 
@@ -309,7 +371,18 @@ impl Receiver {
 
     /// The peer's current incarnation, once one was accepted.
     pub fn incarnation(&self) -> Option<Incarnation> {
-        self.current.map(|(incarnation, _)| incarnation)
+        self.current.map(|current| current.incarnation)
+    }
+
+    /// The challenge this side's heartbeats must carry now.
+    pub fn challenge(&self) -> Challenge {
+        self.challenge
+    }
+
+    /// What this side's heartbeats echo: the current incarnation's latest
+    /// challenge, or [`Challenge::NONE`] before one was accepted.
+    pub fn echo(&self) -> Challenge {
+        self.current.map_or(Challenge::NONE, |current| current.challenge)
     }
 }
 
@@ -328,14 +401,31 @@ mod tests {
         PairId::for_vm_name("vm")
     }
 
+    /// The receiver's first challenge.
+    const C0: Challenge = Challenge([0xc0; 16]);
+
+    /// A heartbeat that echoes the receiver's first challenge.
     fn datagram(role: Role, incarnation: u64, seq: u64) -> Vec<u8> {
-        Heartbeat { role, pair: pair(), incarnation: Incarnation(incarnation), seq, progress: Progress::default() }
-            .encode(&key())
-            .to_vec()
+        echoing(role, incarnation, seq, C0)
+    }
+
+    /// A heartbeat that echoes `echo`; its own challenge names its incarnation.
+    fn echoing(role: Role, incarnation: u64, seq: u64, echo: Challenge) -> Vec<u8> {
+        Heartbeat {
+            role,
+            pair: pair(),
+            incarnation: Incarnation(incarnation),
+            seq,
+            progress: Progress::default(),
+            challenge: Challenge([incarnation.to_le_bytes()[0]; 16]),
+            echo,
+        }
+        .encode(&key())
+        .to_vec()
     }
 
     fn receiver() -> Receiver {
-        Receiver::new(key(), pair(), Role::Primary)
+        Receiver::new(key(), pair(), Role::Primary, C0)
     }
 
     /// A deterministic xorshift generator: the simulations below are the
@@ -590,6 +680,8 @@ mod tests {
             incarnation: Incarnation(1),
             seq: 1000,
             progress: Progress::default(),
+            challenge: C0,
+            echo: C0,
         }
         .encode(&HeartbeatKey::derive(&[0u8; 32]).unwrap());
         assert_eq!(receiver.receive(&forged), Verdict::Forged);
@@ -601,11 +693,16 @@ mod tests {
             incarnation: Incarnation(1),
             seq: 7,
             progress: Progress::default(),
+            challenge: C0,
+            echo: C0,
         };
         assert!(matches!(receiver.receive(&other_pair.encode(&key())), Verdict::Foreign { .. }));
         assert!(matches!(receiver.receive(b"hello"), Verdict::Malformed(MessageError::WrongLength { .. })));
         assert!(matches!(detector.state(t0 + 51 * MS), PeerState::Dead { .. }));
-        assert_eq!(receiver.counters(), Counters { accepted: 1, forged: 1, replayed: 100, foreign: 2, malformed: 1 });
+        assert_eq!(
+            receiver.counters(),
+            Counters { accepted: 1, forged: 1, replayed: 100, foreign: 2, malformed: 1, unproven: 0 }
+        );
     }
 
     #[test]
@@ -621,24 +718,95 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_peer_is_accepted_and_its_old_run_refused() {
+    fn a_restarted_peer_is_believed_once_proven_and_its_old_run_refused() {
         let mut receiver = receiver();
         assert!(matches!(receiver.receive(&datagram(Role::Primary, 1, 500)), Verdict::Accepted(_)));
-        // The peer restarts: new incarnation, sequence from 1.
-        assert!(matches!(receiver.receive(&datagram(Role::Primary, 2, 1)), Verdict::Accepted(_)));
+        assert_eq!(receiver.echo(), Challenge([1; 16]));
+        let c1 = receiver.challenge();
+        assert_ne!(c1, C0, "a new incarnation moves the challenge on");
+        // The peer restarts: new incarnation, sequence from 1. Until it
+        // echoes the current challenge it is answered, not believed.
+        for echo in [Challenge::NONE, C0] {
+            let verdict = receiver.receive(&echoing(Role::Primary, 2, 1, echo));
+            assert_eq!(
+                verdict,
+                Verdict::Unproven { incarnation: Incarnation(2), seq: 1, challenge: Challenge([2; 16]) }
+            );
+            assert_eq!(receiver.incarnation(), Some(Incarnation(1)));
+        }
+        // The incarnation in force still counts (it echoes the challenge it
+        // was proven with until it sees the next).
+        assert!(matches!(receiver.receive(&datagram(Role::Primary, 1, 501)), Verdict::Accepted(_)));
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 1, 502, c1)), Verdict::Accepted(_)));
+        // Proven: the restart is believed.
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 2, 2, c1)), Verdict::Accepted(_)));
         assert_eq!(receiver.incarnation(), Some(Incarnation(2)));
+        let c2 = receiver.challenge();
         // The old run's heartbeats, even newer-numbered ones, are replays now.
         assert_eq!(
-            receiver.receive(&datagram(Role::Primary, 1, 501)),
-            Verdict::Replayed { incarnation: Incarnation(1), seq: 501, newest: None }
+            receiver.receive(&echoing(Role::Primary, 1, 503, c1)),
+            Verdict::Replayed { incarnation: Incarnation(1), seq: 503, newest: None }
         );
         assert_eq!(receiver.incarnation(), Some(Incarnation(2)));
-        assert!(matches!(receiver.receive(&datagram(Role::Primary, 2, 2)), Verdict::Accepted(_)));
-        // Only the last RETIRED_INCARNATIONS are remembered.
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 2, 3, c2)), Verdict::Accepted(_)));
+        // After more restarts than RETIRED_INCARNATIONS, incarnation 1 is
+        // forgotten, and its heartbeats still cannot come back: they echo a
+        // challenge the receiver has moved on from.
         for incarnation in 3..3 + RETIRED_INCARNATIONS as u64 {
-            assert!(matches!(receiver.receive(&datagram(Role::Primary, incarnation, 1)), Verdict::Accepted(_)));
+            let proven = echoing(Role::Primary, incarnation, 1, receiver.challenge());
+            assert!(matches!(receiver.receive(&proven), Verdict::Accepted(_)));
         }
-        assert!(matches!(receiver.receive(&datagram(Role::Primary, 2, 3)), Verdict::Replayed { .. }));
-        assert!(matches!(receiver.receive(&datagram(Role::Primary, 1, 502)), Verdict::Accepted(_)));
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 2, 4, c2)), Verdict::Replayed { .. }));
+        for echo in [C0, c1, c2] {
+            assert!(matches!(receiver.receive(&echoing(Role::Primary, 1, 504, echo)), Verdict::Unproven { .. }));
+        }
+        assert_eq!(receiver.incarnation(), Some(Incarnation(2 + RETIRED_INCARNATIONS as u64)));
+    }
+
+    #[test]
+    fn heartbeats_replayed_from_an_earlier_run_never_retire_the_live_peer() {
+        // The earlier run: the same key and pair, another receiver challenge.
+        let earlier = Challenge([0xee; 16]);
+        let old_run: Vec<Vec<u8>> = (1..=200).map(|seq| echoing(Role::Primary, 7, seq, earlier)).collect();
+        let mut receiver = receiver();
+        // Replayed before the live peer was ever heard: not even a first heartbeat.
+        assert!(matches!(receiver.receive(&old_run[0]), Verdict::Unproven { .. }));
+        assert_eq!(receiver.incarnation(), None);
+        // The live peer, not yet proven, is answered; then it proves itself.
+        let live = 9;
+        assert!(matches!(
+            receiver.receive(&echoing(Role::Primary, live, 1, Challenge::NONE)),
+            Verdict::Unproven { .. }
+        ));
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, live, 2, C0)), Verdict::Accepted(_)));
+        let proven_echo = receiver.challenge();
+        // Old heartbeats interleaved with live ones, the live peer now
+        // echoing the next challenge: every live one counts, no old one does,
+        // and the incarnation in force never changes.
+        for (i, old) in old_run.iter().enumerate().skip(1) {
+            let seq = 3 + u64::try_from(i).unwrap();
+            assert!(matches!(receiver.receive(old), Verdict::Unproven { .. }), "old {i}");
+            let verdict = receiver.receive(&echoing(Role::Primary, live, seq, proven_echo));
+            assert!(matches!(verdict, Verdict::Accepted(_)), "live {seq}: {verdict:?}");
+            assert_eq!(receiver.incarnation(), Some(Incarnation(live)));
+        }
+        let counters = receiver.counters();
+        assert_eq!((counters.accepted, counters.unproven, counters.replayed), (200, 201, 0));
+    }
+
+    #[test]
+    fn a_replay_of_a_proven_heartbeat_of_another_incarnation_is_refused_after_the_switch() {
+        // A peer process that ran while this receiver ran (so it echoed the
+        // receiver's challenge), replaced by a new one: its later heartbeats,
+        // replayed, echo a challenge the receiver moved on from.
+        let mut receiver = receiver();
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 1, 1, C0)), Verdict::Accepted(_)));
+        let c1 = receiver.challenge();
+        let recorded = echoing(Role::Primary, 1, 50, c1);
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 2, 1, c1)), Verdict::Accepted(_)));
+        assert!(matches!(receiver.receive(&recorded), Verdict::Replayed { newest: None, .. }));
+        // Another incarnation, never seen, echoing the old challenge: unproven.
+        assert!(matches!(receiver.receive(&echoing(Role::Primary, 3, 1, c1)), Verdict::Unproven { .. }));
+        assert_eq!(receiver.incarnation(), Some(Incarnation(2)));
     }
 }

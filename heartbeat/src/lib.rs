@@ -28,6 +28,6 @@ pub use arbiter::{Arbiter, ArbiterError, Claim, Generation, Owner};
 pub use detector::{
     check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict, DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL,
 };
-pub use message::{Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role};
+pub use message::{Challenge, Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role};
 pub use sender::Sender;
 pub use service::{Service, ServiceConfig, ServiceError, ServiceStats};

@@ -5,20 +5,25 @@
 //! # Datagram layout
 //!
 //! All integers are little-endian. Every datagram is exactly
-//! [`DATAGRAM_LEN`] (86) bytes.
+//! [`DATAGRAM_LEN`] (118) bytes.
 //!
 //! | offset | size | field                                                                    |
 //! | ------ | ---- | ------------------------------------------------------------------------ |
 //! | 0      | 2    | magic, [`MAGIC`] (`"fH"`)                                                |
 //! | 2      | 2    | version, [`VERSION`]                                                     |
 //! | 4      | 1    | sender's role: 1 primary, 2 secondary ([`Role`])                         |
-//! | 5      | 1    | flags; none are defined in version 1, so it must be 0                    |
+//! | 5      | 1    | flags; none are defined in version 2, so it must be 0                    |
 //! | 6      | 32   | pair id ([`PairId`]): which protected VM this pair serves                |
 //! | 38     | 8    | incarnation ([`Incarnation`]): random, chosen when the sender started    |
 //! | 46     | 8    | sequence number: 1, 2, 3 … per incarnation                               |
 //! | 54     | 8    | the sender's exit index (informational)                                  |
 //! | 62     | 8    | the sender's log position (informational)                                |
-//! | 70     | 16   | HMAC-SHA256 of bytes `0 .. 70` under the heartbeat key, first 16 bytes   |
+//! | 70     | 16   | challenge ([`Challenge`]): the sender's, for its peer to echo            |
+//! | 86     | 16   | echo: the latest challenge the sender saw from its peer (zeros: none)    |
+//! | 102    | 16   | HMAC-SHA256 of bytes `0 .. 102` under the heartbeat key, first 16 bytes  |
+//!
+//! Version 1 (86 bytes, without challenge and echo) let a heartbeat
+//! recorded in an earlier run of the pair pass for a restart of the peer.
 //!
 //! The heartbeat key is `HMAC-SHA256(shared key, "heartbeat")` ([`HeartbeatKey`]):
 //! heartbeats are authenticated with the pair's key (DESIGN), but never with
@@ -38,6 +43,13 @@
 //!   sequence starts again at 1).
 //! - The **exit index** and **log position** are for status and logs only:
 //!   nothing decides on them, because a heartbeat is not ordered with the log.
+//! - The **challenge** and **echo** prove a heartbeat fresh: each receiver
+//!   holds a random challenge, unknown before it started, and believes a
+//!   heartbeat only if it echoes that challenge (or, from the incarnation
+//!   it already follows, the one before). A heartbeat recorded before the
+//!   receiver started (or before its last change of challenge) cannot echo
+//!   it, and no one without the key can make one that does. See
+//!   [`crate::detector`] for how a receiver challenges a stranger.
 //!
 //! # What the decoder checks, in order
 //!
@@ -61,12 +73,12 @@ use sha2::{Digest, Sha256};
 
 /// The first two bytes of every heartbeat.
 pub const MAGIC: [u8; 2] = *b"fH";
-/// The datagram version this build speaks.
-pub const VERSION: u16 = 1;
+/// The datagram version this build speaks (2: with challenge and echo).
+pub const VERSION: u16 = 2;
 /// The length of every heartbeat datagram.
 pub const DATAGRAM_LEN: usize = SIGNED_LEN + TAG_LEN;
 /// The bytes the MAC covers: everything before the tag.
-const SIGNED_LEN: usize = 70;
+const SIGNED_LEN: usize = 102;
 /// Length of the truncated HMAC-SHA256 tag.
 pub const TAG_LEN: usize = 16;
 /// The shortest shared key accepted, as for the logging channel's key file.
@@ -75,6 +87,10 @@ pub const MIN_KEY_LEN: usize = 32;
 const KEY_LABEL: &[u8] = b"heartbeat";
 /// The label the pair id of a VM name is derived with.
 const PAIR_LABEL: &[u8] = b"ftvm pair id v1\0";
+/// The label a receiver's next challenge is derived with.
+const CHALLENGE_LABEL: &[u8] = b"next challenge";
+/// Length of a [`Challenge`].
+pub const CHALLENGE_LEN: usize = 16;
 
 /// Why a datagram is not a heartbeat, or a key not a heartbeat key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -194,6 +210,35 @@ impl fmt::Display for Incarnation {
     }
 }
 
+/// A receiver's challenge: 16 bytes its peer must echo for a heartbeat to
+/// be believed. Random when the receiver starts; the next one is derived
+/// from it under the heartbeat key ([`HeartbeatKey::next_challenge`]), so
+/// nobody without the key can tell it in advance.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Challenge(pub [u8; CHALLENGE_LEN]);
+
+impl Challenge {
+    /// The echo of a sender that has seen no challenge yet.
+    pub const NONE: Challenge = Challenge([0; CHALLENGE_LEN]);
+
+    /// A fresh challenge from the operating system's random source.
+    pub fn random() -> Result<Challenge, getrandom::Error> {
+        let mut bytes = [0u8; CHALLENGE_LEN];
+        getrandom::fill(&mut bytes)?;
+        Ok(Challenge(bytes))
+    }
+}
+
+impl fmt::Debug for Challenge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Challenge(")?;
+        for byte in self.0.iter().take(4) {
+            write!(f, "{byte:02x}")?;
+        }
+        write!(f, "…)")
+    }
+}
+
 /// Where a sender is, for status and logs: nothing is decided on it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Progress {
@@ -217,6 +262,11 @@ pub struct Heartbeat {
     pub seq: u64,
     /// Where the sender was when it sent it.
     pub progress: Progress,
+    /// The sender's challenge, for the receiver to echo.
+    pub challenge: Challenge,
+    /// The receiver's challenge as the sender last saw it
+    /// ([`Challenge::NONE`] if it has seen none).
+    pub echo: Challenge,
 }
 
 /// The key heartbeats are MACed with, derived from the pair's shared key.
@@ -242,6 +292,22 @@ impl HeartbeatKey {
         let mut mac = self.0.clone();
         mac.update(signed);
         mac
+    }
+
+    /// The challenge a receiver moves to after `current`, when it has
+    /// believed `incarnation`: HMAC(heartbeat key, label ‖ current ‖
+    /// incarnation), truncated. Heartbeats that echo `current` from any
+    /// other incarnation are then refused.
+    pub fn next_challenge(&self, current: Challenge, incarnation: Incarnation) -> Challenge {
+        let mut mac = self.tag(CHALLENGE_LABEL);
+        mac.update(&current.0);
+        mac.update(&incarnation.0.to_le_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut next = [0u8; CHALLENGE_LEN];
+        for (out, byte) in next.iter_mut().zip(digest.iter()) {
+            *out = *byte;
+        }
+        Challenge(next)
     }
 }
 
@@ -274,6 +340,8 @@ impl Heartbeat {
         writer.put(&self.seq.to_le_bytes());
         writer.put(&self.progress.exit_index.to_le_bytes());
         writer.put(&self.progress.log_position.to_le_bytes());
+        writer.put(&self.challenge.0);
+        writer.put(&self.echo.0);
         debug_assert!(writer.0.is_empty(), "the fields fill the signed part exactly");
         let tag = key.tag(&signed).finalize().into_bytes();
         let mut datagram = [0u8; DATAGRAM_LEN];
@@ -318,6 +386,8 @@ impl Heartbeat {
                 exit_index: u64::from_le_bytes(reader.array()),
                 log_position: u64::from_le_bytes(reader.array()),
             },
+            challenge: Challenge(reader.array()),
+            echo: Challenge(reader.array()),
         })
     }
 }
@@ -374,15 +444,17 @@ mod tests {
             incarnation: Incarnation(0x0123_4567_89ab_cdef),
             seq: 42,
             progress: Progress { exit_index: 1_000_000, log_position: 77 },
+            challenge: Challenge([0xc1; 16]),
+            echo: Challenge([0xe2; 16]),
         }
     }
 
     #[test]
     fn layout_is_as_documented() {
         let datagram = sample().encode(&key());
-        assert_eq!(datagram.len(), 86);
+        assert_eq!(datagram.len(), 118);
         assert_eq!(&datagram[0..2], b"fH");
-        assert_eq!(&datagram[2..4], &1u16.to_le_bytes());
+        assert_eq!(&datagram[2..4], &2u16.to_le_bytes());
         assert_eq!(datagram[4], 2);
         assert_eq!(datagram[5], 0);
         assert_eq!(&datagram[6..38], &PairId::for_vm_name("kv").0);
@@ -390,15 +462,17 @@ mod tests {
         assert_eq!(&datagram[46..54], &42u64.to_le_bytes());
         assert_eq!(&datagram[54..62], &1_000_000u64.to_le_bytes());
         assert_eq!(&datagram[62..70], &77u64.to_le_bytes());
-        // The tag is HMAC(HMAC(shared, "heartbeat"), bytes 0..70), truncated.
+        assert_eq!(&datagram[70..86], &[0xc1; 16]);
+        assert_eq!(&datagram[86..102], &[0xe2; 16]);
+        // The tag is HMAC(HMAC(shared, "heartbeat"), bytes 0..102), truncated.
         let derived: [u8; 32] = {
             let mut mac = Hmac::<Sha256>::new_from_slice(&[7u8; 32]).unwrap();
             mac.update(b"heartbeat");
             mac.finalize().into_bytes().into()
         };
         let mut mac = Hmac::<Sha256>::new_from_slice(&derived).unwrap();
-        mac.update(&datagram[..70]);
-        assert_eq!(&datagram[70..], &mac.finalize().into_bytes()[..16]);
+        mac.update(&datagram[..102]);
+        assert_eq!(&datagram[102..], &mac.finalize().into_bytes()[..16]);
     }
 
     #[test]
@@ -435,18 +509,20 @@ mod tests {
     fn checks_come_in_the_documented_order() {
         let good = sample().encode(&key());
         assert_eq!(
-            Heartbeat::decode(&good[..85], &key()),
-            Err(MessageError::WrongLength { len: 85, expected: DATAGRAM_LEN })
+            Heartbeat::decode(&good[..117], &key()),
+            Err(MessageError::WrongLength { len: 117, expected: DATAGRAM_LEN })
         );
+        // A version-1 heartbeat (86 bytes) is refused by its length.
+        assert_eq!(Heartbeat::decode(&good[..86], &key()), Err(MessageError::WrongLength { len: 86, expected: 118 }));
         let mut long = good.to_vec();
         long.push(0);
-        assert_eq!(Heartbeat::decode(&long, &key()), Err(MessageError::WrongLength { len: 87, expected: 86 }));
+        assert_eq!(Heartbeat::decode(&long, &key()), Err(MessageError::WrongLength { len: 119, expected: 118 }));
         let mut bad = good;
         bad[0] = b'x';
         assert_eq!(Heartbeat::decode(&bad, &key()), Err(MessageError::BadMagic { found: *b"xH" }));
         let mut bad = good;
-        bad[2] = 2;
-        assert_eq!(Heartbeat::decode(&bad, &key()), Err(MessageError::UnsupportedVersion { found: 2 }));
+        bad[2] = 1;
+        assert_eq!(Heartbeat::decode(&bad, &key()), Err(MessageError::UnsupportedVersion { found: 1 }));
         // Role and flags are only looked at under a good MAC: a forger
         // learns nothing from which of them is refused.
         let mut bad = good;
@@ -481,15 +557,38 @@ mod tests {
     }
 
     fn any_heartbeat() -> impl Strategy<Value = Heartbeat> {
-        (any::<bool>(), any::<[u8; 32]>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-            |(primary, pair, incarnation, seq, exit_index, log_position)| Heartbeat {
-                role: if primary { Role::Primary } else { Role::Secondary },
-                pair: PairId(pair),
-                incarnation: Incarnation(incarnation),
-                seq,
-                progress: Progress { exit_index, log_position },
-            },
+        (
+            any::<bool>(),
+            any::<[u8; 32]>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<[u8; 16]>(),
+            any::<[u8; 16]>(),
         )
+            .prop_map(|(primary, pair, incarnation, seq, exit_index, log_position, challenge, echo)| {
+                Heartbeat {
+                    role: if primary { Role::Primary } else { Role::Secondary },
+                    pair: PairId(pair),
+                    incarnation: Incarnation(incarnation),
+                    seq,
+                    progress: Progress { exit_index, log_position },
+                    challenge: Challenge(challenge),
+                    echo: Challenge(echo),
+                }
+            })
+    }
+
+    #[test]
+    fn the_next_challenge_depends_on_key_challenge_and_incarnation() {
+        let c = Challenge([5; 16]);
+        let next = key().next_challenge(c, Incarnation(1));
+        assert_ne!(next, c);
+        assert_eq!(next, key().next_challenge(c, Incarnation(1)));
+        assert_ne!(next, key().next_challenge(c, Incarnation(2)));
+        assert_ne!(next, key().next_challenge(Challenge([6; 16]), Incarnation(1)));
+        assert_ne!(next, HeartbeatKey::derive(&[8u8; 32]).unwrap().next_challenge(c, Incarnation(1)));
     }
 
     proptest! {

@@ -43,6 +43,19 @@
 //! decision. Log traffic counts as life: the caller reports it with
 //! [`Service::note_life`].
 //!
+//! # Proving heartbeats fresh
+//!
+//! Each side's heartbeats carry its receiver's challenge and echo the
+//! peer's (see [`crate::detector`]). A heartbeat that is authentic but does
+//! not echo this side's challenge (the first ones of a peer that has not
+//! heard from this side yet, a restarted peer's, or one replayed from an
+//! earlier run) is not life; the task answers it at once, to the address it
+//! came from, with a heartbeat echoing its challenge, at most once per send
+//! period for each incarnation (and [`MAX_ANSWERS_PER_PERIOD`] in all), so a
+//! replay flood is answered one for one at worst and never amplified. A
+//! real peer then proves itself with its next heartbeat. The peer's address
+//! is learnt only from a proven heartbeat.
+//!
 //! # Errors on the way
 //!
 //! Send and receive errors (no route while the link is down, a full socket
@@ -50,6 +63,7 @@
 //! logged at doubling intervals (1st, 2nd, 4th, 8th …), as are datagrams the
 //! receiver refuses, so a flood of forged datagrams cannot flood the log.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -60,7 +74,7 @@ use tokio::sync::watch;
 
 use crate::detector::{check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict};
 use crate::detector::{DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL};
-use crate::message::{HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role, DATAGRAM_LEN};
+use crate::message::{Challenge, HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role, DATAGRAM_LEN};
 use crate::sender::Sender;
 
 /// Why the heartbeat service could not start.
@@ -120,6 +134,9 @@ pub struct ServiceStats {
     pub send_errors: u64,
     /// Receives that failed.
     pub receive_errors: u64,
+    /// Unproven heartbeats answered with a heartbeat echoing their challenge
+    /// (also counted in `sent`).
+    pub answered: u64,
     /// The progress in the peer's last accepted heartbeat.
     pub peer_progress: Option<Progress>,
     /// The peer's current incarnation.
@@ -232,6 +249,7 @@ impl Service {
         check_timing(config.interval, config.dead_after).map_err(ServiceError::Timing)?;
         let key = HeartbeatKey::derive(key).map_err(ServiceError::Key)?;
         let incarnation = Incarnation::random().map_err(ServiceError::Random)?;
+        let challenge = Challenge::random().map_err(ServiceError::Random)?;
         let local = socket.local_addr().map_err(|source| ServiceError::Socket { local: config.local, source })?;
         let shared = Arc::new(Shared {
             role: config.role,
@@ -246,9 +264,10 @@ impl Service {
             socket,
             shared: shared.clone(),
             sender: Sender::new(key.clone(), config.role, config.pair, incarnation),
-            receiver: Receiver::new(key, config.pair, config.role.peer()),
+            receiver: Receiver::new(key, config.pair, config.role.peer(), challenge),
             fixed_peer: config.peer,
             learnt_peer: None,
+            answers: Answers::default(),
             period: config
                 .interval
                 .checked_div(SENDS_PER_INTERVAL)
@@ -359,8 +378,49 @@ struct Task {
     receiver: Receiver,
     fixed_peer: Option<SocketAddr>,
     learnt_peer: Option<SocketAddr>,
+    /// Which unproven incarnations were answered lately.
+    answers: Answers,
     /// The send period: the interval / [`SENDS_PER_INTERVAL`].
     period: Duration,
+}
+
+/// Unproven heartbeats answered in one send period, at most.
+pub const MAX_ANSWERS_PER_PERIOD: u32 = 16;
+/// Incarnations whose last answer is remembered.
+const ANSWERED_INCARNATIONS: usize = 16;
+
+/// The rate limit on answers to unproven heartbeats: one per incarnation
+/// per period, [`MAX_ANSWERS_PER_PERIOD`] in all per period.
+#[derive(Debug, Default)]
+struct Answers {
+    /// Recently answered incarnations and when, oldest first.
+    recent: VecDeque<(Incarnation, Instant)>,
+    /// The current period's start and the answers sent in it.
+    window: Option<(Instant, u32)>,
+}
+
+impl Answers {
+    /// Whether to answer `incarnation` at `now`; if so, it is counted.
+    fn allow(&mut self, incarnation: Incarnation, now: Instant, period: Duration) -> bool {
+        let within = |at: Instant| now.saturating_duration_since(at) < period;
+        if self.recent.iter().any(|(seen, at)| *seen == incarnation && within(*at)) {
+            return false;
+        }
+        let (start, count) = match self.window {
+            Some((start, count)) if within(start) => (start, count),
+            _ => (now, 0),
+        };
+        if count >= MAX_ANSWERS_PER_PERIOD {
+            return false;
+        }
+        self.window = Some((start, count.saturating_add(1)));
+        self.recent.retain(|(seen, _)| *seen != incarnation);
+        if self.recent.len() >= ANSWERED_INCARNATIONS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((incarnation, now));
+        true
+    }
 }
 
 /// Heartbeats sent per interval (`--heartbeat-ms`): the send period is the
@@ -430,7 +490,7 @@ impl Task {
     async fn send(&mut self) {
         let Some(peer) = self.peer() else { return };
         let progress = *lock(&self.shared.progress);
-        let datagram = self.sender.next(progress);
+        let datagram = self.sender.next(progress, self.receiver.challenge(), self.receiver.echo());
         match self.socket.send_to(&datagram, peer).await {
             Ok(_) => self.shared.update_stats(|stats| stats.sent = stats.sent.saturating_add(1)),
             Err(error) => {
@@ -469,6 +529,13 @@ impl Task {
         let role = self.shared.role;
         match verdict {
             Verdict::Accepted(_) => {}
+            Verdict::Unproven { incarnation, seq, challenge } => {
+                if worth_logging(counters.unproven) {
+                    tracing::info!(%role, %from, %incarnation, seq, count = counters.unproven,
+                        "a heartbeat not proven fresh: answered with a challenge, not believed")
+                }
+                self.answer(from, incarnation, challenge);
+            }
             Verdict::Forged if worth_logging(counters.forged) => {
                 tracing::warn!(%role, %from, count = counters.forged, "ignored a heartbeat with a wrong MAC")
             }
@@ -485,6 +552,35 @@ impl Task {
                 tracing::warn!(%role, %from, %error, count = counters.malformed, "ignored a datagram")
             }
             _ => {}
+        }
+    }
+}
+
+impl Task {
+    /// Answer an unproven heartbeat of `incarnation` from `to` with one
+    /// that echoes its `challenge`, unless the rate limit says no. Never
+    /// waits: a full socket buffer counts as a send error.
+    fn answer(&mut self, to: SocketAddr, incarnation: Incarnation, challenge: Challenge) {
+        if !self.answers.allow(incarnation, Instant::now(), self.period) {
+            return;
+        }
+        let progress = *lock(&self.shared.progress);
+        let datagram = self.sender.next(progress, self.receiver.challenge(), challenge);
+        match self.socket.try_send_to(&datagram, to) {
+            Ok(_) => self.shared.update_stats(|stats| {
+                stats.sent = stats.sent.saturating_add(1);
+                stats.answered = stats.answered.saturating_add(1);
+            }),
+            Err(error) => {
+                let mut count = 0;
+                self.shared.update_stats(|stats| {
+                    stats.send_errors = stats.send_errors.saturating_add(1);
+                    count = stats.send_errors;
+                });
+                if worth_logging(count) {
+                    tracing::warn!(role = %self.shared.role, %to, %error, count, "cannot answer a heartbeat");
+                }
+            }
         }
     }
 }
@@ -534,6 +630,22 @@ mod tests {
         let taken = socket.local_addr().unwrap();
         let error = Service::start(config(&socket), &[0; 32]).await.unwrap_err();
         assert!(error.to_string().contains(&taken.to_string()), "{error}");
+    }
+
+    #[test]
+    fn answers_are_limited_per_incarnation_and_per_period() {
+        let t0 = Instant::now();
+        let period = Duration::from_millis(5);
+        let mut answers = Answers::default();
+        assert!(answers.allow(Incarnation(1), t0, period));
+        assert!(!answers.allow(Incarnation(1), t0 + Duration::from_millis(1), period));
+        assert!(answers.allow(Incarnation(2), t0 + Duration::from_millis(1), period));
+        assert!(answers.allow(Incarnation(1), t0 + period, period));
+        // A flood of incarnations gets MAX_ANSWERS_PER_PERIOD in a period.
+        let t1 = t0 + 10 * period;
+        let allowed = (100..200u64).filter(|i| answers.allow(Incarnation(*i), t1, period)).count();
+        assert_eq!(allowed, MAX_ANSWERS_PER_PERIOD as usize);
+        assert!(answers.allow(Incarnation(500), t1 + period, period));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use heartbeat::{
-    Heartbeat, HeartbeatKey, Incarnation, PairId, PeerState, Progress, Role, Sender, Service, ServiceConfig,
+    Challenge, Heartbeat, HeartbeatKey, Incarnation, PairId, PeerState, Progress, Role, Sender, Service, ServiceConfig,
     ServiceStats,
 };
 use tokio::sync::watch;
@@ -208,7 +208,8 @@ async fn forged_replayed_and_junk_datagrams_are_ignored_counted_and_never_life()
     // reflected, and junk.
     let key = HeartbeatKey::derive(KEY).unwrap();
     let mut copy = Sender::new(key.clone(), Role::Primary, pair(), primary.incarnation());
-    let replays: Vec<_> = (0..REPLAYED).map(|_| copy.next(Progress::default())).collect();
+    let replays: Vec<_> =
+        (0..REPLAYED).map(|_| copy.next(Progress::default(), Challenge::NONE, Challenge::NONE)).collect();
     let wrong_key = HeartbeatKey::derive(&[0x55; 32]).unwrap();
     let forged: Vec<_> = (1..=10u64)
         .map(|seq| {
@@ -218,12 +219,14 @@ async fn forged_replayed_and_junk_datagrams_are_ignored_counted_and_never_life()
                 incarnation: Incarnation(7),
                 seq: 1_000_000 + seq,
                 progress: Progress::default(),
+                challenge: Challenge::NONE,
+                echo: Challenge::NONE,
             };
             heartbeat.encode(&wrong_key)
         })
         .collect();
     let mut mirror = Sender::new(key, Role::Secondary, pair(), secondary.incarnation());
-    let reflected = mirror.next(Progress::default());
+    let reflected = mirror.next(Progress::default(), Challenge::NONE, Challenge::NONE);
     let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let attack: Vec<Vec<u8>> = replays
         .iter()
@@ -269,4 +272,109 @@ async fn forged_replayed_and_junk_datagrams_are_ignored_counted_and_never_life()
     assert!(since_last <= limit + SLACK);
     assert!(after.replayed > stats.received.replayed, "the replays went on: {after:?}");
     assert!(after.forged > stats.received.forged, "the forgeries went on: {after:?}");
+}
+
+/// What each side of an earlier run of the pair sent: every datagram, in
+/// order, captured by a relay between the two (same key, same pair).
+struct EarlierRun {
+    from_primary: Vec<Vec<u8>>,
+    from_secondary: Vec<Vec<u8>>,
+}
+
+async fn an_earlier_run() -> EarlierRun {
+    let (p_socket, s_socket) = (bound(), bound());
+    let (p_addr, s_addr) = (p_socket.local_addr().unwrap(), s_socket.local_addr().unwrap());
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let (captured_tx, mut captured) = tokio::sync::mpsc::unbounded_channel::<(bool, Vec<u8>)>();
+    let relay_task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = relay.recv_from(&mut buf).await {
+            let datagram = buf[..n].to_vec();
+            let to = if from == p_addr { s_addr } else { p_addr };
+            let _ = captured_tx.send((from == p_addr, datagram.clone()));
+            let _ = relay.send_to(&datagram, to).await;
+        }
+    });
+    let primary = start(Role::Primary, p_socket, Some(relay_addr));
+    let secondary = start(Role::Secondary, s_socket, None);
+    let (mut p_stats, mut s_stats) = (primary.watch_stats(), secondary.watch_stats());
+    wait_stats(&mut p_stats, "the earlier primary hears its secondary", |s| s.received.accepted >= 10).await;
+    wait_stats(&mut s_stats, "the earlier secondary hears its primary", |s| s.received.accepted >= 10).await;
+    primary.stop();
+    secondary.stop();
+    primary.stopped().await;
+    secondary.stopped().await;
+    relay_task.abort();
+    let mut run = EarlierRun { from_primary: Vec::new(), from_secondary: Vec::new() };
+    while let Ok((from_primary, datagram)) = captured.try_recv() {
+        if from_primary {
+            run.from_primary.push(datagram)
+        } else {
+            run.from_secondary.push(datagram)
+        }
+    }
+    run
+}
+
+#[tokio::test]
+async fn heartbeats_replayed_from_an_earlier_run_never_displace_the_live_peer() {
+    // Issue 12, item 4: one heartbeat captured from an earlier run of the
+    // pair, replayed to the new one, made the receiver retire the live
+    // peer's incarnation; every real heartbeat then counted as replayed and
+    // the pair failed over at the first idle gap.
+    let earlier = an_earlier_run().await;
+    assert!(earlier.from_primary.len() >= 10 && earlier.from_secondary.len() >= 10);
+
+    let (p_socket, s_socket) = (bound(), bound());
+    let (p_addr, s_addr) = (p_socket.local_addr().unwrap(), s_socket.local_addr().unwrap());
+    // As the binary runs them: the primary knows where the secondary is,
+    // the secondary learns it.
+    let primary = start(Role::Primary, p_socket, Some(s_addr));
+    let secondary = start(Role::Secondary, s_socket, None);
+    let (mut primary_sees, mut secondary_sees) = (primary.watch(), secondary.watch());
+    wait_state(&mut primary_sees, FEW_INTERVALS, "primary sees the secondary up", |s| *s == PeerState::Up).await;
+    wait_state(&mut secondary_sees, FEW_INTERVALS, "secondary sees the primary up", |s| *s == PeerState::Up).await;
+
+    // One datagram of each side, the newest, replayed once to the other.
+    let attacker = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (old_p, old_s) = (earlier.from_primary.last().unwrap(), earlier.from_secondary.last().unwrap());
+    attacker.send_to(old_p, s_addr).await.unwrap();
+    attacker.send_to(old_s, p_addr).await.unwrap();
+    let mut s_stats = secondary.watch_stats();
+    wait_stats(&mut s_stats, "the replay reached the secondary", |s| s.received.unproven >= 1).await;
+    let window = secondary.timeout() * 6;
+    let quiet = stays_clear_of(&mut secondary_sees, window, is_dead).await;
+    assert_eq!(quiet, Ok(()), "the secondary lost the live primary after one replayed heartbeat");
+
+    // Then every old heartbeat, again and again, interleaved with the
+    // live ones, both ways.
+    let keep_replaying = async {
+        // Paces the attack traffic (every 2 ms); nothing waits on it.
+        let mut pace = tokio::time::interval(Duration::from_millis(2));
+        loop {
+            pace.tick().await;
+            send_all(&attacker, &earlier.from_primary, s_addr).await;
+            send_all(&attacker, &earlier.from_secondary, p_addr).await;
+        }
+    };
+    let both_quiet = async {
+        let secondary_quiet = stays_clear_of(&mut secondary_sees, window, is_dead).await;
+        let primary_quiet = stays_clear_of(&mut primary_sees, window, is_dead).await;
+        (secondary_quiet, primary_quiet)
+    };
+    let (secondary_quiet, primary_quiet) = tokio::select! {
+        quiet = both_quiet => quiet,
+        () = keep_replaying => unreachable!(),
+    };
+    assert_eq!(secondary_quiet, Ok(()), "the secondary lost the live primary under replays");
+    assert_eq!(primary_quiet, Ok(()), "the primary lost the live secondary under replays");
+    let (p, s) = (primary.stats(), secondary.stats());
+    println!("under replays: primary {:?}; secondary {:?}", p.received, s.received);
+    assert_eq!(s.peer_incarnation, Some(primary.incarnation()));
+    assert_eq!(p.peer_incarnation, Some(secondary.incarnation()));
+    assert_eq!(s.peer_addr, Some(p_addr), "the secondary's heartbeats must still go to the live primary");
+    assert!(s.received.unproven > 10 && p.received.unproven > 10, "{s:?} {p:?}");
+    // The replays are answered one for one at most, never amplified.
+    assert!(s.answered <= s.received.unproven, "{s:?}");
 }

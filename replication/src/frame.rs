@@ -611,6 +611,8 @@ fn check_positions(first: LogPosition, count: u32) -> Result<(), FrameError> {
 pub struct FrameDecoder {
     key: MacKey,
     version: u16,
+    /// The largest payload accepted: [`MAX_PAYLOAD`] unless lowered.
+    max_payload: usize,
     next_seq: u64,
     buf: BytesMut,
     failed: Option<FrameError>,
@@ -624,7 +626,15 @@ impl FrameDecoder {
 
     /// A decoder that accepts `version` (tests of version refusal).
     pub(crate) fn with_version(key: MacKey, version: u16) -> FrameDecoder {
-        FrameDecoder { key, version, next_seq: 0, buf: BytesMut::new(), failed: None }
+        FrameDecoder { key, version, max_payload: MAX_PAYLOAD, next_seq: 0, buf: BytesMut::new(), failed: None }
+    }
+
+    /// Refuse payloads over `max` bytes (at most [`MAX_PAYLOAD`]) from the
+    /// next frame on, before buffering them, as [`FrameError::TooLarge`].
+    /// The handshake, whose frames are a few hundred bytes, lowers it so
+    /// that a connection that has proven nothing yet costs little memory.
+    pub fn set_max_payload(&mut self, max: usize) {
+        self.max_payload = max.min(MAX_PAYLOAD);
     }
 
     /// Verify the frames from now on with `key` (the handshake's switch to
@@ -702,9 +712,9 @@ impl FrameDecoder {
         };
         let payload_len = usize::try_from(len)
             .ok()
-            .filter(|&len| len <= MAX_PAYLOAD)
-            .ok_or(FrameError::TooLarge { len: u64::from(len), max: to_u64(MAX_PAYLOAD) })?;
-        // Cannot overflow: payload_len <= MAX_PAYLOAD.
+            .filter(|&len| len <= self.max_payload)
+            .ok_or(FrameError::TooLarge { len: u64::from(len), max: to_u64(self.max_payload) })?;
+        // Cannot overflow: payload_len <= max_payload <= MAX_PAYLOAD.
         let signed_len = HEADER_LEN.saturating_add(payload_len);
         let total = signed_len.saturating_add(CRC_LEN + MAC_LEN);
         if self.buf.len() < total {
@@ -1222,6 +1232,27 @@ mod tests {
         let mut decoder = FrameDecoder::new(key("k"));
         decoder.push(&bytes);
         assert_eq!(decoder.next_frame(), Ok(None));
+    }
+
+    #[test]
+    fn a_lowered_payload_cap_refuses_before_buffering_and_keeps_smaller_frames() {
+        let k = key("k");
+        let mut out = BytesMut::new();
+        let mut encoder = FrameEncoder::new(k.clone());
+        encoder.encode(&Message::Ack { upto: LogPosition(3) }, &mut out).unwrap();
+        encoder.encode(&Message::Records { first: LogPosition(1), records: sample_records() }, &mut out).unwrap();
+        let mut decoder = FrameDecoder::new(k);
+        decoder.set_max_payload(8);
+        // The 8-byte Ack passes; the Records frame is refused from its header alone.
+        let ack_len = FRAME_OVERHEAD + 8;
+        decoder.push(&out[..ack_len + HEADER_LEN]);
+        assert_eq!(decoder.next_frame().unwrap().unwrap().message, Message::Ack { upto: LogPosition(3) });
+        assert!(matches!(decoder.next_frame(), Err(FrameError::TooLarge { max: 8, .. })), "{:?}", decoder.failed());
+        assert_eq!(decoder.buffered(), 0);
+        // A cap above MAX_PAYLOAD is MAX_PAYLOAD.
+        let mut decoder = FrameDecoder::new(key("k"));
+        decoder.set_max_payload(usize::MAX);
+        assert_eq!(decoder.max_payload, MAX_PAYLOAD);
     }
 
     #[test]
