@@ -267,24 +267,20 @@ fn hook_error(e: &VmError) -> Option<&HookError> {
     }
 }
 
-/// Wait for an authenticated primary of the same guest. A wrong key, a
-/// broken or idle connection, garbage or another protocol version is
-/// refused and the wait goes on; only an authenticated primary of another
-/// guest ends it.
+/// Wait for an authenticated primary of the same guest. The channel
+/// refuses (and logs) a wrong key, a broken or idle connection, garbage or
+/// another protocol version, and keeps waiting, handshaking with several
+/// candidates at once; it returns an error only for an authenticated
+/// primary of another guest, or a listener that waiting cannot cure.
 fn accept(
     rt: &tokio::runtime::Runtime,
     listener: &tokio::net::TcpListener,
     config: &SecondaryConfig,
 ) -> Result<SecondaryChannel> {
-    loop {
-        match rt.block_on(SecondaryChannel::accept(listener, config.channel.clone())) {
-            Ok(c) => return Ok(c),
-            Err(e @ ChannelError::IdentityMismatch { .. }) => {
-                return Err(anyhow!(e).context("the primary's guest does not match this one"));
-            }
-            Err(e) => eprintln!("ftvm: secondary {}: refused a connection: {e}", config.name),
-        }
-    }
+    rt.block_on(SecondaryChannel::accept(listener, config.channel.clone())).map_err(|e| match e {
+        ChannelError::IdentityMismatch { .. } => anyhow!(e).context("the primary's guest does not match this one"),
+        e => anyhow!(e).context(format!("cannot accept the primary on {}", config.listen)),
+    })
 }
 
 /// The ack-delay test knob: acks leave in order, each `delay` after its

@@ -82,6 +82,11 @@ pub struct HeartbeatCounts {
     pub replayed: u64,
     pub foreign: u64,
     pub malformed: u64,
+    /// Authentic but not proven fresh (no echo of this side's challenge):
+    /// replays of an earlier run, or a restarted peer before it answers.
+    pub unproven: u64,
+    /// Challenges answered to unproven senders.
+    pub answered: u64,
 }
 
 impl From<heartbeat::ServiceStats> for HeartbeatCounts {
@@ -93,6 +98,8 @@ impl From<heartbeat::ServiceStats> for HeartbeatCounts {
             replayed: s.received.replayed,
             foreign: s.received.foreign,
             malformed: s.received.malformed,
+            unproven: s.received.unproven,
+            answered: s.answered,
         }
     }
 }
