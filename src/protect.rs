@@ -155,7 +155,15 @@ pub fn secondary(
     session_config.control = Some(pair.control.clone());
     session_config.ack_delay = ack_delay;
     let session = SecondarySession::accept(session_config)?;
-    let (input, output) = session.hooks(pair::live::tap_world(settings.tap.clone(), settings.mac, settings.ip, serial));
+    // Opened now, so that the bridge forwards on it by go-live; written to
+    // only after go-live.
+    let tap = match &settings.tap {
+        Some(name) => {
+            Some(Arc::new(vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?))
+        }
+        None => None,
+    };
+    let (input, output) = session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, serial));
     let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = crate::stop_on_signals(&vm)?;
     let outcome = vm.run();

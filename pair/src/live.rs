@@ -1,6 +1,8 @@
-//! The live world a secondary attaches at go-live: its TAP opened then
-//! (never before: a secondary emits nothing), the live clock continuing
-//! from the last logged reading, and the guest's address announced.
+//! The live world a secondary attaches at go-live: its TAP (opened when the
+//! secondary starts, so that the bridge already forwards on it; nothing is
+//! written to it before go-live, and what it received before is dropped),
+//! the live clock continuing from the last logged reading, and the guest's
+//! address announced.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -8,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use replication::go_live::LiveWorld;
-use vmm::hook::HookError;
 use vmm::tap::Tap;
 use vmm::world::{LiveInput, LiveOutput};
 
@@ -18,22 +19,29 @@ use crate::secondary::MakeLive;
 /// frame just after a TAP opens can be lost (QEMU announces five times).
 pub const ANNOUNCEMENTS: u32 = 5;
 pub const ANNOUNCE_GAP: Duration = Duration::from_millis(120);
+/// The longest a go-live waits for its TAP to forward frames.
+pub const TAP_READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The real world of a host: TAP `tap` (if the guest has a NIC), the serial
 /// console to `serial`; the guest's `mac` and `ip` announced on the TAP.
 pub fn tap_world(
-    tap: Option<String>,
+    tap: Option<Arc<Tap>>,
     mac: [u8; 6],
     ip: Option<(Ipv4Addr, u8)>,
     serial: Box<dyn Write + Send>,
 ) -> MakeLive {
     Box::new(move |clock: u64, wake| {
-        let tap = match &tap {
-            Some(name) => {
-                Some(Arc::new(Tap::open(name).map_err(|e| HookError::Network(std::io::Error::other(e.to_string())))?))
+        if let Some(t) = &tap {
+            // Frames that reached this host before go-live were the old
+            // primary's business (or lost with it): the guest starts here.
+            let mut buf = vec![0u8; 65550];
+            while let Ok(Some(_)) = t.read_frame(&mut buf) {}
+            // Re-emitted outputs go out first thing: they must not be
+            // dropped by a bridge port that is not forwarding yet.
+            if !t.wait_ready(TAP_READY_TIMEOUT) {
+                tracing::warn!(tap = t.name(), "the TAP did not become ready; sending anyway");
             }
-            None => None,
-        };
+        }
         let mut input = LiveInput::new(clock, vec![wake]);
         let mut output = LiveOutput::new(serial);
         if let Some(t) = &tap {

@@ -102,6 +102,32 @@ impl Tap {
         unsafe { libc::if_nametoindex(cname.as_ptr()) != 0 }
     }
 
+    /// Wait (at most `timeout`) until frames written to this TAP can leave
+    /// it: the kernel turns the carrier on when the TAP is opened, but a
+    /// bridge enables its port only when the link-watch work runs, a moment
+    /// later; a frame written before that is dropped. With the TAP in a
+    /// bridge, waits for the port to forward (`brport/state` 3); else for
+    /// its operational state to be up. Returns whether it saw it ready; an
+    /// interface this namespace's sysfs does not show counts as ready.
+    pub fn wait_ready(&self, timeout: std::time::Duration) -> bool {
+        let dir = std::path::Path::new("/sys/class/net").join(&self.name);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok().map(|s| s.trim().to_owned());
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let ready = match read("brport/state") {
+                Some(state) => state == "3",
+                None => read("operstate").is_none_or(|s| s == "up" || s == "unknown"),
+            };
+            if ready {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
