@@ -3,13 +3,16 @@
 //! [`SHIP_PERIOD`](crate::queues::SHIP_PERIOD), or the vCPU thread at once
 //! when an output waits), and reports how far outputs have been released.
 
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use replication::channel::{ChannelError, PrimaryChannel};
 use replication::log::LogShared;
 use replication::record::{LogPosition, Record};
+use replication::suppressed::RELEASE_REPORT_DELAY;
 
 use crate::primary::{Phase, PrimaryShared, SharedReleaser};
 use crate::queues::{SHIP_BACKOFF, SHIP_PERIOD};
@@ -19,7 +22,12 @@ use crate::status::Board;
 struct ShipState {
     /// Records the channel refused (backpressure), sent again first.
     backlog: Option<(LogPosition, Vec<Record>)>,
-    released: LogPosition,
+    /// Released-through positions and when they were reached, not yet
+    /// reported: a position is reported once this primary has lived
+    /// [`RELEASE_REPORT_DELAY`] past it (replication::suppressed explains).
+    unreported: VecDeque<(Instant, LogPosition)>,
+    /// The last position reported released.
+    reported: LogPosition,
 }
 
 pub(crate) struct Shipper {
@@ -78,13 +86,28 @@ impl Shipper {
         }
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
         self.board.outputs_held_bytes.store(self.releaser.held_bytes() as u64, Ordering::Relaxed);
-        // Only positions whose outputs are all out: the secondary forgets
-        // what it holds up to there.
-        let now_released = self.releaser.released_through();
-        if now_released > st.released {
-            self.chan.send_released(now_released)?;
-            st.released = now_released;
-            self.board.released_position.store(now_released.0, Ordering::SeqCst);
+        self.report_released(&mut st)
+    }
+
+    /// Tell the secondary how far outputs are out (it forgets what it holds
+    /// up to there), for positions released at least
+    /// [`RELEASE_REPORT_DELAY`] ago: the report proves this host outlived
+    /// its outputs' way out.
+    fn report_released(&self, st: &mut ShipState) -> Result<bool, ChannelError> {
+        let now = Instant::now();
+        // Only positions whose outputs are all out.
+        let released = self.releaser.released_through();
+        if st.unreported.back().map_or(st.reported, |&(_, p)| p) < released {
+            st.unreported.push_back((now, released));
+            self.board.released_position.store(released.0, Ordering::SeqCst);
+        }
+        let mut due = None;
+        while st.unreported.front().is_some_and(|&(t, _)| now.saturating_duration_since(t) >= RELEASE_REPORT_DELAY) {
+            due = st.unreported.pop_front().map(|(_, p)| p);
+        }
+        if let Some(p) = due {
+            self.chan.send_released(p)?;
+            st.reported = p;
         }
         Ok(false)
     }

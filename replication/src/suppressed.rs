@@ -4,18 +4,19 @@
 //! the world and are re-emitted then (duplicates are possible, losses not).
 //!
 //! A released frame is not yet a frame on the wire: the primary writes it to
-//! its TAP and then says "released", and a host that dies right then takes
-//! the frames still queued in its bridge or NIC with it. So frames released
-//! less than [`RELEASED_RETAIN`] before the latest "released" report are
-//! kept too (at most [`RELEASED_RETAIN_MAX`]) and re-emitted at go-live,
-//! before the held ones: a few duplicates, which TCP and a numbered stream
-//! discard, rather than a hole. Serial bytes are not retained: the primary's
-//! console is on the primary's host, not a stream the secondary continues.
+//! its TAP, and a host that dies right then takes the frames still queued in
+//! its bridge or NIC with it. So the primary reports an output released only
+//! once it has lived [`RELEASE_REPORT_DELAY`] past its release (see the
+//! shipper in the `pair` crate): a report is itself the proof that the host
+//! outlived its outputs' way out. An output whose report never came (the
+//! host died) is re-emitted at go-live: a few duplicates, which TCP and a
+//! numbered stream discard, rather than a hole. This holds by construction
+//! at any output rate, with no window or cap on the secondary's side.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmm::hook::{ExitIndex, HookError, OutputSink};
 
@@ -28,11 +29,10 @@ pub enum Output {
     Frame(Vec<u8>),
 }
 
-/// How long before the latest "released" report a released frame is still
-/// re-emitted at go-live (see the module documentation).
-pub const RELEASED_RETAIN: Duration = Duration::from_millis(20);
-/// At most this many released frames are retained.
-pub const RELEASED_RETAIN_MAX: usize = 256;
+/// How long the primary must have lived past an output's release before it
+/// reports it released (see the module documentation): far longer than a
+/// frame takes to leave a working host.
+pub const RELEASE_REPORT_DELAY: Duration = Duration::from_millis(20);
 
 /// Held outputs, shared with whoever learns the primary's released-up-to.
 #[derive(Default)]
@@ -44,10 +44,8 @@ pub struct HeldOutputs {
 /// What [`HeldOutputs`] keeps, under one lock.
 #[derive(Default)]
 struct Queues {
-    /// Outputs not yet released: (log position, exit, output).
+    /// Outputs not yet reported released: (log position, exit, output).
     held: VecDeque<(u64, ExitIndex, Output)>,
-    /// Frames released recently: (when the report came, exit, frame).
-    recent: VecDeque<(Instant, ExitIndex, Output)>,
 }
 
 impl HeldOutputs {
@@ -55,25 +53,17 @@ impl HeldOutputs {
         self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The primary released every output up to `upto`: stop holding them
-    /// (frames stay retained for a while, see the module documentation).
+    /// The primary reports every output up to `upto` released (and that it
+    /// lived [`RELEASE_REPORT_DELAY`] past that): stop holding them.
     pub fn released(&self, upto: u64) {
-        self.released_at(upto, Instant::now());
-    }
-
-    fn released_at(&self, upto: u64, now: Instant) {
         self.released.fetch_max(upto, Ordering::SeqCst);
         let upto = self.released.load(Ordering::SeqCst);
         let mut q = self.lock();
         while q.held.front().is_some_and(|(p, _, _)| *p <= upto) {
-            if let Some((_, exit, out @ Output::Frame(_))) = q.held.pop_front() {
-                q.recent.push_back((now, exit, out));
-            }
+            q.held.pop_front();
         }
-        while q.recent.front().is_some_and(|(at, _, _)| now.saturating_duration_since(*at) > RELEASED_RETAIN)
-            || q.recent.len() > RELEASED_RETAIN_MAX
-        {
-            q.recent.pop_front();
+        if q.held.is_empty() && q.held.capacity() > 4096 {
+            q.held = VecDeque::new();
         }
     }
 
@@ -87,14 +77,9 @@ impl HeldOutputs {
         self.lock().held.is_empty()
     }
 
-    /// Take the recently released frames and every held output, oldest
-    /// first (go-live re-emits them).
+    /// Take every held output, oldest first (go-live re-emits them).
     pub fn drain(&self) -> Vec<(ExitIndex, Output)> {
-        let mut q = self.lock();
-        let recent = q.recent.drain(..).map(|(_, e, o)| (e, o));
-        let mut out: Vec<_> = recent.collect();
-        out.extend(q.held.drain(..).map(|(_, e, o)| (e, o)));
-        out
+        self.lock().held.drain(..).map(|(_, e, o)| (e, o)).collect()
     }
 }
 
@@ -142,40 +127,45 @@ mod tests {
     }
 
     #[test]
-    fn go_live_re_emits_frames_released_just_before_the_last_report_and_everything_held() {
+    fn go_live_re_emits_every_output_not_reported_released_in_order() {
         let held = Arc::new(HeldOutputs::default());
         let position = Arc::new(AtomicU64::new(0));
         let mut sink = Suppressor::new(held.clone(), position.clone());
-        let t0 = Instant::now();
         for n in 1..=6u8 {
             position.store(u64::from(n), Ordering::SeqCst);
             sink.transmit_frame(ExitIndex(u64::from(n)), &[n]).unwrap();
         }
         position.store(7, Ordering::SeqCst);
         sink.serial(ExitIndex(7), b"x").unwrap();
-        position.store(8, Ordering::SeqCst);
-        sink.transmit_frame(ExitIndex(8), &[8]).unwrap();
-        // 1 and 2 released long before the last report; 3 and 4 just before
-        // it; the serial bytes at 7 released with it; 8 still held.
-        held.released_at(2, t0);
-        held.released_at(4, t0 + RELEASED_RETAIN);
-        held.released_at(7, t0 + RELEASED_RETAIN + Duration::from_millis(1));
-        assert_eq!(held.len(), 1);
+        held.released(2);
+        held.released(1); // reports only move forward
+        assert_eq!(held.len(), 5);
         let out: Vec<_> = held.drain().into_iter().map(|(_, o)| o).collect();
-        assert_eq!(out, vec![frame(3), frame(4), frame(5), frame(6), frame(8)]);
+        assert_eq!(out, vec![frame(3), frame(4), frame(5), frame(6), Output::Serial(b"x".to_vec())]);
         assert!(held.is_empty() && held.drain().is_empty());
     }
 
     #[test]
-    fn retained_frames_are_bounded_in_number() {
-        let held = HeldOutputs::default();
-        {
-            let mut q = held.lock();
-            for n in 0..(RELEASED_RETAIN_MAX as u64 + 10) {
-                q.held.push_back((n + 1, ExitIndex(n), frame(n as u8)));
-            }
+    fn an_output_produced_below_the_reported_position_is_not_kept() {
+        let held = Arc::new(HeldOutputs::default());
+        let position = Arc::new(AtomicU64::new(3));
+        held.released(5);
+        let mut sink = Suppressor::new(held.clone(), position);
+        sink.transmit_frame(ExitIndex(3), &[3]).unwrap();
+        assert!(held.is_empty());
+    }
+
+    #[test]
+    fn thousands_of_unreported_frames_are_all_kept() {
+        // No cap: at 20 000 frames/s the report delay covers 400 of them.
+        let held = Arc::new(HeldOutputs::default());
+        let position = Arc::new(AtomicU64::new(0));
+        let mut sink = Suppressor::new(held.clone(), position.clone());
+        for n in 1..=5000u64 {
+            position.store(n, Ordering::SeqCst);
+            sink.transmit_frame(ExitIndex(n), &[0; 16]).unwrap();
         }
-        held.released_at(u64::MAX, Instant::now());
-        assert_eq!(held.drain().len(), RELEASED_RETAIN_MAX);
+        held.released(1000);
+        assert_eq!(held.drain().len(), 4000);
     }
 }

@@ -112,7 +112,7 @@ impl Tap {
     pub fn wait_ready(&self, timeout: std::time::Duration) -> bool {
         let dir = std::path::Path::new("/sys/class/net").join(&self.name);
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok().map(|s| s.trim().to_owned());
-        let deadline = std::time::Instant::now() + timeout;
+        let started = std::time::Instant::now();
         loop {
             let ready = match read("brport/state") {
                 Some(state) => state == "3",
@@ -121,7 +121,7 @@ impl Tap {
             if ready {
                 return true;
             }
-            if std::time::Instant::now() >= deadline {
+            if started.elapsed() >= timeout {
                 return false;
             }
             std::thread::sleep(std::time::Duration::from_micros(200));
