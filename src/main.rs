@@ -43,6 +43,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             } else {
                 EXIT_ERROR
             }
+        } else if let Some(pair::Interrupted(signal)) = error.downcast_ref::<pair::Interrupted>() {
+            exit::EXIT_SIGNAL_BASE + signal
         } else if error.downcast_ref::<pair::failover::LiveElsewhere>().is_some() {
             exit::EXIT_LOST_ARBITER
         } else if error.downcast_ref::<UsageError>().is_some() {

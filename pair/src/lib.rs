@@ -30,6 +30,7 @@ mod shipper;
 pub mod status;
 
 pub use control::{ControlError, ControlSocket};
+
 pub use failover::{Failover, FailoverConfig, Verdict};
 pub use primary::{PrimaryConfig, PrimaryEnd, PrimarySession};
 pub use secondary::{MakeLive, SecondaryConfig, SecondaryEnd, SecondarySession};
@@ -42,6 +43,34 @@ use replication::channel::ChannelError;
 /// blocking pool.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("net").enable_all().build()
+}
+
+/// SIGINT, SIGTERM or SIGHUP arrived while the session waited for its peer
+/// (before any guest ran): the process ends as stopped by that signal.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped by signal {0} while waiting for the peer")]
+pub struct Interrupted(pub i32);
+
+/// Run `fut` unless SIGINT, SIGTERM or SIGHUP comes first.
+async fn unless_signalled<T>(fut: impl std::future::Future<Output = T>) -> Result<T, Interrupted> {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    async fn recv(s: &mut Option<Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    tokio::select! {
+        v = fut => Ok(v),
+        () = recv(&mut int) => Err(Interrupted(libc::SIGINT)),
+        () = recv(&mut term) => Err(Interrupted(libc::SIGTERM)),
+        () = recv(&mut hup) => Err(Interrupted(libc::SIGHUP)),
+    }
 }
 
 /// A failure to reach a secondary that is worth retrying.

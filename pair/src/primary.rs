@@ -320,26 +320,30 @@ impl PrimarySession {
     }
 }
 
-/// Dial the secondary until it answers (retryable failures) or refuses.
+/// Dial the secondary until it answers (retryable failures) or refuses;
+/// a signal ends the wait.
 fn connect(rt: &tokio::runtime::Runtime, config: &PrimaryConfig) -> Result<PrimaryChannel> {
     eprintln!("ftvm: primary {}: waiting for the secondary at {}", config.name, config.peer);
     let started = Instant::now();
-    loop {
-        match rt.block_on(PrimaryChannel::connect(config.peer.as_str(), config.channel.clone())) {
-            Ok(c) => return Ok(c),
-            Err(e) if crate::is_retryable(&e) => {
-                if started.elapsed() > config.connect_for {
-                    return Err(anyhow!(e).context(format!(
-                        "no secondary answered at {} for {} s",
-                        config.peer,
-                        config.connect_for.as_secs()
-                    )));
+    let dial = async {
+        loop {
+            match PrimaryChannel::connect(config.peer.as_str(), config.channel.clone()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if crate::is_retryable(&e) => {
+                    if started.elapsed() > config.connect_for {
+                        return Err(anyhow!(e).context(format!(
+                            "no secondary answered at {} for {} s",
+                            config.peer,
+                            config.connect_for.as_secs()
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                Err(e) => return Err(anyhow!(e).context(format!("the secondary at {} refused the pair", config.peer))),
             }
-            Err(e) => return Err(anyhow!(e).context(format!("the secondary at {} refused the pair", config.peer))),
         }
-    }
+    };
+    rt.block_on(crate::unless_signalled(dial))?
 }
 
 async fn start_failover(f: &FailoverConfig, board: &Board, config: &PrimaryConfig) -> Result<Failover> {

@@ -277,7 +277,8 @@ fn accept(
     listener: &tokio::net::TcpListener,
     config: &SecondaryConfig,
 ) -> Result<SecondaryChannel> {
-    rt.block_on(SecondaryChannel::accept(listener, config.channel.clone())).map_err(|e| match e {
+    let accepted = rt.block_on(crate::unless_signalled(SecondaryChannel::accept(listener, config.channel.clone())))?;
+    accepted.map_err(|e| match e {
         ChannelError::IdentityMismatch { .. } => anyhow!(e).context("the primary's guest does not match this one"),
         e => anyhow!(e).context(format!("cannot accept the primary on {}", config.listen)),
     })
