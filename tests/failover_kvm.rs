@@ -262,3 +262,29 @@ fn kvm_netns_demo_runs_the_whole_story_for_both_guests() {
     }
     assert!(!lab::netns_list().iter().any(|n| n.contains("-demo-")), "the demo left namespaces behind");
 }
+
+#[test]
+fn kvm_netns_sigterm_of_the_primary_is_a_clean_end_for_both() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("fte");
+    let (mut primary, mut secondary, dir) = pair(&lab);
+    let mut s = connect(&lab);
+    for i in 1..=20 {
+        s.get_mut().write_all(&resp(&["INCR", "n"])).unwrap();
+        assert_eq!(reply(&mut s), format!(":{i}\r\n"));
+    }
+    // An operator stops the primary: its orderly end reaches the secondary,
+    // which stops where it stopped, with the documented statuses.
+    common::signal("TERM", primary.0.id());
+    let log = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
+    assert_eq!(exit_code(&mut primary, Duration::from_secs(30)), Some(143), "{}", log("primary.log"));
+    assert_eq!(exit_code(&mut secondary, Duration::from_secs(30)), Some(0), "{}", log("secondary.log"));
+    let slog = log("secondary.log");
+    assert!(slog.contains("the primary stopped"), "{slog}");
+    assert!(!slog.contains("went live"), "a clean stop was taken for a failure: {slog}");
+    // Neither side owns the arbiter: a new pair may start.
+    let arb = std::fs::read_to_string(dir.path().join("arbiter")).unwrap();
+    assert!(arb.ends_with("owner (none)\n"), "{arb}");
+}
