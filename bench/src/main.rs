@@ -6,6 +6,7 @@
 
 mod exits;
 mod failover;
+mod held;
 mod lockstep;
 mod net;
 
@@ -43,6 +44,24 @@ pub enum BenchCommand {
     /// / protected across a veth link, log bandwidth, replay lag, and a
     /// CPU-bound guest (needs root, KVM, redis-tools).
     Lockstep(KvstoreBenchArgs),
+    /// What a stalled (SIGSTOPped) secondary costs the primary's memory:
+    /// streamer at a high rate, the primary's RSS each second (needs root
+    /// and KVM).
+    Held(HeldBenchArgs),
+}
+
+/// `ftvm-bench held`.
+#[derive(Debug, Args)]
+pub struct HeldBenchArgs {
+    /// Seconds the secondary stays stopped.
+    #[arg(long, value_name = "N", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub seconds: u64,
+    /// Datagrams per second.
+    #[arg(long, value_name = "N", default_value_t = 20000)]
+    pub rate: u32,
+    /// Another `ftvm` binary (an older build) to measure first, side by side.
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 /// `ftvm-bench kvstore`.
@@ -110,6 +129,7 @@ fn main() -> ExitCode {
         BenchCommand::Kvstore(a) => net::kvstore(a.requests, a.clients, a.json),
         BenchCommand::Streamer(a) => net::streamer(a.seconds, a.json),
         BenchCommand::Lockstep(a) => lockstep::lockstep(a.requests, a.clients, a.json),
+        BenchCommand::Held(a) => held::held(a.seconds, a.rate, a.baseline),
         BenchCommand::Failover(a) => {
             let failures = if a.failure.is_empty() { vec![Failure::Process, Failure::Host] } else { a.failure };
             failover::bench(a.reps, &failures, a.json)
