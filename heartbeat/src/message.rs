@@ -68,7 +68,7 @@
 
 use std::fmt;
 
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 /// The first two bytes of every heartbeat.
@@ -82,7 +82,7 @@ const SIGNED_LEN: usize = 102;
 /// Length of the truncated HMAC-SHA256 tag.
 pub const TAG_LEN: usize = 16;
 /// The shortest shared key accepted, as for the logging channel's key file.
-pub const MIN_KEY_LEN: usize = 32;
+pub use ftvm_mac::MIN_KEY_LEN;
 /// The label the heartbeat key is derived with.
 const KEY_LABEL: &[u8] = b"heartbeat";
 /// The label the pair id of a VM name is derived with.
@@ -317,15 +317,7 @@ impl fmt::Debug for HeartbeatKey {
     }
 }
 
-/// HMAC-SHA256 keyed with `key`.
-fn hmac_sha256(key: &[u8]) -> Hmac<Sha256> {
-    match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mac) => mac,
-        // HMAC hashes keys longer than a block and pads shorter ones: every
-        // length is valid, and `new_from_slice` is infallible for it.
-        Err(_) => unreachable!("HMAC accepts keys of any length"),
-    }
-}
+use ftvm_mac::hmac_sha256;
 
 impl Heartbeat {
     /// The datagram for this heartbeat, MACed with `key`.
@@ -466,11 +458,11 @@ mod tests {
         assert_eq!(&datagram[86..102], &[0xe2; 16]);
         // The tag is HMAC(HMAC(shared, "heartbeat"), bytes 0..102), truncated.
         let derived: [u8; 32] = {
-            let mut mac = Hmac::<Sha256>::new_from_slice(&[7u8; 32]).unwrap();
+            let mut mac = ftvm_mac::hmac_sha256(&[7u8; 32]);
             mac.update(b"heartbeat");
             mac.finalize().into_bytes().into()
         };
-        let mut mac = Hmac::<Sha256>::new_from_slice(&derived).unwrap();
+        let mut mac = ftvm_mac::hmac_sha256(&derived);
         mac.update(&datagram[..102]);
         assert_eq!(&datagram[102..], &mac.finalize().into_bytes()[..16]);
     }

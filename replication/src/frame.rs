@@ -64,7 +64,7 @@
 use std::fmt;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use hmac::{Hmac, KeyInit, Mac};
+use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use vmm::hook::ExitIndex;
 
@@ -368,24 +368,7 @@ impl fmt::Debug for MacKey {
     }
 }
 
-/// HMAC-SHA256 keyed with `key`.
-pub(crate) fn hmac_sha256(key: &[u8]) -> Hmac<Sha256> {
-    match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mac) => mac,
-        // HMAC hashes keys longer than a block and pads shorter ones: every
-        // length is valid, and `new_from_slice` is infallible for it.
-        Err(_) => unreachable!("HMAC accepts keys of any length"),
-    }
-}
-
-/// HMAC-SHA256(key, parts concatenated), all 32 bytes.
-pub(crate) fn hmac_sha256_of(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    let mut mac = hmac_sha256(key);
-    for part in parts {
-        mac.update(part);
-    }
-    mac.finalize().into_bytes().into()
-}
+pub(crate) use ftvm_mac::{hmac_sha256, hmac_sha256_of};
 
 /// The bytes `record` takes in a `Records` payload.
 pub fn encoded_record_len(record: &Record) -> usize {

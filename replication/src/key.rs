@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// The shortest key accepted: 32 bytes, 256 bits when random.
-pub const MIN_KEY_LEN: usize = 32;
+pub use ftvm_mac::MIN_KEY_LEN;
 /// The longest key file read: nobody's key is this long, and the cap keeps a
 /// wrong path (a disk image, `/dev/zero`) from being read whole.
 pub const MAX_KEY_FILE_LEN: usize = 4096;
