@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB};
+use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB, MAX_IMAGE_MIB};
 
 /// `ftvm`: fault-tolerant virtual machines on KVM.
 #[derive(Debug, Parser)]
@@ -256,8 +256,8 @@ pub struct GuestArgs {
 fn guest_help() -> String {
     format!(
         "Guest image: an embedded image's NAME (see `ftvm guests`) or an ELF file's PATH; \
-         a value containing `/`, ending in `.elf` or naming an existing file is a path \
-         [default: {DEFAULT_GUEST}]"
+         a value containing `/`, ending in `.elf` or naming an existing file is a path; \
+         a file may hold at most {MAX_IMAGE_MIB} MiB [default: {DEFAULT_GUEST}]"
     )
 }
 
@@ -385,6 +385,7 @@ mod tests {
         let help = run.render_help().to_string();
         for needle in [
             "[default: hello]",
+            &format!("at most {} MiB", crate::config::MAX_IMAGE_MIB),
             "[default: 64]",
             &format!("{}..={}", ftvm_abi::MIN_MEMORY_MIB, ftvm_abi::MAX_MEMORY_MIB),
             &format!("1 to {} characters", crate::config::MAX_NAME_LEN),

@@ -70,6 +70,11 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_TAP_LEN: usize = 15;
 /// The `--serial` value that means the VMM's standard output.
 pub const SERIAL_STDOUT: &str = "stdout";
+/// The largest guest image file `--guest PATH` may name, in MiB. An ftvm
+/// guest is a freestanding ELF of some KiB; the cap keeps a mistyped path
+/// (`/dev/zero`, a disk image, a FIFO that never ends) from being read
+/// without bound: at most this much and one byte more is ever read.
+pub const MAX_IMAGE_MIB: u64 = 64;
 
 /// Everything needed to build and run one guest, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

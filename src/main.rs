@@ -160,11 +160,35 @@ fn load_image(source: &GuestSource) -> Result<(Vec<u8>, Privilege), Failure> {
                     .into())
             }
         },
-        GuestSource::File(path) => {
-            let elf = std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?;
-            Ok((elf, Privilege::User))
-        }
+        GuestSource::File(path) => Ok((read_image(path)?, Privilege::User)),
     }
+}
+
+/// A guest image file, refused when it holds more than
+/// [`config::MAX_IMAGE_MIB`]: a regular file by its size before reading,
+/// anything else (a device, a FIFO) after at most the cap and one byte.
+fn read_image(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let cap = config::MAX_IMAGE_MIB << 20;
+    let too_big = || {
+        anyhow::anyhow!(
+            "guest image {} is larger than {} MiB, the most a guest image may hold",
+            path.display(),
+            config::MAX_IMAGE_MIB
+        )
+    };
+    let cannot = || format!("cannot read guest image {}", path.display());
+    let file = std::fs::File::open(path).with_context(cannot)?;
+    let meta = file.metadata().with_context(cannot)?;
+    if meta.is_file() && meta.len() > cap {
+        return Err(too_big().into());
+    }
+    let mut elf = Vec::new();
+    file.take(cap + 1).read_to_end(&mut elf).with_context(cannot)?;
+    if elf.len() as u64 > cap {
+        return Err(too_big().into());
+    }
+    Ok(elf)
 }
 
 /// Stop the VM on SIGINT/SIGTERM/SIGHUP; remember which signal it was.

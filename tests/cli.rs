@@ -42,6 +42,37 @@ fn missing_guest_file_is_refused_with_status_1() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// The cap on a guest image file, as `--help` states it.
+const MAX_IMAGE_MIB: u64 = 64;
+
+#[test]
+fn a_guest_file_over_the_cap_is_refused_with_status_1_naming_the_cap() {
+    // A sparse file one byte over the cap: refused by its size, unread.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.elf");
+    std::fs::File::create(&path).unwrap().set_len((MAX_IMAGE_MIB << 20) + 1).unwrap();
+    let out = run(&["run", "--guest", path.to_str().unwrap()]);
+    let line = one_error_line(&out);
+    assert!(line.contains("huge.elf") && line.contains(&format!("{MAX_IMAGE_MIB} MiB")), "{line}");
+    assert_eq!(out.status.code(), Some(1));
+    // Exactly the cap is not refused for its size (it is no ELF, though).
+    std::fs::File::create(&path).unwrap().set_len(MAX_IMAGE_MIB << 20).unwrap();
+    let out = run(&["run", "--guest", path.to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("MiB"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn an_unbounded_guest_file_is_refused_after_the_cap_not_read_forever() {
+    // /dev/zero has no size to check: the binary reads at most the cap and
+    // a byte. Without the cap it would read until memory runs out (the
+    // helper kills it after 60 s and fails the test).
+    let out = run(&["run", "--guest", "/dev/zero"]);
+    let line = one_error_line(&out);
+    assert!(line.contains("/dev/zero") && line.contains(&format!("{MAX_IMAGE_MIB} MiB")), "{line}");
+    assert_eq!(out.status.code(), Some(1));
+}
+
 #[test]
 fn not_an_elf_is_refused_with_status_1() {
     let dir = tempfile::tempdir().unwrap();
