@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB, MAX_IMAGE_MIB};
+use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB, DEFAULT_SERIAL_MAX_MIB, MAX_IMAGE_MIB, SERIAL_MAX_MIB_LIMIT};
 
 /// `ftvm`: fault-tolerant virtual machines on KVM.
 #[derive(Debug, Parser)]
@@ -244,6 +244,10 @@ pub struct GuestArgs {
     #[arg(long, value_name = "stdout|FILE")]
     pub serial: Option<String>,
 
+    /// `--serial-max-mib N`; the help line is [`serial_max_help`]'s.
+    #[arg(long, value_name = "N", help = serial_max_help())]
+    pub serial_max_mib: Option<u64>,
+
     /// TOML file carrying any of these settings, and for primary/secondary
     /// the PAIR-OPTS, under the same names without dashes (memory-mib = 64,
     /// param = ["rate=100"], key-file = "/etc/ftvm/pair.key"); flags
@@ -258,6 +262,14 @@ fn guest_help() -> String {
         "Guest image: an embedded image's NAME (see `ftvm guests`) or an ELF file's PATH; \
          a value containing `/`, ending in `.elf` or naming an existing file is a path; \
          a file may hold at most {MAX_IMAGE_MIB} MiB [default: {DEFAULT_GUEST}]"
+    )
+}
+
+fn serial_max_help() -> String {
+    format!(
+        "Cap on a --serial FILE, in MiB, 0 to {SERIAL_MAX_MIB_LIMIT}: when the console would pass it, FILE \
+         is renamed to FILE.1 (replacing the one before) and a new FILE begins; 0: no cap \
+         [default: {DEFAULT_SERIAL_MAX_MIB}]"
     )
 }
 
@@ -313,6 +325,7 @@ mod tests {
         assert_eq!(g.gateway, None);
         assert!(g.params.is_empty());
         assert_eq!(g.serial, None);
+        assert_eq!(g.serial_max_mib, None);
         assert_eq!(g.config, None);
     }
 
@@ -340,6 +353,8 @@ mod tests {
             "dest=10.0.0.9:5000",
             "--serial",
             "out.log",
+            "--serial-max-mib",
+            "16",
             "--config",
             "vm.toml",
         ])
@@ -358,6 +373,7 @@ mod tests {
         assert_eq!(g.gateway.as_deref(), Some("10.0.0.1"));
         assert_eq!(g.params, ["rate=100", "dest=10.0.0.9:5000"]);
         assert_eq!(g.serial.as_deref(), Some("out.log"));
+        assert_eq!(g.serial_max_mib, Some(16));
         assert_eq!(g.config, Some(PathBuf::from("vm.toml")));
     }
 
@@ -397,6 +413,9 @@ mod tests {
             "KEY=VALUE",
             "stdout|FILE",
             "[default: stdout]",
+            "--serial-max-mib <N>",
+            "FILE.1",
+            "0: no cap [default: 64]",
             "--config <FILE>",
         ] {
             assert!(help.contains(needle), "{needle:?} missing from:\n{help}");

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod exit;
 mod protect;
+mod serial;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -236,7 +237,8 @@ fn prepare(settings: &GuestSettings, digest_every: Option<u64>) -> Result<Prepar
     let serial: Box<dyn Write + Send> = match &settings.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
         SerialTarget::File(path) => Box::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create serial file {}", path.display()))?,
+            serial::RotatingFile::create(path, Some(settings.serial_max_mib << 20))
+                .with_context(|| format!("cannot create serial file {}", path.display()))?,
         ),
     };
     let config = VmConfig {

@@ -223,3 +223,17 @@ fn an_unprotected_start_beside_a_live_copy_exits_4_without_a_byte_out() {
     assert!(!out.stdout.is_empty(), "the guest ran");
     assert_eq!(std::fs::read_to_string(&arb).unwrap(), "ftvm-arbiter v1\ngeneration 4\nowner (none)\n");
 }
+
+#[test]
+fn serial_max_mib_out_of_range_exits_2_from_flag_or_file() {
+    let out = run(&["run", "--serial", "/tmp/never-written.log", "--serial-max-mib", "1048577"]);
+    let line = one_error_line(&out);
+    assert!(line.contains("--serial-max-mib 1048577") && line.contains("1048576"), "{line}");
+    assert_eq!(out.status.code(), Some(2));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("vm.toml");
+    std::fs::write(&conf, "serial-max-mib = 99999999\n").unwrap();
+    let out = run(&["run", "--config", conf.to_str().unwrap()]);
+    assert!(one_error_line(&out).contains("--serial-max-mib 99999999"));
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -83,3 +83,19 @@ fn kvm_spinning_guest_is_stopped_by_sigterm_and_exits_cleanly() {
     assert!(err.contains("stopped by signal 15"), "{err}");
     assert!(!err.contains("thread '"), "{err}");
 }
+
+#[test]
+fn kvm_serial_file_under_its_cap_holds_the_console() {
+    if !kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("console.log");
+    std::fs::write(dir.path().join("console.log.1"), "an older run\n").unwrap();
+    let out = run(&["run", "--serial", path.to_str().unwrap(), "--serial-max-mib", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty(), "the console went to stdout as well");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "Hello from ftvm!\n");
+    // Below the cap nothing rotates: FILE.1 is the older run's still.
+    assert_eq!(std::fs::read_to_string(dir.path().join("console.log.1")).unwrap(), "an older run\n");
+}
