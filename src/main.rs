@@ -48,6 +48,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             exit::EXIT_LOST_ARBITER
         } else if error.downcast_ref::<UsageError>().is_some() {
             EXIT_USAGE
+        } else if let Some(i) = error.downcast_ref::<ftvm_demo::Interrupted>() {
+            i.exit_code()
         } else {
             EXIT_ERROR
         };

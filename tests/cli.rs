@@ -237,3 +237,21 @@ fn serial_max_mib_out_of_range_exits_2_from_flag_or_file() {
     assert!(one_error_line(&out).contains("--serial-max-mib 99999999"));
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn demo_help_names_only_flags_demo_takes() {
+    let out = run(&["demo", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let flags: Vec<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .collect();
+    assert!(flags.contains(&"--guest") && flags.contains(&"--failure"), "{help}");
+    for flag in flags {
+        assert!(
+            ["--guest", "--failure", "--help", "--version"].contains(&flag),
+            "`ftvm demo` takes no {flag}:\n{help}"
+        );
+    }
+}
