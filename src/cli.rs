@@ -1,4 +1,4 @@
-//! The `ftvm` command line (DESIGN.md, "Command line"), as clap derive types.
+//! The `ftvm` command line (README, "Command line"), as clap derive types.
 //!
 //! This module only describes what can be typed; [`crate::config`] turns the
 //! GUEST-OPTS ([`GuestArgs`]) and the `--config` file into validated settings.
@@ -34,7 +34,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands (DESIGN.md, "Command line").
+/// The subcommands.
 // One value per process, parsed once: boxing `RunArgs` would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -193,9 +193,9 @@ pub struct RunArgs {
     pub guest: GuestArgs,
 }
 
-/// GUEST-OPTS, shared by every subcommand that runs a guest (`run` now;
-/// `primary` and `secondary` later). Raw strings: [`crate::config::resolve`]
-/// merges them with the `--config` file and validates the result, so a value
+/// GUEST-OPTS, shared by every subcommand that runs a guest (`run`,
+/// `primary`, `secondary`). Raw strings: [`crate::config::resolve`] (and
+/// [`crate::config::resolve_pair`]) merges them with the `--config` file and validates the result, so a value
 /// from either source passes the same checks and gives the same error.
 #[derive(Debug, Default, Clone, Args)]
 pub struct GuestArgs {

@@ -3,7 +3,7 @@
 //!
 //! # The TOML file
 //!
-//! Keys are the flag names without the leading dashes (DESIGN.md, "Command
+//! Keys are the flag names without the leading dashes (README, "Command
 //! line"). Every key is optional; `param` is an array of `"KEY=VALUE"`
 //! strings, exactly what `--param` takes, so a setting reads the same in
 //! both places:

@@ -1,7 +1,7 @@
-//! `ftvm`: parses the command line, wires the VMM, the replication layer and
-//! the heartbeat together, and maps every outcome to a documented exit status
-//! (DESIGN.md, "Command line"): 0 guest powered off cleanly, 1 error,
-//! 2 bad usage, 3 guest fault, 128+N stopped by signal N.
+//! `ftvm`: parses the command line, wires the VMM to the `pair` crate's
+//! sessions, and maps every outcome to a documented exit status ([`exit`]):
+//! 0 guest powered off cleanly, 1 error, 2 bad usage, 3 guest fault, 4 lost
+//! the arbiter, 128+N stopped by signal N.
 #![forbid(unsafe_code)]
 
 mod cli;
