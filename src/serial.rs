@@ -3,6 +3,10 @@
 //! the file is renamed to `FILE.1` (replacing the one before) and a fresh
 //! FILE is started, so the console takes at most twice the cap on disk and
 //! the newest output is always in FILE, the output before it in `FILE.1`.
+//!
+//! Only a regular file is rotated: FILE as a device (`/dev/null`), a FIFO,
+//! a terminal or a symbolic link is written without a cap, since renaming
+//! it would move the device node or the link, not the output.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -23,16 +27,19 @@ pub struct RotatingFile {
 
 impl RotatingFile {
     /// Create (or truncate) `path`; rotate it at `max` bytes (`None`: never;
-    /// `Some(0)` is taken as `None`, as `--serial-max-mib 0` means).
+    /// `Some(0)` is taken as `None`, as `--serial-max-mib 0` means), if it
+    /// is a regular file (module doc).
     pub fn create(path: &Path, max: Option<u64>) -> io::Result<RotatingFile> {
         let mut previous = OsString::from(path.as_os_str());
         previous.push(".1");
+        let file = File::create(path)?;
+        let regular = std::fs::symlink_metadata(path)?.file_type().is_file();
         Ok(RotatingFile {
             path: path.to_owned(),
             previous: PathBuf::from(previous),
-            file: File::create(path)?,
+            file,
             written: 0,
-            max: max.filter(|&m| m > 0),
+            max: max.filter(|&m| m > 0 && regular),
         })
     }
 
@@ -137,6 +144,19 @@ mod tests {
             assert_eq!(read(&path).len(), 1000);
             assert!(!dir.path().join("c.1").exists());
         }
+    }
+
+    #[test]
+    fn a_symbolic_link_is_written_through_never_rotated() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let mut f = RotatingFile::create(&link, Some(4)).unwrap();
+        f.write_all(b"0123456789").unwrap();
+        assert_eq!(read(&target), b"0123456789");
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(!dir.path().join("link.1").exists());
     }
 
     #[test]
