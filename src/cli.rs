@@ -267,7 +267,7 @@ fn guest_help() -> String {
 
 fn serial_max_help() -> String {
     format!(
-        "Cap on a --serial FILE, in MiB, 0 to {SERIAL_MAX_MIB_LIMIT}: when the console would pass it, FILE \
+        "Cap on a --serial FILE, in MiB, 0 to {SERIAL_MAX_MIB_LIMIT}: when the console would pass it, a regular FILE \
          is renamed to FILE.1 (replacing the one before) and a new FILE begins; 0: no cap \
          [default: {DEFAULT_SERIAL_MAX_MIB}]"
     )
