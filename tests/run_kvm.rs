@@ -100,13 +100,16 @@ fn kvm_serial_file_under_its_cap_holds_the_console() {
     assert_eq!(std::fs::read_to_string(dir.path().join("console.log.1")).unwrap(), "an older run\n");
 }
 
-/// `ftvm demo`, signalled once its stderr shows `at`: the status it exits
-/// with, its stderr lines and its stdout, after checking that it left
-/// no namespace and no trial directory behind.
-fn demo_interrupted(signal: &str, at: &str) -> (Option<i32>, Vec<String>, String) {
+/// `ftvm demo` in a process group of its own, signalled once its stderr
+/// shows `at` (the whole group, as a terminal's Ctrl-C does, when `group`):
+/// the status it exits with, its stderr lines and its stdout, after checking
+/// that it left no namespace and no trial directory behind.
+fn demo_interrupted(signal: &str, group: bool, at: &str) -> (Option<i32>, Vec<String>, String) {
     use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
     let mut child = common::ftvm()
         .arg("demo")
+        .process_group(0)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -130,7 +133,8 @@ fn demo_interrupted(signal: &str, at: &str) -> (Option<i32>, Vec<String>, String
             }
         }
     }
-    assert!(std::process::Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success());
+    let target = if group { format!("-{pid}") } else { pid.to_string() };
+    assert!(std::process::Command::new("kill").args([signal, "--", &target]).status().unwrap().success());
     // The rest of stderr ends when the demo exits (its VMMs' stderr goes to files).
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while let Ok(l) = lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
@@ -156,10 +160,10 @@ fn kvm_demo_interrupted_tears_down_and_exits_130_for_sigint_143_for_sigterm() {
     if !(kvm() && ftvm_lab::require_root()) {
         return;
     }
-    for (signal, at, code, name) in
-        [("-INT", "client connected", 130, "SIGINT"), ("-TERM", "pair starting", 143, "SIGTERM")]
+    for (signal, group, at, code, name) in
+        [("-INT", true, "client connected", 130, "SIGINT"), ("-TERM", false, "pair starting", 143, "SIGTERM")]
     {
-        let (status, stderr, stdout) = demo_interrupted(signal, at);
+        let (status, stderr, stdout) = demo_interrupted(signal, group, at);
         assert_eq!(status, Some(code), "{name}: {stderr:#?}");
         let last = stderr.last().map(String::as_str).unwrap_or("");
         assert!(last.starts_with(&format!("ftvm: interrupted by {name}")), "{name}: {stderr:#?}");

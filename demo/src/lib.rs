@@ -74,12 +74,9 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    /// Spawn `cmd` in a process group of its own: a Ctrl-C at the terminal
-    /// reaches the demo or benchmark only, which tears everything down in
-    /// order, instead of killing the VMMs under a client that is waiting
-    /// for them.
+    /// Spawn `cmd`.
     pub fn spawn(cmd: &mut std::process::Command) -> std::io::Result<Proc> {
-        Ok(Proc(cmd.process_group(0).spawn()?))
+        Ok(Proc(cmd.spawn()?))
     }
 }
 
@@ -206,8 +203,14 @@ fn start_pair(lab: &Lab, dir: &Path, guest: &[String]) -> Result<(Proc, Proc)> {
     sec.arg("secondary").args(guest).args(["--key-file", &key, "--tap", lab.host_b().tap(), "--listen", &listen]);
     sec.args(["--arbiter", &arbiter, "--control", &ctl("s.sock")]);
     let log = |n: &str| std::fs::File::create(dir.join(n));
+    // The VMMs get a process group of their own: a Ctrl-C at the terminal
+    // reaches the trial's process only, whose [`Stop`] tears everything
+    // down in order, instead of killing the VMMs under a client that is
+    // waiting for them (and then for its read timeout).
+    sec.process_group(0);
     let sec = Proc::spawn(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("secondary.log")?))?;
     let mut pri = lab.host_a().netns().command(&exe);
+    pri.process_group(0);
     pri.arg("primary").args(guest).args(["--key-file", &key, "--tap", lab.host_a().tap(), "--peer", &listen]);
     pri.args(["--arbiter", &arbiter, "--control", &ctl("p.sock")]);
     let pri = Proc::spawn(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("primary.log")?))?;
