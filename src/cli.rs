@@ -1,4 +1,4 @@
-//! The `ftvm` command line (DESIGN.md, "Command line"), as clap derive types.
+//! The `ftvm` command line (README, "Command line"), as clap derive types.
 //!
 //! This module only describes what can be typed; [`crate::config`] turns the
 //! GUEST-OPTS ([`GuestArgs`]) and the `--config` file into validated settings.
@@ -18,7 +18,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB};
+use crate::config::{DEFAULT_GUEST, DEFAULT_MEMORY_MIB, DEFAULT_SERIAL_MAX_MIB, MAX_IMAGE_MIB, SERIAL_MAX_MIB_LIMIT};
 
 /// `ftvm`: fault-tolerant virtual machines on KVM.
 #[derive(Debug, Parser)]
@@ -34,7 +34,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// The subcommands (DESIGN.md, "Command line").
+/// The subcommands.
 // One value per process, parsed once: boxing `RunArgs` would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
@@ -193,9 +193,9 @@ pub struct RunArgs {
     pub guest: GuestArgs,
 }
 
-/// GUEST-OPTS, shared by every subcommand that runs a guest (`run` now;
-/// `primary` and `secondary` later). Raw strings: [`crate::config::resolve`]
-/// merges them with the `--config` file and validates the result, so a value
+/// GUEST-OPTS, shared by every subcommand that runs a guest (`run`,
+/// `primary`, `secondary`). Raw strings: [`crate::config::resolve`] (and
+/// [`crate::config::resolve_pair`]) merges them with the `--config` file and validates the result, so a value
 /// from either source passes the same checks and gives the same error.
 #[derive(Debug, Default, Clone, Args)]
 pub struct GuestArgs {
@@ -244,6 +244,10 @@ pub struct GuestArgs {
     #[arg(long, value_name = "stdout|FILE")]
     pub serial: Option<String>,
 
+    /// `--serial-max-mib N`; the help line is [`serial_max_help`]'s.
+    #[arg(long, value_name = "N", help = serial_max_help())]
+    pub serial_max_mib: Option<u64>,
+
     /// TOML file carrying any of these settings, and for primary/secondary
     /// the PAIR-OPTS, under the same names without dashes (memory-mib = 64,
     /// param = ["rate=100"], key-file = "/etc/ftvm/pair.key"); flags
@@ -256,8 +260,16 @@ pub struct GuestArgs {
 fn guest_help() -> String {
     format!(
         "Guest image: an embedded image's NAME (see `ftvm guests`) or an ELF file's PATH; \
-         a value containing `/`, ending in `.elf` or naming an existing file is a path \
-         [default: {DEFAULT_GUEST}]"
+         a value containing `/`, ending in `.elf` or naming an existing file is a path; \
+         a file may hold at most {MAX_IMAGE_MIB} MiB [default: {DEFAULT_GUEST}]"
+    )
+}
+
+fn serial_max_help() -> String {
+    format!(
+        "Cap on a --serial FILE, in MiB, 0 to {SERIAL_MAX_MIB_LIMIT}: when the console would pass it, a regular FILE \
+         is renamed to FILE.1 (replacing the one before) and a new FILE begins; 0: no cap \
+         [default: {DEFAULT_SERIAL_MAX_MIB}]"
     )
 }
 
@@ -313,6 +325,7 @@ mod tests {
         assert_eq!(g.gateway, None);
         assert!(g.params.is_empty());
         assert_eq!(g.serial, None);
+        assert_eq!(g.serial_max_mib, None);
         assert_eq!(g.config, None);
     }
 
@@ -340,6 +353,8 @@ mod tests {
             "dest=10.0.0.9:5000",
             "--serial",
             "out.log",
+            "--serial-max-mib",
+            "16",
             "--config",
             "vm.toml",
         ])
@@ -358,6 +373,7 @@ mod tests {
         assert_eq!(g.gateway.as_deref(), Some("10.0.0.1"));
         assert_eq!(g.params, ["rate=100", "dest=10.0.0.9:5000"]);
         assert_eq!(g.serial.as_deref(), Some("out.log"));
+        assert_eq!(g.serial_max_mib, Some(16));
         assert_eq!(g.config, Some(PathBuf::from("vm.toml")));
     }
 
@@ -385,6 +401,7 @@ mod tests {
         let help = run.render_help().to_string();
         for needle in [
             "[default: hello]",
+            &format!("at most {} MiB", crate::config::MAX_IMAGE_MIB),
             "[default: 64]",
             &format!("{}..={}", ftvm_abi::MIN_MEMORY_MIB, ftvm_abi::MAX_MEMORY_MIB),
             &format!("1 to {} characters", crate::config::MAX_NAME_LEN),
@@ -396,6 +413,9 @@ mod tests {
             "KEY=VALUE",
             "stdout|FILE",
             "[default: stdout]",
+            "--serial-max-mib <N>",
+            "FILE.1",
+            "0: no cap [default: 64]",
             "--config <FILE>",
         ] {
             assert!(help.contains(needle), "{needle:?} missing from:\n{help}");

@@ -3,7 +3,7 @@
 //!
 //! # The TOML file
 //!
-//! Keys are the flag names without the leading dashes (DESIGN.md, "Command
+//! Keys are the flag names without the leading dashes (README, "Command
 //! line"). Every key is optional; `param` is an array of `"KEY=VALUE"`
 //! strings, exactly what `--param` takes, so a setting reads the same in
 //! both places:
@@ -18,6 +18,7 @@
 //! gateway = "10.0.0.1"
 //! param = ["dest=10.0.0.9:5000", "rate=100"]
 //! serial = "stdout"             # or a file path
+//! serial-max-mib = 64           # an integer; 0: no cap
 //! ```
 //!
 //! `primary` and `secondary` also take the PAIR-OPTS from the file
@@ -70,6 +71,15 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_TAP_LEN: usize = 15;
 /// The `--serial` value that means the VMM's standard output.
 pub const SERIAL_STDOUT: &str = "stdout";
+/// The largest guest image file `--guest PATH` may name, in MiB. An ftvm
+/// guest is a freestanding ELF of some KiB; the cap keeps a mistyped path
+/// (`/dev/zero`, a disk image, a FIFO that never ends) from being read
+/// without bound: at most this much and one byte more is ever read.
+pub const MAX_IMAGE_MIB: u64 = 64;
+/// `--serial-max-mib` when neither flag nor file gives one.
+pub const DEFAULT_SERIAL_MAX_MIB: u64 = 64;
+/// The largest `--serial-max-mib`: 1 TiB (a larger cap is no cap).
+pub const SERIAL_MAX_MIB_LIMIT: u64 = 1 << 20;
 
 /// Everything needed to build and run one guest, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +103,9 @@ pub struct GuestSettings {
     pub params: Vec<(String, String)>,
     /// Where the serial console goes.
     pub serial: SerialTarget,
+    /// A serial FILE is rotated to `FILE.1` when it would pass this many
+    /// MiB; 0: never. At most [`SERIAL_MAX_MIB_LIMIT`].
+    pub serial_max_mib: u64,
 }
 
 /// Where the guest image comes from.
@@ -261,6 +274,7 @@ struct ConfigFile {
     #[serde(default)]
     param: Vec<String>,
     serial: Option<String>,
+    serial_max_mib: Option<u64>,
     // PAIR-OPTS: `primary` and `secondary` only.
     key_file: Option<PathBuf>,
     control: Option<PathBuf>,
@@ -519,7 +533,15 @@ fn merge(args: &GuestArgs, file: ConfigFile) -> Result<GuestSettings, ConfigErro
         Some(s) => SerialTarget::File(PathBuf::from(s)),
     };
 
-    Ok(GuestSettings { guest, memory_mib, name, tap, mac, ip, gateway, params, serial })
+    let serial_max_mib = in_range(
+        "--serial-max-mib",
+        args.serial_max_mib.or(file.serial_max_mib),
+        DEFAULT_SERIAL_MAX_MIB,
+        0,
+        SERIAL_MAX_MIB_LIMIT,
+    )?;
+
+    Ok(GuestSettings { guest, memory_mib, name, tap, mac, ip, gateway, params, serial, serial_max_mib })
 }
 
 impl GuestSource {
@@ -787,6 +809,7 @@ mod tests {
                 gateway: None,
                 params: vec![],
                 serial: SerialTarget::Stdout,
+                serial_max_mib: DEFAULT_SERIAL_MAX_MIB,
             }
         );
     }
@@ -834,6 +857,25 @@ mod tests {
             ]
         );
         assert_eq!(s.serial, SerialTarget::File("out.log".into()));
+    }
+
+    #[test]
+    fn serial_max_mib_flag_and_key_are_checked_alike() {
+        assert_eq!(run(&[]).unwrap().serial_max_mib, 64);
+        assert_eq!(run(&["--serial-max-mib", "0"]).unwrap().serial_max_mib, 0);
+        let limit = SERIAL_MAX_MIB_LIMIT.to_string();
+        assert_eq!(run(&["--serial-max-mib", &limit]).unwrap().serial_max_mib, SERIAL_MAX_MIB_LIMIT);
+        let over = (SERIAL_MAX_MIB_LIMIT + 1).to_string();
+        refused(&["--serial-max-mib", &over], 2, &["--serial-max-mib", &over, &limit]);
+        let f = config_file(format!("serial-max-mib = {over}\n").as_bytes());
+        let path = f.path().to_str().expect("temp path is UTF-8");
+        refused(&["--config", path], 2, &["--serial-max-mib", &over, &limit]);
+        // A flag replaces the file's value.
+        assert_eq!(run(&["--config", path, "--serial-max-mib", "3"]).unwrap().serial_max_mib, 3);
+        let f = config_file(b"serial-max-mib = 5\n");
+        assert_eq!(run(&["--config", f.path().to_str().unwrap()]).unwrap().serial_max_mib, 5);
+        let f = config_file(b"serial-max-mib = -1\n");
+        refused(&["--config", f.path().to_str().unwrap()], 2, &["line 1"]);
     }
 
     #[test]
@@ -1043,6 +1085,7 @@ ip = "10.0.0.9/24"
 gateway = "10.0.0.1"
 param = ["rate=100", "dest=10.0.0.5:5000"]
 serial = "file.log"
+serial-max-mib = 8
 "#,
         );
         let path = f.path().to_str().expect("temp path is UTF-8");
@@ -1061,6 +1104,7 @@ serial = "file.log"
                 gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
                 params: vec![("rate".into(), "100".into()), ("dest".into(), "10.0.0.5:5000".into())],
                 serial: SerialTarget::File("file.log".into()),
+                serial_max_mib: 8,
             }
         );
 

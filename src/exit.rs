@@ -8,7 +8,7 @@
 //! | 2 | bad usage: a command line that cannot be parsed, or a flag value invalid in itself |
 //! | 3 | guest fault (pvpanic, triple fault, an exit nothing serves) |
 //! | 4 | lost the arbiter: this copy stopped so that the other could live |
-//! | 128+N | stopped by signal N (SIGINT, SIGTERM, SIGHUP) |
+//! | 128+N | stopped by signal N (SIGINT, SIGTERM, SIGHUP); `ftvm demo` too, after tearing its lab down (SIGINT, SIGTERM) |
 
 /// An error that is not the command line's fault.
 pub const EXIT_ERROR: i32 = 1;

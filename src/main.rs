@@ -1,13 +1,14 @@
-//! `ftvm`: parses the command line, wires the VMM, the replication layer and
-//! the heartbeat together, and maps every outcome to a documented exit status
-//! (DESIGN.md, "Command line"): 0 guest powered off cleanly, 1 error,
-//! 2 bad usage, 3 guest fault, 128+N stopped by signal N.
+//! `ftvm`: parses the command line, wires the VMM to the `pair` crate's
+//! sessions, and maps every outcome to a documented exit status ([`exit`]):
+//! 0 guest powered off cleanly, 1 error, 2 bad usage, 3 guest fault, 4 lost
+//! the arbiter, 128+N stopped by signal N.
 #![forbid(unsafe_code)]
 
 mod cli;
 mod config;
 mod exit;
 mod protect;
+mod serial;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
             exit::EXIT_LOST_ARBITER
         } else if error.downcast_ref::<UsageError>().is_some() {
             EXIT_USAGE
+        } else if let Some(i) = error.downcast_ref::<ftvm_demo::Interrupted>() {
+            i.exit_code()
         } else {
             EXIT_ERROR
         };
@@ -162,11 +165,35 @@ fn load_image(source: &GuestSource) -> Result<(Vec<u8>, Privilege), Failure> {
                     .into())
             }
         },
-        GuestSource::File(path) => {
-            let elf = std::fs::read(path).with_context(|| format!("cannot read guest image {}", path.display()))?;
-            Ok((elf, Privilege::User))
-        }
+        GuestSource::File(path) => Ok((read_image(path)?, Privilege::User)),
     }
+}
+
+/// A guest image file, refused when it holds more than
+/// [`config::MAX_IMAGE_MIB`]: a regular file by its size before reading,
+/// anything else (a device, a FIFO) after at most the cap and one byte.
+fn read_image(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
+    use std::io::Read;
+    let cap = config::MAX_IMAGE_MIB << 20;
+    let too_big = || {
+        anyhow::anyhow!(
+            "guest image {} is larger than {} MiB, the most a guest image may hold",
+            path.display(),
+            config::MAX_IMAGE_MIB
+        )
+    };
+    let cannot = || format!("cannot read guest image {}", path.display());
+    let file = std::fs::File::open(path).with_context(cannot)?;
+    let meta = file.metadata().with_context(cannot)?;
+    if meta.is_file() && meta.len() > cap {
+        return Err(too_big().into());
+    }
+    let mut elf = Vec::new();
+    file.take(cap + 1).read_to_end(&mut elf).with_context(cannot)?;
+    if elf.len() as u64 > cap {
+        return Err(too_big().into());
+    }
+    Ok(elf)
 }
 
 /// Stop the VM on SIGINT/SIGTERM/SIGHUP; remember which signal it was.
@@ -214,7 +241,8 @@ fn prepare(settings: &GuestSettings, digest_every: Option<u64>) -> Result<Prepar
     let serial: Box<dyn Write + Send> = match &settings.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
         SerialTarget::File(path) => Box::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create serial file {}", path.display()))?,
+            serial::RotatingFile::create(path, Some(settings.serial_max_mib << 20))
+                .with_context(|| format!("cannot create serial file {}", path.display()))?,
         ),
     };
     let config = VmConfig {

@@ -42,6 +42,37 @@ fn missing_guest_file_is_refused_with_status_1() {
     assert_eq!(out.status.code(), Some(1));
 }
 
+/// The cap on a guest image file, as `--help` states it.
+const MAX_IMAGE_MIB: u64 = 64;
+
+#[test]
+fn a_guest_file_over_the_cap_is_refused_with_status_1_naming_the_cap() {
+    // A sparse file one byte over the cap: refused by its size, unread.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.elf");
+    std::fs::File::create(&path).unwrap().set_len((MAX_IMAGE_MIB << 20) + 1).unwrap();
+    let out = run(&["run", "--guest", path.to_str().unwrap()]);
+    let line = one_error_line(&out);
+    assert!(line.contains("huge.elf") && line.contains(&format!("{MAX_IMAGE_MIB} MiB")), "{line}");
+    assert_eq!(out.status.code(), Some(1));
+    // Exactly the cap is not refused for its size (it is no ELF, though).
+    std::fs::File::create(&path).unwrap().set_len(MAX_IMAGE_MIB << 20).unwrap();
+    let out = run(&["run", "--guest", path.to_str().unwrap()]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("MiB"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn an_unbounded_guest_file_is_refused_after_the_cap_not_read_forever() {
+    // /dev/zero has no size to check: the binary reads at most the cap and
+    // a byte. Without the cap it would read until memory runs out (the
+    // helper kills it after 60 s and fails the test).
+    let out = run(&["run", "--guest", "/dev/zero"]);
+    let line = one_error_line(&out);
+    assert!(line.contains("/dev/zero") && line.contains(&format!("{MAX_IMAGE_MIB} MiB")), "{line}");
+    assert_eq!(out.status.code(), Some(1));
+}
+
 #[test]
 fn not_an_elf_is_refused_with_status_1() {
     let dir = tempfile::tempdir().unwrap();
@@ -191,4 +222,36 @@ fn an_unprotected_start_beside_a_live_copy_exits_4_without_a_byte_out() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!out.stdout.is_empty(), "the guest ran");
     assert_eq!(std::fs::read_to_string(&arb).unwrap(), "ftvm-arbiter v1\ngeneration 4\nowner (none)\n");
+}
+
+#[test]
+fn serial_max_mib_out_of_range_exits_2_from_flag_or_file() {
+    let out = run(&["run", "--serial", "/tmp/never-written.log", "--serial-max-mib", "1048577"]);
+    let line = one_error_line(&out);
+    assert!(line.contains("--serial-max-mib 1048577") && line.contains("1048576"), "{line}");
+    assert_eq!(out.status.code(), Some(2));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("vm.toml");
+    std::fs::write(&conf, "serial-max-mib = 99999999\n").unwrap();
+    let out = run(&["run", "--config", conf.to_str().unwrap()]);
+    assert!(one_error_line(&out).contains("--serial-max-mib 99999999"));
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn demo_help_names_only_flags_demo_takes() {
+    let out = run(&["demo", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    let flags: Vec<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .collect();
+    assert!(flags.contains(&"--guest") && flags.contains(&"--failure"), "{help}");
+    for flag in flags {
+        assert!(
+            ["--guest", "--failure", "--help", "--version"].contains(&flag),
+            "`ftvm demo` takes no {flag}:\n{help}"
+        );
+    }
 }

@@ -2,13 +2,13 @@
 //! whole host, repeated under streamer and kvstore.
 
 use anyhow::{bail, Result};
-use ftvm_demo::{interrupted, stop_flag, trial, DemoGuest, Failure, Trial};
+use ftvm_demo::{trial, DemoGuest, Failure, Stop, Trial};
 use ftvm_lab::Lab;
 
 /// `ftvm-bench failover`: `reps` trials per guest and failure, min /
 /// median / p95.
 pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
-    let stop = stop_flag()?;
+    let stop = Stop::on_signals()?;
     let mut out = serde_json::Map::new();
     let mut table = Vec::new();
     // A failed trial (a lost write or datagram, no failover) is reported,
@@ -18,13 +18,13 @@ pub fn bench(reps: u32, failures: &[Failure], json: bool) -> Result<()> {
         for guest in [DemoGuest::Streamer, DemoGuest::Kvstore] {
             let mut trials = Vec::new();
             for i in 1..=reps {
-                interrupted(&stop)?;
+                stop.check()?;
                 eprintln!("{how:?} failure, {guest:?}: trial {i}/{reps}");
                 let lab = Lab::pair("bfo");
                 match trial(&lab, guest, how, false, &stop) {
                     Ok(t) => trials.push(t),
                     Err(e) => {
-                        interrupted(&stop)?;
+                        stop.check()?;
                         eprintln!("  trial {i} FAILED: {e:#}");
                         failed.push(format!("{how:?} failure, {guest:?}, trial {i}: {e:#}"));
                     }

@@ -5,33 +5,30 @@
 //! run time unprotected vs protected; log bandwidth; replay lag.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use ftvm_demo::Proc;
 use ftvm_lab::{Lab, Netns};
 
 use crate::net::{redis_benchmark, RedisFigure};
 
-/// A process of the benchmark; killed on drop; stdout lines on a channel.
-struct Proc {
-    child: Child,
+/// An `ftvm` process of the benchmark (killed on drop, as its [`Proc`]);
+/// its stdout lines on a channel.
+struct Vmm {
+    proc: Proc,
     lines: mpsc::Receiver<String>,
 }
 
-impl Proc {
-    fn spawn(ns: &Netns, args: &[String]) -> Result<Proc> {
+impl Vmm {
+    fn spawn(ns: &Netns, args: &[String]) -> Result<Vmm> {
         let exe = ftvm_demo::ftvm_exe()?;
-        let mut child = ns
-            .command(exe)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start ftvm")?;
-        let out = child.stdout.take().context("no stdout")?;
+        let mut proc =
+            Proc::spawn(ns.command(exe).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()))
+                .context("cannot start ftvm")?;
+        let out = proc.0.stdout.take().context("no stdout")?;
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
@@ -40,24 +37,17 @@ impl Proc {
                 }
             }
         });
-        Ok(Proc { child, lines })
+        Ok(Vmm { proc, lines })
     }
 
-    fn wait_line(&self, prefix: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(l) if l.starts_with(prefix) => return Ok(()),
-                Ok(_) => {}
-                Err(_) => bail!("no line {prefix:?} from the guest within {timeout:?}"),
-            }
-        }
+    fn wait_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
+        crate::net::wait_line(&self.lines, prefix, timeout)
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.child.try_wait()? {
+            if let Some(s) = self.proc.0.try_wait()? {
                 return Ok(s.code());
             }
             if Instant::now() > deadline {
@@ -65,13 +55,6 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -99,7 +82,7 @@ fn start(
     setup: Setup,
     guest: &[String],
     tag: &str,
-) -> Result<(Proc, Option<Proc>, String)> {
+) -> Result<(Vmm, Option<Vmm>, String)> {
     let key = dir.join("key").to_string_lossy().into_owned();
     let pctl = dir.join(format!("{tag}-p.sock")).to_string_lossy().into_owned();
     let sctl = dir.join(format!("{tag}-s.sock")).to_string_lossy().into_owned();
@@ -108,7 +91,7 @@ fn start(
     if setup == Setup::Unprotected {
         let mut args = s(&["run", "--tap", a.tap()]);
         args.extend_from_slice(guest);
-        return Ok((Proc::spawn(a.netns(), &args)?, None, pctl));
+        return Ok((Vmm::spawn(a.netns(), &args)?, None, pctl));
     }
     let (ns, listen) = match setup {
         Setup::Loopback => (a.netns(), "127.0.0.1:7000".to_string()),
@@ -116,19 +99,16 @@ fn start(
     };
     let mut sargs = s(&["secondary", "--tap", a.tap(), "--key-file", &key, "--listen", &listen, "--control", &sctl]);
     sargs.extend_from_slice(guest);
-    let secondary = Proc::spawn(ns, &sargs)?;
+    let secondary = Vmm::spawn(ns, &sargs)?;
     let mut pargs = s(&["primary", "--tap", a.tap(), "--key-file", &key, "--peer", &listen, "--control", &pctl]);
     pargs.extend_from_slice(guest);
-    let primary = Proc::spawn(a.netns(), &pargs)?;
+    let primary = Vmm::spawn(a.netns(), &pargs)?;
     Ok((primary, Some(secondary), pctl))
 }
 
+/// A pair process's status, `None` while its control socket does not answer.
 fn status(control: &str) -> Option<serde_json::Value> {
-    use std::io::Read;
-    let mut c = std::os::unix::net::UnixStream::connect(control).ok()?;
-    let mut text = String::new();
-    c.read_to_string(&mut text).ok()?;
-    serde_json::from_str(text.trim()).ok()
+    pair::control::query(std::path::Path::new(control)).ok()
 }
 
 struct KvRow {
@@ -228,12 +208,7 @@ fn crunch_run(lab: &Lab, dir: &std::path::Path, setup: Setup) -> Result<f64> {
 pub fn lockstep(requests: u64, clients: u32, json: bool) -> Result<()> {
     let lab = Lab::pair("blk");
     let dir = tempfile_dir()?;
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(dir.join("key"))?;
-        std::io::Write::write_all(&mut f, replication::key::generate().as_bytes())?;
-    }
+    ftvm_demo::write_key(&dir.join("key"))?;
     let mut rtts: Vec<f64> = (0..20)
         .filter_map(|_| lab.host_a().netns().ping(lab.host_b().link_ip(), Duration::from_secs(1)))
         .map(|d| d.as_secs_f64() * 1e6)

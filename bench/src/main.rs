@@ -139,7 +139,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ftvm-bench: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<ftvm_demo::Interrupted>() {
+                Some(i) => ExitCode::from(u8::try_from(i.exit_code()).unwrap_or(1)),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

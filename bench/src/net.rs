@@ -95,15 +95,7 @@ impl LabVm {
 
     /// Wait for a serial line starting with `prefix`.
     pub fn wait_line(&self, prefix: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.starts_with(prefix) => return Ok(line),
-                Ok(_) => {}
-                Err(_) => bail!("the guest did not print a line starting {prefix:?} within {timeout:?}"),
-            }
-        }
+        wait_line(&self.lines, prefix, timeout)
     }
 
     /// Stop the guest; the number of guest exits it made.
@@ -121,6 +113,20 @@ impl Drop for LabVm {
         self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// The first of `lines` (a guest's serial console) that starts with
+/// `prefix`; an error after `timeout`, or when the console ends first.
+pub(crate) fn wait_line(lines: &Receiver<String>, prefix: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.starts_with(prefix) => return Ok(line),
+            Ok(_) => {}
+            Err(_) => bail!("the guest did not print a line starting {prefix:?} within {timeout:?}"),
         }
     }
 }
