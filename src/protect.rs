@@ -157,12 +157,9 @@ pub fn secondary(
     let session = SecondarySession::accept(session_config)?;
     // Opened now, so that the bridge forwards on it by go-live; written to
     // only after go-live.
-    let tap = match &settings.tap {
-        Some(name) => {
-            Some(Arc::new(vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?))
-        }
-        None => None,
-    };
+    // Opened now if it can be, so that the bridge forwards on it by
+    // go-live; written to only after go-live.
+    let tap = pair::live::LiveTap::open_early(settings.tap.as_deref());
     let (input, output) = session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, serial));
     let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = crate::stop_on_signals(&vm)?;

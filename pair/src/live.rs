@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use replication::go_live::LiveWorld;
+use vmm::hook::HookError;
 use vmm::tap::Tap;
 use vmm::world::{LiveInput, LiveOutput};
 
@@ -22,15 +23,48 @@ pub const ANNOUNCE_GAP: Duration = Duration::from_millis(120);
 /// The longest a go-live waits for its TAP to forward frames.
 pub const TAP_READY_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The TAP a secondary goes live on.
+pub enum LiveTap {
+    /// The guest has no NIC.
+    None,
+    /// Opened when the secondary started (the usual case).
+    Opened(Arc<Tap>),
+    /// To open at go-live: it could not be opened at start because another
+    /// process holds it (a primary on the same host, as a benchmark sets up).
+    Later(String),
+}
+
+impl LiveTap {
+    /// Open TAP `name` now if it can be; else at go-live.
+    pub fn open_early(name: Option<&str>) -> LiveTap {
+        match name {
+            None => LiveTap::None,
+            Some(name) => match Tap::open(name) {
+                Ok(t) => LiveTap::Opened(Arc::new(t)),
+                Err(e) => {
+                    tracing::info!(tap = name, error = %e, "the TAP is opened at go-live instead");
+                    LiveTap::Later(name.to_owned())
+                }
+            },
+        }
+    }
+
+    fn attach(self) -> Result<Option<Arc<Tap>>, HookError> {
+        match self {
+            LiveTap::None => Ok(None),
+            LiveTap::Opened(t) => Ok(Some(t)),
+            LiveTap::Later(name) => Tap::open(&name)
+                .map(|t| Some(Arc::new(t)))
+                .map_err(|e| HookError::Network(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
 /// The real world of a host: TAP `tap` (if the guest has a NIC), the serial
 /// console to `serial`; the guest's `mac` and `ip` announced on the TAP.
-pub fn tap_world(
-    tap: Option<Arc<Tap>>,
-    mac: [u8; 6],
-    ip: Option<(Ipv4Addr, u8)>,
-    serial: Box<dyn Write + Send>,
-) -> MakeLive {
+pub fn tap_world(tap: LiveTap, mac: [u8; 6], ip: Option<(Ipv4Addr, u8)>, serial: Box<dyn Write + Send>) -> MakeLive {
     Box::new(move |clock: u64, wake| {
+        let tap = tap.attach()?;
         if let Some(t) = &tap {
             // Frames that reached this host before go-live were the old
             // primary's business (or lost with it): the guest starts here.
