@@ -91,6 +91,11 @@ pub struct PairArgs {
     /// 1000 [default: 5]
     #[arg(long, value_name = "N")]
     pub dead_after: Option<u32>,
+    /// With --arbiter: the secondary is treated as lost when its replay falls
+    /// this many milliseconds of the primary's execution behind, 10 to
+    /// 600000 [default: 3000]
+    #[arg(long, value_name = "MS")]
+    pub max_lag_ms: Option<u64>,
     /// Write the final vCPU state and guest memory to FILE when the guest
     /// stops (for comparing the two hosts).
     #[arg(long, value_name = "FILE", hide = true)]

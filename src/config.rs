@@ -23,7 +23,7 @@
 //!
 //! `primary` and `secondary` also take the PAIR-OPTS from the file
 //! (`key-file`, `control`, `digest-every`, `arbiter`, `heartbeat-ms`,
-//! `dead-after`) and their address (`peer` for a primary, `listen` for a
+//! `dead-after`, `max-lag-ms`) and their address (`peer` for a primary, `listen` for a
 //! secondary; each ignores the other's, so one file can serve both hosts);
 //! `ftvm run` refuses them.
 //!
@@ -282,6 +282,7 @@ struct ConfigFile {
     arbiter: Option<String>,
     heartbeat_ms: Option<u64>,
     dead_after: Option<u32>,
+    max_lag_ms: Option<u64>,
     peer: Option<String>,
     listen: Option<String>,
 }
@@ -296,6 +297,7 @@ impl ConfigFile {
             ("arbiter", self.arbiter.is_some()),
             ("heartbeat-ms", self.heartbeat_ms.is_some()),
             ("dead-after", self.dead_after.is_some()),
+            ("max-lag-ms", self.max_lag_ms.is_some()),
             ("peer", self.peer.is_some()),
             ("listen", self.listen.is_some()),
         ];
@@ -364,6 +366,7 @@ pub struct PairConfig {
     pub arbiter: Option<String>,
     pub heartbeat_ms: u64,
     pub dead_after: u32,
+    pub max_lag_ms: u64,
     pub state_dump: Option<PathBuf>,
     /// `--peer` (primary) or `--listen` (secondary): a checked HOST:PORT.
     pub address: String,
@@ -375,6 +378,8 @@ pub const DEFAULT_DIGEST_EVERY: u64 = 1000;
 pub const DEFAULT_HEARTBEAT_MS: u64 = 10;
 /// `--dead-after` when neither flag nor file gives one.
 pub const DEFAULT_DEAD_AFTER: u32 = 5;
+/// `--max-lag-ms` when neither flag nor file gives one.
+pub const DEFAULT_MAX_LAG_MS: u64 = 3000;
 
 /// GUEST-OPTS and PAIR-OPTS (with `--peer` or `--listen` as `address`) of
 /// `ftvm primary` / `ftvm secondary`, merged with the `--config` file.
@@ -424,6 +429,7 @@ pub fn resolve_pair(
         )?
         .try_into()
         .unwrap_or(DEFAULT_DEAD_AFTER),
+        max_lag_ms: in_range("--max-lag-ms", pair.max_lag_ms.or(file.max_lag_ms), DEFAULT_MAX_LAG_MS, 10, 600_000)?,
         state_dump: pair.state_dump.clone(),
         address,
     };
@@ -1222,7 +1228,7 @@ serial-max-mib = 8
         let f = config_file(
             b"guest = \"kvstore\"\nkey-file = \"/etc/ftvm/pair.key\"\npeer = \"127.0.0.1:7000\"\n\
               listen = \"0.0.0.0:7000\"\narbiter = \"file:/srv/arb\"\nheartbeat-ms = 5\ndead-after = 4\n\
-              digest-every = 500\ncontrol = \"/run/kv.sock\"\n",
+              digest-every = 500\ncontrol = \"/run/kv.sock\"\nmax-lag-ms = 250\n",
         );
         let path = f.path().to_str().unwrap();
         let (g, p) = primary(&["--config", path]).unwrap();
@@ -1230,7 +1236,7 @@ serial-max-mib = 8
         assert_eq!(p.key_file, PathBuf::from("/etc/ftvm/pair.key"));
         assert_eq!(p.address, "127.0.0.1:7000");
         assert_eq!(p.arbiter.as_deref(), Some("file:/srv/arb"));
-        assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every), (5, 4, 500));
+        assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every, p.max_lag_ms), (5, 4, 500, 250));
         assert_eq!(p.control, Some(PathBuf::from("/run/kv.sock")));
         let (_, p) = primary(&["--config", path, "--peer", "127.0.0.2:7001", "--heartbeat-ms", "20"]).unwrap();
         assert_eq!((p.address.as_str(), p.heartbeat_ms), ("127.0.0.2:7001", 20));
@@ -1239,7 +1245,7 @@ serial-max-mib = 8
     #[test]
     fn pair_defaults_and_missing_required_settings() {
         let (_, p) = primary(&["--key-file", "k", "--peer", "127.0.0.1:7000"]).unwrap();
-        assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every), (10, 5, 1000));
+        assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every, p.max_lag_ms), (10, 5, 1000, 3000));
         assert_eq!(p.arbiter, None);
         let e = primary(&["--peer", "127.0.0.1:7000"]).unwrap_err();
         assert!(e.to_string().contains("--key-file") && e.to_string().contains("ftvm primary --help"), "{e}");
@@ -1260,9 +1266,13 @@ serial-max-mib = 8
             let e = primary(&["--key-file", "k", "--peer", "127.0.0.1:1", "--arbiter", bad]).unwrap_err();
             assert_eq!(e.exit_code(), 2, "--arbiter {bad}: {e}");
         }
-        for (flag, bad) in
-            [("--heartbeat-ms", "0"), ("--heartbeat-ms", "10001"), ("--dead-after", "1"), ("--digest-every", "0")]
-        {
+        for (flag, bad) in [
+            ("--heartbeat-ms", "0"),
+            ("--heartbeat-ms", "10001"),
+            ("--dead-after", "1"),
+            ("--digest-every", "0"),
+            ("--max-lag-ms", "5"),
+        ] {
             let e = primary(&["--key-file", "k", "--peer", "127.0.0.1:1", flag, bad]).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{flag} {bad}: {e}");
             assert!(e.to_string().contains(flag), "{e}");

@@ -324,6 +324,7 @@ fn pair_settings(pair: &config::PairConfig, name: &str) -> protect::PairSettings
         arbiter: pair.arbiter.clone(),
         heartbeat: std::time::Duration::from_millis(pair.heartbeat_ms),
         dead_after: pair.dead_after,
+        max_lag: std::time::Duration::from_millis(pair.max_lag_ms),
     }
 }
 

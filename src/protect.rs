@@ -32,11 +32,16 @@ pub struct PairSettings {
     pub arbiter: Option<String>,
     pub heartbeat: Duration,
     pub dead_after: u32,
+    pub max_lag: Duration,
 }
 
 impl PairSettings {
     fn failover(&self) -> Option<FailoverConfig> {
-        self.arbiter.as_ref().map(|a| FailoverConfig::new(a.clone(), self.heartbeat, self.dead_after))
+        self.arbiter.as_ref().map(|a| {
+            let mut f = FailoverConfig::new(a.clone(), self.heartbeat, self.dead_after);
+            f.max_lag = self.max_lag;
+            f
+        })
     }
 
     fn channel(&self, elf: &[u8], settings: &GuestSettings) -> Result<ChannelConfig> {
