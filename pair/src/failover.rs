@@ -75,6 +75,8 @@ impl Verdict {
 /// Heartbeats and the arbiter of one pair process.
 pub struct Failover {
     service: heartbeat::Service,
+    /// Where the heartbeats run (after `service`: dropped last).
+    _runtime: HeartbeatRuntime,
     arbiter: Arbiter,
     generation: Generation,
     owner: Owner,
@@ -86,6 +88,49 @@ pub struct Failover {
     stats: tokio::sync::watch::Receiver<heartbeat::ServiceStats>,
     /// The generation this side won, while it owns the arbiter.
     won: std::sync::Mutex<Option<Generation>>,
+}
+
+/// Niceness of the heartbeat thread: ahead of the guests' vCPU threads and
+/// of whatever else the host runs, so that a busy host does not go silent
+/// (Corosync runs its own at real-time priority for the same reason).
+pub const HEARTBEAT_NICE: i32 = -10;
+
+/// The heartbeats' own runtime: one thread, named `heartbeat`, at
+/// [`HEARTBEAT_NICE`], apart from the logging channel's worker, which a busy
+/// channel keeps busy.
+struct HeartbeatRuntime(Option<tokio::runtime::Runtime>);
+
+impl HeartbeatRuntime {
+    fn new() -> std::io::Result<HeartbeatRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("heartbeat")
+            .on_thread_start(|| {
+                let me = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(me), HEARTBEAT_NICE) {
+                    tracing::debug!(error = %e, "cannot raise the heartbeat thread's priority");
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(HeartbeatRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => unreachable!("the runtime is only taken on drop"),
+        }
+    }
+}
+
+impl Drop for HeartbeatRuntime {
+    fn drop(&mut self) {
+        // Dropped possibly from within the session's runtime: never block.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// The arbiter names a live copy of this guest: starting another could make
@@ -125,12 +170,15 @@ impl Failover {
         let mut hb = heartbeat::ServiceConfig::new(role, heartbeat::PairId::for_vm_name(name), local, peer);
         hb.interval = config.heartbeat;
         hb.dead_after = config.dead_after;
-        let service = heartbeat::Service::start(hb, key).await?;
+        let runtime = HeartbeatRuntime::new()?;
+        let key = key.to_vec();
+        let service = runtime.handle().spawn(async move { heartbeat::Service::start(hb, &key).await }).await??;
         let owner = Owner::of(name, role, service.incarnation())?;
         let stats = service.watch_stats();
         board.watch_heartbeats(service.watch_stats());
         Ok(Failover {
             service,
+            _runtime: runtime,
             arbiter,
             generation,
             owner,
