@@ -370,9 +370,6 @@ fn spawn_ack_task(
     rt.spawn(async move {
         loop {
             let upto = *acked.borrow_and_update();
-            if let Some(f) = &failover {
-                f.note_life();
-            }
             log.set_acked(upto);
             // Release what this ack allows right here, without waking the
             // releaser thread (it remains as the fallback).
@@ -382,6 +379,12 @@ fn spawn_ack_task(
             board.acked_position.store(upto.0, Ordering::SeqCst);
             if acked.changed().await.is_err() {
                 return;
+            }
+            // An ack that arrived is a sign of life (the value the watch
+            // started with is not: a peer never heard from must not count
+            // as up).
+            if let Some(f) = &failover {
+                f.note_life();
             }
         }
     });

@@ -176,6 +176,7 @@ impl fmt::Display for IdentityValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdentityValue::Digest(digest) => digest.iter().try_for_each(|b| write!(f, "{b:02x}")),
+            IdentityValue::Bytes(n) if n % (1 << 20) == 0 => write!(f, "{} MiB", n >> 20),
             IdentityValue::Bytes(n) => write!(f, "{n} bytes"),
         }
     }
@@ -1856,12 +1857,17 @@ mod tests {
         }
         let error = ChannelError::IdentityMismatch {
             field: IdentityField::MemorySize,
-            ours: IdentityValue::Bytes(64),
-            theirs: IdentityValue::Bytes(128),
+            ours: IdentityValue::Bytes(64 << 20),
+            theirs: IdentityValue::Bytes(128 << 20),
         };
         assert_eq!(
             error.to_string(),
-            "the peer runs a different guest: the memory size is 64 bytes here and 128 bytes there"
+            "the peer runs a different guest: the memory size (--memory-mib) is 64 MiB here and 128 MiB there"
+        );
+        let error = FrameError::BadMagic { found: *b"HT" };
+        assert_eq!(
+            error.to_string(),
+            "the peer does not speak ftvm's logging protocol (it began with \"HT\": another program on that port?)"
         );
     }
 

@@ -74,6 +74,15 @@ use crate::record::{LogPosition, Record, RecordKind, MAX_ENTROPY_LEN, MAX_FRAME_
 pub const MAGIC: [u8; 2] = *b"fL";
 /// The protocol version this build speaks. Both ends must speak the same one.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// Bytes as text when they are printable ASCII (`"HT"`), else in hex.
+fn shown(bytes: &[u8]) -> String {
+    if bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("{:?}", String::from_utf8_lossy(bytes))
+    } else {
+        format!("bytes {bytes:02x?}")
+    }
+}
+
 /// Header length: magic, version, kind, flags, sequence number, length.
 pub const HEADER_LEN: usize = 18;
 /// CRC32C length.
@@ -193,9 +202,11 @@ impl IdentityField {
 impl fmt::Display for IdentityField {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            IdentityField::Image => "guest image",
-            IdentityField::MemorySize => "memory size",
-            IdentityField::Config => "guest configuration",
+            IdentityField::Image => "guest image (--guest)",
+            IdentityField::MemorySize => "memory size (--memory-mib)",
+            IdentityField::Config => {
+                "guest configuration (--mac, --ip, --gateway, --param, and whether there is a --tap)"
+            }
         })
     }
 }
@@ -300,7 +311,10 @@ pub struct Frame {
 #[non_exhaustive]
 pub enum FrameError {
     /// The stream does not start a frame where one is due.
-    #[error("not an ftvm log frame: magic bytes {found:02x?}")]
+    #[error(
+        "the peer does not speak ftvm's logging protocol (it began with {}: another program on that port?)",
+        shown(found)
+    )]
     BadMagic { found: [u8; 2] },
     /// The peer speaks another protocol version.
     #[error("the peer speaks protocol version {found}, this side speaks {supported}")]
