@@ -49,8 +49,19 @@ fn kvm_netns_sigkill_primary_kvstore_lives_on_with_its_connection_and_every_writ
     }
     let st = common::status_json(dir.path().join("s.sock").to_str().unwrap());
     assert_eq!(st["role"], "standalone", "{st}");
+    // Only what applies to a standalone: no acks, no replay lag, nothing
+    // held (what was held went out at go-live).
+    assert!(st["acked_position"].is_null() && st["replay_lag_records"].is_null(), "{st}");
+    assert_eq!(st["outputs_held"], 0, "{st}");
+    assert_eq!(st["name"], "kvstore", "{st}");
+    assert!(st["uptime_s"].as_f64().is_some_and(|u| u > 0.0), "{st}");
     let f = &st["last_failure"];
     assert_eq!(f["kind"], "primary lost", "{st}");
+    // Times in ms, rounded to the microsecond.
+    for k in ["reaction_ms", "recovery_ms", "outage_ms"] {
+        let v = f[k].as_f64().unwrap();
+        assert!((v * 1000.0 - (v * 1000.0).round()).abs() < 1e-6, "{k} = {v}");
+    }
     // The dead process's kernel closed the channel: no need to wait for
     // the heartbeats' silence.
     assert_eq!(f["detected_by"], "log channel closed", "{st}");
