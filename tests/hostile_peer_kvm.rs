@@ -8,76 +8,15 @@ mod common;
 
 use common::{connect_kvstore, key_file, reply, resp, status_json};
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ftvm_lab as lab;
 use lab::Lab;
 
-/// A pair process; killed on drop. Its stderr lines arrive on a channel.
-struct Proc {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, stderr) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("  | {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, stderr }
-    }
-
-    /// Wait for exit (bounded) and return the status and the stderr lines
-    /// not yet taken.
-    fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<String>) {
-        let exited = lab::wait_for(timeout, || self.child.try_wait().unwrap().is_some());
-        assert!(exited, "pair process did not exit within {timeout:?}");
-        let status = self.child.try_wait().unwrap().unwrap();
-        let mut lines = Vec::new();
-        while let Ok(l) = self.stderr.recv_timeout(Duration::from_millis(500)) {
-            lines.push(l);
-        }
-        (status.code(), lines)
-    }
-
-    /// The first stderr line (from now on) containing `needle`.
-    fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("no stderr line with {needle:?}: {e}"),
-            }
-        }
-    }
-
-    /// Whether the process is still running.
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Logged as Proc;
 
 /// Read until the secondary closes the connection (bounded).
 fn until_closed(stream: &mut TcpStream) {

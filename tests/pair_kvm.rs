@@ -7,75 +7,13 @@ mod common;
 
 use common::{connect_kvstore as connect, key_file, reply, resp, status_json};
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use ftvm_lab as lab;
 use lab::Lab;
 
-/// A pair process; killed on drop. Its stderr lines arrive on a channel.
-struct Proc {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, stderr) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("  | {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, stderr }
-    }
-
-    /// Wait for exit (bounded) and return the status and all stderr lines.
-    fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<String>) {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "pair process did not exit within {timeout:?}");
-            // Waiting for an external process to exit: there is no event to
-            // block on besides wait(), which has no timeout.
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut lines = Vec::new();
-        while let Ok(l) = self.stderr.recv_timeout(Duration::from_millis(500)) {
-            lines.push(l);
-        }
-        (status.code(), lines)
-    }
-
-    fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("no stderr line with {needle:?}: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Logged as Proc;
 
 #[test]
 fn kvm_pair_on_loopback_replays_to_an_identical_final_state() {

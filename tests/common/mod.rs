@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The ftvm binary cargo built for these tests.
 pub fn ftvm() -> Command {
@@ -205,4 +205,66 @@ pub fn failover_pair_of(lab: &ftvm_lab::Lab, guest: &[&str]) -> (Proc, Proc, tem
     pri.args(["--peer", &listen, "--arbiter", &arbiter, "--control", &d("p.sock")]);
     let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("primary.log")).spawn().unwrap());
     (pri, sec, dir)
+}
+
+/// A pair process; killed on drop. Its stderr lines arrive on a channel.
+pub struct Logged {
+    pub child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+impl Logged {
+    pub fn spawn(mut cmd: Command) -> Logged {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, stderr) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("  | {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Logged { child, stderr }
+    }
+
+    /// Wait for exit (bounded) and return the status and the stderr lines
+    /// not yet taken.
+    pub fn finish(mut self, timeout: Duration) -> (Option<i32>, Vec<String>) {
+        let exited = ftvm_lab::wait_for(timeout, || self.child.try_wait().unwrap().is_some());
+        assert!(exited, "pair process did not exit within {timeout:?}");
+        let status = self.child.try_wait().unwrap().unwrap();
+        let mut lines = Vec::new();
+        while let Ok(l) = self.stderr.recv_timeout(Duration::from_millis(500)) {
+            lines.push(l);
+        }
+        (status.code(), lines)
+    }
+
+    /// The first stderr line (from now on) containing `needle`.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no stderr line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

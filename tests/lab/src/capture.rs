@@ -205,19 +205,7 @@ fn record(socket: &OwnedFd, stop: &File) -> Result<Vec<Frame>, String> {
     let mut frames = Vec::new();
     let mut buf = vec![0u8; MAX_CAPTURED];
     loop {
-        let mut fds = [
-            libc::pollfd { fd: socket.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: fds is an array of 2 valid pollfds for the duration of the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ready < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {e}"));
-        }
+        let fds = crate::poll_data_or_stop(socket.as_raw_fd(), stop.as_raw_fd())?;
         // Whatever is queued now, also when stopping: stop is signalled after the frames it
         // must cover were handed to the socket.
         drain(socket, &mut buf, &mut frames)?;

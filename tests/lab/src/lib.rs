@@ -55,7 +55,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -755,6 +755,26 @@ impl Drop for LinkRelay {
     }
 }
 
+/// Wait until `data` or `stop` has something to read (retrying after a
+/// signal); their pollfds, `revents` filled in.
+pub(crate) fn poll_data_or_stop(data: RawFd, stop: RawFd) -> Result<[libc::pollfd; 2], String> {
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: data, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: stop, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: fds is an array of 2 valid pollfds for the duration of the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready >= 0 {
+            return Ok(fds);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(format!("poll: {e}"));
+        }
+    }
+}
+
 /// Gives the calling thread a low real-time priority (SCHED_FIFO 10), as netem's kernel timers
 /// effectively have: a relay at normal priority lags by tens of milliseconds when the VMMs and
 /// clients it carries keep both cores busy, and a link slower than its impairment would fail the
@@ -786,19 +806,7 @@ fn read_frames(
     let mut buf = vec![0u8; MAX_FRAME];
     let mut seq = 0u64;
     loop {
-        let mut fds = [
-            libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        ];
-        // SAFETY: fds is an array of 2 valid pollfds for the duration of the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if ready < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(format!("poll: {e}"));
-        }
+        let fds = poll_data_or_stop(from.as_raw_fd(), stop.as_raw_fd())?;
         if fds[1].revents != 0 {
             return Ok(());
         }
