@@ -370,7 +370,11 @@ fn run_trial(lab: &Lab, dir: &Path, guest: DemoGuest, how: Failure, progress: bo
             }
             let max = seen.iter().next_back().copied().unwrap_or(0);
             if let Some(m) = (0..max).find(|s| !seen.contains(s)) {
-                bail!("datagram {m} never arrived");
+                let dropped = lab.client().run(udp_receive_buffer_errors);
+                bail!(
+                    "datagram {m} never arrived (the client's own socket dropped {} datagrams for want of buffer)",
+                    dropped.map_or_else(|| "an unknown number of".to_string(), |n| n.to_string())
+                );
             }
             let (detected_by, reaction_ms, recovery_ms) = failure_figures(dir, stop)?;
             drop(secondary);
@@ -499,4 +503,15 @@ mod tests {
             assert_eq!(e.downcast_ref::<Interrupted>().map(Interrupted::exit_code), Some(code));
         }
     }
+}
+
+/// `RcvbufErrors` of the calling thread's network namespace: datagrams its
+/// UDP sockets dropped because the receiver did not read them in time (a
+/// busy client, not the pair, lost them).
+fn udp_receive_buffer_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }

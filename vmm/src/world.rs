@@ -191,5 +191,11 @@ impl OutputSink for LiveOutput {
 impl Drop for LiveOutput {
     fn drop(&mut self) {
         let _ = self.serial.flush();
+        if self.tx_dropped > 0 {
+            tracing::warn!(
+                frames = self.tx_dropped,
+                "the TAP refused frames (queue full or interface down); they were dropped"
+            );
+        }
     }
 }
