@@ -433,3 +433,27 @@ fn kvm_netns_guest_moved_to_another_host_is_reached_at_once() {
     s.write_all(&resp(&["PING"])).unwrap();
     assert_eq!(read_reply(&mut s, 7), b"+PONG\r\n");
 }
+
+#[test]
+fn kvm_netns_kvstore_protected_shutdown_closes_every_connection_and_both_copies_stop() {
+    if !ready() {
+        return;
+    }
+    let lab = Lab::pair("kvz");
+    let (primary, secondary, _dir) = boot_protected(&lab);
+    let mut idle = connect(&lab);
+    idle.write_all(&resp(&["PING"])).unwrap();
+    assert_eq!(read_reply(&mut idle, 7), b"+PONG\r\n");
+    let mut asker = connect(&lab);
+    asker.write_all(&resp(&["SHUTDOWN", "NOSAVE"])).unwrap();
+    // The FINs are outputs: the primary releases them once the secondary
+    // has the log up to them, before the guest's power-off ends both.
+    assert_eq!(read_reply(&mut asker, usize::MAX), b"", "the SHUTDOWN connection was not closed");
+    assert_eq!(read_reply(&mut idle, usize::MAX), b"", "an idle connection was not closed");
+    for (name, mut copy) in [("primary", primary), ("secondary", secondary)] {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || tx.send(copy.0.wait()));
+        let status = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("the {name} did not stop"));
+        assert_eq!(status.unwrap().code(), Some(0), "the {name}'s guest powered off with status 0");
+    }
+}
