@@ -11,20 +11,27 @@
 //!
 //! - `clients=N` (default 64, 1..=1024): concurrent connections served. A
 //!   connection beyond N is answered `-ERR max number of clients reached`
-//!   and closed, as Redis does at `maxclients`. The pool holds 2N + 8
-//!   sockets: a client that closes its N connections and opens N new ones
-//!   at once (redis-benchmark between two tests) has its SYNs arrive in the
-//!   same turn as its FINs, while the old sockets still wait for the
-//!   client's last ACK, so N more must be listening; the 8 spares cover
-//!   sockets in TIME-WAIT (10 s after the server closed: QUIT, a protocol
-//!   error, a refused connection).
+//!   and closed, as Redis does at `maxclients`. The pool holds 4N + 8
+//!   sockets, so that a SYN always finds one in LISTEN: a client that
+//!   closes its N connections and opens N new ones at once (redis-benchmark
+//!   between two tests) has its SYNs arrive in the same turn as its FINs,
+//!   while the old sockets still wait for the client's last ACK (2N);
+//!   `redis-benchmark -k 0` (a connection per request) opens each new
+//!   connection before it closes the old one, so N old, N new and N closing
+//!   can coexist, and some of those past N are refused (3N and more); the 8
+//!   spares cover sockets in TIME-WAIT (10 s after the server closed: QUIT,
+//!   a protocol error, a refused connection). A client that holds more
+//!   than N connections at once, as `-k 0` briefly does, gets the error on
+//!   the extra ones: give it `clients=` 2 × its `-c`.
 //! - `maxmemory=BYTES` (optional; suffix k, m or g for KiB, MiB, GiB): the
 //!   keyspace limit; writes past it get `-OOM`. Default: half of the memory
 //!   left once the sockets and a fixed reserve are taken.
 //!
-//! Memory: every socket has a 32 KiB receive and a 32 KiB transmit buffer,
-//! 8.5 MiB for the default pool. A request or reply may be larger than a
-//! socket buffer (the connection buffers the rest). The guest needs the
+//! Memory: every socket has a 24 KiB receive buffer (the window a client
+//! fills before kvstore reads: bulk loads and pipelines need it) and an
+//! 8 KiB transmit buffer (replies beyond it wait in the connection's own
+//! buffer), 8.25 MiB for the default pool. A request or reply may be larger
+//! than a socket buffer. The guest needs the
 //! sockets + 4 MiB (image, NIC buffers, stack) + 8 MiB (keyspace and
 //! connection buffers) at least: 21 MiB with the default pool (refused
 //! below, with a message). At the VMM's default 64 MiB the keyspace limit is
@@ -77,8 +84,12 @@ rt::entry!(main);
 
 /// The Redis port.
 const PORT: u16 = 6379;
-/// Bytes of each socket's receive buffer, and of its transmit buffer.
-const SOCKET_BUF: usize = 32 * 1024;
+/// Bytes of each socket's receive buffer: the TCP window a client can fill
+/// before kvstore reads (bulk loads, pipelines).
+const RX_BUF: usize = 24 * 1024;
+/// Bytes of each socket's transmit buffer (replies beyond it wait in the
+/// connection's own buffer).
+const TX_BUF: usize = 8 * 1024;
 /// Concurrent connections without `--param clients`.
 const DEFAULT_CLIENTS: usize = 64;
 /// Most concurrent connections accepted as a parameter.
@@ -128,8 +139,8 @@ fn main(boot: &'static rt::BootParams) -> u32 {
     for _ in 0..sockets {
         // Zeroed 8 bytes at a time: `vec![0; n]` would take seconds here.
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(rt::net::zeroed_vec(SOCKET_BUF)),
-            tcp::SocketBuffer::new(rt::net::zeroed_vec(SOCKET_BUF)),
+            tcp::SocketBuffer::new(rt::net::zeroed_vec(RX_BUF)),
+            tcp::SocketBuffer::new(rt::net::zeroed_vec(TX_BUF)),
         );
         configure(&mut socket);
         if let Err(e) = socket.listen(PORT) {
@@ -149,7 +160,7 @@ fn main(boot: &'static rt::BootParams) -> u32 {
 
 /// Sockets for `clients` connections (see the module documentation).
 const fn pool_size(clients: usize) -> usize {
-    2 * clients + SPARE_SOCKETS
+    4 * clients + SPARE_SOCKETS
 }
 
 /// What the parameters and the guest's memory allow.
@@ -167,7 +178,7 @@ impl Settings {
             }
         };
         // Bounded by MAX_CLIENTS: no overflow.
-        let socket_bytes = (pool_size(clients) * 2 * SOCKET_BUF) as u64;
+        let socket_bytes = (pool_size(clients) * (RX_BUF + TX_BUF)) as u64;
         let reserved = socket_bytes + FIXED_RESERVE;
         let needed = reserved + MIN_FREE;
         if boot.mem_size < needed {
