@@ -3,30 +3,55 @@
 //!
 //! The protocol and the keyspace are the `kvstore-resp` crate; this guest
 //! wires it to smoltcp (`rt::net`): a pool of TCP sockets all kept in LISTEN
-//! on port 6379, so that up to `clients` connections opening at once each
-//! find one; a socket that closes goes back to LISTEN.
+//! on port 6379 (smoltcp has no listen backlog: a SYN that finds no socket
+//! in LISTEN is answered with a reset); a socket that closes goes back to
+//! LISTEN.
 //!
 //! Parameters (`--param KEY=VALUE`):
 //!
-//! - `clients=N` (default 64, 1..=1024): concurrent connections served. The
-//!   pool holds N + 8 sockets: a socket spends 10 s in TIME-WAIT after the
-//!   server closes a connection (QUIT, a protocol error), and the spares
-//!   keep N connections possible meanwhile.
+//! - `clients=N` (default 64, 1..=1024): concurrent connections served. A
+//!   connection beyond N is answered `-ERR max number of clients reached`
+//!   and closed, as Redis does at `maxclients`. The pool holds 4N + 8
+//!   sockets, so that a SYN always finds one in LISTEN: a client that
+//!   closes its N connections and opens N new ones at once (redis-benchmark
+//!   between two tests) has its SYNs arrive in the same turn as its FINs,
+//!   while the old sockets still wait for the client's last ACK (2N);
+//!   `redis-benchmark -k 0` (a connection per request) opens each new
+//!   connection before it closes the old one, so N old, N new and N closing
+//!   can coexist, and some of those past N are refused (3N and more); the 8
+//!   spares cover sockets in TIME-WAIT (10 s after the server closed: QUIT,
+//!   a protocol error, a refused connection). A client that holds more
+//!   than N connections at once, as `-k 0` briefly does, gets the error on
+//!   the extra ones: give it `clients=` 2 × its `-c`.
 //! - `maxmemory=BYTES` (optional; suffix k, m or g for KiB, MiB, GiB): the
 //!   keyspace limit; writes past it get `-OOM`. Default: half of the memory
 //!   left once the sockets and a fixed reserve are taken.
 //!
-//! Memory: every socket has a 64 KiB receive and a 64 KiB transmit buffer
-//! (values up to 64 KiB, pipelining), 9 MiB for the default pool. The guest
-//! needs the sockets + 4 MiB (image, NIC buffers, stack) + 8 MiB (keyspace
-//! and connection buffers) at least: 21 MiB with the default pool (refused
+//! Memory: every socket has a 24 KiB receive buffer (the window a client
+//! fills before kvstore reads: bulk loads and pipelines need it) and an
+//! 8 KiB transmit buffer (replies beyond it wait in the connection's own
+//! buffer), 8.25 MiB for the default pool. A request or reply may be larger
+//! than a socket buffer. The guest needs the
+//! sockets + 4 MiB (image, NIC buffers, stack) + 8 MiB (keyspace and
+//! connection buffers) at least: 21 MiB with the default pool (refused
 //! below, with a message). At the VMM's default 64 MiB the keyspace limit is
 //! about 25 MiB.
+//!
+//! Sizes: a bulk string (a key or a value) may have up to 66 560 bytes
+//! (`kvstore_resp::limits::MAX_BULK_LEN`, 65 KiB); a longer one is answered
+//! `-ERR Protocol error: invalid bulk length` and the connection is closed,
+//! as Redis does past its `proto-max-bulk-len` (512 MB there).
 //!
 //! Back-pressure: a connection's replies wait in its output buffer while the
 //! socket's transmit buffer is full; while 64 KiB or more wait, or the engine
 //! holds requests back (its own high-water mark), nothing more is read from
 //! that socket, so TCP flow control makes the client wait.
+//!
+//! SHUTDOWN (with or without NOSAVE: nothing is ever saved) closes every
+//! connection first, as Redis does: each client gets a FIN after what was
+//! already queued for it, the listening sockets stop, and the guest powers
+//! off with status 0 once every FIN was acknowledged, or after
+//! [`SHUTDOWN_GRACE_NS`] of guest time.
 //!
 //! Serial output: `kvstore: network up: MAC ..., IP ..., gateway ...`,
 //! `kvstore: N clients, S sockets, keyspace limit M MiB`, then
@@ -59,21 +84,29 @@ rt::entry!(main);
 
 /// The Redis port.
 const PORT: u16 = 6379;
-/// Bytes of each socket's receive buffer, and of its transmit buffer.
-const SOCKET_BUF: usize = 64 * 1024;
+/// Bytes of each socket's receive buffer: the TCP window a client can fill
+/// before kvstore reads (bulk loads, pipelines).
+const RX_BUF: usize = 24 * 1024;
+/// Bytes of each socket's transmit buffer (replies beyond it wait in the
+/// connection's own buffer).
+const TX_BUF: usize = 8 * 1024;
 /// Concurrent connections without `--param clients`.
 const DEFAULT_CLIENTS: usize = 64;
 /// Most concurrent connections accepted as a parameter.
 const MAX_CLIENTS: usize = 1024;
-/// Sockets beyond `clients`, for the ones waiting out TIME-WAIT.
+/// Sockets beyond twice `clients`, for the ones waiting out TIME-WAIT.
 const SPARE_SOCKETS: usize = 8;
+/// Most time SHUTDOWN waits for the clients to acknowledge their FIN.
+const SHUTDOWN_GRACE_NS: u64 = 2_000_000_000;
+/// The reply to a connection beyond `clients` (Redis's words).
+const MAX_CLIENTS_REPLY: &[u8] = b"-ERR max number of clients reached\r\n";
 /// Memory reserved besides the sockets: image, NIC buffers and rings,
 /// stack, allocator slack.
 const FIXED_RESERVE: u64 = 4 << 20;
 /// Least memory left for the keyspace and the connections' buffers.
 const MIN_FREE: u64 = 8 << 20;
 /// Stop reading from a socket while this much output waits to be sent.
-const READ_HIGH_WATER: usize = SOCKET_BUF;
+const READ_HIGH_WATER: usize = 64 * 1024;
 /// How often the health port is written.
 const HEALTH_EVERY_NS: u64 = 100_000_000;
 /// Expired keys removed per turn, at most (the rest go lazily or next turn).
@@ -101,13 +134,13 @@ fn main(boot: &'static rt::BootParams) -> u32 {
         return EXIT_NO_NETWORK;
     };
 
-    let sockets = settings.clients + SPARE_SOCKETS;
+    let sockets = pool_size(settings.clients);
     let mut pool: Vec<Client> = Vec::with_capacity(sockets);
     for _ in 0..sockets {
         // Zeroed 8 bytes at a time: `vec![0; n]` would take seconds here.
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(rt::net::zeroed_vec(SOCKET_BUF)),
-            tcp::SocketBuffer::new(rt::net::zeroed_vec(SOCKET_BUF)),
+            tcp::SocketBuffer::new(rt::net::zeroed_vec(RX_BUF)),
+            tcp::SocketBuffer::new(rt::net::zeroed_vec(TX_BUF)),
         );
         configure(&mut socket);
         if let Err(e) = socket.listen(PORT) {
@@ -122,7 +155,12 @@ fn main(boot: &'static rt::BootParams) -> u32 {
         settings.store_limit >> 20
     );
     rt::println!("kvstore: listening on {}:{PORT}", net.ip());
-    serve(&mut net, &mut pool, Store::with_limit(settings.store_limit))
+    serve(&mut net, &mut pool, Store::with_limit(settings.store_limit), settings.clients)
+}
+
+/// Sockets for `clients` connections (see the module documentation).
+const fn pool_size(clients: usize) -> usize {
+    4 * clients + SPARE_SOCKETS
 }
 
 /// What the parameters and the guest's memory allow.
@@ -140,7 +178,7 @@ impl Settings {
             }
         };
         // Bounded by MAX_CLIENTS: no overflow.
-        let socket_bytes = ((clients + SPARE_SOCKETS) * 2 * SOCKET_BUF) as u64;
+        let socket_bytes = (pool_size(clients) * (RX_BUF + TX_BUF)) as u64;
         let reserved = socket_bytes + FIXED_RESERVE;
         let needed = reserved + MIN_FREE;
         if boot.mem_size < needed {
@@ -226,19 +264,32 @@ struct Session {
     closing: bool,
 }
 
-/// Serves forever.
-fn serve(net: &mut Net, pool: &mut [Client], mut store: Store) -> u32 {
+/// Serves until SHUTDOWN.
+fn serve(net: &mut Net, pool: &mut [Client], mut store: Store, clients: usize) -> u32 {
     let mut next_health: u64 = 0;
     let mut beat: u32 = 0;
     loop {
         let now = net.poll();
+        // Connections admitted before this turn and still open both ways;
+        // new ones are admitted in pool order while fewer than `clients`.
+        let mut admitted = pool
+            .iter()
+            .filter(|client| {
+                client.session.as_ref().is_some_and(|s| !s.closing)
+                    && net.sockets.get::<tcp::Socket>(client.handle).state() == tcp::State::Established
+            })
+            .count();
         let mut open = 0;
+        let mut shutdown = false;
         for client in pool.iter_mut() {
             let socket = net.sockets.get_mut::<tcp::Socket>(client.handle);
-            client.serve(socket, &mut store, now);
+            shutdown |= client.serve(socket, &mut store, now, clients, &mut admitted);
             if client.session.is_some() {
                 open += 1;
             }
+        }
+        if shutdown {
+            shut_down(net, pool);
         }
         store.set_connected_clients(open);
         store.sweep(now, SWEEP_BUDGET);
@@ -254,9 +305,18 @@ fn serve(net: &mut Net, pool: &mut [Client], mut store: Store) -> u32 {
 }
 
 impl Client {
-    /// One turn of this socket: take a new connection, send waiting
-    /// replies, execute requests, close, or listen again.
-    fn serve(&mut self, socket: &mut tcp::Socket<'_>, store: &mut Store, now: u64) {
+    /// One turn of this socket: take a new connection (or refuse it with an
+    /// error when `admitted` reached `clients`), send waiting replies,
+    /// execute requests, close, or listen again. True when a request was
+    /// SHUTDOWN.
+    fn serve(
+        &mut self,
+        socket: &mut tcp::Socket<'_>,
+        store: &mut Store,
+        now: u64,
+        clients: usize,
+        admitted: &mut usize,
+    ) -> bool {
         match socket.state() {
             tcp::State::Closed => {
                 // Closed by reset, timeout or after our close: listen again.
@@ -264,27 +324,38 @@ impl Client {
                 configure(socket);
                 // Only fails on a socket that is open, or on port 0.
                 let _ = socket.listen(PORT);
-                return;
+                return false;
             }
-            tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent => return,
+            tcp::State::Listen | tcp::State::SynReceived | tcp::State::SynSent => return false,
             tcp::State::TimeWait => {
                 // Our close completed; the socket lingers, then is Closed.
                 self.session = None;
-                return;
+                return false;
             }
             _ => {}
         }
-        let session =
-            self.session.get_or_insert_with(|| Session { conn: Conn::new(), out: Vec::new(), closing: false });
+        let session = self.session.get_or_insert_with(|| {
+            let mut session = Session { conn: Conn::new(), out: Vec::new(), closing: false };
+            if *admitted < clients {
+                *admitted += 1;
+            } else {
+                // Over the limit: say so, then close without reading.
+                session.out.extend_from_slice(MAX_CLIENTS_REPLY);
+                session.closing = true;
+            }
+            session
+        });
+        let mut shutdown = false;
         session.send(socket);
         if session.conn.has_pending_input() && session.out.len() < OUTPUT_HIGH_WATER {
             // Requests held back while the output was full.
             let status = session.conn.feed(&[], store, now, &mut session.out);
-            power_off_on_shutdown(status);
-            session.closing |= status == ConnStatus::Close;
+            shutdown |= status == ConnStatus::Shutdown;
+            session.closing |= status != ConnStatus::Open;
             session.send(socket);
         }
         while !session.closing
+            && !shutdown
             && !session.conn.has_pending_input()
             && session.out.len() < READ_HIGH_WATER
             && socket.can_recv()
@@ -295,8 +366,8 @@ impl Client {
             });
             match fed {
                 Ok(status) => {
-                    power_off_on_shutdown(status);
-                    session.closing |= status == ConnStatus::Close
+                    shutdown |= status == ConnStatus::Shutdown;
+                    session.closing |= status != ConnStatus::Open;
                 }
                 Err(_) => break,
             }
@@ -308,6 +379,7 @@ impl Client {
             // FIN after what the socket still holds.
             socket.close();
         }
+        shutdown
     }
 }
 
@@ -329,10 +401,38 @@ impl Session {
     }
 }
 
-/// SHUTDOWN (as Redis: no reply): the guest powers off with status 0.
-fn power_off_on_shutdown(status: ConnStatus) {
-    if status == ConnStatus::Shutdown {
-        rt::println!("kvstore: SHUTDOWN, powering off");
-        rt::power_off(0);
+/// SHUTDOWN (as Redis: no reply to it): every connection gets what was
+/// queued for it and a FIN, nothing new is accepted, and the guest powers
+/// off with status 0 once every FIN was acknowledged (or after
+/// [`SHUTDOWN_GRACE_NS`]), so that no client is left waiting on a
+/// connection that silently went away.
+fn shut_down(net: &mut Net, pool: &mut [Client]) -> ! {
+    rt::println!("kvstore: SHUTDOWN, closing connections");
+    for client in pool.iter_mut() {
+        let socket = net.sockets.get_mut::<tcp::Socket>(client.handle);
+        if let Some(session) = client.session.as_mut() {
+            session.send(socket);
+        }
+        // LISTEN and SYN-RECEIVED end at once (a late SYN gets a reset); an
+        // open connection sends its FIN after what the socket holds.
+        socket.close();
+    }
+    let deadline = net.now_ns().saturating_add(SHUTDOWN_GRACE_NS);
+    loop {
+        net.wait(Some(deadline));
+        let now = net.poll();
+        let waiting = pool
+            .iter()
+            .filter(|client| {
+                !matches!(
+                    net.sockets.get::<tcp::Socket>(client.handle).state(),
+                    tcp::State::Closed | tcp::State::TimeWait | tcp::State::FinWait2
+                )
+            })
+            .count();
+        if waiting == 0 || now >= deadline {
+            rt::println!("kvstore: SHUTDOWN, powering off ({waiting} connections not closed)");
+            rt::power_off(0);
+        }
     }
 }

@@ -23,6 +23,16 @@
 //! in the past, and its HLT returns at once after taking in any frames. The
 //! driver never spins on a register or on the rings.
 //!
+//! # Start-up announcements
+//!
+//! The first turns send [`BOOT_ANNOUNCEMENTS`] gratuitous ARPs,
+//! [`ANNOUNCE_INTERVAL_NS`] apart (the timer wakes the guest for them), so
+//! that a guest booted on a host other than the one its address lived on
+//! before is found at once: clients' ARP caches and the bridges' forwarding
+//! tables learn the new place without waiting for their entries to age out.
+//! They are outputs like any other (the output rule holds them on a
+//! primary).
+//!
 //! # Exits per turn
 //!
 //! Every register access and port access is an exit; reading and writing the
@@ -121,6 +131,16 @@ const IMMEDIATE: u64 = 1;
 /// Bound on `poll_egress` rounds in one turn (each sends at most one packet
 /// per socket); past it the turn ends and the next one carries on.
 const MAX_EGRESS_ROUNDS: usize = 4 * QUEUE_SIZE;
+/// Gratuitous ARPs sent when the network comes up, so that a client's ARP
+/// cache and the bridges between them learn at once where the guest's
+/// address now lives (a guest started on another host than before keeps
+/// its IP and MAC): the first goes out with the first turn, the others
+/// [`ANNOUNCE_INTERVAL_NS`] apart, because one frame sent just after a TAP
+/// opens can be lost (QEMU announces five times, a go-live over about half a
+/// second).
+pub const BOOT_ANNOUNCEMENTS: u8 = 3;
+/// Time between two boot announcements.
+pub const ANNOUNCE_INTERVAL_NS: u64 = 200_000_000;
 
 /// Why the network could not be brought up.
 #[derive(Debug)]
@@ -207,6 +227,8 @@ pub struct NetStats {
     pub rx_frames: u64,
     /// Frames dropped on transmit: no buffer, or too long.
     pub tx_dropped: u64,
+    /// Gratuitous ARPs sent at start-up ([`BOOT_ANNOUNCEMENTS`]).
+    pub announcements: u64,
     /// Used-ring entries that made no sense (a device bug); they stop the
     /// ring they were found on.
     pub ring_errors: u64,
@@ -721,6 +743,10 @@ pub struct Net {
     turns: u64,
     halts: u64,
     timer_arms: u64,
+    /// Boot announcements still to send, and when the next one is due.
+    announce_left: u8,
+    next_announce_ns: u64,
+    announcements: u64,
 }
 
 impl Net {
@@ -788,6 +814,10 @@ impl Net {
             turns: 0,
             halts: 0,
             timer_arms: 0,
+            announce_left: BOOT_ANNOUNCEMENTS,
+            // Due at the first turn's end.
+            next_announce_ns: now_ns,
+            announcements: 0,
         })
     }
 
@@ -818,7 +848,13 @@ impl Net {
 
     /// Counters since the network came up.
     pub fn stats(&self) -> NetStats {
-        NetStats { turns: self.turns, halts: self.halts, timer_arms: self.timer_arms, ..self.nic.tx.stats }
+        NetStats {
+            turns: self.turns,
+            halts: self.halts,
+            timer_arms: self.timer_arms,
+            announcements: self.announcements,
+            ..self.nic.tx.stats
+        }
     }
 
     /// Starts a turn: reads the clock (2 exits, the turn's only clock read:
@@ -853,10 +889,14 @@ impl Net {
                 break;
             }
         }
+        self.announce_if_due();
         self.nic.tx.flush();
         self.nic.rx.repost();
 
         let mut deadline = self.now_ns.saturating_add(MAX_SLEEP_NS);
+        if self.announce_left > 0 {
+            deadline = deadline.min(self.next_announce_ns);
+        }
         if let Some(delay) = self.iface.poll_delay(now, &self.sockets) {
             let delay_ns = delay.total_micros().saturating_mul(1000);
             deadline = deadline.min(self.now_ns.saturating_add(delay_ns));
@@ -868,6 +908,34 @@ impl Net {
             deadline = IMMEDIATE;
         }
         self.halt_until(deadline);
+    }
+
+    /// Queues the next boot announcement if it is due: a gratuitous ARP
+    /// request (RFC 5227 §3: sender and target protocol address both the
+    /// guest's), broadcast, as the go-live announces. Memory only. Decided
+    /// from the turn's clock reading alone, so primary and secondary send the
+    /// same frames at the same exits.
+    fn announce_if_due(&mut self) {
+        if self.announce_left == 0 || self.now_ns < self.next_announce_ns || !self.nic.tx.ready() {
+            return;
+        }
+        let repr = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Request,
+            source_hardware_addr: self.mac,
+            source_protocol_addr: self.ip(),
+            target_hardware_addr: EthernetAddress([0; 6]),
+            target_protocol_addr: self.ip(),
+        };
+        let eth =
+            EthernetRepr { src_addr: self.mac, dst_addr: EthernetAddress::BROADCAST, ethertype: EthernetProtocol::Arp };
+        self.nic.tx.send(ETHERNET_HEADER_LEN + repr.buffer_len(), |bytes| {
+            let mut frame = EthernetFrame::new_unchecked(bytes);
+            eth.emit(&mut frame);
+            repr.emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
+        });
+        self.announce_left -= 1;
+        self.announcements += 1;
+        self.next_announce_ns = self.now_ns.saturating_add(ANNOUNCE_INTERVAL_NS);
     }
 
     /// One HLT that returns by `deadline` (at once if it is not after the
