@@ -357,55 +357,22 @@ fn kvm_netns_guest_sends_gratuitous_arps_when_it_boots() {
     }
     let lab = Lab::single("kva");
     // Listen on the client's side of the LAN before the guest exists.
-    let ip = lab.guest_ip().to_string();
-    let mut dump = lab
-        .client()
-        .command("tcpdump")
-        .args(["-i", lab.client_dev(), "-n", "-l", "-c", "3", "arp", "and", "host", &ip])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let err = dump.stderr.take().unwrap();
-    let tx_err = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx_err.send(("stderr", line));
-        }
-    });
-    let out = dump.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(("stdout", line));
-        }
-    });
-    let dump = common::Proc(dump);
-    loop {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(("stderr", line)) if line.contains("listening on") => break,
-            Ok(_) => {}
-            Err(e) => panic!("tcpdump did not start: {e}"),
-        }
-    }
+    let ip = lab.guest_ip().octets();
+    let capture = lab.client().capture(lab.client_dev());
+    // A gratuitous ARP request for the guest's address: EtherType ARP, opcode 1 (request),
+    // sender and target protocol address both the guest's (RFC 5227).
+    let announces = |f: &lab::Frame| {
+        f.ethertype() == 0x0806
+            && f.bytes.get(20..22) == Some(&[0, 1][..])
+            && f.bytes.get(28..32) == Some(&ip[..])
+            && f.bytes.get(38..42) == Some(&ip[..])
+    };
     // No client sends anything: whatever ARP arrives, the guest sent unasked.
     let _vm = boot_unprotected(&lab, &[]);
-    let want = format!("Request who-has {ip} tell {ip}");
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.len() < 3 {
-        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(("stdout", line)) => seen.push(line),
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    drop(dump);
-    assert_eq!(seen.len(), 3, "3 ARPs expected after boot, saw {seen:?}");
-    for line in &seen {
-        assert!(line.contains(&want), "not a gratuitous ARP for {ip}: {line}");
-    }
+    let three = capture.wait_for(Duration::from_secs(30), |frames| frames.iter().filter(|f| announces(f)).count() >= 3);
+    let frames = capture.stop();
+    let seen = frames.iter().filter(|f| announces(f)).count();
+    assert!(three && seen >= 3, "3 gratuitous ARPs expected after boot, saw {seen} among {} frames", frames.len());
 }
 
 #[test]

@@ -61,8 +61,13 @@ pub struct Capture {
     what: String,
     /// An eventfd; written once, which makes it readable for good and stops the recorder.
     stop: Arc<File>,
+    /// The frames recorded so far, for [`Capture::wait_for`].
+    seen: Seen,
     recorder: Option<JoinHandle<Result<Vec<Frame>, String>>>,
 }
+
+/// Frames recorded so far, and a condition variable notified as more come.
+type Seen = Arc<(std::sync::Mutex<Vec<Frame>>, std::sync::Condvar)>;
 
 impl Netns {
     /// Starts capturing every frame that crosses `ifname` in this namespace, both ways (as
@@ -82,15 +87,34 @@ impl Netns {
         // SAFETY: fd is the fresh descriptor eventfd just returned; nothing else owns it.
         let stop = Arc::new(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
         let stop_for_recorder = Arc::clone(&stop);
+        let seen: Seen = Arc::default();
+        let seen_for_recorder = Arc::clone(&seen);
         let recorder = std::thread::Builder::new()
             .name(format!("capture {ifname}"))
-            .spawn(move || record(&socket, &stop_for_recorder))
+            .spawn(move || record(&socket, &stop_for_recorder, &seen_for_recorder))
             .unwrap_or_else(|e| panic!("spawning the capture thread for {what}: {e}"));
-        Capture { what, stop, recorder: Some(recorder) }
+        Capture { what, stop, seen, recorder: Some(recorder) }
     }
 }
 
 impl Capture {
+    /// Waits (at most `timeout`) until the frames recorded so far satisfy `done`; whether they did.
+    pub fn wait_for(&self, timeout: std::time::Duration, mut done: impl FnMut(&[Frame]) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let (lock, changed) = &*self.seen;
+        let mut frames = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if done(&frames) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            frames = changed.wait_timeout(frames, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
+    }
+
     /// Stops the capture and returns every frame that crossed the interface since
     /// [`Netns::capture`] returned, in the order the kernel delivered them. Panics if the kernel
     /// dropped frames for lack of buffer (the capture would be incomplete) or the socket failed.
@@ -201,14 +225,20 @@ fn packet_drops(socket: &OwnedFd) -> io::Result<u32> {
 
 /// The recorder: moves frames off `socket` as they arrive until `stop` becomes readable, then
 /// takes what is still queued and checks that the kernel dropped nothing.
-fn record(socket: &OwnedFd, stop: &File) -> Result<Vec<Frame>, String> {
+fn record(socket: &OwnedFd, stop: &File, seen: &Seen) -> Result<Vec<Frame>, String> {
     let mut frames = Vec::new();
     let mut buf = vec![0u8; MAX_CAPTURED];
     loop {
         let fds = crate::poll_data_or_stop(socket.as_raw_fd(), stop.as_raw_fd())?;
         // Whatever is queued now, also when stopping: stop is signalled after the frames it
         // must cover were handed to the socket.
+        let before = frames.len();
         drain(socket, &mut buf, &mut frames)?;
+        if frames.len() > before {
+            let (lock, changed) = &**seen;
+            lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(&frames[before..]);
+            changed.notify_all();
+        }
         if fds[1].revents != 0 {
             let drops = packet_drops(socket).map_err(|e| format!("reading the socket's statistics: {e}"))?;
             if drops > 0 {
