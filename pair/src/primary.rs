@@ -97,6 +97,9 @@ pub(crate) struct PrimaryShared {
     guest_ended: AtomicBool,
     /// The channel's failure while the guest ran.
     channel_error: Mutex<Option<ChannelError>>,
+    /// The session stopped the guest (fenced, or the secondary lost
+    /// without an arbiter).
+    stopped_guest: AtomicBool,
     stop: OnceLock<StopHandle>,
 }
 
@@ -114,6 +117,7 @@ impl PrimaryShared {
         self.shipping.load(Ordering::SeqCst)
     }
     fn stop_guest(&self) {
+        self.stopped_guest.store(true, Ordering::SeqCst);
         if let Some(stop) = self.stop.get() {
             stop.stop();
         }
@@ -186,6 +190,7 @@ impl PrimarySession {
             shipping: AtomicBool::new(true),
             guest_ended: AtomicBool::new(false),
             channel_error: Mutex::new(None),
+            stopped_guest: AtomicBool::new(false),
             stop: OnceLock::new(),
         });
         spawn_ack_task(&rt, &chan, &log, &board, &releaser, failover.clone());
@@ -281,7 +286,17 @@ impl PrimarySession {
     /// its acks allow (bounded wait), close the channel, join the threads.
     pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
         self.shared.guest_ended.store(true, Ordering::SeqCst);
-        let lost = self.shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut lost = self.shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if lost.is_some()
+            && !self.shared.stopped_guest.load(Ordering::SeqCst)
+            && self.log.acked().is_some_and(|a| a >= self.log.appended())
+        {
+            // The guest ended by itself (or by a signal) and the secondary
+            // had acknowledged all of its log: a secondary that replayed to
+            // the same end may well close first. Nothing was unprotected.
+            tracing::debug!("the secondary closed the channel after acknowledging the whole log");
+            lost = None;
+        }
         if self.shared.phase() == Phase::Fenced {
             // Not a single held output goes out: the other copy is the live one.
             self.releaser.stop();

@@ -186,6 +186,13 @@ pub fn failover_pair(lab: &ftvm_lab::Lab) -> (Proc, Proc, tempfile::TempDir) {
     failover_pair_of(lab, &["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr])
 }
 
+/// `--dead-after` of the failover tests' pairs: 30 intervals (300 ms) rather
+/// than the default 5. These tests check what happens on a failure, not how
+/// fast it is seen (the benchmarks measure that); on a shared two-core
+/// machine a VMM's heartbeat thread was seen to go without CPU for up to
+/// 190 ms, which with the default declares a live peer dead.
+pub const TEST_DEAD_AFTER: &str = "30";
+
 /// A protected pair of any guest with an arbiter: (primary, secondary, dir).
 pub fn failover_pair_of(lab: &ftvm_lab::Lab, guest: &[&str]) -> (Proc, Proc, tempfile::TempDir) {
     // FTVM_TEST_KEEP=1 keeps the directory (and the VMMs' logs) for a look.
@@ -197,12 +204,14 @@ pub fn failover_pair_of(lab: &ftvm_lab::Lab, guest: &[&str]) -> (Proc, Proc, tem
     let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
     sec.arg("secondary").args(guest).args(["--key-file", &key, "--tap", lab.host_b().tap()]);
     sec.args(["--listen", &listen, "--arbiter", &arbiter, "--control", &d("s.sock")]);
+    sec.args(["--dead-after", TEST_DEAD_AFTER]);
     // Logs go to files: a pipe nobody reads would stall a VMM that logs much.
     let log = |n: &str| std::fs::File::create(dir.path().join(n)).unwrap();
     let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("secondary.log")).spawn().unwrap());
     let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
     pri.arg("primary").args(guest).args(["--key-file", &key, "--tap", lab.host_a().tap()]);
     pri.args(["--peer", &listen, "--arbiter", &arbiter, "--control", &d("p.sock")]);
+    pri.args(["--dead-after", TEST_DEAD_AFTER]);
     let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("primary.log")).spawn().unwrap());
     (pri, sec, dir)
 }
