@@ -162,9 +162,8 @@ pub fn secondary(
     let session = SecondarySession::accept(session_config)?;
     // Opened now, so that the bridge forwards on it by go-live; written to
     // only after go-live.
-    // Opened now if it can be, so that the bridge forwards on it by
-    // go-live; written to only after go-live.
-    let tap = pair::live::LiveTap::open_early(settings.tap.as_deref());
+    // Opened at go-live: until then a primary on the same host may hold it.
+    let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
     let (input, output) = session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, serial));
     let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = crate::stop_on_signals(&vm)?;

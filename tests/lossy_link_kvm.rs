@@ -37,8 +37,21 @@ fn kvm_netns_lossy_jittery_link_for_60_s_no_failover() {
         worst = worst.max(t.elapsed());
         acked += 1;
         if acked % 200 == 0 {
-            assert!(primary.0.try_wait().unwrap().is_none(), "the primary stopped on a lossy link");
-            assert!(secondary.0.try_wait().unwrap().is_none(), "the secondary stopped on a lossy link");
+            let log = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap_or_default();
+            if let Some(st) = primary.0.try_wait().unwrap() {
+                panic!(
+                    "the primary stopped on a lossy link ({st}):\n{}\nsecondary:\n{}",
+                    log("primary.log"),
+                    log("secondary.log")
+                );
+            }
+            if let Some(st) = secondary.0.try_wait().unwrap() {
+                panic!(
+                    "the secondary stopped on a lossy link ({st}):\n{}\nprimary:\n{}",
+                    log("secondary.log"),
+                    log("primary.log")
+                );
+            }
         }
     }
     let p = common::status_json(dir.path().join("p.sock").to_str().unwrap());

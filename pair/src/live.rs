@@ -1,8 +1,7 @@
-//! The live world a secondary attaches at go-live: its TAP (opened when the
-//! secondary starts, so that the bridge already forwards on it; nothing is
-//! written to it before go-live, and what it received before is dropped),
-//! the live clock continuing from the last logged reading, and the guest's
-//! address announced.
+//! The live world a secondary attaches at go-live: its TAP, opened then
+//! (go-live waits until the bridge forwards on it, so that no re-emitted
+//! frame is dropped), the live clock continuing from the last logged
+//! reading, and the guest's address announced.
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -27,28 +26,15 @@ pub const TAP_READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum LiveTap {
     /// The guest has no NIC.
     None,
-    /// Opened when the secondary started (the usual case).
+    /// Opened already.
     Opened(Arc<Tap>),
-    /// To open at go-live: it could not be opened at start because another
-    /// process holds it (a primary on the same host, as a benchmark sets up).
+    /// To open at go-live. A secondary does not hold its TAP before: a
+    /// primary on the same host (tests, benchmarks) may share it, and a
+    /// single-queue TAP takes one holder.
     Later(String),
 }
 
 impl LiveTap {
-    /// Open TAP `name` now if it can be; else at go-live.
-    pub fn open_early(name: Option<&str>) -> LiveTap {
-        match name {
-            None => LiveTap::None,
-            Some(name) => match Tap::open(name) {
-                Ok(t) => LiveTap::Opened(Arc::new(t)),
-                Err(e) => {
-                    tracing::info!(tap = name, error = %e, "the TAP is opened at go-live instead");
-                    LiveTap::Later(name.to_owned())
-                }
-            },
-        }
-    }
-
     fn attach(self) -> Result<Option<Arc<Tap>>, HookError> {
         match self {
             LiveTap::None => Ok(None),

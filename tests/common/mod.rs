@@ -204,14 +204,16 @@ pub fn failover_pair_of(lab: &ftvm_lab::Lab, guest: &[&str]) -> (Proc, Proc, tem
     let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
     sec.arg("secondary").args(guest).args(["--key-file", &key, "--tap", lab.host_b().tap()]);
     sec.args(["--listen", &listen, "--arbiter", &arbiter, "--control", &d("s.sock")]);
-    sec.args(["--dead-after", TEST_DEAD_AFTER]);
+    // A caller that set its own --dead-after keeps it.
+    let dead_after: &[&str] = if guest.contains(&"--dead-after") { &[] } else { &["--dead-after", TEST_DEAD_AFTER] };
+    sec.args(dead_after);
     // Logs go to files: a pipe nobody reads would stall a VMM that logs much.
     let log = |n: &str| std::fs::File::create(dir.path().join(n)).unwrap();
     let sec = Proc(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("secondary.log")).spawn().unwrap());
     let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
     pri.arg("primary").args(guest).args(["--key-file", &key, "--tap", lab.host_a().tap()]);
     pri.args(["--peer", &listen, "--arbiter", &arbiter, "--control", &d("p.sock")]);
-    pri.args(["--dead-after", TEST_DEAD_AFTER]);
+    pri.args(dead_after);
     let pri = Proc(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log("primary.log")).spawn().unwrap());
     (pri, sec, dir)
 }
