@@ -454,6 +454,17 @@ pub fn ftvm_exe() -> Result<std::path::PathBuf> {
     Ok(sibling)
 }
 
+/// `RcvbufErrors` of the calling thread's network namespace: datagrams its
+/// UDP sockets dropped because the receiver did not read them in time (a
+/// busy client, not the pair, lost them).
+fn udp_receive_buffer_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,15 +514,4 @@ mod tests {
             assert_eq!(e.downcast_ref::<Interrupted>().map(Interrupted::exit_code), Some(code));
         }
     }
-}
-
-/// `RcvbufErrors` of the calling thread's network namespace: datagrams its
-/// UDP sockets dropped because the receiver did not read them in time (a
-/// busy client, not the pair, lost them).
-fn udp_receive_buffer_errors() -> Option<u64> {
-    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").ok()?;
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next()?, udp.next()?);
-    let at = names.split_whitespace().position(|n| n == "RcvbufErrors")?;
-    values.split_whitespace().nth(at)?.parse().ok()
 }
