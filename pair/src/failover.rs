@@ -326,6 +326,34 @@ impl Failover {
         }
     }
 
+    /// This copy's guest stopped on purpose, but its peer may not know (it
+    /// did not acknowledge the log's end, which may never reach it): take
+    /// this pair's generation if it is still free and give it straight
+    /// back, so that the peer's claim fails and it does not take over a
+    /// guest that was stopped. `false` when the peer had already won: it is
+    /// the live copy. Blocking (file I/O); call it off the async workers.
+    pub fn retire_fencing(&self) -> bool {
+        let mut held = lock_hold(&self.ownership);
+        let (won, peer_live) = match std::mem::replace(&mut *held, Hold::Retired) {
+            Hold::Won(generation) => (Some(generation), false),
+            Hold::Retired => (None, false),
+            Hold::Open => match self.arbiter.claim(self.generation, &self.owner) {
+                Ok(Claim::Won { generation }) => (Some(generation), false),
+                Ok(Claim::Lost { .. }) => (None, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not fence the peer off the stopped guest");
+                    (None, false)
+                }
+            },
+        };
+        if let Some(generation) = won {
+            if let Err(e) = self.arbiter.release(generation, Some(&self.owner)) {
+                tracing::warn!(error = %e, "could not release the arbiter");
+            }
+        }
+        !peer_live
+    }
+
     /// Wait for the peer's loss, then claim: the one decision of a session.
     pub async fn decide(self: Arc<Self>) -> (Loss, Verdict) {
         let loss = self.peer_lost().await;

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pair::{
-    Failover, FailoverConfig, PrimaryConfig, PrimarySession, Role, SecondaryConfig, SecondaryEnd, SecondarySession,
+    Failover, FailoverConfig, PrimaryConfig, PrimaryEnd, PrimarySession, Role, SecondaryConfig, SecondaryEnd,
+    SecondarySession,
 };
 use replication::channel::ChannelConfig;
 use replication::frame::GuestIdentity;
@@ -312,4 +313,49 @@ fn a_claim_that_lands_after_the_release_never_wins() {
         assert!(!v.won(), "{role:?}: a claim after the guest stopped won: {v:?}");
         assert_eq!(holder(&arb), None, "{role:?}: the arbiter names a stopped copy");
     }
+}
+
+/// An operator stops the primary (SIGTERM) while the secondary's replay is
+/// far behind (frozen vCPU: its record queue and the link's buffers full),
+/// so the primary's end cannot reach it before the primary is gone. A clean
+/// stop must stay a stop: the secondary, once thawed, must not take the
+/// guest over and run it on (nor emit what the primary never released).
+#[test]
+fn a_clean_stop_the_secondary_never_heard_of_does_not_move_the_guest() {
+    let (addr, arb) = (free_port(), arbiter());
+    let mut fo = failover(&arb);
+    // Only this test's freeze, not the lag watch, is under test here.
+    fo.max_lag = Duration::from_secs(600);
+    let sec = secondary(addr, Some(fo.clone()), Duration::ZERO);
+    let pw = Arc::new(World::default());
+    let (ps, gate) = primary_with(addr, Some(fo), &pw, |c| c.drain_for = Duration::from_millis(300));
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (s_stop, s_guest, frozen) = run_secondary_frozen(&ss, &sw, u64::MAX, Duration::ZERO);
+    frozen.store(true, Ordering::SeqCst);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, u64::MAX, Duration::ZERO);
+    let pb = ps.board();
+    // Far more log than the link carries before the primary stops.
+    wait_for("the link to back up", Duration::from_secs(60), || {
+        let st = pb.snapshot();
+        st.acked_position.is_some_and(|a| a + 1_000_000 < st.log_position)
+    });
+    p_stop.stop();
+    let Ok(RunOutcome::Stopped { exit_index }) = p_guest.join().unwrap() else { panic!("not stopped") };
+    let end = ps.finish(exit_index).unwrap();
+    assert!(matches!(end, PrimaryEnd::Finished), "{end:?}");
+    frozen.store(false, Ordering::SeqCst);
+    // Either its guest ends (replay reached the primary's end, or it lost
+    // the arbiter) or it goes live and would run for ever.
+    let sb = ss.board();
+    wait_for("the secondary to stop or go live", Duration::from_secs(120), || {
+        s_guest.is_finished() || sb.snapshot().role == Role::Standalone
+    });
+    s_stop.stop();
+    let s_outcome = s_guest.join().unwrap();
+    let end = ss.finish(s_outcome);
+    // Fenced off by the primary on its way out: it lost the arbiter.
+    assert!(matches!(end, SecondaryEnd::LostArbiter), "the guest an operator stopped went live: {end:?}");
+    assert!(sw.serial.lock().unwrap().is_empty(), "a secondary that did not go live emitted");
+    assert_eq!(holder(&arb), None, "a stopped copy owns the arbiter");
 }
