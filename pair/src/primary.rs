@@ -309,15 +309,16 @@ impl PrimarySession {
         let _ = self.releaser_thread.join();
         let mut peer_live = false;
         if let Some(f) = &self.failover {
-            f.stop_heartbeats();
             if told {
                 // Alone, this copy owned the guest: no longer.
                 f.release();
             } else {
                 // The secondary may never learn that the guest stopped: keep
-                // it from going live with it.
+                // it from going live with it (heartbeats still flowing, so
+                // that it does not claim first).
                 peer_live = !f.retire_fencing();
             }
+            f.stop_heartbeats();
         }
         if let Ok(chan) = Arc::try_unwrap(self.chan) {
             let _ = self.rt.block_on(chan.shutdown());
