@@ -86,8 +86,25 @@ pub struct Failover {
     lagging: Notify,
     lag_since: std::sync::Mutex<Option<Instant>>,
     stats: tokio::sync::watch::Receiver<heartbeat::ServiceStats>,
-    /// The generation this side won, while it owns the arbiter.
-    won: std::sync::Mutex<Option<Generation>>,
+    /// Whether this side may still claim, and what it won. Held across a
+    /// claim's file operation, so that [`Failover::release`] either sees the
+    /// win or stops the claim from being made.
+    ownership: Arc<std::sync::Mutex<Hold>>,
+}
+
+/// This side's hold on the arbiter.
+#[derive(Clone, Copy, Debug)]
+enum Hold {
+    /// Not claimed (yet).
+    Open,
+    /// Won this generation: this side is the live copy.
+    Won(Generation),
+    /// The guest stopped: nothing is claimed any more.
+    Retired,
+}
+
+fn lock_hold(m: &std::sync::Mutex<Hold>) -> std::sync::MutexGuard<'_, Hold> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Niceness of the heartbeat thread: ahead of the guests' vCPU threads and
@@ -188,7 +205,7 @@ impl Failover {
             lagging: Notify::new(),
             lag_since: std::sync::Mutex::new(None),
             stats,
-            won: std::sync::Mutex::new(None),
+            ownership: Arc::new(std::sync::Mutex::new(Hold::Open)),
         })
     }
 
@@ -269,12 +286,24 @@ impl Failover {
             tokio::time::sleep(self.head_start).await;
         }
         let (arbiter, generation, owner) = (self.arbiter.clone(), self.generation, self.owner.clone());
-        match tokio::task::spawn_blocking(move || arbiter.claim(generation, &owner)).await {
-            Ok(Ok(Claim::Won { generation })) => {
-                *self.won.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(generation);
-                Verdict::Won
+        let ownership = self.ownership.clone();
+        let claimed = tokio::task::spawn_blocking(move || {
+            let mut held = lock_hold(&ownership);
+            if matches!(*held, Hold::Retired) {
+                // The guest stopped while the decision was under way: a
+                // stopped copy takes nothing (it would never give it back).
+                return Ok(None);
             }
-            Ok(Ok(Claim::Lost { .. })) => Verdict::Lost,
+            let claim = arbiter.claim(generation, &owner)?;
+            if let Claim::Won { generation } = claim {
+                *held = Hold::Won(generation);
+            }
+            Ok(Some(claim))
+        })
+        .await;
+        match claimed {
+            Ok(Ok(Some(Claim::Won { .. }))) => Verdict::Won,
+            Ok(Ok(Some(Claim::Lost { .. }) | None)) => Verdict::Lost,
             Ok(Err(e)) => Verdict::Unreachable(e),
             Err(join) => Verdict::Unreachable(ArbiterError::Io {
                 path: self.arbiter.path().to_path_buf(),
@@ -284,15 +313,45 @@ impl Failover {
     }
 
     /// This copy's guest stopped: if it owns the arbiter, give it up, so
-    /// that a new pair may form. Blocking (file I/O); call it off the async
-    /// workers.
+    /// that a new pair may form; and claim nothing from now on (a claim
+    /// under way finishes first, then is released). Blocking (file I/O);
+    /// call it off the async workers.
     pub fn release(&self) {
-        let won = self.won.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut held = lock_hold(&self.ownership);
+        let was = std::mem::replace(&mut *held, Hold::Retired);
+        if let Hold::Won(generation) = was {
+            if let Err(e) = self.arbiter.release(generation, Some(&self.owner)) {
+                tracing::warn!(error = %e, "could not release the arbiter");
+            }
+        }
+    }
+
+    /// This copy's guest stopped on purpose, but its peer may not know (it
+    /// did not acknowledge the log's end, which may never reach it): take
+    /// this pair's generation if it is still free and give it straight
+    /// back, so that the peer's claim fails and it does not take over a
+    /// guest that was stopped. `false` when the peer had already won: it is
+    /// the live copy. Blocking (file I/O); call it off the async workers.
+    pub fn retire_fencing(&self) -> bool {
+        let mut held = lock_hold(&self.ownership);
+        let (won, peer_live) = match std::mem::replace(&mut *held, Hold::Retired) {
+            Hold::Won(generation) => (Some(generation), false),
+            Hold::Retired => (None, false),
+            Hold::Open => match self.arbiter.claim(self.generation, &self.owner) {
+                Ok(Claim::Won { generation }) => (Some(generation), false),
+                Ok(Claim::Lost { .. }) => (None, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not fence the peer off the stopped guest");
+                    (None, false)
+                }
+            },
+        };
         if let Some(generation) = won {
             if let Err(e) = self.arbiter.release(generation, Some(&self.owner)) {
                 tracing::warn!(error = %e, "could not release the arbiter");
             }
         }
+        !peer_live
     }
 
     /// Wait for the peer's loss, then claim: the one decision of a session.

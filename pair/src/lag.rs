@@ -19,18 +19,40 @@ use crate::status::Board;
 /// How often the primary samples its log position and checks the lag.
 pub const LAG_SAMPLE: Duration = Duration::from_millis(2);
 
+/// Samples kept at most (24 bytes each): at [`LAG_SAMPLE`] apart, half a
+/// minute of an unanswered log at full resolution.
+pub(crate) const MAX_LAG_SAMPLES: usize = 1 << 14;
+
 /// When the primary's log reached each position, oldest first; positions
 /// the secondary has replayed are forgotten.
 #[derive(Default)]
 pub(crate) struct LagClock {
     samples: VecDeque<(Instant, u64)>,
+    /// The least time between two samples kept (zero: every one).
+    min_gap: Duration,
 }
 
 impl LagClock {
-    /// The log stood at `position` at `at`.
+    /// The log stood at `position` at `at`. Past [`MAX_LAG_SAMPLES`] (a
+    /// secondary whose heartbeats never tell its position: UDP filtered
+    /// while the log flows, say) the samples are thinned to twice the
+    /// spacing, evenly, the oldest kept: a lag is never under-stated by
+    /// more than that spacing, and the memory stays bounded.
     pub(crate) fn sample(&mut self, at: Instant, position: u64) {
-        if self.samples.back().is_none_or(|&(_, p)| p < position) {
+        let due = |&(t, p): &(Instant, u64)| p < position && at.saturating_duration_since(t) >= self.min_gap;
+        if self.samples.back().is_none_or(due) {
             self.samples.push_back((at, position));
+        }
+        while self.samples.len() > MAX_LAG_SAMPLES {
+            self.min_gap = (self.min_gap * 2).max(LAG_SAMPLE);
+            let (gap, mut last) = (self.min_gap, None::<Instant>);
+            self.samples.retain(|&(t, _)| {
+                let keep = last.is_none_or(|l| t.saturating_duration_since(l) >= gap);
+                if keep {
+                    last = Some(t);
+                }
+                keep
+            });
         }
     }
 
@@ -39,6 +61,10 @@ impl LagClock {
     pub(crate) fn lag(&mut self, now: Instant, replayed: u64) -> Duration {
         while self.samples.front().is_some_and(|&(_, p)| p <= replayed) {
             self.samples.pop_front();
+        }
+        if self.samples.len() <= MAX_LAG_SAMPLES / 4 {
+            // Caught up enough: full resolution again.
+            self.min_gap = Duration::ZERO;
         }
         self.samples.front().map_or(Duration::ZERO, |&(t, _)| now.saturating_duration_since(t))
     }
@@ -121,5 +147,23 @@ mod tests {
         // A frozen replayer: the lag grows with the primary's time.
         assert_eq!(c.lag(ms(1000), 35), Duration::from_millis(970));
         assert_eq!(c.lag(ms(1000), 50), Duration::ZERO);
+    }
+
+    #[test]
+    fn samples_stay_bounded_while_the_secondary_never_tells_its_position() {
+        let t0 = Instant::now();
+        let mut c = LagClock::default();
+        // 2000 s of a log advancing at every sample, never asked for the lag
+        // (the primary asks only once a heartbeat told a position).
+        for i in 0..1_000_000u64 {
+            c.sample(t0 + LAG_SAMPLE * u32::try_from(i).unwrap(), i + 1);
+        }
+        assert!(c.samples.len() <= MAX_LAG_SAMPLES, "{} samples kept", c.samples.len());
+        // The oldest position not replayed is still dated exactly.
+        let now = t0 + Duration::from_secs(2000);
+        assert_eq!(c.lag(now, 0), Duration::from_secs(2000));
+        // Later ones within the spacing of what is left.
+        let mid = c.lag(now, 500_000);
+        assert!(mid <= Duration::from_secs(1000) && mid > Duration::from_secs(999), "{mid:?}");
     }
 }

@@ -303,23 +303,37 @@ impl PrimarySession {
             self.board.set_state("stopped: lost the arbiter");
             return Ok(PrimaryEnd::LostArbiter);
         }
-        self.log.append(Record::Shutdown { exit });
+        let end_at = self.log.append(Record::Shutdown { exit });
         self.log.request_flush();
         let deadline = Instant::now() + self.drain_for;
-        while self.releaser.held() > 0 && Instant::now() < deadline && self.chan.error().is_none() {
+        // Wait for the held outputs' acks and for the end's: a secondary
+        // that has the end stops there; one that has not would take over.
+        while (self.releaser.held() > 0 || !self.log.releasable(end_at))
+            && Instant::now() < deadline
+            && self.chan.error().is_none()
+        {
             self.log.wait_changed(Duration::from_millis(10));
             let _ = self.releaser.release_ready();
         }
+        let told = self.log.releasable(end_at);
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::SeqCst);
         self.shared.shipping.store(false, Ordering::SeqCst);
         self.log.request_flush();
         let shipped = self.shipper_thread.join().map_err(|_| anyhow!("the shipper thread panicked"))?;
         self.releaser.stop();
         let _ = self.releaser_thread.join();
+        let mut peer_live = false;
         if let Some(f) = &self.failover {
+            if told {
+                // Alone, this copy owned the guest: no longer.
+                f.release();
+            } else {
+                // The secondary may never learn that the guest stopped: keep
+                // it from going live with it (heartbeats still flowing, so
+                // that it does not claim first).
+                peer_live = !f.retire_fencing();
+            }
             f.stop_heartbeats();
-            // Alone, this copy owned the guest: no longer.
-            f.release();
         }
         if let Ok(chan) = Arc::try_unwrap(self.chan) {
             let _ = self.rt.block_on(chan.shutdown());
@@ -329,6 +343,10 @@ impl PrimarySession {
             tracing::debug!(vm = %self.name, error = %e, "the channel closed while winding down");
         }
         match lost {
+            _ if peer_live => {
+                self.board.set_state("stopped: lost the arbiter");
+                Ok(PrimaryEnd::LostArbiter)
+            }
             Some(e) if self.failover.is_none() => Ok(PrimaryEnd::SecondaryLost(e)),
             _ => Ok(PrimaryEnd::Finished),
         }

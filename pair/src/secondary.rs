@@ -228,11 +228,13 @@ impl SecondarySession {
     /// The guest stopped: say how the session ended.
     pub fn finish(self, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
         self.board.set_state("stopped");
+        if let Some(f) = &self.failover {
+            // The guest stopped, live or not (a win is followed by the rest
+            // of the replay, where the guest may power off, diverge or be
+            // stopped): this copy owns the guest no more.
+            f.release();
+        }
         if self.shared.went_live_at.load(Ordering::SeqCst) > 0 {
-            if let Some(f) = &self.failover {
-                // The live copy's guest stopped: it owns the guest no more.
-                f.release();
-            }
             return SecondaryEnd::WentLive(outcome);
         }
         match lock(&self.shared.verdict).take() {
