@@ -352,7 +352,19 @@ fn relay(to: SocketAddr) -> Relay {
     let cut = cut_tcp.clone();
     std::thread::spawn(move || {
         let (a, _) = listener.accept().unwrap();
-        let b = TcpStream::connect(to).unwrap();
+        // The secondary may not listen yet (its session starts on a thread of
+        // its own): retry, bounded.
+        let started = Instant::now();
+        let b = loop {
+            match TcpStream::connect(to) {
+                Ok(b) => break b,
+                Err(e) if started.elapsed() < Duration::from_secs(20) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("the relay cannot reach the secondary: {e}"),
+            }
+        };
         for (mut from, mut into) in
             [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b.try_clone().unwrap(), a.try_clone().unwrap())]
         {
@@ -528,4 +540,28 @@ fn a_frozen_replayer_is_noticed_and_the_primary_carries_on() {
     p_stop.stop();
     let _ = p_guest.join();
     assert!(matches!(ps.finish(ExitIndex(0)).unwrap(), PrimaryEnd::Finished));
+}
+
+#[test]
+fn a_guest_that_keeps_the_channel_busy_still_has_its_log_shipped() {
+    // A guest with no pacing outputs at every 16th exit: each output queues
+    // records and a flush faster than the channel's writer encodes them. The
+    // writer must still write as it goes (it once drained the queue first and
+    // never got to write: the secondary stopped at ~900 records).
+    let addr = free_port();
+    let sec = secondary(addr, None, Duration::ZERO);
+    let pw = Arc::new(World::default());
+    let (ps, gate) = primary(addr, None, &pw);
+    let ss = sec.join().unwrap();
+    let sw = Arc::new(World::default());
+    let (_s_stop, _s_guest) = run_secondary(&ss, &sw, u64::MAX, Duration::ZERO);
+    let (p_stop, p_guest) = run_primary(&ps, gate, &pw, u64::MAX, Duration::ZERO);
+    let board = ss.board();
+    // 0.5 s here with the fix, 18 s without it.
+    wait_for("the secondary receiving the busy guest's log", Duration::from_secs(5), || {
+        board.snapshot().acked_position.unwrap_or(0) > 50_000
+    });
+    assert!(!pw.serial.lock().unwrap().is_empty(), "no output was released");
+    p_stop.stop();
+    let _ = p_guest.join();
 }

@@ -124,6 +124,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// primary, 64 × `MAX_PAYLOAD` at worst) plus their record headers.
 pub const SECONDARY_QUEUE: usize = 64;
 
+/// Queued items the writer takes at most before it writes what they made.
+const WRITE_EVERY: usize = 64;
+
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -1027,9 +1030,17 @@ async fn write_loop(
 ) -> Result<(), ChannelError> {
     let mut next = None;
     loop {
-        // Take the item that woke the writer and everything queued behind it.
+        // Take the item that woke the writer and what is queued behind it,
+        // but write at least every WRITE_EVERY items or once a frame's worth
+        // is encoded: a guest that keeps the queue busy must not keep the
+        // writer from writing (encoding is slower than a busy guest).
         let mut end = None;
+        let mut taken = 0usize;
         loop {
+            if taken >= WRITE_EVERY || batcher.out.len() >= FRAME_TARGET {
+                break;
+            }
+            taken += 1;
             let item = match next.take() {
                 Some(item) => item,
                 None => match queued.try_recv() {
