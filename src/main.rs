@@ -198,22 +198,39 @@ fn read_image(path: &std::path::Path) -> Result<Vec<u8>, Failure> {
 
 /// Stop the VM on SIGINT/SIGTERM/SIGHUP; remember which signal it was.
 pub(crate) fn stop_on_signals(vm: &Vm) -> Result<Arc<AtomicI32>> {
+    catch_signals()?.stop(vm)
+}
+
+/// SIGINT/SIGTERM/SIGHUP caught from now on, to stop a VM made later: a
+/// signal that arrives while the VM is being made is kept, not lost.
+pub(crate) struct CaughtSignals(signal_hook::iterator::Signals);
+
+pub(crate) fn catch_signals() -> Result<CaughtSignals> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let caught = Arc::new(AtomicI32::new(0));
-    let mut signals =
+    let signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).context("cannot install signal handlers")?;
-    let stop = vm.stop_handle();
-    let seen = caught.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                seen.store(signal, Ordering::SeqCst);
-                stop.stop();
-            }
-        })
-        .context("cannot start the signal thread")?;
-    Ok(caught)
+    Ok(CaughtSignals(signals))
+}
+
+impl CaughtSignals {
+    /// Stop `vm` on the first signal (at once if one came already); which
+    /// signal it was.
+    pub(crate) fn stop(self, vm: &Vm) -> Result<Arc<AtomicI32>> {
+        let caught = Arc::new(AtomicI32::new(0));
+        let mut signals = self.0;
+        let stop = vm.stop_handle();
+        let seen = caught.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    seen.store(signal, Ordering::SeqCst);
+                    stop.stop();
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok(caught)
+    }
 }
 
 /// Open an existing TAP device. Refuses a name that does not exist rather

@@ -100,6 +100,9 @@ pub fn primary(
     pair: &PairSettings,
     peer: &str,
 ) -> Result<i32> {
+    // Caught from here: a signal while the pair forms and the VM is made is
+    // kept for the VM, not lost.
+    let signals = crate::catch_signals()?;
     let mut session_config = PrimaryConfig::new(&settings.name, peer, pair.channel(&config.elf, settings)?);
     session_config.failover = pair.failover();
     session_config.control = Some(pair.control.clone());
@@ -117,7 +120,7 @@ pub fn primary(
     };
     let mut vm = Vm::new(&config, input, gate).with_context(|| format!("cannot start guest {}", settings.name))?;
     session.running(vm.stop_handle());
-    let caught = crate::stop_on_signals(&vm)?;
+    let caught = signals.stop(&vm)?;
     let outcome = vm.run();
     let exit = vm.exit_index();
     match session.finish(exit)? {
@@ -155,6 +158,7 @@ pub fn secondary(
     listen: &str,
     ack_delay: Duration,
 ) -> Result<i32> {
+    let signals = crate::catch_signals()?;
     let mut session_config = SecondaryConfig::new(&settings.name, listen, pair.channel(&config.elf, settings)?);
     session_config.failover = pair.failover();
     session_config.control = Some(pair.control.clone());
@@ -166,7 +170,7 @@ pub fn secondary(
     let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
     let (input, output) = session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, serial));
     let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
-    let caught = crate::stop_on_signals(&vm)?;
+    let caught = signals.stop(&vm)?;
     let outcome = vm.run();
     if let Some(path) = &pair.state_dump {
         dump_state(&mut vm, config.memory_mib, path)?;
