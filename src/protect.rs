@@ -188,9 +188,13 @@ pub fn secondary(
             eprintln!("ftvm: secondary {name}: the primary is unreachable but holds the arbiter; stopped at guest exit #{exit}");
             Ok(EXIT_LOST_ARBITER)
         }
-        SecondaryEnd::ArbiterUnreachable(e) => Err(anyhow!(e).context(format!(
-            "secondary {name}: the primary is lost but the arbiter cannot be reached, so this copy stopped at guest exit #{exit} without going live"
-        ))),
+        SecondaryEnd::ArbiterUnreachable(e) => {
+            // A claim that fails is never a win: as for a lost claim, status 4.
+            eprintln!(
+                "ftvm: secondary {name}: the primary is lost but the arbiter cannot be reached ({e}), so this copy stopped at guest exit #{exit} without going live"
+            );
+            Ok(EXIT_LOST_ARBITER)
+        }
         SecondaryEnd::PrimaryStopped => {
             eprintln!("ftvm: secondary {name}: the primary stopped; replayed to guest exit #{exit}");
             Ok(0)
