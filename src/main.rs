@@ -329,20 +329,8 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
 }
 
 /// The control socket: the flag, or /run/ftvm/NAME.sock.
-fn control_path(flag: Option<&std::path::Path>, name: &str) -> std::path::PathBuf {
+pub(crate) fn control_path(flag: Option<&std::path::Path>, name: &str) -> std::path::PathBuf {
     flag.map(std::path::Path::to_path_buf).unwrap_or_else(|| std::path::PathBuf::from(format!("/run/ftvm/{name}.sock")))
-}
-
-fn pair_settings(pair: &config::PairConfig, name: &str) -> protect::PairSettings {
-    protect::PairSettings {
-        key_file: pair.key_file.clone(),
-        control: control_path(pair.control.as_deref(), name),
-        state_dump: pair.state_dump.clone(),
-        arbiter: pair.arbiter.clone(),
-        heartbeat: std::time::Duration::from_millis(pair.heartbeat_ms),
-        dead_after: pair.dead_after,
-        max_lag: std::time::Duration::from_millis(pair.max_lag_ms),
-    }
 }
 
 /// `ftvm primary`.
@@ -352,9 +340,8 @@ fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
     if args.unprotected_start {
         return unprotected_start(&settings, &pair);
     }
-    let pair_settings = pair_settings(&pair, &settings.name);
     let Prepared { config, tap, serial } = prepare(&settings, Some(pair.digest_every))?;
-    Ok(protect::primary(&settings, config, tap, serial, &pair_settings, &pair.address)?)
+    Ok(protect::primary(&settings, config, tap, serial, &pair)?)
 }
 
 /// `ftvm primary --unprotected-start`: no secondary. A copy that will emit
@@ -382,7 +369,6 @@ fn unprotected_start(settings: &GuestSettings, pair: &config::PairConfig) -> Res
 fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Secondary;
     let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
-    let pair_settings = pair_settings(&pair, &settings.name);
     let mut no_tap = settings.clone();
     no_tap.tap = None;
     let Prepared { mut config, serial, .. } = prepare(&no_tap, Some(pair.digest_every))?;
@@ -394,7 +380,7 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
         }
     }
     let delay = std::time::Duration::from_millis(args.ack_delay_ms);
-    Ok(protect::secondary(&settings, config, serial, &pair_settings, &pair.address, delay)?)
+    Ok(protect::secondary(&settings, config, serial, &pair, delay)?)
 }
 
 /// `ftvm arbiter show|release`.

@@ -18,28 +18,17 @@ use sha2::{Digest, Sha256};
 use vmm::world::{LiveInput, LiveOutput};
 use vmm::{Vm, VmConfig};
 
-use crate::config::GuestSettings;
+use crate::config::{GuestSettings, PairConfig};
 use crate::exit::EXIT_LOST_ARBITER;
 
-/// Settings of a pair process beyond the guest's.
-pub struct PairSettings {
-    pub key_file: PathBuf,
-    pub control: PathBuf,
-    pub state_dump: Option<PathBuf>,
-    /// `--arbiter file:PATH`: enables failover. Without it a pair process
-    /// that loses its peer stops (no arbiter, no way to rule out two live
-    /// copies).
-    pub arbiter: Option<String>,
-    pub heartbeat: Duration,
-    pub dead_after: u32,
-    pub max_lag: Duration,
-}
-
-impl PairSettings {
+/// What the sessions need from PAIR-OPTS.
+impl PairConfig {
+    /// Failover, when there is an arbiter; without one a pair process that
+    /// loses its peer stops (nothing can rule out two live copies).
     fn failover(&self) -> Option<FailoverConfig> {
         self.arbiter.as_ref().map(|a| {
-            let mut f = FailoverConfig::new(a.clone(), self.heartbeat, self.dead_after);
-            f.max_lag = self.max_lag;
+            let mut f = FailoverConfig::new(a.clone(), Duration::from_millis(self.heartbeat_ms), self.dead_after);
+            f.max_lag = Duration::from_millis(self.max_lag_ms);
             f
         })
     }
@@ -47,6 +36,11 @@ impl PairSettings {
     fn channel(&self, elf: &[u8], settings: &GuestSettings) -> Result<ChannelConfig> {
         let key = SharedKey::from_file(&self.key_file)?;
         Ok(ChannelConfig::new(key, identity(elf, settings)))
+    }
+
+    /// `--control`, or /run/ftvm/NAME.sock.
+    fn control_for(&self, name: &str) -> PathBuf {
+        crate::control_path(self.control.as_deref(), name)
     }
 }
 
@@ -97,15 +91,14 @@ pub fn primary(
     config: VmConfig,
     tap: Option<Arc<vmm::tap::Tap>>,
     serial: Box<dyn Write + Send>,
-    pair: &PairSettings,
-    peer: &str,
+    pair: &PairConfig,
 ) -> Result<i32> {
     // Caught from here: a signal while the pair forms and the VM is made is
     // kept for the VM, not lost.
     let signals = crate::catch_signals()?;
-    let mut session_config = PrimaryConfig::new(&settings.name, peer, pair.channel(&config.elf, settings)?);
+    let mut session_config = PrimaryConfig::new(&settings.name, &pair.address, pair.channel(&config.elf, settings)?);
     session_config.failover = pair.failover();
-    session_config.control = Some(pair.control.clone());
+    session_config.control = Some(pair.control_for(&settings.name));
     let mut output = LiveOutput::new(serial);
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
@@ -154,14 +147,13 @@ pub fn secondary(
     settings: &GuestSettings,
     config: VmConfig,
     serial: Box<dyn Write + Send>,
-    pair: &PairSettings,
-    listen: &str,
+    pair: &PairConfig,
     ack_delay: Duration,
 ) -> Result<i32> {
     let signals = crate::catch_signals()?;
-    let mut session_config = SecondaryConfig::new(&settings.name, listen, pair.channel(&config.elf, settings)?);
+    let mut session_config = SecondaryConfig::new(&settings.name, &pair.address, pair.channel(&config.elf, settings)?);
     session_config.failover = pair.failover();
-    session_config.control = Some(pair.control.clone());
+    session_config.control = Some(pair.control_for(&settings.name));
     session_config.ack_delay = ack_delay;
     let session = SecondarySession::accept(session_config)?;
     // Opened now, so that the bridge forwards on it by go-live; written to

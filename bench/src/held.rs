@@ -5,12 +5,12 @@
 //! `--baseline PATH` runs the same with another `ftvm` binary (an older
 //! build) first, so both appear side by side from one run.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use ftvm_demo::Proc;
 use ftvm_lab::Lab;
 
 /// The primary's resident set, in MiB.
@@ -31,11 +31,7 @@ fn one(exe: &Path, label: &str, seconds: u64, rate: u32) -> Result<Run> {
     let dir = std::env::temp_dir().join(format!("ftvm-bench-held-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let key = dir.join("key");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&key)?;
-        f.write_all(b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")?;
-    }
+    ftvm_demo::write_key(&key)?;
     let key = key.to_string_lossy().into_owned();
     let listen = format!("{}:7000", lab.host_b().link_ip());
     let dest = format!("dest={}:5004", lab.client_ip());
@@ -52,28 +48,26 @@ fn one(exe: &Path, label: &str, seconds: u64, rate: u32) -> Result<Run> {
         "--control",
         &ctl("s.sock"),
     ]);
-    let mut sec = sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    // Killed on drop, whatever happens below.
+    let sec = Proc::spawn(sec.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()))?;
     let mut pri = lab.host_a().netns().command(exe);
     pri.arg("primary").args(guest).args(["--tap", lab.host_a().tap(), "--peer", &listen, "--control", &ctl("p.sock")]);
-    let mut pri = pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+    let pri = Proc::spawn(pri.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()))?;
     let result = (|| -> Result<Run> {
         std::thread::sleep(Duration::from_secs(2));
         let stop = |sig: &str, pid: u32| std::process::Command::new("kill").args([sig, &pid.to_string()]).status();
-        stop("-STOP", sec.id()).context("kill -STOP")?;
+        stop("-STOP", sec.0.id()).context("kill -STOP")?;
         let mut samples = Vec::new();
         let start = Instant::now();
         for s in 1..=seconds {
             std::thread::sleep((start + Duration::from_secs(s)).saturating_duration_since(Instant::now()));
-            samples.push(rss_mib(pri.id()).context("the primary is gone")?);
+            samples.push(rss_mib(pri.0.id()).context("the primary is gone")?);
         }
-        stop("-CONT", sec.id()).context("kill -CONT")?;
+        stop("-CONT", sec.0.id()).context("kill -CONT")?;
         std::thread::sleep(Duration::from_secs(5));
-        Ok(Run { label: label.to_string(), samples, drained: rss_mib(pri.id()) })
+        Ok(Run { label: label.to_string(), samples, drained: rss_mib(pri.0.id()) })
     })();
-    let _ = pri.kill();
-    let _ = sec.kill();
-    let _ = pri.wait();
-    let _ = sec.wait();
+    drop((pri, sec));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

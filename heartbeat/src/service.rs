@@ -494,16 +494,22 @@ impl Task {
         match self.socket.send_to(&datagram, peer).await {
             Ok(_) => self.shared.update_stats(|stats| stats.sent = stats.sent.saturating_add(1)),
             Err(error) => {
-                let mut count = 0;
-                self.shared.update_stats(|stats| {
-                    stats.send_errors = stats.send_errors.saturating_add(1);
-                    count = stats.send_errors;
-                });
+                let count = self.count_send_error();
                 if worth_logging(count) {
                     tracing::warn!(role = %self.shared.role, %peer, %error, count, "cannot send heartbeats");
                 }
             }
         }
+    }
+
+    /// Count a send that failed; the count so far.
+    fn count_send_error(&self) -> u64 {
+        let mut count = 0;
+        self.shared.update_stats(|stats| {
+            stats.send_errors = stats.send_errors.saturating_add(1);
+            count = stats.send_errors;
+        });
+        count
     }
 
     fn received(&mut self, datagram: &[u8], from: SocketAddr) {
@@ -572,11 +578,7 @@ impl Task {
                 stats.answered = stats.answered.saturating_add(1);
             }),
             Err(error) => {
-                let mut count = 0;
-                self.shared.update_stats(|stats| {
-                    stats.send_errors = stats.send_errors.saturating_add(1);
-                    count = stats.send_errors;
-                });
+                let count = self.count_send_error();
                 if worth_logging(count) {
                     tracing::warn!(role = %self.shared.role, %to, %error, count, "cannot answer a heartbeat");
                 }

@@ -115,7 +115,11 @@ pub const HEARTBEAT_NICE: i32 = -10;
 /// The heartbeats' own runtime: one thread, named `heartbeat`, at
 /// [`HEARTBEAT_NICE`], apart from the logging channel's worker, which a busy
 /// channel keeps busy.
-struct HeartbeatRuntime(Option<tokio::runtime::Runtime>);
+struct HeartbeatRuntime {
+    /// Taken on drop.
+    rt: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
 
 impl HeartbeatRuntime {
     fn new() -> std::io::Result<HeartbeatRuntime> {
@@ -130,21 +134,18 @@ impl HeartbeatRuntime {
             })
             .enable_all()
             .build()?;
-        Ok(HeartbeatRuntime(Some(rt)))
+        Ok(HeartbeatRuntime { handle: rt.handle().clone(), rt: Some(rt) })
     }
 
-    fn handle(&self) -> tokio::runtime::Handle {
-        match &self.0 {
-            Some(rt) => rt.handle().clone(),
-            None => unreachable!("the runtime is only taken on drop"),
-        }
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 }
 
 impl Drop for HeartbeatRuntime {
     fn drop(&mut self) {
         // Dropped possibly from within the session's runtime: never block.
-        if let Some(rt) = self.0.take() {
+        if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
     }
