@@ -35,7 +35,8 @@
 //! A record is its kind byte ([`RecordKind`]), the exit index (u64), then:
 //! `Clock` ns u64; `Entropy` length u32 (≤ [`MAX_ENTROPY_LEN`]) and the
 //! bytes; `Frame` length u32 (≤ [`MAX_FRAME_LEN`]) and the bytes; `Digest`
-//! vcpu, devices, memory (three u64); `Shutdown` nothing.
+//! vcpu, devices, memory (three u64); `Shutdown` and `Barrier` nothing;
+//! `Fault` the fault's kind (u8, [`FaultKind`](crate::record::FaultKind)).
 //!
 //! # What the decoder checks, in order
 //!
@@ -68,7 +69,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use vmm::hook::ExitIndex;
 
-use crate::record::{LogPosition, Record, RecordKind, MAX_ENTROPY_LEN, MAX_FRAME_LEN};
+use crate::record::{FaultKind, LogPosition, Record, RecordKind, MAX_ENTROPY_LEN, MAX_FRAME_LEN};
 
 /// The first two bytes of every frame.
 pub const MAGIC: [u8; 2] = *b"fL";
@@ -392,7 +393,8 @@ pub fn encoded_record_len(record: &Record) -> usize {
         Record::Entropy { bytes, .. } => bytes.len().saturating_add(4),
         Record::Frame { frame, .. } => frame.len().saturating_add(4),
         Record::Digest { .. } => 24,
-        Record::Shutdown { .. } => 0,
+        Record::Shutdown { .. } | Record::Barrier { .. } => 0,
+        Record::Fault { .. } => 1,
     })
 }
 
@@ -562,7 +564,8 @@ fn fill_records(first: LogPosition, records: &[Record], out: &mut BytesMut) -> R
                 out.put_u64_le(*devices);
                 out.put_u64_le(*memory);
             }
-            Record::Shutdown { .. } => {}
+            Record::Shutdown { .. } | Record::Barrier { .. } => {}
+            Record::Fault { fault, .. } => out.put_u8(fault.byte()),
         }
         // Stop early rather than fill a megabyte past the cap.
         if out.len() > MAX_PAYLOAD {
@@ -885,6 +888,12 @@ fn parse_records(p: &mut Payload) -> Result<Message, FrameError> {
             RecordKind::Frame => Record::Frame { exit, frame: p.capped("frame record", MAX_FRAME_LEN)? },
             RecordKind::Digest => Record::Digest { exit, vcpu: p.u64()?, devices: p.u64()?, memory: p.u64()? },
             RecordKind::Shutdown => Record::Shutdown { exit },
+            RecordKind::Barrier => Record::Barrier { exit },
+            RecordKind::Fault => {
+                let byte = p.u8()?;
+                let fault = FaultKind::from_byte(byte).ok_or(FrameError::Malformed { what: "fault kind" })?;
+                Record::Fault { exit, fault }
+            }
         });
     }
     Ok(Message::Records { first, records })
@@ -982,7 +991,10 @@ mod tests {
                 .prop_map(|(exit, len, byte)| Record::Frame { exit, frame: vec![byte; len].into() }),
             (exit.clone(), any::<u64>(), any::<u64>(), any::<u64>())
                 .prop_map(|(exit, vcpu, devices, memory)| Record::Digest { exit, vcpu, devices, memory }),
-            exit.prop_map(|exit| Record::Shutdown { exit }),
+            exit.clone().prop_map(|exit| Record::Shutdown { exit }),
+            exit.clone().prop_map(|exit| Record::Barrier { exit }),
+            (exit, proptest::sample::select(FaultKind::ALL.to_vec()))
+                .prop_map(|(exit, fault)| Record::Fault { exit, fault }),
         ]
     }
 

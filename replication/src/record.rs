@@ -62,6 +62,10 @@ pub enum RecordKind {
     Digest = 4,
     /// [`Record::Shutdown`].
     Shutdown = 5,
+    /// [`Record::Barrier`].
+    Barrier = 6,
+    /// [`Record::Fault`].
+    Fault = 7,
 }
 
 impl RecordKind {
@@ -79,6 +83,8 @@ impl RecordKind {
             3 => RecordKind::Frame,
             4 => RecordKind::Digest,
             5 => RecordKind::Shutdown,
+            6 => RecordKind::Barrier,
+            7 => RecordKind::Fault,
             _ => return None,
         })
     }
@@ -92,6 +98,8 @@ impl fmt::Display for RecordKind {
             RecordKind::Frame => "frame",
             RecordKind::Digest => "digest",
             RecordKind::Shutdown => "shutdown",
+            RecordKind::Barrier => "barrier",
+            RecordKind::Fault => "fault",
         })
     }
 }
@@ -116,6 +124,84 @@ pub enum Record {
     Digest { exit: ExitIndex, vcpu: u64, devices: u64, memory: u64 },
     /// The primary's guest stopped cleanly at this exit: the log ends here.
     Shutdown { exit: ExitIndex },
+    /// The guest and its application were healthy at this exit (every
+    /// configured health source agreed): a point the secondary may go live
+    /// from after a guest fault.
+    Barrier { exit: ExitIndex },
+    /// The primary saw a guest fault at this exit: the secondary must not
+    /// replay past the last barrier before it.
+    Fault { exit: ExitIndex, fault: FaultKind },
+}
+
+/// What went wrong inside the guest, as a health source saw it. The byte
+/// values are part of the protocol (the [`Record::Fault`] payload): never
+/// renumber one, only add new ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[repr(u8)]
+#[non_exhaustive]
+pub enum FaultKind {
+    /// The guest reported a panic through pvpanic.
+    Panic = 1,
+    /// The guest crashed: a triple fault, or an access no device serves.
+    Crash = 2,
+    /// The guest halted with no wake-up deadline (what `halt` does to an OS).
+    Halt = 3,
+    /// The guest powered off with a non-zero status.
+    PowerOff = 4,
+    /// The guest stopped exiting for longer than the hang deadline.
+    Hang = 5,
+    /// The application missed its health-report deadline.
+    Unhealthy = 6,
+    /// The host-side probe of the service failed its threshold.
+    Probe = 7,
+    /// The primary's LAN side lost carrier or its gateway.
+    Lan = 8,
+}
+
+impl FaultKind {
+    /// Every kind, in byte order.
+    pub const ALL: [FaultKind; 8] = [
+        FaultKind::Panic,
+        FaultKind::Crash,
+        FaultKind::Halt,
+        FaultKind::PowerOff,
+        FaultKind::Hang,
+        FaultKind::Unhealthy,
+        FaultKind::Probe,
+        FaultKind::Lan,
+    ];
+
+    /// The byte that stands for this kind on the wire.
+    pub fn byte(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind a wire byte stands for, or `None` for one this version does
+    /// not know.
+    pub fn from_byte(byte: u8) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|kind| kind.byte() == byte)
+    }
+
+    /// The kind's name in status output and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Panic => "panic",
+            FaultKind::Crash => "crash",
+            FaultKind::Halt => "halt",
+            FaultKind::PowerOff => "power_off",
+            FaultKind::Hang => "hang",
+            FaultKind::Unhealthy => "unhealthy",
+            FaultKind::Probe => "probe",
+            FaultKind::Lan => "lan",
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Record {
@@ -126,7 +212,9 @@ impl Record {
             | Record::Entropy { exit, .. }
             | Record::Frame { exit, .. }
             | Record::Digest { exit, .. }
-            | Record::Shutdown { exit } => *exit,
+            | Record::Shutdown { exit }
+            | Record::Barrier { exit }
+            | Record::Fault { exit, .. } => *exit,
         }
     }
 
@@ -138,6 +226,8 @@ impl Record {
             Record::Frame { .. } => RecordKind::Frame,
             Record::Digest { .. } => RecordKind::Digest,
             Record::Shutdown { .. } => RecordKind::Shutdown,
+            Record::Barrier { .. } => RecordKind::Barrier,
+            Record::Fault { .. } => RecordKind::Fault,
         }
     }
 }
@@ -148,13 +238,19 @@ mod tests {
 
     #[test]
     fn kind_bytes_round_trip_and_unknown_kinds_are_refused() {
-        for kind in
-            [RecordKind::Clock, RecordKind::Entropy, RecordKind::Frame, RecordKind::Digest, RecordKind::Shutdown]
-        {
+        for kind in [
+            RecordKind::Clock,
+            RecordKind::Entropy,
+            RecordKind::Frame,
+            RecordKind::Digest,
+            RecordKind::Shutdown,
+            RecordKind::Barrier,
+            RecordKind::Fault,
+        ] {
             assert_eq!(RecordKind::from_byte(kind.byte()), Some(kind));
         }
         assert_eq!(RecordKind::from_byte(0), None);
-        assert_eq!(RecordKind::from_byte(6), None);
+        assert_eq!(RecordKind::from_byte(8), None);
         assert_eq!(RecordKind::from_byte(0xff), None);
     }
 
@@ -167,11 +263,22 @@ mod tests {
             (Record::Frame { exit, frame: Bytes::from_static(b"f") }, RecordKind::Frame),
             (Record::Digest { exit, vcpu: 1, devices: 2, memory: 3 }, RecordKind::Digest),
             (Record::Shutdown { exit }, RecordKind::Shutdown),
+            (Record::Barrier { exit }, RecordKind::Barrier),
+            (Record::Fault { exit, fault: FaultKind::Halt }, RecordKind::Fault),
         ];
         for (record, kind) in records {
             assert_eq!(record.exit(), exit);
             assert_eq!(record.kind(), kind);
         }
+    }
+
+    #[test]
+    fn fault_kind_bytes_round_trip() {
+        for kind in FaultKind::ALL {
+            assert_eq!(FaultKind::from_byte(kind.byte()), Some(kind));
+        }
+        assert_eq!(FaultKind::from_byte(0), None);
+        assert_eq!(FaultKind::from_byte(9), None);
     }
 
     #[test]

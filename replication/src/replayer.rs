@@ -40,6 +40,8 @@ fn what(r: &Record) -> String {
             format!("digest vcpu={vcpu:#018x} devices={devices:#018x} memory={memory:#018x} at exit {exit}")
         }
         Record::Shutdown { exit } => format!("the primary's shutdown at exit {exit}"),
+        Record::Barrier { exit } => format!("a barrier at exit {exit}"),
+        Record::Fault { exit, fault } => format!("a guest fault ({fault}) at exit {exit}"),
         #[allow(unreachable_patterns)]
         other => format!("{other:?}"),
     }
@@ -83,6 +85,9 @@ impl Replayer {
                     self.shutdown_at = Some(at);
                     return Err(HookError::Ended { exit_index: exit });
                 }
+                // Barriers mark healthy points; this replayer replays
+                // through them.
+                Ok(Record::Barrier { .. }) => {}
                 Ok(r) => self.next = Some(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(HookError::Ended { exit_index: exit }),
