@@ -60,6 +60,35 @@ pub enum Command {
     /// namespaces, a client at work, the primary killed, the figures beside
     /// VMware FT's, every acknowledged write checked.
     Demo(DemoArgs),
+    /// Print a shell completion script for ftvm (bash, zsh or fish) to
+    /// stdout.
+    Completions(CompletionsArgs),
+}
+
+/// `--metrics ADDR`, on every subcommand that runs a guest.
+#[derive(Debug, Default, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
+    /// e.g. 127.0.0.1:9464; a pair process serves them once paired
+    /// [default: none]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// `ftvm completions SHELL`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh or fish.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// The shells `ftvm completions` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// PAIR-OPTS shared by `primary` and `secondary`. Each may also come from
@@ -118,6 +147,8 @@ pub struct PrimaryArgs {
     /// copy that loses exits 4 without emitting anything.
     #[arg(long)]
     pub unprotected_start: bool,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// `ftvm secondary GUEST-OPTS PAIR-OPTS --listen HOST:PORT`.
@@ -133,6 +164,8 @@ pub struct SecondaryArgs {
     /// Test knob: hold every ack this long (shows the output rule at work).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub ack_delay_ms: u64,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// `ftvm status`.
@@ -196,6 +229,8 @@ pub struct RunArgs {
     /// The guest to run and its settings.
     #[command(flatten)]
     pub guest: GuestArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// GUEST-OPTS, shared by every subcommand that runs a guest (`run`,
@@ -393,6 +428,9 @@ mod tests {
             &["run", "--guest"],
             &["primary", "--heartbeat-ms", "often"],
             &["demo", "--guest", "nosuch"],
+            &["run", "--metrics", "nowhere"],
+            &["primary", "--metrics", "127.0.0.1"],
+            &["completions", "tcsh"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), EXIT_USAGE, "ftvm {args:?}");

@@ -7,6 +7,7 @@
 mod cli;
 mod config;
 mod exit;
+mod metrics;
 mod protect;
 mod serial;
 
@@ -122,7 +123,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             list_guests(args.all);
             Ok(0)
         }
-        Command::Run(args) => run(&config::resolve(&args.guest)?),
+        Command::Run(args) => run(&config::resolve(&args.guest)?, args.metrics.metrics),
         Command::Primary(args) => primary(&args),
         Command::Secondary(args) => secondary(&args),
         Command::Status(args) => {
@@ -141,6 +142,16 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Arbiter(args) => arbiter(&args),
         Command::Demo(args) => {
             ftvm_demo::demo(args.guest, args.failure)?;
+            Ok(0)
+        }
+        Command::Completions(args) => {
+            use clap_complete::Shell;
+            let shell = match args.shell {
+                cli::CompletionShell::Bash => Shell::Bash,
+                cli::CompletionShell::Zsh => Shell::Zsh,
+                cli::CompletionShell::Fish => Shell::Fish,
+            };
+            clap_complete::generate(shell, &mut Cli::command(), "ftvm", &mut std::io::stdout());
             Ok(0)
         }
     }
@@ -307,9 +318,18 @@ fn finish(settings: &GuestSettings, outcome: Result<RunOutcome, VmError>, caught
     }
 }
 
-/// `ftvm run`: one guest, unprotected.
-fn run(settings: &GuestSettings) -> Result<i32, Failure> {
+/// `ftvm run`: one guest, unprotected; with `--metrics`, its exits and
+/// role on a status board that only the endpoint reads.
+fn run(settings: &GuestSettings, metrics: Option<std::net::SocketAddr>) -> Result<i32, Failure> {
+    let endpoint = metrics.map(metrics::Endpoint::bind).transpose()?;
     let Prepared { config, tap, serial } = prepare(settings, None)?;
+    let board = endpoint.map(|e| -> Result<_, Failure> {
+        let board = Arc::new(pair::Board::new(settings.name.clone(), pair::Role::Standalone));
+        board.set_state("running");
+        e.serve(board.clone())?;
+        Ok(board)
+    });
+    let board = board.transpose()?;
     let mut output = LiveOutput::new(serial);
     if let Some(tap) = &tap {
         output = output.with_tap(tap.clone());
@@ -317,10 +337,14 @@ fn run(settings: &GuestSettings) -> Result<i32, Failure> {
     let output = Box::new(output);
     let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {
         let input = LiveInput::new(0, vec![stop.wake_fd()]);
-        Box::new(match tap {
+        let input = match tap {
             Some(tap) => input.with_tap(tap),
             None => input,
-        })
+        };
+        match board {
+            Some(board) => Box::new(metrics::CountExits { inner: input, board }),
+            None => Box::new(input),
+        }
     };
     let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = stop_on_signals(&vm)?;
@@ -338,16 +362,21 @@ fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Primary;
     let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.peer.as_deref(), role)?;
     if args.unprotected_start {
-        return unprotected_start(&settings, &pair);
+        return unprotected_start(&settings, &pair, args.metrics.metrics);
     }
+    let endpoint = args.metrics.metrics.map(metrics::Endpoint::bind).transpose()?;
     let Prepared { config, tap, serial } = prepare(&settings, Some(pair.digest_every))?;
-    Ok(protect::primary(&settings, config, tap, serial, &pair)?)
+    Ok(protect::primary(&settings, config, tap, serial, &pair, endpoint)?)
 }
 
 /// `ftvm primary --unprotected-start`: no secondary. A copy that will emit
 /// to the world claims the arbiter first (when there is one): if it names a
 /// live copy of this guest, this one exits 4 without emitting anything.
-fn unprotected_start(settings: &GuestSettings, pair: &config::PairConfig) -> Result<i32, Failure> {
+fn unprotected_start(
+    settings: &GuestSettings,
+    pair: &config::PairConfig,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<i32, Failure> {
     let ownership = match &pair.arbiter {
         Some(spec) => Some(pair::failover::claim_alone(spec, &settings.name)?),
         None => None,
@@ -357,7 +386,7 @@ fn unprotected_start(settings: &GuestSettings, pair: &config::PairConfig) -> Res
         "ftvm: primary {}: --unprotected-start: running without a secondary, UNPROTECTED",
         settings.name
     );
-    let code = run(settings);
+    let code = run(settings, metrics);
     if let Some(o) = ownership {
         o.release();
     }
@@ -371,6 +400,7 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
     let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
     let mut no_tap = settings.clone();
     no_tap.tap = None;
+    let endpoint = args.metrics.metrics.map(metrics::Endpoint::bind).transpose()?;
     let Prepared { mut config, serial, .. } = prepare(&no_tap, Some(pair.digest_every))?;
     config.boot.mac = settings.tap.as_ref().map(|_| settings.mac);
     if let Some(tap) = &settings.tap {
@@ -380,7 +410,7 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
         }
     }
     let delay = std::time::Duration::from_millis(args.ack_delay_ms);
-    Ok(protect::secondary(&settings, config, serial, &pair, delay)?)
+    Ok(protect::secondary(&settings, config, serial, &pair, delay, endpoint)?)
 }
 
 /// `ftvm arbiter show|release`.

@@ -92,6 +92,7 @@ pub fn primary(
     tap: Option<Arc<vmm::tap::Tap>>,
     serial: Box<dyn Write + Send>,
     pair: &PairConfig,
+    metrics: Option<crate::metrics::Endpoint>,
 ) -> Result<i32> {
     // Caught from here: a signal while the pair forms and the VM is made is
     // kept for the VM, not lost.
@@ -104,6 +105,9 @@ pub fn primary(
         output = output.with_tap(t.clone());
     }
     let (session, gate) = PrimarySession::start(session_config, Box::new(output))?;
+    if let Some(m) = metrics {
+        m.serve(session.board())?;
+    }
     let input = |stop: &vmm::vcpu::StopHandle| {
         let live = LiveInput::new(0, vec![stop.wake_fd()]);
         session.input(match tap {
@@ -149,6 +153,7 @@ pub fn secondary(
     serial: Box<dyn Write + Send>,
     pair: &PairConfig,
     ack_delay: Duration,
+    metrics: Option<crate::metrics::Endpoint>,
 ) -> Result<i32> {
     let signals = crate::catch_signals()?;
     let mut session_config = SecondaryConfig::new(&settings.name, &pair.address, pair.channel(&config.elf, settings)?);
@@ -156,6 +161,9 @@ pub fn secondary(
     session_config.control = Some(pair.control_for(&settings.name));
     session_config.ack_delay = ack_delay;
     let session = SecondarySession::accept(session_config)?;
+    if let Some(m) = metrics {
+        m.serve(session.board())?;
+    }
     // Opened now, so that the bridge forwards on it by go-live; written to
     // only after go-live.
     // Opened at go-live: until then a primary on the same host may hold it.

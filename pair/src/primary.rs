@@ -410,6 +410,7 @@ fn spawn_ack_task(
                 tracing::warn!(error = %e, "releasing held outputs failed");
             }
             board.acked_position.store(upto.0, Ordering::SeqCst);
+            board.ack_rtt.acked(upto.0, std::time::Instant::now());
             if acked.changed().await.is_err() {
                 return;
             }

@@ -71,6 +71,7 @@ impl Shipper {
                 Ok(()) => {
                     let bytes: usize = batch.iter().map(replication::frame::encoded_record_len).sum();
                     self.board.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    self.board.ack_rtt.sent(first.0 + batch.len() as u64 - 1, Instant::now());
                 }
                 // The secondary is too far behind: keep the records here
                 // (the vCPU never waits) and try again when acks caught up.

@@ -1,6 +1,7 @@
 //! What `ftvm status` reports: a live [`Board`] that the session's threads
 //! update, and the plain [`Status`] snapshot it serialises to.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -167,6 +168,8 @@ pub struct Board {
     arbiter: Mutex<Option<(String, u64)>>,
     last_failure: Mutex<Option<FailureEvent>>,
     heartbeats: OnceLock<tokio::sync::watch::Receiver<heartbeat::ServiceStats>>,
+    /// The primary's ack round trips (log shipped → acknowledged).
+    pub ack_rtt: AckRtt,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -195,7 +198,14 @@ impl Board {
             arbiter: Mutex::new(None),
             last_failure: Mutex::new(None),
             heartbeats: OnceLock::new(),
+            ack_rtt: AckRtt::default(),
         }
+    }
+
+    /// The guest reached exit `exit` (for a process without a pair session,
+    /// `ftvm run`, whose board only feeds the metrics endpoint).
+    pub fn note_exit(&self, exit: u64) {
+        self.exit_index.store(exit, Ordering::Relaxed);
     }
 
     pub fn role(&self) -> Role {
@@ -298,6 +308,78 @@ impl Board {
     }
 }
 
+/// Upper bounds of the ack round-trip histogram's buckets, in seconds
+/// (the last bucket, `+Inf`, is implied).
+pub const ACK_RTT_BOUNDS: [f64; 14] =
+    [50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0, 5.0];
+
+/// Shipped positions not yet acknowledged kept at most for timing: past
+/// it new sends are not timed until acks catch up (the memory stays
+/// bounded when the secondary stalls).
+const MAX_TIMED_SENDS: usize = 4096;
+
+/// The primary's ack round trips: when each shipped batch's last position
+/// left (handed to the logging channel) until the secondary's ack covered
+/// it, as a fixed-bucket histogram.
+#[derive(Default)]
+pub struct AckRtt {
+    sent: Mutex<VecDeque<(Instant, u64)>>,
+    /// One count per bound of [`ACK_RTT_BOUNDS`], then `+Inf`.
+    buckets: [AtomicU64; ACK_RTT_BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A copy of [`AckRtt`]'s histogram: per-bucket (not cumulative) counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AckRttSnapshot {
+    /// `(upper bound in seconds, count)`, the last bound `+Inf`.
+    pub buckets: Vec<(f64, u64)>,
+    pub sum_s: f64,
+    pub count: u64,
+}
+
+impl AckRtt {
+    /// Positions up to `upto` were handed to the channel now.
+    pub(crate) fn sent(&self, upto: u64, at: Instant) {
+        let mut q = lock(&self.sent);
+        if q.len() < MAX_TIMED_SENDS && q.back().is_none_or(|&(_, p)| p < upto) {
+            q.push_back((at, upto));
+        }
+    }
+
+    /// The secondary acknowledged positions up to `upto` now: one round
+    /// trip observed, from the newest send it covers.
+    pub(crate) fn acked(&self, upto: u64, at: Instant) {
+        let mut newest = None;
+        {
+            let mut q = lock(&self.sent);
+            while q.front().is_some_and(|&(_, p)| p <= upto) {
+                newest = q.pop_front().map(|(t, _)| t);
+            }
+        }
+        if let Some(t) = newest {
+            self.observe(at.saturating_duration_since(t));
+        }
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let s = rtt.as_secs_f64();
+        let i = ACK_RTT_BOUNDS.iter().position(|&b| s <= b).unwrap_or(ACK_RTT_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> AckRttSnapshot {
+        let bounds = ACK_RTT_BOUNDS.iter().copied().chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds.zip(&self.buckets).map(|(b, c)| (b, c.load(Ordering::Relaxed))).collect();
+        // The count is the buckets' sum, so that the two always agree.
+        let count = buckets.iter().map(|&(_, c)| c).sum();
+        AckRttSnapshot { buckets, sum_s: self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9, count }
+    }
+}
+
 /// A lost peer: when it was last heard, when it was declared lost, and how.
 #[derive(Debug, Clone, Copy)]
 pub struct Loss {
@@ -362,6 +444,41 @@ mod tests {
         assert!(v["acked_position"].is_null() && v["replay_lag_records"].is_null(), "{v}");
         assert_eq!(v["peer"], "down");
         assert_eq!(v["name"], "kv");
+    }
+
+    #[test]
+    fn ack_rtt_times_from_the_newest_send_covered() {
+        let rtt = AckRtt::default();
+        let t0 = Instant::now();
+        rtt.sent(5, t0);
+        rtt.sent(9, t0 + Duration::from_micros(300));
+        // An ack up to 7 covers the first send only.
+        rtt.acked(7, t0 + Duration::from_micros(80));
+        // An ack up to 9 covers the second: 2 ms after it left.
+        rtt.acked(9, t0 + Duration::from_micros(2_300));
+        // Nothing left to time.
+        rtt.acked(12, t0 + Duration::from_secs(9));
+        let s = rtt.snapshot();
+        assert_eq!(s.count, 2);
+        assert_eq!(s.buckets.len(), ACK_RTT_BOUNDS.len() + 1);
+        let at = |bound: f64| s.buckets.iter().find(|&&(b, _)| b == bound).map(|&(_, c)| c);
+        assert_eq!(at(100e-6), Some(1), "{s:?}");
+        assert_eq!(at(2.5e-3), Some(1), "{s:?}");
+        assert!((s.sum_s - 0.00208).abs() < 1e-9, "{s:?}");
+        assert_eq!(s.buckets.last().map(|&(b, _)| b), Some(f64::INFINITY));
+    }
+
+    #[test]
+    fn ack_rtt_memory_is_bounded() {
+        let rtt = AckRtt::default();
+        let t0 = Instant::now();
+        for p in 1..=(MAX_TIMED_SENDS as u64 + 100) {
+            rtt.sent(p, t0);
+        }
+        assert_eq!(lock(&rtt.sent).len(), MAX_TIMED_SENDS);
+        rtt.acked(u64::MAX, t0 + Duration::from_secs(10));
+        let s = rtt.snapshot();
+        assert_eq!((s.count, s.buckets[ACK_RTT_BOUNDS.len()].1), (1, 1), "10 s falls in +Inf: {s:?}");
     }
 
     #[test]

@@ -22,6 +22,13 @@ pub const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("objdump", "binutils"),
     ("kill", "procps"),
+    ("promtool", "prometheus"),
+    ("ocf-tester", "resource-agents"),
+    ("xmllint", "libxml2-utils"),
+    ("corosync", "corosync"),
+    ("pacemakerd", "pacemaker"),
+    ("crm_mon", "pacemaker-cli-utils"),
+    ("crm_attribute", "pacemaker-cli-utils"),
 ];
 
 /// The one line for a program that is not installed: "redis-cli not found: install Debian's
