@@ -123,7 +123,7 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             list_guests(args.all);
             Ok(0)
         }
-        Command::Run(args) => run(&config::resolve(&args.guest)?, args.metrics.metrics),
+        Command::Run(args) => run(&config::resolve(&args.guest)?, args.metrics.metrics, None),
         Command::Primary(args) => primary(&args),
         Command::Secondary(args) => secondary(&args),
         Command::Status(args) => {
@@ -319,17 +319,28 @@ fn finish(settings: &GuestSettings, outcome: Result<RunOutcome, VmError>, caught
 }
 
 /// `ftvm run`: one guest, unprotected; with `--metrics`, its exits and
-/// role on a status board that only the endpoint reads.
-fn run(settings: &GuestSettings, metrics: Option<std::net::SocketAddr>) -> Result<i32, Failure> {
+/// role on a status board that the endpoint reads (and, for
+/// `--unprotected-start`, the control socket: `ftvm status` and the
+/// cluster agents see the standalone copy).
+fn run(
+    settings: &GuestSettings,
+    metrics: Option<std::net::SocketAddr>,
+    control: Option<std::path::PathBuf>,
+) -> Result<i32, Failure> {
     let endpoint = metrics.map(metrics::Endpoint::bind).transpose()?;
     let Prepared { config, tap, serial } = prepare(settings, None)?;
-    let board = endpoint.map(|e| -> Result<_, Failure> {
+    let board = (endpoint.is_some() || control.is_some()).then(|| {
         let board = Arc::new(pair::Board::new(settings.name.clone(), pair::Role::Standalone));
-        board.set_state("running");
-        e.serve(board.clone())?;
-        Ok(board)
+        board.set_state(if control.is_some() { "running unprotected (--unprotected-start)" } else { "running" });
+        board
     });
-    let board = board.transpose()?;
+    if let (Some(e), Some(b)) = (endpoint, &board) {
+        e.serve(b.clone())?;
+    }
+    let _control = match (&control, &board) {
+        (Some(path), Some(b)) => Some(pair::ControlSocket::serve(path, b.clone())?),
+        _ => None,
+    };
     let mut output = LiveOutput::new(serial);
     if let Some(tap) = &tap {
         output = output.with_tap(tap.clone());
@@ -386,7 +397,7 @@ fn unprotected_start(
         "ftvm: primary {}: --unprotected-start: running without a secondary, UNPROTECTED",
         settings.name
     );
-    let code = run(settings, metrics);
+    let code = run(settings, metrics, Some(control_path(pair.control.as_deref(), &settings.name)));
     if let Some(o) = ownership {
         o.release();
     }
