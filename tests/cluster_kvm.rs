@@ -1,0 +1,345 @@
+//! A real two-node Pacemaker + Corosync cluster on one machine manages a
+//! protected kvstore pair through the OCF agent `cluster/pacemaker/ftvm`:
+//! it starts both copies and promotes one; the primary's node is killed
+//! whole (every process in it) while a client writes over one TCP
+//! connection; ftvm fails over in milliseconds, no acknowledged write is
+//! lost, and Pacemaker's view (crm_mon) follows.
+//!
+//! Each node is a lab host's network namespace (TAP on the LAN, the
+//! dedicated link, which carries Corosync's knet and ftvm's channel) plus
+//! its own mount, UTS and PID namespaces with private /run, /dev/shm,
+//! /etc/corosync, /var/lib/{corosync,pacemaker}, logs, and its own copy of
+//! /usr/lib/ocf/resource.d with the agent installed: nothing on the host
+//! changes. Killing the PID namespace's init kills the node whole.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{connect_kvstore, reply, resp};
+use ftvm_lab as lab;
+use lab::Lab;
+
+/// What a node runs as the init of its PID namespace.
+const NODE_SH: &str = r#"#!/bin/sh
+# node.sh NAME DIR: a cluster node in fresh mount, UTS and PID namespaces.
+set -e
+name=$1; dir=$2
+mount --make-rprivate /
+hostname "$name"
+for p in /etc/corosync /var/lib/corosync /var/lib/pacemaker /var/log/pacemaker /var/log/corosync /usr/lib/ocf/resource.d; do
+    mount --bind "$dir$p" "$p"
+done
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mkdir -p /run/crm /run/resource-agents /run/ftvm
+chown hacluster:haclient /run/crm
+corosync -f >"$dir/corosync.out" 2>&1 &
+# pacemakerd needs corosync's IPC: it retries until corosync is up.
+pacemakerd >"$dir/pacemakerd.out" 2>&1 &
+wait
+"#;
+
+/// One node: its PID namespace's init, and the directory of its state.
+struct Node {
+    name: String,
+    dir: PathBuf,
+    /// `unshare`, the parent of the namespace's init.
+    unshare: std::process::Child,
+    init: u32,
+}
+
+impl Node {
+    fn start(name: &str, netns: &lab::Netns, root: &Path, corosync_conf: &str, agent: &Path) -> Node {
+        let dir = root.join(name);
+        for p in ["etc/corosync", "var/lib/corosync", "var/log/pacemaker", "var/log/corosync", "usr/lib/ocf"] {
+            std::fs::create_dir_all(dir.join(p)).unwrap();
+        }
+        std::fs::write(dir.join("etc/corosync/corosync.conf"), corosync_conf).unwrap();
+        // Copies that keep their owners (hacluster owns Pacemaker's state).
+        for (from, to) in [("/var/lib/pacemaker", "var/lib/"), ("/usr/lib/ocf/resource.d", "usr/lib/ocf/")] {
+            lab::run(Command::new("cp").arg("-a").arg(from).arg(dir.join(to)));
+        }
+        let provider = dir.join("usr/lib/ocf/resource.d/ftvm");
+        std::fs::create_dir_all(&provider).unwrap();
+        lab::run(Command::new("install").args(["-m", "0755"]).arg(agent).arg(provider.join("ftvm")));
+        lab::run(Command::new("chown").args(["hacluster:haclient"]).arg(dir.join("var/log/pacemaker")));
+        let script = dir.join("node.sh");
+        std::fs::write(&script, NODE_SH).unwrap();
+        let mut cmd = netns.command("unshare");
+        cmd.args(["-m", "-u", "-p", "-f", "--mount-proc", "/bin/sh"]).arg(&script).arg(name).arg(&dir);
+        let unshare = lab::spawn(
+            cmd.stdin(Stdio::null())
+                .stdout(std::fs::File::create(dir.join("node.out")).unwrap())
+                .stderr(std::fs::File::create(dir.join("node.err")).unwrap()),
+        );
+        // `ip netns exec` execs unshare, which forks the namespace's init.
+        let pid = unshare.id();
+        let mut init = 0;
+        let found = lab::wait_for(Duration::from_secs(10), || {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+            init = children.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            init != 0
+        });
+        assert!(found, "node {name}: no namespace init under unshare {pid}");
+        Node { name: name.to_string(), dir, unshare, init }
+    }
+
+    /// `PROGRAM ARGS` inside the node (all its namespaces).
+    fn exec(&self, argv: &[&str]) -> std::process::Output {
+        let init = self.init.to_string();
+        let mut cmd = Command::new("nsenter");
+        cmd.args(["-t", &init, "-n", "-m", "-u", "-p", "--"]).args(argv);
+        cmd.output().unwrap_or_else(|e| panic!("nsenter {argv:?}: {e}"))
+    }
+
+    fn crm_mon(&self) -> String {
+        let out = self.exec(&["crm_mon", "-1"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The whole node dies at once: SIGKILL of its PID namespace's init
+    /// makes the kernel kill every process in it.
+    fn kill(&mut self) {
+        common::signal("KILL", self.init);
+        let _ = self.unshare.wait();
+    }
+
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for f in ["node.err", "corosync.out", "pacemakerd.out", "var/log/pacemaker/ftvm/kvstore.log"] {
+            let body = std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+            let tail: Vec<&str> = body.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            text.push_str(&format!("--- {} {f}\n{}\n", self.name, tail.join("\n")));
+        }
+        text
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.unshare.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill").args(["-KILL", &self.init.to_string()]).status();
+            let _ = self.unshare.wait();
+        }
+    }
+}
+
+fn corosync_conf(nodes: &[(&str, std::net::Ipv4Addr)]) -> String {
+    let mut conf = String::from(
+        "totem {\n    version: 2\n    cluster_name: ftvmtest\n    transport: knet\n    crypto_cipher: none\n    \
+         crypto_hash: none\n    token: 1000\n}\nquorum {\n    provider: corosync_votequorum\n    two_node: 1\n}\n\
+         logging {\n    to_logfile: yes\n    logfile: /var/log/corosync/corosync.log\n    to_syslog: no\n    \
+         to_stderr: no\n}\nnodelist {\n",
+    );
+    for (i, (name, ip)) in nodes.iter().enumerate() {
+        conf.push_str(&format!(
+            "    node {{\n        name: {name}\n        nodeid: {}\n        ring0_addr: {ip}\n    }}\n",
+            i + 1
+        ));
+    }
+    conf.push_str("}\n");
+    conf
+}
+
+/// The promotable clone of the agent, as CIB XML.
+fn resource_xml(params: &[(&str, String)]) -> String {
+    let mut nv = String::new();
+    for (k, v) in params {
+        nv.push_str(&format!("<nvpair id=\"kv-{k}\" name=\"{k}\" value=\"{v}\"/>"));
+    }
+    format!(
+        "<clone id=\"kv-clone\"><meta_attributes id=\"kv-clone-meta\">\
+         <nvpair id=\"kv-promotable\" name=\"promotable\" value=\"true\"/>\
+         <nvpair id=\"kv-promoted-max\" name=\"promoted-max\" value=\"1\"/>\
+         <nvpair id=\"kv-clone-max\" name=\"clone-max\" value=\"2\"/>\
+         <nvpair id=\"kv-notify\" name=\"notify\" value=\"true\"/></meta_attributes>\
+         <primitive id=\"kv\" class=\"ocf\" provider=\"ftvm\" type=\"ftvm\">\
+         <instance_attributes id=\"kv-params\">{nv}</instance_attributes><operations>\
+         <op id=\"kv-mon-p\" name=\"monitor\" interval=\"2s\" role=\"Promoted\" timeout=\"20s\"/>\
+         <op id=\"kv-mon-u\" name=\"monitor\" interval=\"3s\" role=\"Unpromoted\" timeout=\"20s\"/>\
+         <op id=\"kv-start\" name=\"start\" interval=\"0s\" timeout=\"60s\"/>\
+         <op id=\"kv-promote\" name=\"promote\" interval=\"0s\" timeout=\"90s\"/>\
+         <op id=\"kv-demote\" name=\"demote\" interval=\"0s\" timeout=\"60s\"/>\
+         <op id=\"kv-stop\" name=\"stop\" interval=\"0s\" timeout=\"60s\"/>\
+         </operations></primitive></clone>"
+    )
+}
+
+/// The node crm_mon shows the promoted instance on, if one: a line
+/// `Promoted: [ NODE ]`, or, when the instances are listed one by one (an
+/// instance with a recorded action result), `kv (ocf:ftvm:ftvm): Promoted NODE`.
+fn promoted(mon: &str) -> Option<String> {
+    mon.lines().find_map(|l| {
+        let l = l.trim().trim_start_matches("* ");
+        if let Some(rest) = l.strip_prefix("Promoted: [ ") {
+            let nodes: Vec<&str> = rest.trim_end_matches(" ]").split_whitespace().collect();
+            return (nodes.len() == 1).then(|| nodes[0].to_string());
+        }
+        let (_, rest) = l.split_once("(ocf:ftvm:ftvm):")?;
+        let mut words = rest.split_whitespace();
+        (words.next()? == "Promoted").then(|| words.next().map(str::to_string))?
+    })
+}
+
+fn online(mon: &str, node: &str) -> bool {
+    mon.lines().any(|l| l.contains("Online: [") && l.split_whitespace().any(|w| w == node))
+}
+
+#[test]
+fn kvm_netns_pacemaker_promotes_a_pair_and_follows_ftvm_through_a_node_kill() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    for tool in ["corosync", "pacemakerd", "crm_mon", "crm_attribute", "nsenter", "unshare"] {
+        lab::require_tool(tool);
+    }
+    let lab = Lab::pair("pc");
+    let keep = std::env::var_os("FTVM_TEST_KEEP").is_some();
+    let root = tempfile::Builder::new().prefix("ftvm-cluster").disable_cleanup(keep).tempdir().unwrap();
+    let (a, b) = (lab.host_a(), lab.host_b());
+    let conf = corosync_conf(&[("n1", a.link_ip()), ("n2", b.link_ip())]);
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/pacemaker/ftvm");
+    let mut nodes = vec![
+        Node::start("n1", a.netns(), root.path(), &conf, &agent),
+        Node::start("n2", b.netns(), root.path(), &conf, &agent),
+    ];
+    let formed = lab::wait_for(Duration::from_secs(120), || {
+        let mon = nodes[0].crm_mon();
+        online(&mon, "n1") && online(&mon, "n2")
+    });
+    assert!(formed, "the cluster did not form:\n{}\n{}{}", nodes[0].crm_mon(), nodes[0].logs(), nodes[1].logs());
+
+    // The guest's settings, the same on both nodes.
+    let key = common::key_file(root.path(), "pair.key");
+    let config = root.path().join("kvstore.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "guest = \"kvstore\"\nmemory-mib = 32\nip = \"{}\"\ntap = \"{}\"\nkey-file = \"{key}\"\n",
+            lab.guest_cidr(),
+            a.tap()
+        ),
+    )
+    .unwrap();
+    assert_eq!(a.tap(), b.tap(), "the lab's hosts name their TAP alike");
+    let params = [
+        ("name", "kvstore".to_string()),
+        ("config", config.display().to_string()),
+        ("arbiter", format!("file:{}", root.path().join("arbiter").display())),
+        ("addresses", format!("n1={}:7000 n2={}:7000", a.link_ip(), b.link_ip())),
+        ("binary", env!("CARGO_BIN_EXE_ftvm").to_string()),
+        // Per node, inside its private /run and log bind mount.
+        ("log_dir", "/var/log/pacemaker/ftvm".to_string()),
+        ("args", format!("--dead-after {}", common::TEST_DEAD_AFTER)),
+    ];
+    let n = &nodes[0];
+    for (name, value) in [("stonith-enabled", "false"), ("cluster-recheck-interval", "5s")] {
+        let out = n.exec(&["crm_attribute", "--type", "crm_config", "--name", name, "--update", value]);
+        assert!(out.status.success(), "crm_attribute {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = n.exec(&["cibadmin", "--create", "-o", "resources", "--xml-text", &resource_xml(&params)]);
+    assert!(out.status.success(), "cibadmin: {}", String::from_utf8_lossy(&out.stderr));
+
+    // Pacemaker starts both copies and promotes one: a protected pair.
+    let mut first = None;
+    let paired = lab::wait_for(Duration::from_secs(120), || {
+        let mon = nodes[0].crm_mon();
+        first = promoted(&mon);
+        first.is_some() && mon.contains("Unpromoted: [")
+    });
+    let mon = nodes[0].crm_mon();
+    assert!(paired, "no promoted copy:\n{mon}\n{}{}", nodes[0].logs(), nodes[1].logs());
+    let first = first.unwrap();
+    let (pi, si) = if first == "n1" { (0, 1) } else { (1, 0) };
+    let status = |node: &Node| -> serde_json::Value {
+        let out = node.exec(&[env!("CARGO_BIN_EXE_ftvm"), "status", "--name", "kvstore", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let (ps, ss) = (status(&nodes[pi]), status(&nodes[si]));
+    assert_eq!((ps["role"].as_str(), ps["peer"].as_str()), (Some("primary"), Some("up")), "{ps}");
+    assert_eq!(ss["role"], "secondary", "{ss}");
+
+    // A client writes over one connection while the primary's node dies.
+    let mut conn = connect_kvstore(&lab);
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let writer = {
+        let (stop, killed_at) = (stop.clone(), killed_at.clone());
+        std::thread::spawn(move || {
+            let (mut acked, mut worst, mut after_kill) = (0i64, Duration::ZERO, 0);
+            while !stop.load(Ordering::SeqCst) || after_kill < 200 {
+                let start = Instant::now();
+                conn.get_mut().write_all(&resp(&["INCR", "counter"])).unwrap();
+                let r = reply(&mut conn);
+                assert_eq!(r, format!(":{}\r\n", acked + 1), "INCR after {acked} acknowledged");
+                acked += 1;
+                conn.get_mut().write_all(&resp(&["SET", &format!("k{acked}"), &acked.to_string()])).unwrap();
+                assert_eq!(reply(&mut conn), "+OK\r\n");
+                let took = start.elapsed();
+                if killed_at.lock().unwrap().is_some() {
+                    after_kill += 1;
+                    worst = worst.max(took);
+                }
+            }
+            (conn, acked, worst)
+        })
+    };
+    // Let the writes flow through the protected pair first (some hundreds
+    // of writes: awaited on the primary's log position, not a sleep).
+    let flowing = lab::wait_for(Duration::from_secs(60), || status(&nodes[pi])["log_position"].as_u64() > Some(2000));
+    assert!(flowing, "the primary logged nothing: {}", status(&nodes[pi]));
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    nodes[pi].kill();
+    let kill = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+
+    // Pacemaker's view follows: the survivor promoted, the dead node gone.
+    let survivor = nodes[si].name.clone();
+    let dead = nodes[pi].name.clone();
+    let mut agreed = None;
+    let followed = lab::wait_for(Duration::from_secs(90), || {
+        let mon = nodes[si].crm_mon();
+        let ok = promoted(&mon).as_deref() == Some(survivor.as_str()) && !online(&mon, &dead);
+        if ok {
+            agreed = Some(kill.elapsed());
+        }
+        ok
+    });
+    let mon = nodes[si].crm_mon();
+    assert!(followed, "crm_mon did not follow:\n{mon}\n{}", nodes[si].logs());
+    let (mut conn, acked, worst) = writer.join().expect("the client's writes");
+
+    // Every acknowledged write is there, on the same connection.
+    conn.get_mut().write_all(&resp(&["GET", "counter"])).unwrap();
+    assert_eq!(reply(&mut conn), format!("${}\r\n{acked}\r\n", acked.to_string().len()));
+    for i in [1, acked / 2, acked] {
+        conn.get_mut().write_all(&resp(&["GET", &format!("k{i}")])).unwrap();
+        assert_eq!(reply(&mut conn), format!("${}\r\n{i}\r\n", i.to_string().len()), "k{i}");
+    }
+    let st = status(&nodes[si]);
+    assert_eq!(st["role"], "standalone", "{st}");
+    assert_eq!(st["last_failure"]["kind"], "primary lost", "{st}");
+    // The one result Pacemaker lists is the survivor's "promoted (degraded)"
+    // (191: live, unprotected until the pair is repaired), not a failure
+    // it recovers from.
+    let failed: Vec<&str> = mon.lines().skip_while(|l| !l.starts_with("Failed Resource Actions")).skip(1).collect();
+    assert!(failed.iter().all(|l| l.trim().is_empty() || l.contains("'promoted (degraded)'")), "{mon}");
+    eprintln!(
+        "cluster: {acked} writes acknowledged; node kill -> client-seen outage (worst write after the kill) {:.1} ms; \
+         ftvm outage {} ms (reaction {} ms, recovery {} ms); crm_mon agreed after {:.2} s",
+        worst.as_secs_f64() * 1e3,
+        st["last_failure"]["outage_ms"],
+        st["last_failure"]["reaction_ms"],
+        st["last_failure"]["recovery_ms"],
+        agreed.unwrap_or_default().as_secs_f64()
+    );
+    // The survivor's node goes down whole too; the lab's namespaces go on drop.
+    nodes[si].kill();
+}
