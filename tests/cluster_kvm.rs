@@ -206,7 +206,7 @@ fn kvm_netns_pacemaker_promotes_a_pair_and_follows_ftvm_through_a_node_kill() {
     let (a, b) = (lab.host_a(), lab.host_b());
     let conf = corosync_conf(&[("n1", a.link_ip()), ("n2", b.link_ip())]);
     let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/pacemaker/ftvm");
-    let mut nodes = vec![
+    let mut nodes = [
         Node::start("n1", a.netns(), root.path(), &conf, &agent),
         Node::start("n2", b.netns(), root.path(), &conf, &agent),
     ];
