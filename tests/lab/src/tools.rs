@@ -29,6 +29,9 @@ pub const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("pacemakerd", "pacemaker"),
     ("crm_mon", "pacemaker-cli-utils"),
     ("crm_attribute", "pacemaker-cli-utils"),
+    ("systemd-analyze", "systemd"),
+    ("nsenter", "util-linux"),
+    ("unshare", "util-linux"),
 ];
 
 /// The one line for a program that is not installed: "redis-cli not found: install Debian's
