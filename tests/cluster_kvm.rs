@@ -55,8 +55,10 @@ struct Node {
 }
 
 impl Node {
-    fn start(name: &str, netns: &lab::Netns, root: &Path, corosync_conf: &str, agent: &Path) -> Node {
-        let dir = root.join(name);
+    /// Node `name` with its state in `root/dir` (a node that returns after
+    /// a kill gets a fresh one, as after a reinstall).
+    fn start(name: &str, dir: &str, netns: &lab::Netns, root: &Path, corosync_conf: &str, agent: &Path) -> Node {
+        let dir = root.join(dir);
         for p in ["etc/corosync", "var/lib/corosync", "var/log/pacemaker", "var/log/corosync", "usr/lib/ocf"] {
             std::fs::create_dir_all(dir.join(p)).unwrap();
         }
@@ -207,8 +209,8 @@ fn kvm_netns_pacemaker_promotes_a_pair_and_follows_ftvm_through_a_node_kill() {
     let conf = corosync_conf(&[("n1", a.link_ip()), ("n2", b.link_ip())]);
     let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/pacemaker/ftvm");
     let mut nodes = [
-        Node::start("n1", a.netns(), root.path(), &conf, &agent),
-        Node::start("n2", b.netns(), root.path(), &conf, &agent),
+        Node::start("n1", "n1", a.netns(), root.path(), &conf, &agent),
+        Node::start("n2", "n2", b.netns(), root.path(), &conf, &agent),
     ];
     let formed = lab::wait_for(Duration::from_secs(120), || {
         let mon = nodes[0].crm_mon();
@@ -340,6 +342,33 @@ fn kvm_netns_pacemaker_promotes_a_pair_and_follows_ftvm_through_a_node_kill() {
         st["last_failure"]["recovery_ms"],
         agreed.unwrap_or_default().as_secs_f64()
     );
-    // The survivor's node goes down whole too; the lab's namespaces go on drop.
+
+    // The dead node returns. The guest is live on the survivor, and no new
+    // secondary can join a live guest (that is repair's state transfer):
+    // the agent starts the returning instance as a spare, which Pacemaker
+    // shows unpromoted, and the guest stays where it is.
+    let netns = if pi == 0 { a.netns() } else { b.netns() };
+    let back = Node::start(&dead, &format!("{dead}-again"), netns, root.path(), &conf, &agent);
+    let returned = Instant::now();
+    let mut seen = String::new();
+    let rejoined = lab::wait_for(Duration::from_secs(120), || {
+        seen = nodes[si].crm_mon();
+        online(&seen, &dead)
+            && promoted(&seen).as_deref() == Some(survivor.as_str())
+            && seen.lines().any(|l| l.contains("Unpromoted") && l.contains(dead.as_str()))
+    });
+    assert!(rejoined, "the returning node's instance did not start:\n{seen}\n{}", back.logs());
+    let spare_after = returned.elapsed();
+    let out = back.exec(&[env!("CARGO_BIN_EXE_ftvm"), "status", "--name", "kvstore", "--json"]);
+    assert!(!out.status.success(), "a spare runs no VMM: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(status(&nodes[si])["role"], "standalone", "the guest did not move");
+    conn.get_mut().write_all(&resp(&["INCR", "counter"])).unwrap();
+    assert_eq!(reply(&mut conn), format!(":{}\r\n", acked + 1), "the guest serves on after the node's return");
+    eprintln!(
+        "cluster: the killed node back as a spare (crm_mon: unpromoted) {:.1} s after it restarted",
+        spare_after.as_secs_f64()
+    );
+    // Both nodes go down whole; the lab's namespaces go on drop.
+    drop(back);
     nodes[si].kill();
 }
