@@ -7,6 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use ftvm_lab as lab;
 
@@ -18,22 +19,28 @@ fn agent() -> PathBuf {
 /// two loopback addresses (no peer ever listens on the second), and the
 /// agent's dirs, all in `dir`. As OCF_RESKEY_ variables.
 fn params(dir: &Path, port: u16) -> Vec<(String, String)> {
-    let key = common::key_file(dir, "k");
-    let config = dir.join("vm.toml");
-    let serial = dir.join("serial.log");
-    std::fs::write(
-        &config,
-        format!("guest = \"spin\"\nmemory-mib = 16\nkey-file = \"{key}\"\nserial = \"{}\"\n", serial.display()),
-    )
-    .unwrap();
+    node_params(dir, dir, port, "n1", "guest = \"spin\"")
+}
+
+/// As [`params`] for node `node` of a pair sharing `shared` (key, config,
+/// arbiter), with its own directories in `dir`.
+fn node_params(shared: &Path, dir: &Path, port: u16, node: &str, guest: &str) -> Vec<(String, String)> {
+    let config = shared.join("vm.toml");
+    if !config.exists() {
+        let key = common::key_file(shared, "k");
+        let serial = shared.join("serial.log");
+        let text = format!("{guest}\nmemory-mib = 16\nkey-file = \"{key}\"\nserial = \"{}\"\n", serial.display());
+        std::fs::write(&config, text).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("rsctmp")).unwrap();
     let d = |n: &str| dir.join(n).display().to_string();
     vec![
         ("name".into(), format!("ocf{port}")),
         ("config".into(), config.display().to_string()),
-        ("arbiter".into(), format!("file:{}", d("arbiter"))),
+        ("arbiter".into(), format!("file:{}", shared.join("arbiter").display())),
         ("addresses".into(), format!("n1=127.0.0.1:{port} n2=127.0.0.1:{}", port + 1)),
         ("binary".into(), env!("CARGO_BIN_EXE_ftvm").into()),
-        ("CRM_meta_on_node".into(), "n1".into()),
+        ("CRM_meta_on_node".into(), node.into()),
         ("pair_wait".into(), "1".into()),
         ("log_dir".into(), d("log")),
         ("control_dir".into(), d("run")),
@@ -64,10 +71,10 @@ fn kvm_ocf_tester_passes_on_the_agent() {
     lab::require_tool("ocf-tester");
     lab::require_tool("xmllint");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("rsctmp")).unwrap();
+    let params = params(dir.path(), 17_101);
     let mut cmd = Command::new("ocf-tester");
     cmd.args(["-n", "ftvm-test"]).env("HA_RSCTMP", dir.path().join("rsctmp"));
-    for (k, v) in params(dir.path(), 17_101) {
+    for (k, v) in params {
         cmd.arg("-o").arg(format!("{k}={v}"));
     }
     cmd.arg(agent());
@@ -85,7 +92,6 @@ fn kvm_agent_monitor_follows_ftvm_status() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("rsctmp")).unwrap();
     let p = params(dir.path(), 17_111);
     let probe = [("CRM_meta_interval", "0")];
     let unpromoted = [("CRM_meta_interval", "11000"), ("CRM_meta_role", "Unpromoted")];
@@ -123,4 +129,80 @@ fn kvm_agent_monitor_follows_ftvm_status() {
     assert_eq!(action(dir.path(), &p, "stop", &[]).0, 0);
     assert_eq!(action(dir.path(), &p, "monitor", &probe).0, 7);
     assert_eq!(action(dir.path(), &p, "frobnicate", &[]).0, 3, "unknown action: unimplemented");
+}
+
+/// Stops the agents' instances however the test ends.
+struct Stopped(Vec<(PathBuf, Vec<(String, String)>)>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for (dir, params) in &self.0 {
+            let _ = action(dir, params, "stop", &[]);
+        }
+    }
+}
+
+/// Two agents on one host stand for two nodes (each its own state and
+/// control directories): promote forms a pair, demote hands the guest over
+/// through ftvm's failover, the other side's promote confirms it, and the
+/// demoted node is a spare.
+#[test]
+fn kvm_agent_promote_pairs_and_demote_hands_over_through_ftvm_failover() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let shared = tempfile::tempdir().unwrap();
+    let (d1, d2) = (shared.path().join("n1"), shared.path().join("n2"));
+    // crunch, endless: exits (clock readings) all the time, so the
+    // secondary replays in step.
+    let guest = "guest = \"crunch\"\nparam = [\"rounds=1000000000\"]";
+    let p1 = node_params(shared.path(), &d1, 17_121, "n1", guest);
+    let p2 = node_params(shared.path(), &d2, 17_121, "n2", guest);
+    let _cleanup = Stopped(vec![(d1.clone(), p1.clone()), (d2.clone(), p2.clone())]);
+    let promoted_mon = [("CRM_meta_interval", "10000"), ("CRM_meta_role", "Promoted")];
+    let unpromoted_mon = [("CRM_meta_interval", "11000"), ("CRM_meta_role", "Unpromoted")];
+    let probe = [("CRM_meta_interval", "0")];
+    assert_eq!(action(&d1, &p1, "start", &[]).0, 0);
+    assert_eq!(action(&d2, &p2, "start", &[]).0, 0);
+    let (rc, text) = action(&d1, &p1, "promote", &[]);
+    assert_eq!(rc, 0, "{text}");
+    let s1 = common::status_json(d1.join("run/ocf17121.sock").to_str().unwrap());
+    assert_eq!((s1["role"].as_str(), s1["peer"].as_str()), (Some("primary"), Some("up")), "{s1}");
+    assert_eq!(action(&d1, &p1, "monitor", &promoted_mon).0, 8, "a protected primary");
+    assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 0, "its secondary");
+    // Promote where a live primary runs elsewhere and nothing failed: refused
+    // after takeover_wait, and nothing changes.
+    let (rc, text) = action(&d2, &p2, "promote", &[("takeover_wait", "1")]);
+    assert_eq!(rc, 1, "{text}");
+    assert_eq!(common::status_json(d2.join("run/ocf17121.sock").to_str().unwrap())["role"], "secondary");
+    // Demote n1: the guest goes on at n2 through ftvm's failover.
+    let (rc, text) = action(&d1, &p1, "demote", &[]);
+    assert_eq!(rc, 0, "{text}");
+    // Demote returned once n2's claim won; its go-live follows at once.
+    let sock2 = d2.join("run/ocf17121.sock");
+    let live =
+        lab::wait_for(Duration::from_secs(10), || common::status_json(sock2.to_str().unwrap())["role"] == "standalone");
+    let s2 = common::status_json(sock2.to_str().unwrap());
+    assert!(live, "{s2}");
+    assert_eq!(s2["last_failure"]["kind"], "primary lost", "{s2}");
+    // Until Pacemaker promotes it, n2's unpromoted monitor says unpromoted
+    // (a promoted answer would be a failure to recover from); a probe
+    // tells the truth: promoted, unprotected.
+    assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 0);
+    assert_eq!(action(&d2, &p2, "monitor", &probe).0, 191);
+    let (rc, text) = action(&d2, &p2, "promote", &[]);
+    assert_eq!(rc, 0, "promote confirms: {text}");
+    assert_eq!(action(&d2, &p2, "monitor", &promoted_mon).0, 191);
+    // n1 is a spare: unpromoted, no VMM, and promoting it is refused by
+    // ftvm's arbiter (the guest is live at n2): never two live copies.
+    assert_eq!(action(&d1, &p1, "monitor", &unpromoted_mon).0, 0);
+    let out = common::run(&["status", "--control", d1.join("run/ocf17121.sock").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "no VMM answers at n1");
+    let (rc, text) = action(&d1, &p1, "promote", &[]);
+    assert_eq!(rc, 1, "{text}");
+    assert_eq!(common::status_json(d2.join("run/ocf17121.sock").to_str().unwrap())["role"], "standalone");
+    for (d, p) in [(&d1, &p1), (&d2, &p2)] {
+        assert_eq!(action(d, p, "stop", &[]).0, 0);
+        assert_eq!(action(d, p, "monitor", &probe).0, 7);
+    }
 }
