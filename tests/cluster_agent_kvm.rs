@@ -44,6 +44,8 @@ fn node_params(shared: &Path, dir: &Path, port: u16, node: &str, guest: &str) ->
         ("pair_wait".into(), "1".into()),
         ("log_dir".into(), d("log")),
         ("control_dir".into(), d("run")),
+        // As the failover tests: a noisy host must not fail a live peer over.
+        ("args".into(), format!("--dead-after {}", common::TEST_DEAD_AFTER)),
     ]
 }
 

@@ -44,6 +44,8 @@ impl Node {
             ("FTVM_AM_INTERVAL_MS".into(), "100".into()),
             ("FTVM_AMF_ERROR_CMD".into(), format!("echo \"$SA_AMF_COMPONENT_NAME\" > {}", d("error-reported"))),
             ("SA_AMF_COMPONENT_NAME".into(), format!("safComp=ftvm,safSu={node}")),
+            // As the failover tests: a noisy host must not fail a live peer over.
+            ("FTVM_ARGS".into(), format!("--dead-after {}", common::TEST_DEAD_AFTER)),
         ];
         Node { env, dir }
     }
