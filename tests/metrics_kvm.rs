@@ -97,6 +97,9 @@ fn kvm_netns_metrics_of_a_pair_pass_promtool_and_follow_a_failover() {
     // Every SET's reply waited for an ack: round trips were timed.
     assert!(value(&p, "ftvm_ack_round_trip_seconds_count") >= 1.0, "{p}");
     assert!(value(&p, "ftvm_ack_round_trip_seconds_bucket{le=\"+Inf\"}") >= 1.0, "{p}");
+    let (sum, count) = (value(&p, "ftvm_ack_round_trip_seconds_sum"), value(&p, "ftvm_ack_round_trip_seconds_count"));
+    assert!(sum > 0.0 && sum / count < 5.0, "a mean round trip of {} s", sum / count);
+    eprintln!("metrics: {count} ack round trips, mean {:.3} ms", sum / count * 1e3);
     assert!(value(&p, "ftvm_heartbeats_total{kind=\"sent\"}") > 0.0, "{p}");
     assert_eq!(value(&p, "ftvm_failures_total{kind=\"secondary lost\"}"), 0.0);
     let sec = scrape_and_check(lab.host_b().netns());
