@@ -68,9 +68,10 @@ pub enum Command {
 /// `--metrics ADDR`, on every subcommand that runs a guest.
 #[derive(Debug, Default, Clone, Args)]
 pub struct MetricsArgs {
-    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics,
-    /// e.g. 127.0.0.1:9464; a pair process serves them once paired
-    /// [default: none]
+    /// Serve Prometheus metrics at http://ADDR/metrics (OpenMetrics to
+    /// Prometheus, the classic text format to other clients), e.g.
+    /// 127.0.0.1:9464; a pair process serves them once paired [default:
+    /// none]
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
 }

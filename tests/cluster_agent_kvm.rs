@@ -187,17 +187,18 @@ fn kvm_agent_promote_pairs_and_demote_hands_over_through_ftvm_failover() {
     let s2 = common::status_json(sock2.to_str().unwrap());
     assert!(live, "{s2}");
     assert_eq!(s2["last_failure"]["kind"], "primary lost", "{s2}");
-    // Until Pacemaker promotes it, n2's unpromoted monitor says unpromoted
-    // (a promoted answer would be a failure to recover from); a probe
-    // tells the truth: promoted, unprotected.
-    assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 0);
+    // Until Pacemaker promotes it, n2's unpromoted monitor says unpromoted,
+    // degraded (190; a promoted answer would be a failure to recover from);
+    // a probe tells the truth: promoted, unprotected (191).
+    assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 190);
     assert_eq!(action(&d2, &p2, "monitor", &probe).0, 191);
     let (rc, text) = action(&d2, &p2, "promote", &[]);
     assert_eq!(rc, 0, "promote confirms: {text}");
     assert_eq!(action(&d2, &p2, "monitor", &promoted_mon).0, 191);
-    // n1 is a spare: unpromoted, no VMM, and promoting it is refused by
-    // ftvm's arbiter (the guest is live at n2): never two live copies.
-    assert_eq!(action(&d1, &p1, "monitor", &unpromoted_mon).0, 0);
+    // n1 is a spare: unpromoted and protecting nothing (190), no VMM, and
+    // promoting it is refused by ftvm's arbiter (the guest is live at n2):
+    // never two live copies.
+    assert_eq!(action(&d1, &p1, "monitor", &unpromoted_mon).0, 190);
     let out = common::run(&["status", "--control", d1.join("run/ocf17121.sock").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "no VMM answers at n1");
     let (rc, text) = action(&d1, &p1, "promote", &[]);

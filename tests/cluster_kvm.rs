@@ -359,6 +359,18 @@ fn kvm_netns_pacemaker_promotes_a_pair_and_follows_ftvm_through_a_node_kill() {
     });
     assert!(rejoined, "the returning node's instance did not start:\n{seen}\n{}", back.logs());
     let spare_after = returned.elapsed();
+    // The spare's recurring monitor answers 190: Pacemaker lists it as
+    // "degraded" and leaves the instance where it is (no recovery).
+    let needle = format!("monitor on {dead} returned");
+    let listed = lab::wait_for(Duration::from_secs(60), || {
+        seen = nodes[si].crm_mon();
+        seen.contains(&needle)
+    });
+    assert!(listed, "the spare's monitor result is not listed:\n{seen}");
+    let line = seen.lines().find(|l| l.contains(&needle)).unwrap_or_default();
+    assert!(line.to_ascii_lowercase().contains("degraded'"), "{seen}");
+    assert_eq!(promoted(&seen).as_deref(), Some(survivor.as_str()), "{seen}");
+    assert!(seen.lines().any(|l| l.contains("Unpromoted") && l.contains(dead.as_str())), "{seen}");
     let out = back.exec(&[env!("CARGO_BIN_EXE_ftvm"), "status", "--name", "kvstore", "--json"]);
     assert!(!out.status.success(), "a spare runs no VMM: {}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(status(&nodes[si])["role"], "standalone", "the guest did not move");
