@@ -426,7 +426,12 @@ fn send_inner(
     let mut page = vec![0u8; PAGE_SIZE];
     let mut round_start = Instant::now();
     let mut round_bytes = report.bytes_sent;
-    for index in 0..pages {
+    // Only pages the host ever backed can be non-zero.
+    let candidates: Box<dyn Iterator<Item = usize>> = match checkpoint::touched_pages(mem, pages) {
+        Some(touched) => Box::new(touched.iter().collect::<Vec<_>>().into_iter()),
+        None => Box::new(0..pages),
+    };
+    for index in candidates {
         let addr = u64::try_from(index).unwrap_or(u64::MAX).saturating_mul(PAGE);
         checkpoint::read_page(mem, addr, &mut page)?;
         if checkpoint::is_zero(&page) {

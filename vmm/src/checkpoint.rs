@@ -409,6 +409,40 @@ pub fn nonzero_pages(mem: &GuestMem, pages: usize) -> Result<PageBitmap, Checkpo
     Ok(map)
 }
 
+/// The pages of `mem` the host ever backed (present in RAM or swapped
+/// out), from `/proc/self/pagemap`: a page of the anonymous mapping that
+/// was never touched is neither, and reads as zero, so a full pass need
+/// not read (and fault in) the untouched part of a large guest. `None`
+/// when pagemap cannot be read (the caller scans everything).
+pub fn touched_pages(mem: &GuestMem, pages: usize) -> Option<PageBitmap> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let file = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let mut map = PageBitmap::new(pages);
+    let mut entries = vec![0u8; 8 * 4096];
+    for region in mem.iter() {
+        let host = region.as_ptr() as u64;
+        let first = usize::try_from(region.start_addr().0).ok()? / PAGE_SIZE;
+        let count = usize::try_from(region.len()).ok()? / PAGE_SIZE;
+        let mut done = 0usize;
+        while done < count {
+            let n = count.saturating_sub(done).min(4096);
+            let buf = entries.get_mut(..n.checked_mul(8)?)?;
+            let vpage = host.checked_div(PAGE_SIZE as u64)?.checked_add(done as u64)?;
+            file.read_exact_at(buf, vpage.checked_mul(8)?).ok()?;
+            for (i, entry) in buf.chunks_exact(8).enumerate() {
+                let bits = u64::from_le_bytes(entry.try_into().ok()?);
+                // Bit 63: present in RAM; bit 62: swapped out.
+                if bits >> 62 != 0 {
+                    map.set(first.checked_add(done)?.checked_add(i)?);
+                }
+            }
+            done = done.checked_add(n)?;
+        }
+    }
+    Some(map)
+}
+
 /// What the vCPU thread hands over at a live checkpoint: the machine state,
 /// the pages written since the transfer's previous round (copied while the
 /// guest stood still), and how long the guest stood still.
