@@ -109,11 +109,12 @@ fn reference() -> Outcome {
 /// The checkpoint's pages copied into fresh memory, as a receiver would.
 fn copy_memory(state: &MachineState, from: &Vm) -> vmm::memory::GuestMem {
     let pages = (state.settings.memory_mib << 20) as usize / 4096;
+    // Before anything reads all of memory (a read maps the zero page).
+    let touched = checkpoint::touched_pages(from.memory(), pages).expect("pagemap is readable");
     let nonzero = checkpoint::nonzero_pages(from.memory(), pages).unwrap();
     assert!(nonzero.count() > 0 && nonzero.count() < pages, "{} of {pages} pages non-zero", nonzero.count());
     // The host-backed pages (pagemap) cover every non-zero page, and not
     // the whole of memory.
-    let touched = checkpoint::touched_pages(from.memory(), pages).expect("pagemap is readable");
     assert!(nonzero.iter().all(|p| touched.is_set(p)), "a non-zero page was not host-backed");
     assert!(touched.count() < pages, "every page is host-backed");
     let mem = checkpoint::new_memory(&state.settings).unwrap();
