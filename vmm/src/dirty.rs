@@ -161,6 +161,15 @@ impl DirtyLog {
             // The mapping's own bitmap (the region-level `bitmap()` is a
             // slice view): pages the VMM wrote (device DMA).
             let vmm = std::ops::Deref::deref(region).bitmap();
+            if first_page == 0 && vmm.len() == len / PAGE_SIZE {
+                // One bit per 4 KiB page from guest page 0: KVM's layout,
+                // taken and cleared a word at a time.
+                let words = vmm.get_and_reset();
+                for bitmap in [&mut inner.digest, &mut inner.transfer].into_iter().flatten() {
+                    bitmap.or_words(&words);
+                }
+                continue;
+            }
             for (page, offset) in (0..len).step_by(PAGE_SIZE).enumerate() {
                 if vmm.is_addr_set(offset) {
                     let page = first_page.saturating_add(page);
