@@ -455,6 +455,21 @@ pub struct LiveCheckpoint {
     pub data: Vec<u8>,
     /// From the guest stopping to the guest running again.
     pub pause: Duration,
+    /// What the mark given to [`Checkpointer::request_marked`] returned,
+    /// called on the vCPU thread while the guest stood still (the primary's
+    /// log position at the checkpoint: the log a new copy replays starts
+    /// right after it). 0 without a mark.
+    pub mark: u64,
+}
+
+/// Called on the vCPU thread at the checkpoint, while the guest stands
+/// still.
+pub type Mark = Box<dyn FnOnce() -> u64 + Send>;
+
+/// Where a live checkpoint goes, and the mark to take with it.
+struct Reply {
+    tx: std::sync::mpsc::Sender<Result<LiveCheckpoint, String>>,
+    mark: Option<Mark>,
 }
 
 /// A request for a live checkpoint, honoured by the vCPU thread at the next
@@ -463,7 +478,7 @@ pub struct LiveCheckpoint {
 /// original's). Shared between the VM and whoever asks ([`Checkpointer`]).
 pub struct CheckpointSlot {
     pending: AtomicBool,
-    reply: Mutex<Option<std::sync::mpsc::Sender<Result<LiveCheckpoint, String>>>>,
+    reply: Mutex<Option<Reply>>,
     pub(crate) settings: GuestSettings,
     pub(crate) dirty: DirtyLog,
 }
@@ -478,13 +493,18 @@ impl CheckpointSlot {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// The mark of the pending request, taken (at most once).
+    pub(crate) fn take_mark(&self) -> Option<Mark> {
+        self.reply.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut().and_then(|r| r.mark.take())
+    }
+
     /// Hand the result to whoever asked, and clear the request.
     pub(crate) fn answer(&self, result: Result<LiveCheckpoint, String>) {
         self.pending.store(false, Ordering::SeqCst);
         let reply = self.reply.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(tx) = reply {
+        if let Some(reply) = reply {
             // The asker may have given up: nothing to do then.
-            let _ = tx.send(result);
+            let _ = reply.tx.send(result);
         }
     }
 }
@@ -516,8 +536,18 @@ impl Checkpointer {
     /// Ask for a checkpoint at the next exit boundary; the receiver gets it
     /// (or why it failed). A request already pending is replaced.
     pub fn request(&self) -> std::sync::mpsc::Receiver<Result<LiveCheckpoint, String>> {
+        self.request_with(None)
+    }
+
+    /// [`Checkpointer::request`], with `mark` called on the vCPU thread at
+    /// the checkpoint (its value lands in [`LiveCheckpoint::mark`]).
+    pub fn request_marked(&self, mark: Mark) -> std::sync::mpsc::Receiver<Result<LiveCheckpoint, String>> {
+        self.request_with(Some(mark))
+    }
+
+    fn request_with(&self, mark: Option<Mark>) -> std::sync::mpsc::Receiver<Result<LiveCheckpoint, String>> {
         let (tx, rx) = std::sync::mpsc::channel();
-        *self.slot.reply.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        *self.slot.reply.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Reply { tx, mark });
         self.slot.pending.store(true, Ordering::SeqCst);
         rx
     }
@@ -551,6 +581,7 @@ pub(crate) fn take_live(
         read_page(slot.dirty.memory(), addr, buf)?;
         pages.push(addr);
     }
+    let mark = slot.take_mark().map_or(0, |mark| mark());
     let state = MachineState { exit_index, settings: slot.settings.clone(), vcpu, devices };
-    Ok(LiveCheckpoint { state, pages, data, pause: start.elapsed() })
+    Ok(LiveCheckpoint { state, pages, data, pause: start.elapsed(), mark })
 }

@@ -204,7 +204,17 @@ fn kvm_live_checkpoint_while_the_guest_runs_carries_on_identically() {
         checkpoint::read_page(checkpointer.memory(), page as u64 * 4096, &mut buf).unwrap();
         checkpoint::write_page(&shadow, 8, page as u64 * 4096, &buf).unwrap();
     }
-    let reply = checkpointer.request();
+    let marked_at = Arc::new(Mutex::new(None));
+    let reply = {
+        let (marked_at, digests) = (marked_at.clone(), digests.clone());
+        checkpointer.request_marked(Box::new(move || {
+            // On the vCPU thread at the checkpoint: the digest just made is
+            // the checkpoint's own.
+            let last = digests.lock().unwrap().last().map(|(e, _)| e.0);
+            *marked_at.lock().unwrap() = last;
+            77
+        }))
+    };
     let live = std::thread::scope(|s| {
         let runner = s.spawn(|| vm.run().unwrap());
         let live = reply.recv().expect("the vCPU answers").expect("the live checkpoint succeeds");
@@ -213,6 +223,12 @@ fn kvm_live_checkpoint_while_the_guest_runs_carries_on_identically() {
         live
     });
     assert_eq!(live.state.exit_index.0 % 3, 0, "a live checkpoint of a digesting VM falls on a digest point");
+    assert_eq!(live.mark, 77);
+    assert_eq!(
+        *marked_at.lock().unwrap(),
+        Some(live.state.exit_index.0),
+        "the mark ran elsewhere than at the checkpoint"
+    );
     for (addr, data) in live.pages.iter().zip(live.data.chunks_exact(4096)) {
         checkpoint::write_page(&shadow, 8, *addr, data).unwrap();
     }
@@ -262,4 +278,58 @@ fn kvm_a_corrupted_or_mismatched_checkpoint_is_refused() {
     assert!(checkpoint::write_page(&mem, 8, 4095, &[0; 4096]).is_err());
     assert!(checkpoint::write_page(&mem, 8, 0, &[0; 100]).is_err());
     assert!(state.settings.check_matches(&other.settings).is_err());
+}
+
+#[test]
+fn kvm_a_guest_with_a_nic_restores_with_its_device_state() {
+    if !vmm::testing::kvm_available() {
+        return;
+    }
+    // kvstore drives its virtio-net NIC (queues in guest memory, the
+    // device's own state): a copy restored mid-run must agree with the
+    // original at every digest up to where both are stopped.
+    let config = VmConfig {
+        memory_mib: 32,
+        elf: guest_images::find("kvstore").unwrap().elf.to_vec(),
+        boot: BootSettings {
+            mac: Some([0x52, 0x54, 0, 0, 0, 9]),
+            ip: Some(("10.9.0.2".parse().unwrap(), 24)),
+            ..BootSettings::default()
+        },
+        privilege: vmm::boot::Privilege::User,
+        digest_every: Some(3),
+        test_devices: false,
+    };
+    let (end_at, at) = (3000, 1500);
+    let run_to = |stop_at: u64| {
+        let digests = Digests::default();
+        let d = digests.clone();
+        let mut vm = Vm::new(
+            &config,
+            move |stop| Box::new(Scripted { stop_at: Some((stop_at, stop.clone())), digests: d }),
+            Box::new(Console::default()),
+        )
+        .unwrap();
+        assert_eq!(vm.run().unwrap(), RunOutcome::Stopped { exit_index: ExitIndex(stop_at) });
+        (vm, digests)
+    };
+    let (_, reference) = run_to(end_at);
+    let (mut vm, _) = run_to(at);
+    let state = vm.checkpoint().unwrap();
+    assert!(state.devices.iter().any(|d| d.name == "virtio-net"), "{:?}", state.devices);
+    let mem = copy_memory(&state, &vm);
+    drop(vm);
+    let digests = Digests::default();
+    let d = digests.clone();
+    let mut copy = Vm::restore(
+        &state,
+        mem,
+        move |stop| Box::new(Scripted { stop_at: Some((end_at, stop.clone())), digests: d }),
+        Box::new(Console::default()),
+    )
+    .unwrap();
+    assert_eq!(copy.run().unwrap(), RunOutcome::Stopped { exit_index: ExitIndex(end_at) });
+    let later: Vec<_> = reference.lock().unwrap().iter().filter(|(e, _)| e.0 > at).cloned().collect();
+    assert_eq!(later.len(), ((end_at - at) / 3) as usize);
+    assert_eq!(*digests.lock().unwrap(), later, "the restored NIC guest diverged");
 }
