@@ -197,6 +197,8 @@ pub struct TransferReport {
     pub total: Duration,
     /// The exit index the copy carries on from.
     pub exit_index: ExitIndex,
+    /// What the `mark` given to [`send`] returned at the checkpoint.
+    pub mark: u64,
 }
 
 /// One direction's framing: sequence numbers and the session key.
@@ -365,7 +367,20 @@ pub fn send(
     vm: &Checkpointer,
     options: &TransferOptions,
 ) -> Result<TransferReport, TransferError> {
-    let result = send_inner(stream, key, vm, options);
+    send_marked(stream, key, vm, options, Box::new(|| 0))
+}
+
+/// [`send`], with `mark` run on the vCPU thread at the final checkpoint
+/// while the guest stands still (the primary reads its log position there);
+/// its value is [`TransferReport::mark`].
+pub fn send_marked(
+    stream: TcpStream,
+    key: &[u8],
+    vm: &Checkpointer,
+    options: &TransferOptions,
+    mark: vmm::checkpoint::Mark,
+) -> Result<TransferReport, TransferError> {
+    let result = send_inner(stream, key, vm, options, mark);
     if result.is_err() {
         vm.cancel();
     }
@@ -380,6 +395,7 @@ fn send_inner(
     key: &[u8],
     vm: &Checkpointer,
     options: &TransferOptions,
+    mark: vmm::checkpoint::Mark,
 ) -> Result<TransferReport, TransferError> {
     let started = Instant::now();
     stream.set_read_timeout(Some(options.io_timeout))?;
@@ -479,12 +495,20 @@ fn send_inner(
     }
 
     // The final stop, on the vCPU thread at the next exit boundary.
-    let reply = vm.request();
-    let live = match reply.recv_timeout(options.checkpoint_wait) {
-        Ok(Ok(live)) => live,
-        Ok(Err(e)) => return Err(TransferError::FinalCheckpoint(e)),
-        Err(_) => return Err(TransferError::NoCheckpoint(options.checkpoint_wait)),
+    let reply = vm.request_marked(mark);
+    let asked = Instant::now();
+    let live = loop {
+        match reply.recv_timeout(Duration::from_millis(1)) {
+            Ok(Ok(live)) => break live,
+            Ok(Err(e)) => return Err(TransferError::FinalCheckpoint(e)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if asked.elapsed() < options.checkpoint_wait => {
+                // A guest halted with no deadline makes no exit by itself.
+                vm.nudge();
+            }
+            Err(_) => return Err(TransferError::NoCheckpoint(options.checkpoint_wait)),
+        }
     };
+    report.mark = live.mark;
     report.pause = live.pause;
     report.exit_index = live.state.exit_index;
     for (addr, data) in live.pages.iter().zip(live.data.chunks_exact(PAGE_SIZE)) {

@@ -156,7 +156,11 @@ fn attempt(
         let (stream, _) = listener.accept().unwrap();
         transfer::receive(stream, KEY, given.as_ref(), Duration::from_secs(20))
     });
-    let options = TransferOptions { io_timeout: Duration::from_secs(20), ..TransferOptions::default() };
+    let options = TransferOptions {
+        io_timeout: Duration::from_secs(20),
+        checkpoint_wait: Duration::from_secs(20),
+        ..TransferOptions::default()
+    };
     let sent = transfer::send(TcpStream::connect(dial).unwrap(), KEY, checkpointer, &options);
     (sent, receiver.join().unwrap())
 }
@@ -274,4 +278,63 @@ fn kvm_a_cut_or_corrupted_transfer_leaves_the_original_running_and_a_retry_succe
         sent.expect("the retry succeeds");
         received.expect("the retry's receiver gets the state")
     });
+}
+
+#[test]
+fn kvm_a_guest_asleep_in_a_long_hlt_is_woken_for_its_final_stop() {
+    if !vmm::testing::kvm_available() {
+        return;
+    }
+    // The dirty guest sleeping a minute per round makes no exit by itself
+    // for a minute; the transfer's final stop must not wait for it (the
+    // sender wakes the sleep: a spurious wake-up, no input).
+    let mut config = config(0);
+    config.boot.params = vec![
+        ("fill_mib".into(), "1".into()),
+        ("pages".into(), "0".into()),
+        ("period_us".into(), "60000000".into()),
+        ("rounds".into(), "0".into()),
+    ];
+    config.digest_every = Some(50);
+    let (filled_tx, filled) = std::sync::mpsc::channel();
+    let mut vm = Vm::new(
+        &config,
+        |stop| Box::new(vmm::world::LiveInput::new(0, vec![stop.wake_fd()])),
+        Box::new(Filled(filled_tx, Vec::new())),
+    )
+    .unwrap();
+    let stop = vm.stop_handle();
+    let checkpointer = vm.checkpointer();
+    let received = std::thread::scope(|s| {
+        let runner = s.spawn(|| vm.run());
+        filled.recv_timeout(Duration::from_secs(60)).expect("the guest filled its memory");
+        let (sent, received) = attempt(&checkpointer, None, Some(&vmm::checkpoint::GuestSettings::of(&config)));
+        stop.stop();
+        assert!(matches!(runner.join().unwrap(), Ok(RunOutcome::Stopped { .. })));
+        let report = sent.expect("the sleeping guest's transfer succeeds");
+        assert_eq!(report.exit_index.0 % 50, 0, "not at a digest point: {}", report.exit_index);
+        received.expect("the receiver gets the state")
+    });
+    let copy = Vm::restore(
+        &received.state,
+        received.memory,
+        |_| Box::new(Scripted(Digests::default())),
+        Box::new(Console::default()),
+    )
+    .expect("the copy restores");
+    assert_eq!(copy.exit_index(), received.state.exit_index);
+}
+
+/// Says when the dirty guest has filled its memory (serial bytes come one
+/// exit at a time: the line is gathered first).
+struct Filled(std::sync::mpsc::Sender<()>, Vec<u8>);
+impl OutputSink for Filled {
+    fn serial(&mut self, _: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
+        self.1.extend_from_slice(bytes);
+        if self.1.windows(6).any(|w| w == b"filled") {
+            self.1.clear();
+            let _ = self.0.send(());
+        }
+        Ok(())
+    }
 }

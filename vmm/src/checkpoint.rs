@@ -46,6 +46,7 @@ use crate::dirty::{DirtyLog, PageBitmap, PAGE_SIZE};
 use crate::hook::ExitIndex;
 use crate::memory::GuestMem;
 use crate::state::{decode, encode, StateError, StateVersion};
+use crate::vcpu::StopHandle;
 use crate::{BootSettings, VmConfig};
 
 /// The MSRs a guest's execution depends on beyond what the special
@@ -481,11 +482,12 @@ pub struct CheckpointSlot {
     reply: Mutex<Option<Reply>>,
     pub(crate) settings: GuestSettings,
     pub(crate) dirty: DirtyLog,
+    stop: StopHandle,
 }
 
 impl CheckpointSlot {
-    pub(crate) fn new(settings: GuestSettings, dirty: DirtyLog) -> Arc<CheckpointSlot> {
-        Arc::new(CheckpointSlot { pending: AtomicBool::new(false), reply: Mutex::new(None), settings, dirty })
+    pub(crate) fn new(settings: GuestSettings, dirty: DirtyLog, stop: StopHandle) -> Arc<CheckpointSlot> {
+        Arc::new(CheckpointSlot { pending: AtomicBool::new(false), reply: Mutex::new(None), settings, dirty, stop })
     }
 
     /// Whether a checkpoint is asked for (one relaxed load per exit).
@@ -550,6 +552,14 @@ impl Checkpointer {
         *self.slot.reply.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Reply { tx, mark });
         self.slot.pending.store(true, Ordering::SeqCst);
         rx
+    }
+
+    /// Wake the vCPU if it sleeps in a HLT (a guest halted with no
+    /// deadline reaches no exit by itself). A guest sees a spurious wake-up,
+    /// which every guest must tolerate; nothing of it is an input. Call
+    /// while waiting for a requested checkpoint.
+    pub fn nudge(&self) {
+        self.slot.stop.kick();
     }
 
     /// Withdraw a pending request.

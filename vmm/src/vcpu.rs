@@ -422,6 +422,17 @@ impl StopHandle {
         }
     }
 
+    /// Throw the vCPU thread out of KVM_RUN or a HLT sleep once, without
+    /// asking it to stop: KVM_RUN returns EINTR (not a guest exit), a HLT
+    /// sleep ends early (a spurious wake-up the guest tolerates).
+    pub fn kick(&self) {
+        if let Some(&thread) = self.0.thread.get() {
+            // SAFETY: as in `stop`: the vCPU thread's own id, still live
+            // while anything holds the VM that owns this handle.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
     /// Withdraw a stop, so that the VM can run again after its run returned
     /// [`RunOutcome::Stopped`] (a checkpoint of a stopped VM, then on).
     pub fn resume(&self) {

@@ -297,7 +297,7 @@ impl Vm {
         let digests = config.digest_every.filter(|n| *n > 0);
         let dirty = DirtyLog::new(vm.clone(), mem.clone(), config.digest_every.is_some());
         let digester = digests.map(|every| Digester { every, dirty: DirtyPages::new(dirty.clone()) });
-        let slot = CheckpointSlot::new(GuestSettings::of(config), dirty.clone());
+        let slot = CheckpointSlot::new(GuestSettings::of(config), dirty.clone(), stop.clone());
         Ok(Vm {
             vcpu: Vcpu::new(fd, peripherals, stop.clone(), digester, slot.clone()),
             stop,
