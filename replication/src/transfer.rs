@@ -43,8 +43,9 @@
 //! 1. receiver → sender, unauthenticated: `FTVMXFER`, version (u16), its
 //!    16-byte nonce;
 //! 2. sender → receiver, `Begin`: the sender's 16-byte nonce (outside the
-//!    MAC's key, inside the MACed payload) and the guest settings; proves
-//!    the sender holds the key;
+//!    MAC's key, inside the MACed payload), the guest settings' length
+//!    (u32) and blob, and an opaque identity (the pair's guest identity,
+//!    [`TransferOptions::identity`]); proves the sender holds the key;
 //! 3. receiver → sender, `Ready` (proves the receiver holds the key, before
 //!    any page leaves) or `Refuse` with a reason (settings that differ);
 //! 4. sender → receiver: `Pages` (up to [`PAGES_PER_FRAME`] pages: address
@@ -75,6 +76,8 @@ pub const MAGIC: [u8; 8] = *b"FTVMXFER";
 pub const VERSION: u16 = 1;
 /// Largest frame (kind + sequence + payload) accepted.
 pub const MAX_FRAME: usize = 1 << 20;
+/// Longest identity carried in `Begin`.
+pub const MAX_IDENTITY: usize = 4096;
 /// Pages in one `Pages` frame.
 pub const PAGES_PER_FRAME: usize = 64;
 const PAGE: u64 = PAGE_SIZE as u64;
@@ -162,6 +165,10 @@ pub struct TransferOptions {
     pub checkpoint_wait: Duration,
     /// Socket read timeout: a peer silent this long is gone.
     pub io_timeout: Duration,
+    /// Opaque bytes (at most [`MAX_IDENTITY`]) sent in `Begin`, under the
+    /// MAC: the pair's guest identity, which a receiver with no image
+    /// cannot compute and takes from here for its logging channel.
+    pub identity: Vec<u8>,
 }
 
 impl Default for TransferOptions {
@@ -172,6 +179,7 @@ impl Default for TransferOptions {
             stalled_rounds: 3,
             checkpoint_wait: Duration::from_secs(10),
             io_timeout: Duration::from_secs(10),
+            identity: Vec::new(),
         }
     }
 }
@@ -422,8 +430,17 @@ fn send_inner(
     let mut report =
         TransferReport { memory_bytes: vm.settings().memory_mib.saturating_mul(1 << 20), ..TransferReport::default() };
 
+    if options.identity.len() > MAX_IDENTITY {
+        return Err(TransferError::Protocol(format!(
+            "an identity of {} bytes exceeds {MAX_IDENTITY}",
+            options.identity.len()
+        )));
+    }
+    let settings = encode_settings(vm.settings());
     let mut begin = sender_nonce.to_vec();
-    begin.extend_from_slice(&encode_settings(vm.settings()));
+    begin.extend_from_slice(&u32::try_from(settings.len()).unwrap_or(u32::MAX).to_le_bytes());
+    begin.extend_from_slice(&settings);
+    begin.extend_from_slice(&options.identity);
     report.bytes_sent = report.bytes_sent.saturating_add(tx.write(&mut out, Kind::Begin, &begin)?);
     out.flush()?;
     let mut buf = Vec::new();
@@ -583,6 +600,8 @@ pub struct Received {
     pub bytes: u64,
     /// Pre-copy rounds seen.
     pub rounds: u32,
+    /// The sender's [`TransferOptions::identity`], authenticated.
+    pub identity: Vec<u8>,
 }
 
 /// Receive a guest's state from the sender at the other end of `stream`.
@@ -626,8 +645,14 @@ pub fn receive(
     if rx.read(&mut replay.as_slice(), &mut buf)? != Kind::Begin {
         return Err(TransferError::Protocol("the first frame is not Begin".into()));
     }
-    let settings: GuestSettings = vmm::state::decode(SETTINGS_VERSION, buf.get(NONCE_LEN..).unwrap_or_default())
-        .map_err(checkpoint::CheckpointError::from)?;
+    let mut c = Cursor(buf.get(NONCE_LEN..).unwrap_or_default());
+    let settings_len = usize::try_from(c.u32()?).unwrap_or(usize::MAX);
+    let settings: GuestSettings =
+        vmm::state::decode(SETTINGS_VERSION, c.take(settings_len)?).map_err(checkpoint::CheckpointError::from)?;
+    let identity = c.0.to_vec();
+    if identity.len() > MAX_IDENTITY {
+        return Err(TransferError::Protocol(format!("an identity of {} bytes exceeds {MAX_IDENTITY}", identity.len())));
+    }
     if let Some(mine) = expected {
         if let Err(e) = settings.check_matches(mine) {
             tx.write(&mut out, Kind::Refuse, e.to_string().as_bytes())?;
@@ -682,7 +707,7 @@ pub fn receive(
                 }
                 tx.write(&mut out, Kind::Done, &state.exit_index.0.to_le_bytes())?;
                 out.flush()?;
-                return Ok(Received { state, memory, pages, bytes, rounds });
+                return Ok(Received { state, memory, pages, bytes, rounds, identity });
             }
             other => return Err(TransferError::Protocol(format!("unexpected {other:?} frame"))),
         }

@@ -159,6 +159,7 @@ fn attempt(
     let options = TransferOptions {
         io_timeout: Duration::from_secs(20),
         checkpoint_wait: Duration::from_secs(20),
+        identity: b"the pair's guest identity".to_vec(),
         ..TransferOptions::default()
     };
     let sent = transfer::send(TcpStream::connect(dial).unwrap(), KEY, checkpointer, &options);
@@ -233,6 +234,7 @@ fn kvm_transfer_of_a_writing_guest_gives_a_copy_that_carries_on_identically() {
         let report = sent.expect("the transfer succeeds");
         let received = received.expect("the receiver gets the state");
         assert_eq!(received.state.exit_index, report.exit_index);
+        assert_eq!(received.identity, b"the pair's guest identity");
         assert!(report.rounds >= 1);
         eprintln!("transfer: {report:?}");
         // At least the 6 MiB the guest filled went; the first pass skipped
