@@ -9,6 +9,7 @@ mod failover;
 mod held;
 mod lockstep;
 mod net;
+mod repair;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,25 @@ pub enum BenchCommand {
     /// streamer at a high rate, the primary's RSS each second (needs root
     /// and KVM).
     Held(HeldBenchArgs),
+    /// Live state transfer to an empty host (repair time and the guest's
+    /// pause) for 64/256/1024 MiB guests, idle, written and writing, beside
+    /// QEMU's live migration of the same size on loopback (needs KVM and
+    /// qemu-system-x86 for the baseline).
+    Repair(RepairBenchArgs),
+}
+
+/// `ftvm-bench repair`.
+#[derive(Debug, Args)]
+pub struct RepairBenchArgs {
+    /// Guest sizes in MiB (repeatable); 64, 256 and 1024 by default.
+    #[arg(long = "size", value_name = "MIB", value_parser = clap::value_parser!(u64).range(16..=4096))]
+    pub sizes: Vec<u64>,
+    /// Leave out QEMU's migration.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ftvm-bench held`.
@@ -130,6 +150,10 @@ fn main() -> ExitCode {
         BenchCommand::Streamer(a) => net::streamer(a.seconds, a.json),
         BenchCommand::Lockstep(a) => lockstep::lockstep(a.requests, a.clients, a.json),
         BenchCommand::Held(a) => held::held(a.seconds, a.rate, a.baseline),
+        BenchCommand::Repair(a) => {
+            let sizes = if a.sizes.is_empty() { vec![64, 256, 1024] } else { a.sizes };
+            repair::repair(&sizes, !a.no_qemu, a.json)
+        }
         BenchCommand::Failover(a) => {
             let failures = if a.failure.is_empty() { vec![Failure::Process, Failure::Host] } else { a.failure };
             failover::bench(a.reps, &failures, a.json)

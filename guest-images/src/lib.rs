@@ -114,6 +114,13 @@ pub static GUESTS: &[Guest] = &[
         elf: elf!("crunch"),
     },
     Guest {
+        name: "dirty",
+        description: "Benchmark: fills --param fill_mib=N MiB (default 16), then each round writes --param pages=P pages (default 64) and sleeps to --param period_us=U (default 1000); --param rounds=R (default 1000, 0 forever); prints a checksum.",
+        test_only: true,
+        kernel_mode: false,
+        elf: elf!("dirty"),
+    },
+    Guest {
         name: "spin",
         description: "Test: prints \"spinning\", then loops forever without a single exit.",
         test_only: true,

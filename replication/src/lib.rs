@@ -10,7 +10,8 @@
 //! - [`channel`]: the logging channel over TCP: handshake with mutual
 //!   authentication, batched records one way, cumulative acks the other;
 //! - [`log`], [`recorder`], [`output_rule`]: the primary's side;
-//! - [`replayer`], [`suppressed`]: the secondary's side.
+//! - [`replayer`], [`suppressed`]: the secondary's side;
+//! - [`transfer`]: live state transfer to a host with nothing (repair).
 #![forbid(unsafe_code)]
 
 pub mod channel;
@@ -23,6 +24,7 @@ pub mod record;
 pub mod recorder;
 pub mod replayer;
 pub mod suppressed;
+pub mod transfer;
 
 pub use channel::{Acker, ChannelConfig, ChannelError, IdentityValue, PrimaryChannel, RecordBatch, SecondaryChannel};
 pub use frame::{FrameDecoder, FrameEncoder, FrameError, GuestIdentity, IdentityField};

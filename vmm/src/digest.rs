@@ -3,24 +3,25 @@
 //!
 //! Every N exits both hosts compute, at the same exit index, three 64-bit
 //! XXH3 hashes: of the vCPU registers ([`VcpuState`]), of every device's
-//! saved state (bus order), and of the guest pages written since the last
-//! digest: those KVM's dirty log reports (guest writes) and those the VMM
-//! wrote itself (device DMA, tracked by vm-memory's bitmap), page number and
-//! contents, in ascending page order. The boot page tables are built with
-//! their accessed and dirty bits already set, so the CPU never writes them:
-//! what is hashed is only what the guest's execution wrote.
+//! saved state (bus order), and of the guest pages that changed since the
+//! last digest: among those KVM's dirty log reports (guest writes) and those
+//! the VMM wrote itself (device DMA, tracked by vm-memory's bitmap), the
+//! ones whose contents differ from the last digest's (each page's XXH3 is
+//! kept, [`DirtyPages`]), page address and page hash, in ascending page
+//! order. The boot page tables are built with their accessed and dirty bits
+//! already set, so the CPU never writes them.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::bus::Bus;
+use crate::dirty::DirtyLog;
 /// The digest type lives with the hook that carries it (so `hook` depends
 /// on nothing); it is named here too, where it is computed.
 pub use crate::hook::StateDigest;
-use crate::memory::GuestMem;
 use crate::state::StateVersion;
 
 /// Errors computing a digest.
@@ -34,8 +35,8 @@ pub enum DigestError {
         source: kvm_ioctls::Error,
     },
     /// Reading KVM's dirty log failed.
-    #[error("cannot read KVM's dirty-page log")]
-    DirtyLog(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    DirtyLog(#[from] crate::dirty::DirtyLogError),
     /// Reading guest memory failed.
     #[error("cannot read guest page {page:#x}")]
     Memory {
@@ -112,70 +113,77 @@ pub fn devices_hash(pio: &Bus, mmio: &Bus) -> u64 {
 }
 
 /// Bytes of a guest page, as the dirty log counts them.
-const PAGE_SIZE: usize = 0x1000;
+const PAGE_SIZE: usize = crate::dirty::PAGE_SIZE;
 const _: () = assert!(PAGE_SIZE as u64 == ftvm_abi::PAGE_SIZE);
 
-/// Whether bit `bit` of a bitmap stored as little-endian 64-bit words (KVM's
-/// dirty log) is set; bits past the end are clear.
-fn bit_set(words: &[u64], bit: usize) -> bool {
-    words.get(bit / 64).is_some_and(|w| (w >> (bit % 64)) & 1 == 1)
-}
-
-/// Collects the pages written since the last call, from KVM's dirty log and
-/// from the VMM's own write bitmap, and hashes them.
+/// Collects the pages that changed since the last call, and hashes them.
+///
+/// Which pages to look at comes from KVM's dirty log and the VMM's own
+/// write bitmap (through the shared [`DirtyLog`]); whether a page changed
+/// is decided by its contents: each page's XXH3 at the previous digest is
+/// kept (8 bytes per 4 KiB page), and a page whose hash is unchanged is
+/// left out. The dirty log alone is not enough: KVM may report a page the
+/// guest only read (a shadow MMU maps a page whose guest PTE is already
+/// dirty as writable on first touch, and logs it), and which pages a VM
+/// touches first depends on when it was created, so a VM restored from a
+/// checkpoint would report other pages than the original at the same exit.
+/// Contents are the same on both.
 pub struct DirtyPages {
-    mem: GuestMem,
+    log: DirtyLog,
+    /// Each page's XXH3 as of the last digest (or the rebase).
+    hashes: Vec<u64>,
 }
 
 impl DirtyPages {
-    /// Track `mem`, whose regions are memslots 0, 1, ... in order, registered
-    /// with `KVM_MEM_LOG_DIRTY_PAGES`.
-    pub fn new(mem: GuestMem) -> Self {
-        DirtyPages { mem }
+    /// Track the memory of `log`, whose memslots are registered with
+    /// `KVM_MEM_LOG_DIRTY_PAGES`, taking every page as zero until
+    /// [`DirtyPages::rebase`].
+    pub fn new(log: DirtyLog) -> Self {
+        let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE_SIZE]);
+        let hashes = vec![zero; log.pages()];
+        DirtyPages { log, hashes }
     }
 
-    /// Hash of the pages written since the previous call (or since the
-    /// memslots were registered), and how many there were. Resets both logs.
-    pub fn hash_and_reset(&self, vm: &VmFd) -> Result<(u64, u64), DigestError> {
-        let mut h = Xxh3::new();
-        let mut pages = 0u64;
+    /// The changed pages among those the log reports, hashes updated.
+    fn changed(&mut self) -> Result<Vec<(u64, u64)>, DigestError> {
         let mut buf = vec![0u8; PAGE_SIZE];
-        for (slot, region) in self.mem.iter().enumerate() {
-            // One memslot per region, numbered in order (Vm::new).
-            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
-            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
-            let kvm_dirty = vm.get_dirty_log(slot, len).map_err(DigestError::DirtyLog)?;
-            // The mapping's own bitmap (the region-level `bitmap()` is a slice view).
-            let vmm_dirty = std::ops::Deref::deref(region).bitmap();
-            for (page, offset) in (0..len).step_by(PAGE_SIZE).enumerate() {
-                if !(bit_set(&kvm_dirty, page) || vmm_dirty.is_addr_set(offset)) {
-                    continue;
+        let dirty = self.log.take_for_digest().map_err(DigestError::DirtyLog)?;
+        let mut changed = Vec::new();
+        for page in dirty.iter() {
+            // A page of guest memory: never saturates (and a saturated
+            // address fails the read).
+            let addr = (page as u64).saturating_mul(PAGE_SIZE as u64);
+            self.log
+                .memory()
+                .read_slice(&mut buf, GuestAddress(addr))
+                .map_err(|source| DigestError::Memory { page: addr, source })?;
+            let hash = xxhash_rust::xxh3::xxh3_64(&buf);
+            if let Some(old) = self.hashes.get_mut(page) {
+                if *old != hash {
+                    *old = hash;
+                    changed.push((addr, hash));
                 }
-                // Inside the region, which lies in the guest's address space:
-                // never saturates (and a saturated address fails the read).
-                let addr = region.start_addr().0.saturating_add(offset as u64);
-                self.mem
-                    .read_slice(&mut buf, GuestAddress(addr))
-                    .map_err(|source| DigestError::Memory { page: addr, source })?;
-                h.update(&addr.to_le_bytes());
-                h.update(&buf);
-                pages = pages.saturating_add(1);
             }
-            vmm_dirty.reset();
         }
-        Ok((h.digest(), pages))
+        Ok(changed)
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// Take memory as it is now as the starting point: the pages written
+    /// since the previous call (the image and boot block, or a checkpoint's
+    /// pages) get their hashes, and no digest is made of them.
+    pub fn rebase(&mut self) -> Result<(), DigestError> {
+        self.changed().map(|_| ())
+    }
 
-    #[test]
-    fn dirty_log_bits_are_read_per_word_and_past_the_end_is_clear() {
-        let words = [0b101u64, 1 << 63];
-        assert!(bit_set(&words, 0) && !bit_set(&words, 1) && bit_set(&words, 2));
-        assert!(bit_set(&words, 127) && !bit_set(&words, 64));
-        assert!(!bit_set(&words, 128) && !bit_set(&words, usize::MAX));
+    /// Hash of the pages that changed since the previous call, and how many
+    /// there were: page addresses and page hashes, ascending.
+    pub fn hash_and_reset(&mut self) -> Result<(u64, u64), DigestError> {
+        let changed = self.changed()?;
+        let mut h = Xxh3::new();
+        for (addr, hash) in &changed {
+            h.update(&addr.to_le_bytes());
+            h.update(&hash.to_le_bytes());
+        }
+        Ok((h.digest(), changed.len() as u64))
     }
 }

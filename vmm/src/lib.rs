@@ -14,9 +14,11 @@
 
 pub mod boot;
 pub mod bus;
+pub mod checkpoint;
 pub mod cpuid;
 pub mod devices;
 pub mod digest;
+pub mod dirty;
 pub mod hook;
 pub mod memory;
 pub mod state;

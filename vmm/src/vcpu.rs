@@ -18,10 +18,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
+use crate::checkpoint::{CheckpointError, CheckpointSlot};
 use crate::devices::timer::TimerDeadline;
 use crate::devices::DeviceError;
 use crate::digest::{devices_hash, DigestError, DirtyPages, StateDigest, VcpuState};
@@ -421,6 +422,25 @@ impl StopHandle {
         }
     }
 
+    /// Throw the vCPU thread out of KVM_RUN or a HLT sleep once, without
+    /// asking it to stop: KVM_RUN returns EINTR (not a guest exit), a HLT
+    /// sleep ends early (a spurious wake-up the guest tolerates).
+    pub fn kick(&self) {
+        if let Some(&thread) = self.0.thread.get() {
+            // SAFETY: as in `stop`: the vCPU thread's own id, still live
+            // while anything holds the VM that owns this handle.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Withdraw a stop, so that the VM can run again after its run returned
+    /// [`RunOutcome::Stopped`] (a checkpoint of a stopped VM, then on).
+    pub fn resume(&self) {
+        self.0.stop.store(false, Ordering::SeqCst);
+        // Drain a pending wake-up; an empty counter reads as EAGAIN.
+        let _ = self.0.wake.read();
+    }
+
     /// Whether a stop was asked.
     pub fn is_stopped(&self) -> bool {
         self.0.stop.load(Ordering::SeqCst)
@@ -444,8 +464,6 @@ pub struct Digester {
     pub every: u64,
     /// The guest pages written since the last digest.
     pub dirty: DirtyPages,
-    /// The VM, for its dirty log.
-    pub vm: Arc<VmFd>,
 }
 
 /// One vCPU and everything its loop needs.
@@ -454,18 +472,78 @@ pub struct Vcpu {
     peripherals: Peripherals,
     stop: StopHandle,
     digester: Option<Digester>,
+    checkpoint: Arc<CheckpointSlot>,
 }
 
 impl Vcpu {
-    pub(crate) fn new(fd: VcpuFd, peripherals: Peripherals, stop: StopHandle, digester: Option<Digester>) -> Self {
-        Vcpu { fd, peripherals, stop, digester }
+    pub(crate) fn new(
+        fd: VcpuFd,
+        peripherals: Peripherals,
+        stop: StopHandle,
+        digester: Option<Digester>,
+        checkpoint: Arc<CheckpointSlot>,
+    ) -> Self {
+        Vcpu { fd, peripherals, stop, digester, checkpoint }
+    }
+
+    /// After an exit: a live checkpoint, if one is asked for and this exit
+    /// may carry it (any exit, or a digest point when the VM computes
+    /// digests). A failed checkpoint is reported to the asker; the guest
+    /// runs on.
+    fn checkpoint_point(&mut self) {
+        if !self.checkpoint.pending() {
+            return;
+        }
+        let exit_index = self.peripherals.exit_index;
+        if let Some(d) = &self.digester {
+            if exit_index.0.checked_rem(d.every) != Some(0) {
+                return;
+            }
+        }
+        let result = crate::checkpoint::take_live(
+            &mut self.fd,
+            &self.peripherals.pio,
+            &self.peripherals.mmio,
+            exit_index,
+            &self.checkpoint,
+        );
+        self.checkpoint.answer(result.map_err(|e| e.to_string()));
+    }
+
+    /// The machine state of a vCPU that is not running (its run returned).
+    pub(crate) fn save_stopped(&mut self) -> Result<crate::checkpoint::MachineState, CheckpointError> {
+        crate::checkpoint::complete_pending(&mut self.fd)?;
+        Ok(crate::checkpoint::MachineState {
+            exit_index: self.peripherals.exit_index,
+            settings: self.checkpoint.settings.clone(),
+            vcpu: crate::checkpoint::VcpuCheckpoint::save(&self.fd)?,
+            devices: crate::checkpoint::save_devices(&self.peripherals.pio, &self.peripherals.mmio),
+        })
+    }
+
+    /// Apply a checkpoint's vCPU and device state and exit index to a vCPU
+    /// that never ran.
+    pub(crate) fn restore(&mut self, state: &crate::checkpoint::MachineState) -> Result<(), CheckpointError> {
+        crate::checkpoint::restore_devices(&mut self.peripherals.pio, &mut self.peripherals.mmio, &state.devices)?;
+        state.vcpu.restore(&self.fd)?;
+        self.peripherals.exit_index = state.exit_index;
+        Ok(())
+    }
+
+    /// Take guest memory as it is now as the digests' starting point (after
+    /// the image was loaded or a checkpoint's pages were written).
+    pub(crate) fn rebase_digests(&mut self) -> Result<(), DigestError> {
+        match &mut self.digester {
+            Some(d) => d.dirty.rebase(),
+            None => Ok(()),
+        }
     }
 
     /// After an exit: the state digest, if this exit index is a digest point.
     /// Both hosts compute it at the same exit, after the exit was handled and
     /// before the guest runs again.
     fn digest_point(&mut self) -> Result<(), VcpuError> {
-        let Some(d) = &self.digester else { return Ok(()) };
+        let Some(d) = &mut self.digester else { return Ok(()) };
         let exit_index = self.peripherals.exit_index;
         // `every` is never 0 (Vm::new filters it); were it 0, no exit would
         // be a digest point.
@@ -475,7 +553,7 @@ impl Vcpu {
         let digest_err = |source| VcpuError::Digest { exit_index, source };
         let vcpu = VcpuState::read(&self.fd).map_err(digest_err)?.hash();
         let devices = devices_hash(&self.peripherals.pio, &self.peripherals.mmio);
-        let (memory, pages) = d.dirty.hash_and_reset(&d.vm).map_err(digest_err)?;
+        let (memory, pages) = d.dirty.hash_and_reset().map_err(digest_err)?;
         let digest = StateDigest { vcpu, devices, memory };
         tracing::trace!(%exit_index, pages, ?digest, "state digest");
         self.peripherals.input.digest(exit_index, &digest).map_err(|source| VcpuError::Hook { exit_index, source })
@@ -504,7 +582,10 @@ impl Vcpu {
                 Err(source) => Err(VcpuError::Run { exit_index: self.peripherals.exit_index, source }),
             };
             match flow {
-                Ok(Flow::Continue) => self.digest_point()?,
+                Ok(Flow::Continue) => {
+                    self.digest_point()?;
+                    self.checkpoint_point();
+                }
                 Ok(Flow::Interrupted) => {
                     // Provoked by the VMM: clear immediate_exit unless a stop
                     // is pending (the top of the loop handles that).

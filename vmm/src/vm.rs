@@ -13,9 +13,11 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot;
 use crate::bus::{Bus, BusError};
+use crate::checkpoint::{CheckpointError, CheckpointSlot, Checkpointer, GuestSettings, MachineState};
 use crate::cpuid;
 use crate::devices::{clock, entropy, halt, health, power, pvpanic, serial, testdev, timer};
 use crate::digest::{DigestError, DirtyPages, VcpuState};
+use crate::dirty::DirtyLog;
 use crate::hook::{ExitIndex, InputSource, OutputSink};
 use crate::memory::GuestMem;
 use crate::vcpu::{Digester, Peripherals, RunOutcome, StopHandle, Vcpu, VcpuError};
@@ -112,6 +114,9 @@ pub enum VmError {
     /// The vCPU stopped with an error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Taking or applying a checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(CheckpointError),
 }
 
 impl VmError {
@@ -159,6 +164,8 @@ pub struct Vm {
     // Field order is drop order: the vCPU before the VM fd before /dev/kvm.
     vcpu: Vcpu,
     stop: StopHandle,
+    slot: Arc<CheckpointSlot>,
+    dirty: DirtyLog,
     mem: GuestMem,
     _vm: Arc<VmFd>,
     _kvm: Kvm,
@@ -174,6 +181,66 @@ impl Vm {
         input: impl FnOnce(&StopHandle) -> Box<dyn InputSource>,
         output: Box<dyn OutputSink>,
     ) -> Result<Vm, VmError> {
+        let vm = Vm::build(config, None, input, output)?;
+        let mem_size = config.memory_mib << 20;
+        let loaded = Elf::load(&vm.mem, None, &mut Cursor::new(&config.elf), Some(GuestAddress(KERNEL_LOAD_ADDR)))
+            .map_err(VmError::Load)?;
+        let params = boot_params(mem_size, &config.boot)?;
+        boot::write_boot_structures(&vm.mem, &params)?;
+        let fd = vm.vcpu.fd();
+        let sregs = fd.get_sregs().map_err(kvm_err("read the vCPU's special registers"))?;
+        fd.set_sregs(&boot::long_mode_sregs(sregs, config.privilege)).map_err(kvm_err("enter long mode"))?;
+        fd.set_fpu(&boot::entry_fpu()).map_err(kvm_err("set the FPU state"))?;
+        fd.set_regs(&boot::entry_regs(loaded.kernel_load.0)).map_err(kvm_err("set the entry registers"))?;
+        // Loading the image wrote through the VMM's bitmap: not guest
+        // writes, and already in every copy (the image and boot block).
+        let mut vm = vm;
+        vm.vcpu
+            .rebase_digests()
+            .map_err(|e| VmError::Vcpu(VcpuError::Digest { exit_index: ExitIndex(0), source: e }))?;
+        vm.dirty.clear().map_err(|e| VmError::Checkpoint(e.into()))?;
+        Ok(vm)
+    }
+
+    /// Build a VM from a checkpoint: `state` (from
+    /// [`Vm::checkpoint`] or a live [`Checkpointer`] request, possibly on
+    /// another host) and `mem`, guest memory holding the checkpoint's pages
+    /// ([`crate::checkpoint::new_memory`], [`crate::checkpoint::write_page`]). The VM
+    /// carries on from the checkpoint's exit index.
+    pub fn restore(
+        state: &MachineState,
+        mem: GuestMem,
+        input: impl FnOnce(&StopHandle) -> Box<dyn InputSource>,
+        output: Box<dyn OutputSink>,
+    ) -> Result<Vm, VmError> {
+        let config = state.settings.config();
+        let mut vm = Vm::build(&config, Some(mem), input, output)?;
+        vm.vcpu.restore(state).map_err(VmError::Checkpoint)?;
+        let exit_index = state.exit_index;
+        vm.vcpu.rebase_digests().map_err(|source| VmError::Vcpu(VcpuError::Digest { exit_index, source }))?;
+        vm.dirty.clear().map_err(|e| VmError::Checkpoint(e.into()))?;
+        Ok(vm)
+    }
+
+    /// The VM's state now, which must not be running (after [`Vm::run`]
+    /// returned). Guest memory is [`Vm::memory`].
+    pub fn checkpoint(&mut self) -> Result<MachineState, VmError> {
+        self.vcpu.save_stopped().map_err(VmError::Checkpoint)
+    }
+
+    /// Asks this VM for live checkpoints while it runs (a state transfer).
+    pub fn checkpointer(&self) -> Checkpointer {
+        Checkpointer { slot: self.slot.clone() }
+    }
+
+    /// Everything but the boot: KVM, memory (`mem`, or fresh zeroed memory),
+    /// the vCPU with ftvm's CPUID, devices, dirty log.
+    fn build(
+        config: &VmConfig,
+        mem: Option<GuestMem>,
+        input: impl FnOnce(&StopHandle) -> Box<dyn InputSource>,
+        output: Box<dyn OutputSink>,
+    ) -> Result<Vm, VmError> {
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&config.memory_mib) {
             return Err(VmError::MemorySize { mib: config.memory_mib });
         }
@@ -186,8 +253,17 @@ impl Vm {
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("create a VM"))?);
         let mem_size = config.memory_mib << 20;
         let mem_len = usize::try_from(mem_size).map_err(|_| VmError::MemorySize { mib: config.memory_mib })?;
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), mem_len)])
-            .map_err(|source| VmError::Memory { mib: config.memory_mib, source })?;
+        let mem = match mem {
+            Some(mem) => {
+                let given: u64 = mem.iter().map(|r| r.len()).sum();
+                if given != mem_size || mem.num_regions() != 1 {
+                    return Err(VmError::MemorySize { mib: given >> 20 });
+                }
+                mem
+            }
+            None => GuestMem::from_ranges(&[(GuestAddress(0), mem_len)])
+                .map_err(|source| VmError::Memory { mib: config.memory_mib, source })?,
+        };
         for (slot, region) in mem.iter().enumerate() {
             let region_desc = kvm_bindings::kvm_userspace_memory_region {
                 // One region: slot 0 (KVM refuses a slot number it lacks).
@@ -204,17 +280,8 @@ impl Vm {
             unsafe { vm.set_user_memory_region(region_desc) }.map_err(kvm_err("register guest memory"))?;
         }
 
-        let loaded = Elf::load(&mem, None, &mut Cursor::new(&config.elf), Some(GuestAddress(KERNEL_LOAD_ADDR)))
-            .map_err(VmError::Load)?;
-        let params = boot_params(mem_size, &config.boot)?;
-        boot::write_boot_structures(&mem, &params)?;
-
         let fd = vm.create_vcpu(0).map_err(kvm_err("create the vCPU"))?;
         fd.set_cpuid2(&cpuid::build(&kvm)?).map_err(kvm_err("set the vCPU's CPUID"))?;
-        let sregs = fd.get_sregs().map_err(kvm_err("read the vCPU's special registers"))?;
-        fd.set_sregs(&boot::long_mode_sregs(sregs, config.privilege)).map_err(kvm_err("enter long mode"))?;
-        fd.set_fpu(&boot::entry_fpu()).map_err(kvm_err("set the FPU state"))?;
-        fd.set_regs(&boot::entry_regs(loaded.kernel_load.0)).map_err(kvm_err("set the entry registers"))?;
 
         let run_size = kvm.get_vcpu_mmap_size().map_err(kvm_err("report the kvm_run size"))?;
         let stop = StopHandle::new(&fd, run_size).map_err(VmError::StopHandle)?;
@@ -227,12 +294,19 @@ impl Vm {
         }
         let input = input(&stop);
         let peripherals = Peripherals { pio, mmio, deadline, input, output, exit_index: ExitIndex(0) };
-        let digester = config.digest_every.filter(|n| *n > 0).map(|every| Digester {
-            every,
-            dirty: DirtyPages::new(mem.clone()),
-            vm: vm.clone(),
-        });
-        Ok(Vm { vcpu: Vcpu::new(fd, peripherals, stop.clone(), digester), stop, mem, _vm: vm, _kvm: kvm })
+        let digests = config.digest_every.filter(|n| *n > 0);
+        let dirty = DirtyLog::new(vm.clone(), mem.clone(), config.digest_every.is_some());
+        let digester = digests.map(|every| Digester { every, dirty: DirtyPages::new(dirty.clone()) });
+        let slot = CheckpointSlot::new(GuestSettings::of(config), dirty.clone(), stop.clone());
+        Ok(Vm {
+            vcpu: Vcpu::new(fd, peripherals, stop.clone(), digester, slot.clone()),
+            stop,
+            slot,
+            dirty,
+            mem,
+            _vm: vm,
+            _kvm: kvm,
+        })
     }
 
     /// Stops this VM's vCPU from any thread.
