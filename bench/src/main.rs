@@ -43,7 +43,7 @@ pub enum BenchCommand {
     /// What protection costs: kvstore unprotected / protected over loopback
     /// / protected across a veth link, log bandwidth, replay lag, and a
     /// CPU-bound guest (needs root, KVM, redis-tools).
-    Lockstep(KvstoreBenchArgs),
+    Lockstep(LockstepArgs),
     /// What a stalled (SIGSTOPped) secondary costs the primary's memory:
     /// streamer at a high rate, the primary's RSS each second (needs root
     /// and KVM).
@@ -76,6 +76,17 @@ pub struct KvstoreBenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `ftvm-bench lockstep`.
+#[derive(Debug, Args)]
+pub struct LockstepArgs {
+    #[command(flatten)]
+    pub kv: KvstoreBenchArgs,
+    /// Add a run of its own, protected across the link, with every stage of
+    /// the output path timed (FTVM_COST_TRACE): where the time goes.
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// `ftvm-bench failover`.
@@ -128,7 +139,7 @@ fn main() -> ExitCode {
         BenchCommand::Exits(a) => exits::exits(a.seconds, 3, a.json),
         BenchCommand::Kvstore(a) => net::kvstore(a.requests, a.clients, a.json),
         BenchCommand::Streamer(a) => net::streamer(a.seconds, a.json),
-        BenchCommand::Lockstep(a) => lockstep::lockstep(a.requests, a.clients, a.json),
+        BenchCommand::Lockstep(a) => lockstep::lockstep(a.kv.requests, a.kv.clients, a.kv.json, a.breakdown),
         BenchCommand::Held(a) => held::held(a.seconds, a.rate, a.baseline),
         BenchCommand::Failover(a) => {
             let failures = if a.failure.is_empty() { vec![Failure::Process, Failure::Host] } else { a.failure };

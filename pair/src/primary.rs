@@ -409,6 +409,7 @@ fn spawn_ack_task(
             if let Err(e) = releaser.release_ready() {
                 tracing::warn!(error = %e, "releasing held outputs failed");
             }
+            replication::cost::released();
             board.acked_position.store(upto.0, Ordering::SeqCst);
             if acked.changed().await.is_err() {
                 return;

@@ -695,9 +695,13 @@ pub struct PrimaryChannel {
 
 #[derive(Debug)]
 enum Outgoing {
-    Records { first: LogPosition, records: Vec<Record> },
+    Records {
+        first: LogPosition,
+        records: Vec<Record>,
+    },
     Released(LogPosition),
-    Flush,
+    /// With when it was asked for, while timing is on (see `cost`).
+    Flush(Option<std::time::Instant>),
     Shutdown(oneshot::Sender<Result<(), ChannelError>>),
 }
 
@@ -803,7 +807,7 @@ impl PrimaryChannel {
     pub fn flush(&self) {
         // Fails only once the writer has stopped, and then the failure is
         // what callers see next.
-        let _ = self.queue.send(Outgoing::Flush);
+        let _ = self.queue.send(Outgoing::Flush(crate::cost::stamp()));
     }
 
     /// Tell the secondary that every output up to `upto` reached the world.
@@ -905,6 +909,7 @@ impl AsyncFrameHandler for AckHandler {
             return Err(ChannelError::Protocol { what: "an ack for records never sent" });
         }
         state.acked = upto;
+        crate::cost::acked(crate::cost::Stage::AckRoundTrip, upto.0);
         while let Some(&(last, bytes)) = state.unacked.front() {
             if last > upto {
                 break;
@@ -930,6 +935,8 @@ struct Batcher {
     pending_bytes: usize,
     /// When the oldest pending record was queued.
     pending_since: Option<Instant>,
+    /// The last position put into a frame.
+    last_cut: LogPosition,
 }
 
 impl Batcher {
@@ -941,6 +948,7 @@ impl Batcher {
             first: LogPosition::NONE,
             pending_bytes: 0,
             pending_since: None,
+            last_cut: LogPosition::NONE,
         }
     }
 
@@ -970,6 +978,8 @@ impl Batcher {
     fn cut(&mut self) -> Result<(), ChannelError> {
         if !self.pending.is_empty() {
             self.encoder.encode_records(self.first, &self.pending, &mut self.out).map_err(ChannelError::Encode)?;
+            let extra = u64::try_from(self.pending.len().saturating_sub(1)).unwrap_or(0);
+            self.last_cut = self.first.checked_add(extra).unwrap_or(self.first);
             self.pending.clear();
             self.pending_bytes = 0;
         }
@@ -992,6 +1002,7 @@ async fn primary_writer(
     failure: Failure,
     flush_delay: Duration,
 ) {
+    let _report = crate::cost::ReportOnDrop("primary");
     let stopped = failure.clone();
     tokio::select! {
         result = write_loop(write, Batcher::new(encoder), queued, flush_delay) => {
@@ -1036,6 +1047,7 @@ async fn write_loop(
         // writer from writing (encoding is slower than a busy guest).
         let mut end = None;
         let mut taken = 0usize;
+        let mut flush_taken = None;
         loop {
             if taken >= WRITE_EVERY || batcher.out.len() >= FRAME_TARGET {
                 break;
@@ -1055,7 +1067,13 @@ async fn write_loop(
             match item {
                 Outgoing::Records { first, records } => batcher.push(first, records)?,
                 Outgoing::Released(upto) => batcher.control(&Message::Released { upto })?,
-                Outgoing::Flush => batcher.cut()?,
+                Outgoing::Flush(asked) => {
+                    if let Some(asked) = asked {
+                        crate::cost::since(crate::cost::Stage::Handoff, asked);
+                        flush_taken = crate::cost::stamp();
+                    }
+                    batcher.cut()?
+                }
                 Outgoing::Shutdown(done) => {
                     end = Some(End::Shutdown(done));
                     break;
@@ -1069,6 +1087,12 @@ async fn write_loop(
         if !batcher.out.is_empty() {
             write.write_all(&batcher.out).await?;
             batcher.out.clear();
+            if crate::cost::enabled() {
+                if let Some(taken) = flush_taken {
+                    crate::cost::since(crate::cost::Stage::EncodeWrite, taken);
+                }
+                crate::cost::sent(batcher.last_cut.0);
+            }
         }
         match end {
             Some(End::Shutdown(done)) => {
@@ -1461,6 +1485,7 @@ impl AsyncFrameHandler for RecordHandler {
                 }
                 let batch = RecordBatch { first, records };
                 self.next = batch.last().checked_add(1);
+                crate::cost::sent(batch.last().0);
                 if self.deliver.send(Delivery::Batch(batch)).await.is_err() {
                     // Nobody takes batches any more.
                     return Ok(Flow::Stop);
@@ -1515,6 +1540,7 @@ async fn secondary_writer(
     mut acks: watch::Receiver<LogPosition>,
     failure: Failure,
 ) {
+    let _report = crate::cost::ReportOnDrop("secondary");
     let stopped = failure.clone();
     let result = async {
         let mut out = BytesMut::new();
@@ -1524,6 +1550,7 @@ async fn secondary_writer(
             out.clear();
             encoder.encode(&Message::Ack { upto }, &mut out).map_err(ChannelError::Encode)?;
             write.write_all(&out).await?;
+            crate::cost::acked(crate::cost::Stage::ReceiveToAck, upto.0);
         }
         Ok::<(), ChannelError>(())
     };
