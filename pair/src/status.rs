@@ -133,8 +133,11 @@ pub struct Status {
     /// Primary, with failover: how far the secondary's replay is behind,
     /// in milliseconds of the primary's execution.
     pub replay_lag_ms: Option<f64>,
-    /// Primary: encoded bytes of the records shipped.
+    /// Primary: encoded bytes of the records shipped (the `Records`
+    /// payloads, without the frames' headers, CRCs and MACs).
     pub log_bytes: u64,
+    /// Primary: the same with each frame's header, CRC and MAC.
+    pub log_wire_bytes: u64,
     pub peer: PeerState,
     /// The peer's address (`--peer`, or where the primary connected from).
     pub peer_address: Option<String>,
@@ -162,6 +165,7 @@ pub struct Board {
     /// Microseconds; `u64::MAX`: not measured.
     pub(crate) replay_lag_us: AtomicU64,
     pub(crate) log_bytes: AtomicU64,
+    pub(crate) log_wire_bytes: AtomicU64,
     peer_up: AtomicBool,
     peer_address: Mutex<Option<String>>,
     arbiter: Mutex<Option<(String, u64)>>,
@@ -190,6 +194,7 @@ impl Board {
             outputs_held_bytes: AtomicU64::new(0),
             replay_lag_us: AtomicU64::new(u64::MAX),
             log_bytes: AtomicU64::new(0),
+            log_wire_bytes: AtomicU64::new(0),
             peer_up: AtomicBool::new(false),
             peer_address: Mutex::new(None),
             arbiter: Mutex::new(None),
@@ -288,6 +293,7 @@ impl Board {
                 _ => None,
             },
             log_bytes: self.log_bytes.load(Ordering::SeqCst),
+            log_wire_bytes: self.log_wire_bytes.load(Ordering::SeqCst),
             peer: if self.peer_up.load(Ordering::SeqCst) { PeerState::Up } else { PeerState::Down },
             peer_address: lock(&self.peer_address).clone(),
             arbiter: arbiter.as_ref().map(|(spec, _)| spec.clone()),

@@ -100,8 +100,8 @@ use tracing::{debug, info, warn};
 
 use crate::frame::{
     check_record, encoded_record_len, hmac_sha256, hmac_sha256_of, FrameDecoder, FrameEncoder, FrameError,
-    GuestIdentity, Hello, HelloReply, IdentityField, MacKey, Message, Nonce, RefuseReason, NONCE_LEN, PROTOCOL_VERSION,
-    RECORDS_HEADER_LEN,
+    GuestIdentity, Hello, HelloReply, IdentityField, MacKey, Message, Nonce, RefuseReason, FRAME_OVERHEAD, NONCE_LEN,
+    PROTOCOL_VERSION, RECORDS_HEADER_LEN,
 };
 use crate::key::SharedKey;
 use crate::record::{LogPosition, Record};
@@ -691,6 +691,15 @@ pub struct PrimaryChannel {
     failure: Failure,
     max_unacked_bytes: u64,
     reader: JoinHandle<()>,
+    sent: Arc<Sent>,
+}
+
+/// What the writer sent of the log: the `Records` payloads' bytes, and the
+/// same with each frame's header, CRC and MAC.
+#[derive(Debug, Default)]
+struct Sent {
+    payload: AtomicU64,
+    wire: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -748,10 +757,17 @@ impl PrimaryChannel {
         let failure = Failure::new();
         // The writer runs until the queue closes (the channel is dropped or
         // shut down) or the session fails; nothing needs to join it.
-        tokio::spawn(primary_writer(write, encoder, queued, failure.clone(), config.flush_delay));
+        let sent = Arc::new(Sent::default());
+        tokio::spawn(primary_writer(
+            write,
+            Batcher::new(encoder, sent.clone()),
+            queued,
+            failure.clone(),
+            config.flush_delay,
+        ));
         let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx };
         let reader = tokio::spawn(watch_failure(failure.clone(), "primary", read_frames(read, decoder, handler)));
-        PrimaryChannel { queue, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader }
+        PrimaryChannel { queue, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader, sent }
     }
 
     /// Hand over `records`, at positions `first`, `first + 1`, …, for
@@ -832,7 +848,15 @@ impl PrimaryChannel {
         self.acked.clone()
     }
 
-    /// Encoded bytes of the records handed over and not yet acknowledged.
+    /// Bytes of the log encoded so far: the `Records` payloads, and the
+    /// same with the frames' headers, CRCs and MACs.
+    pub fn log_bytes(&self) -> (u64, u64) {
+        (self.sent.payload.load(Ordering::Relaxed), self.sent.wire.load(Ordering::Relaxed))
+    }
+
+    /// Encoded bytes of the records handed over and not yet acknowledged
+    /// (their size bound, [`encoded_record_len`]: deltas are not known
+    /// before the writer encodes them).
     pub fn unacked_bytes(&self) -> u64 {
         lock(&self.state).unacked_bytes
     }
@@ -937,10 +961,11 @@ struct Batcher {
     pending_since: Option<Instant>,
     /// The last position put into a frame.
     last_cut: LogPosition,
+    sent: Arc<Sent>,
 }
 
 impl Batcher {
-    fn new(encoder: FrameEncoder) -> Batcher {
+    fn new(encoder: FrameEncoder, sent: Arc<Sent>) -> Batcher {
         Batcher {
             encoder,
             out: BytesMut::new(),
@@ -949,6 +974,7 @@ impl Batcher {
             pending_bytes: 0,
             pending_since: None,
             last_cut: LogPosition::NONE,
+            sent,
         }
     }
 
@@ -978,6 +1004,9 @@ impl Batcher {
     fn cut(&mut self) -> Result<(), ChannelError> {
         if !self.pending.is_empty() {
             self.encoder.encode_records(self.first, &self.pending, &mut self.out).map_err(ChannelError::Encode)?;
+            let payload = u64::try_from(self.encoder.last_payload_len()).unwrap_or(u64::MAX);
+            self.sent.payload.fetch_add(payload, Ordering::Relaxed);
+            self.sent.wire.fetch_add(payload.saturating_add(FRAME_OVERHEAD as u64), Ordering::Relaxed);
             let extra = u64::try_from(self.pending.len().saturating_sub(1)).unwrap_or(0);
             self.last_cut = self.first.checked_add(extra).unwrap_or(self.first);
             self.pending.clear();
@@ -997,7 +1026,7 @@ impl Batcher {
 
 async fn primary_writer(
     write: OwnedWriteHalf,
-    encoder: FrameEncoder,
+    batcher: Batcher,
     queued: mpsc::UnboundedReceiver<Outgoing>,
     failure: Failure,
     flush_delay: Duration,
@@ -1005,7 +1034,7 @@ async fn primary_writer(
     let _report = crate::cost::ReportOnDrop("primary");
     let stopped = failure.clone();
     tokio::select! {
-        result = write_loop(write, Batcher::new(encoder), queued, flush_delay) => {
+        result = write_loop(write, batcher, queued, flush_delay) => {
             if let Err(error) = result {
                 failure.set(error, "primary");
             }
@@ -1856,10 +1885,11 @@ mod tests {
     #[tokio::test]
     async fn another_protocol_version_is_refused_on_both_ends() {
         let mut p = config();
-        p.version = 2;
+        // A primary of the version before the smaller log (issue 16).
+        p.version = 1;
         let (primary, secondary) = pair_once(p, config()).await;
-        assert!(matches!(primary, Err(ChannelError::Version { ours: 2, theirs: 1 })), "{primary:?}");
-        assert!(matches!(secondary, Err(ChannelError::Version { ours: 1, theirs: 2 })), "{secondary:?}");
+        assert!(matches!(primary, Err(ChannelError::Version { ours: 1, theirs: 2 })), "{primary:?}");
+        assert!(matches!(secondary, Err(ChannelError::Version { ours: 2, theirs: 1 })), "{secondary:?}");
     }
 
     #[tokio::test]
