@@ -74,7 +74,7 @@ pub struct FailureEvent {
 }
 
 /// Heartbeat counters, when failover is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct HeartbeatCounts {
     pub sent: u64,
     pub accepted: u64,
@@ -87,6 +87,12 @@ pub struct HeartbeatCounts {
     pub unproven: u64,
     /// Challenges answered to unproven senders.
     pub answered: u64,
+    /// The silence after which the peer is dead, as now in force (it adapts
+    /// to the link unless `--dead-after` was given).
+    pub silence_limit_ms: f64,
+    /// Times this side's own heartbeat timer fired late (it did not run):
+    /// silences not blamed on the peer.
+    pub stalls: u64,
 }
 
 impl From<heartbeat::ServiceStats> for HeartbeatCounts {
@@ -100,6 +106,8 @@ impl From<heartbeat::ServiceStats> for HeartbeatCounts {
             malformed: s.received.malformed,
             unproven: s.received.unproven,
             answered: s.answered,
+            silence_limit_ms: s.silence_limit.as_secs_f64() * 1e3,
+            stalls: s.stalls,
         }
     }
 }
