@@ -80,12 +80,12 @@ impl Report {
             println!(
                 "{:<10} {:>8} {:>9} {:>9} {:>7} {:>21} {:>7}",
                 name,
-                h["sent"],
-                h["accepted"],
-                h["replayed"],
-                h["forged"],
+                h["sent"].as_u64().unwrap_or(0),
+                h["accepted"].as_u64().unwrap_or(0),
+                h["replayed"].as_u64().unwrap_or(0),
+                h["forged"].as_u64().unwrap_or(0),
                 format!("{lo:.1} … {hi:.1}"),
-                h["stalls"]
+                h["stalls"].as_u64().unwrap_or(0)
             );
         }
         let verdict = if self.failovers == 0 { "met" } else { "NOT met" };

@@ -56,11 +56,14 @@
 //!
 //! The primary never blocks its caller: [`PrimaryChannel::send_records`],
 //! [`PrimaryChannel::flush`] and [`PrimaryChannel::send_released`] are plain
-//! functions that queue and return, so the vCPU thread can call them between
-//! two exits. A writer task coalesces the queued records into frames of up
-//! to [`FRAME_TARGET`] bytes and writes them when a flush is asked for, when
-//! a frame is full, or at the latest [`ChannelConfig::flush_delay`] after the
-//! first record of a batch was queued.
+//! functions that return without waiting, so the vCPU thread can call them
+//! between two exits. Records are coalesced into frames of up to
+//! [`FRAME_TARGET`] bytes, encoded and written when a flush is asked for
+//! (on the flushing thread itself, with a non-blocking write: an output
+//! waits for no other thread to wake), when a frame is full, or at the
+//! latest [`ChannelConfig::flush_delay`] after the first record of a batch
+//! was handed over (by a writer task, which also finishes what a full
+//! socket did not take).
 //!
 //! The memory this takes is bounded by acknowledgements: the channel counts
 //! the encoded bytes of every record handed to it and not yet acknowledged.
@@ -88,12 +91,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use hmac::Mac;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -123,9 +126,6 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// at most this many frames' payload (64 × [`FRAME_TARGET`] from an ftvm
 /// primary, 64 × `MAX_PAYLOAD` at worst) plus their record headers.
 pub const SECONDARY_QUEUE: usize = 64;
-
-/// Queued items the writer takes at most before it writes what they made.
-const WRITE_EVERY: usize = 64;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -685,7 +685,7 @@ trait AsyncFrameHandler {
 /// `Shutdown` and reports [`ChannelError::Closed`].
 #[derive(Debug)]
 pub struct PrimaryChannel {
-    queue: mpsc::UnboundedSender<Outgoing>,
+    outbox: Arc<Outbox>,
     state: Arc<Mutex<PrimaryState>>,
     acked: watch::Receiver<LogPosition>,
     failure: Failure,
@@ -702,16 +702,64 @@ struct Sent {
     wire: AtomicU64,
 }
 
+/// Frames on their way to the socket, shared by whoever hands records over
+/// (the vCPU thread, the shipper) and the writer task. A flush encodes and
+/// writes on the caller's own thread (a non-blocking write): no hand-off to
+/// another thread on the output path. The writer task only finishes what a
+/// full socket left unwritten, cuts a batch whose flush delay passed, and
+/// ends the session.
 #[derive(Debug)]
-enum Outgoing {
-    Records {
-        first: LogPosition,
-        records: Vec<Record>,
-    },
-    Released(LogPosition),
-    /// With when it was asked for, while timing is on (see `cost`).
-    Flush(Option<std::time::Instant>),
-    Shutdown(oneshot::Sender<Result<(), ChannelError>>),
+struct Outbox {
+    inner: Mutex<OutboxInner>,
+    /// Wakes the writer task: a batch started (its flush delay runs), bytes
+    /// were left unwritten, or the session ends.
+    wake: Notify,
+}
+
+#[derive(Debug)]
+struct OutboxInner {
+    batcher: Batcher,
+    /// The socket's write half, until the writer task ends (however it
+    /// ends: the runtime may drop it): then the connection closes, even if
+    /// the channel itself is still referenced.
+    write: Option<Arc<OwnedWriteHalf>>,
+    /// `shutdown` asked: the writer ends the session and answers here.
+    closing: Option<oneshot::Sender<Result<(), ChannelError>>>,
+    /// The channel was dropped: the writer writes what is there and stops.
+    dropped: bool,
+    /// A write found the socket full: the writer waits for room.
+    blocked: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, OutboxInner> {
+        lock(&self.inner)
+    }
+
+    /// Write what is encoded, without waiting: `Ok(true)` once all of it
+    /// is out, `Ok(false)` when the socket is full (the writer task is then
+    /// woken to finish).
+    fn try_write_out(&self, inner: &mut OutboxInner) -> Result<bool, ChannelError> {
+        if inner.blocked {
+            return Ok(false);
+        }
+        let Some(write) = inner.write.clone() else { return Err(ChannelError::Closed) };
+        while !inner.batcher.out.is_empty() {
+            match write.try_write(&inner.batcher.out) {
+                Ok(0) => return Err(ChannelError::Closed),
+                Ok(n) => inner.batcher.out.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    inner.blocked = true;
+                    self.wake.notify_one();
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        crate::cost::sent(inner.batcher.last_cut.0);
+        Ok(true)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -751,28 +799,32 @@ impl PrimaryChannel {
     fn start(wire: Wire, config: &ChannelConfig) -> PrimaryChannel {
         let Wire { stream, encoder, decoder, .. } = wire;
         let (read, write) = stream.into_split();
-        let (queue, queued) = mpsc::unbounded_channel();
         let (acked_tx, acked) = watch::channel(LogPosition::NONE);
         let state = Arc::new(Mutex::new(PrimaryState::default()));
         let failure = Failure::new();
-        // The writer runs until the queue closes (the channel is dropped or
-        // shut down) or the session fails; nothing needs to join it.
         let sent = Arc::new(Sent::default());
-        tokio::spawn(primary_writer(
-            write,
-            Batcher::new(encoder, sent.clone()),
-            queued,
-            failure.clone(),
-            config.flush_delay,
-        ));
+        let outbox = Arc::new(Outbox {
+            inner: Mutex::new(OutboxInner {
+                batcher: Batcher::new(encoder, sent.clone()),
+                write: Some(Arc::new(write)),
+                closing: None,
+                dropped: false,
+                blocked: false,
+            }),
+            wake: Notify::new(),
+        });
+        // The writer runs until the channel is dropped or shut down, or the
+        // session fails; nothing needs to join it.
+        tokio::spawn(primary_writer(outbox.clone(), failure.clone(), config.flush_delay));
         let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx };
         let reader = tokio::spawn(watch_failure(failure.clone(), "primary", read_frames(read, decoder, handler)));
-        PrimaryChannel { queue, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader, sent }
+        PrimaryChannel { outbox, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader, sent }
     }
 
     /// Hand over `records`, at positions `first`, `first + 1`, …, for
     /// sending. Never blocks and never waits for the network: the records
-    /// are queued and go out with the next frame (see the module doc).
+    /// go out with the next flush, a full frame, or the flush delay (see the
+    /// module doc).
     ///
     /// `first` must continue the log: the first call may start anywhere from
     /// position 1, each later one where the previous ended. Refused, with
@@ -807,10 +859,27 @@ impl PrimaryChannel {
                 limit: self.max_unacked_bytes,
             });
         }
-        // Queued under the lock, so batches reach the writer in position order.
-        self.queue
-            .send(Outgoing::Records { first, records: records.to_vec() })
-            .map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))?;
+        {
+            // Taken under the state lock, so batches are encoded in
+            // position order.
+            let mut inner = self.outbox.lock();
+            let started = inner.batcher.pending_since.is_none();
+            if let Err(e) = inner.batcher.push(first, records.to_vec()) {
+                self.fail(e.clone());
+                return Err(e);
+            }
+            // Full frames go out now; a batch that started waits for its
+            // flush, or for the writer at its flush delay.
+            if !inner.batcher.out.is_empty() {
+                if let Err(e) = self.outbox.try_write_out(&mut inner) {
+                    self.fail(e.clone());
+                    return Err(e);
+                }
+            }
+            if started && inner.batcher.pending_since.is_some() {
+                self.outbox.wake.notify_one();
+            }
+        }
         state.next = last.checked_add(1);
         state.last = last;
         state.unacked.push_back((last, batch_bytes));
@@ -818,12 +887,33 @@ impl PrimaryChannel {
         Ok(())
     }
 
-    /// An output is pending: send everything handed over so far now, without
-    /// waiting for the flush delay. Never blocks.
+    /// The session failed on this side (a write): record it, wake the writer.
+    fn fail(&self, error: ChannelError) {
+        self.failure.set(error, "primary");
+        self.outbox.wake.notify_one();
+    }
+
+    /// An output is pending: encode everything handed over so far and write
+    /// it now, on this thread, without waiting for the flush delay. Never
+    /// blocks: what a full socket does not take, the writer task finishes.
     pub fn flush(&self) {
-        // Fails only once the writer has stopped, and then the failure is
-        // what callers see next.
-        let _ = self.queue.send(Outgoing::Flush(crate::cost::stamp()));
+        if self.failure.get().is_some() {
+            return;
+        }
+        let asked = crate::cost::stamp();
+        let mut inner = self.outbox.lock();
+        let written = inner.batcher.cut().and_then(|()| self.outbox.try_write_out(&mut inner));
+        drop(inner);
+        match written {
+            Ok(true) => {
+                if let Some(asked) = asked {
+                    crate::cost::since(crate::cost::Stage::EncodeWrite, asked);
+                }
+            }
+            Ok(false) => {}
+            // The failure is what callers see next.
+            Err(e) => self.fail(e),
+        }
     }
 
     /// Tell the secondary that every output up to `upto` reached the world.
@@ -839,7 +929,14 @@ impl PrimaryChannel {
             return Ok(());
         }
         state.released = upto;
-        self.queue.send(Outgoing::Released(upto)).map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))
+        drop(state);
+        let mut inner = self.outbox.lock();
+        let written = inner
+            .batcher
+            .control(&Message::Released { upto })
+            .and_then(|()| self.outbox.try_write_out(&mut inner).map(|_| ()));
+        drop(inner);
+        written.inspect_err(|e| self.fail(e.clone()))
     }
 
     /// The secondary's cumulative acknowledgements: the highest position it
@@ -883,7 +980,8 @@ impl PrimaryChannel {
     pub async fn shutdown(self) -> Result<(), ChannelError> {
         self.failure.check()?;
         let (done, finished) = oneshot::channel();
-        self.queue.send(Outgoing::Shutdown(done)).map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))?;
+        self.outbox.lock().closing = Some(done);
+        self.outbox.wake.notify_one();
         let result = finished.await.unwrap_or_else(|_| Err(self.failure.get().unwrap_or(ChannelError::Closed)));
         self.reader.abort();
         result
@@ -892,8 +990,10 @@ impl PrimaryChannel {
 
 impl Drop for PrimaryChannel {
     fn drop(&mut self) {
-        // The writer ends by itself once the queue is closed, after writing
-        // what was queued; the reader has nobody left to report to.
+        // The writer writes what was handed over and ends; the reader has
+        // nobody left to report to.
+        self.outbox.lock().dropped = true;
+        self.outbox.wake.notify_one();
         self.reader.abort();
     }
 }
@@ -947,7 +1047,8 @@ impl AsyncFrameHandler for AckHandler {
     }
 }
 
-/// Frames being put together by the primary's writer.
+/// Frames being put together for the primary's socket.
+#[derive(Debug)]
 struct Batcher {
     encoder: FrameEncoder,
     /// Complete frames, ready to write.
@@ -1024,29 +1125,32 @@ impl Batcher {
     }
 }
 
-async fn primary_writer(
-    write: OwnedWriteHalf,
-    batcher: Batcher,
-    queued: mpsc::UnboundedReceiver<Outgoing>,
-    failure: Failure,
-    flush_delay: Duration,
-) {
+/// Closes the connection when the writer task ends, however it ends.
+struct CloseOnDrop(Arc<Outbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.lock().write = None;
+    }
+}
+
+async fn primary_writer(outbox: Arc<Outbox>, failure: Failure, flush_delay: Duration) {
     let _report = crate::cost::ReportOnDrop("primary");
+    let _close = CloseOnDrop(outbox.clone());
     let stopped = failure.clone();
     tokio::select! {
-        result = write_loop(write, batcher, queued, flush_delay) => {
+        result = write_loop(&outbox, flush_delay) => {
             if let Err(error) = result {
                 failure.set(error, "primary");
             }
         }
         _ = stopped.wait() => {}
     }
-}
-
-/// How the writer's queue ended.
-enum End {
-    Shutdown(oneshot::Sender<Result<(), ChannelError>>),
-    Dropped,
+    // However it ended, a shutdown waiting for it hears how.
+    let closing = outbox.lock().closing.take();
+    if let Some(done) = closing {
+        let _ = done.send(Err(failure.get().unwrap_or(ChannelError::Closed)));
+    }
 }
 
 /// Sleep until `deadline`, or forever without one.
@@ -1057,101 +1161,60 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-enum Woken {
-    Item(Option<Outgoing>),
-    Deadline,
+/// What the writer task does: cut batches whose flush delay passed, finish
+/// what a full socket left, end the session when asked or dropped.
+async fn write_loop(outbox: &Outbox, flush_delay: Duration) -> Result<(), ChannelError> {
+    loop {
+        let deadline = {
+            let inner = outbox.lock();
+            // A delay too large for the clock means "no delay limit".
+            inner.batcher.pending_since.and_then(|since| since.checked_add(flush_delay))
+        };
+        tokio::select! {
+            () = outbox.wake.notified() => {}
+            () = sleep_until(deadline) => {}
+        }
+        let (closing, dropped) = {
+            let mut inner = outbox.lock();
+            let due = inner
+                .batcher
+                .pending_since
+                .is_some_and(|since| since.checked_add(flush_delay).is_some_and(|due| Instant::now() >= due));
+            let closing = inner.closing.is_some();
+            if due || closing || inner.dropped {
+                inner.batcher.cut()?;
+            }
+            if closing {
+                inner.batcher.control(&Message::Shutdown)?;
+            }
+            (closing, inner.dropped)
+        };
+        write_all(outbox).await?;
+        if closing {
+            let done = outbox.lock().closing.take();
+            if let Some(done) = done {
+                let _ = done.send(Ok(()));
+            }
+            return Ok(());
+        }
+        if dropped {
+            return Ok(());
+        }
+    }
 }
 
-async fn write_loop(
-    mut write: OwnedWriteHalf,
-    mut batcher: Batcher,
-    mut queued: mpsc::UnboundedReceiver<Outgoing>,
-    flush_delay: Duration,
-) -> Result<(), ChannelError> {
-    let mut next = None;
+/// Write everything encoded, waiting for room as long as it takes.
+async fn write_all(outbox: &Outbox) -> Result<(), ChannelError> {
     loop {
-        // Take the item that woke the writer and what is queued behind it,
-        // but write at least every WRITE_EVERY items or once a frame's worth
-        // is encoded: a guest that keeps the queue busy must not keep the
-        // writer from writing (encoding is slower than a busy guest).
-        let mut end = None;
-        let mut taken = 0usize;
-        let mut flush_taken = None;
-        loop {
-            if taken >= WRITE_EVERY || batcher.out.len() >= FRAME_TARGET {
-                break;
+        let write = {
+            let mut inner = outbox.lock();
+            inner.blocked = false;
+            if outbox.try_write_out(&mut inner)? {
+                return Ok(());
             }
-            taken += 1;
-            let item = match next.take() {
-                Some(item) => item,
-                None => match queued.try_recv() {
-                    Ok(item) => item,
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        end = Some(End::Dropped);
-                        break;
-                    }
-                },
-            };
-            match item {
-                Outgoing::Records { first, records } => batcher.push(first, records)?,
-                Outgoing::Released(upto) => batcher.control(&Message::Released { upto })?,
-                Outgoing::Flush(asked) => {
-                    if let Some(asked) = asked {
-                        crate::cost::since(crate::cost::Stage::Handoff, asked);
-                        flush_taken = crate::cost::stamp();
-                    }
-                    batcher.cut()?
-                }
-                Outgoing::Shutdown(done) => {
-                    end = Some(End::Shutdown(done));
-                    break;
-                }
-            }
-        }
-        if end.is_some() {
-            batcher.cut()?;
-        }
-        // Complete frames go out now; a partly filled one waits below.
-        if !batcher.out.is_empty() {
-            write.write_all(&batcher.out).await?;
-            batcher.out.clear();
-            if crate::cost::enabled() {
-                if let Some(taken) = flush_taken {
-                    crate::cost::since(crate::cost::Stage::EncodeWrite, taken);
-                }
-                crate::cost::sent(batcher.last_cut.0);
-            }
-        }
-        match end {
-            Some(End::Shutdown(done)) => {
-                let result = async {
-                    batcher.control(&Message::Shutdown)?;
-                    write.write_all(&batcher.out).await?;
-                    write.shutdown().await?;
-                    Ok(())
-                }
-                .await;
-                let _ = done.send(result.clone());
-                return result;
-            }
-            Some(End::Dropped) => return Ok(()),
-            None => {}
-        }
-        let woken = match batcher.pending_since {
-            None => Woken::Item(queued.recv().await),
-            Some(since) => tokio::select! {
-                item = queued.recv() => Woken::Item(item),
-                // A delay too large for the clock means "no delay limit".
-                () = sleep_until(since.checked_add(flush_delay)) => Woken::Deadline,
-            },
+            inner.write.clone().ok_or(ChannelError::Closed)?
         };
-        match woken {
-            Woken::Item(Some(item)) => next = Some(item),
-            // Sent at the top of the loop (dropped: after the last records).
-            Woken::Item(None) => {}
-            Woken::Deadline => batcher.cut()?,
-        }
+        write.writable().await?;
     }
 }
 

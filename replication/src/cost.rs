@@ -1,7 +1,7 @@
 //! Where the time of a protected request goes: per-stage timings of the
-//! output path (primary: hand-off to the writer, encode and write, the ack's
+//! output path (primary: flush to written (encode, MAC, write), the ack's
 //! round trip, release; secondary: receive to ack written; the held time of
-//! each output), for `ftvm-bench lockstep`.
+//! each output), for `ftvm-bench lockstep --breakdown`.
 //!
 //! Off unless the environment variable `FTVM_COST_TRACE` names a file: then
 //! every stage is timed into a histogram (atomics, no lock on the hot path
@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
     /// Primary: an output asked for the log to go out (the vCPU thread's
-    /// flush) until the channel's writer took it up (a thread hand-off).
-    Handoff,
-    /// Primary: the writer took the flush up until its frames were written
-    /// to the socket (encoding, MAC, the write syscall).
+    /// flush) until its frames were written to the socket (encoding, MAC,
+    /// the write syscall; before issue 16 also a hand-off to the network
+    /// thread, then timed apart as `handoff`).
     EncodeWrite,
     /// Primary: a frame written until the ack that covers it was read (the
     /// link both ways, and all of the secondary's part).
@@ -38,13 +37,11 @@ pub enum Stage {
     ReceiveToAck,
 }
 
-const STAGES: [Stage; 6] =
-    [Stage::Handoff, Stage::EncodeWrite, Stage::AckRoundTrip, Stage::Release, Stage::Held, Stage::ReceiveToAck];
+const STAGES: [Stage; 5] = [Stage::EncodeWrite, Stage::AckRoundTrip, Stage::Release, Stage::Held, Stage::ReceiveToAck];
 
 impl Stage {
     fn name(self) -> &'static str {
         match self {
-            Stage::Handoff => "handoff",
             Stage::EncodeWrite => "encode_write",
             Stage::AckRoundTrip => "ack_round_trip",
             Stage::Release => "release",
@@ -75,7 +72,7 @@ impl Acc {
     }
 }
 
-static ACCS: [Acc; 6] = [const { Acc::new() }; 6];
+static ACCS: [Acc; 5] = [const { Acc::new() }; 5];
 static ON: OnceLock<bool> = OnceLock::new();
 static FLAG: AtomicBool = AtomicBool::new(false);
 
