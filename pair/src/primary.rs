@@ -400,6 +400,20 @@ fn spawn_ack_task(
 ) {
     let mut acked = chan.acked();
     let (log, board, releaser) = (log.clone(), board.clone(), releaser.clone());
+    {
+        // Release what an ack allows on the task that read it: no wake-up
+        // of another task before the outputs go out (issue 16). The task
+        // below does the same, as the fallback.
+        let (log, board, releaser) = (log.clone(), board.clone(), releaser.clone());
+        chan.on_ack(move |upto| {
+            log.set_acked(upto);
+            if let Err(e) = releaser.release_ready() {
+                tracing::warn!(error = %e, "releasing held outputs failed");
+            }
+            replication::cost::released();
+            board.acked_position.fetch_max(upto.0, Ordering::SeqCst);
+        });
+    }
     rt.spawn(async move {
         loop {
             let upto = *acked.borrow_and_update();
@@ -409,8 +423,7 @@ fn spawn_ack_task(
             if let Err(e) = releaser.release_ready() {
                 tracing::warn!(error = %e, "releasing held outputs failed");
             }
-            replication::cost::released();
-            board.acked_position.store(upto.0, Ordering::SeqCst);
+            board.acked_position.fetch_max(upto.0, Ordering::SeqCst);
             if acked.changed().await.is_err() {
                 return;
             }

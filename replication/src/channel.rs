@@ -88,7 +88,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -692,6 +692,17 @@ pub struct PrimaryChannel {
     max_unacked_bytes: u64,
     reader: JoinHandle<()>,
     sent: Arc<Sent>,
+    on_ack: Arc<OnAck>,
+}
+
+/// What [`PrimaryChannel::on_ack`] runs, once set.
+#[derive(Default)]
+struct OnAck(OnceLock<Box<dyn Fn(LogPosition) + Send + Sync>>);
+
+impl fmt::Debug for OnAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() { "OnAck(set)" } else { "OnAck(none)" })
+    }
 }
 
 /// What the writer sent of the log: the `Records` payloads' bytes, and the
@@ -816,9 +827,19 @@ impl PrimaryChannel {
         // The writer runs until the channel is dropped or shut down, or the
         // session fails; nothing needs to join it.
         tokio::spawn(primary_writer(outbox.clone(), failure.clone(), config.flush_delay));
-        let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx };
+        let on_ack = Arc::new(OnAck::default());
+        let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx, on_ack: on_ack.clone() };
         let reader = tokio::spawn(watch_failure(failure.clone(), "primary", read_frames(read, decoder, handler)));
-        PrimaryChannel { outbox, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader, sent }
+        PrimaryChannel {
+            outbox,
+            state,
+            acked,
+            failure,
+            max_unacked_bytes: config.max_unacked_bytes,
+            reader,
+            sent,
+            on_ack,
+        }
     }
 
     /// Hand over `records`, at positions `first`, `first + 1`, …, for
@@ -902,11 +923,12 @@ impl PrimaryChannel {
         }
         let asked = crate::cost::stamp();
         let mut inner = self.outbox.lock();
+        let anything = !inner.batcher.pending.is_empty() || !inner.batcher.out.is_empty();
         let written = inner.batcher.cut().and_then(|()| self.outbox.try_write_out(&mut inner));
         drop(inner);
         match written {
             Ok(true) => {
-                if let Some(asked) = asked {
+                if let Some(asked) = asked.filter(|_| anything) {
                     crate::cost::since(crate::cost::Stage::EncodeWrite, asked);
                 }
             }
@@ -937,6 +959,14 @@ impl PrimaryChannel {
             .and_then(|()| self.outbox.try_write_out(&mut inner).map(|_| ()));
         drop(inner);
         written.inspect_err(|e| self.fail(e.clone()))
+    }
+
+    /// Run `callback` with each new ack, on the task that read it, before
+    /// [`acked`](Self::acked) changes: what the ack allows (releasing held
+    /// outputs) happens without waking another task or thread. It must not
+    /// block. Only the first callback set is kept (`false` for a later one).
+    pub fn on_ack(&self, callback: impl Fn(LogPosition) + Send + Sync + 'static) -> bool {
+        self.on_ack.0.set(Box::new(callback)).is_ok()
     }
 
     /// The secondary's cumulative acknowledgements: the highest position it
@@ -1015,6 +1045,7 @@ async fn watch_failure(
 struct AckHandler {
     state: Arc<Mutex<PrimaryState>>,
     acked: watch::Sender<LogPosition>,
+    on_ack: Arc<OnAck>,
 }
 
 impl AsyncFrameHandler for AckHandler {
@@ -1042,6 +1073,9 @@ impl AsyncFrameHandler for AckHandler {
             state.unacked_bytes = state.unacked_bytes.saturating_sub(bytes);
         }
         drop(state);
+        if let Some(callback) = self.on_ack.0.get() {
+            callback(upto);
+        }
         self.acked.send_replace(upto);
         Ok(Flow::Continue)
     }
@@ -1803,6 +1837,67 @@ mod tests {
         // The end stays the end.
         assert!(matches!(secondary.recv().await, Ok(None)));
         assert!(secondary.error().is_none());
+    }
+
+    /// A secondary that stops reading fills the socket: flushes from a
+    /// plain thread then write what fits and return at once, and the writer
+    /// task finishes the rest, in order, once the secondary reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_socket_leaves_the_rest_to_the_writer_in_order() {
+        const N: u64 = 20_000;
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (Arc::new(primary.unwrap()), secondary.unwrap());
+        let sender = primary.clone();
+        let big = |position: u64| Record::Frame {
+            exit: ExitIndex(position),
+            frame: Bytes::from(vec![u8::try_from(position % 251).unwrap(); 1500]),
+        };
+        // 30 MB, far more than the socket buffers and the secondary's queue.
+        let feeder = std::thread::spawn(move || {
+            for position in 1..=N {
+                let started = std::time::Instant::now();
+                sender.send_records(LogPosition(position), &[big(position)]).unwrap();
+                sender.flush();
+                assert!(started.elapsed() < BOUND, "a flush blocked on a full socket");
+            }
+        });
+        timeout(BOUND, tokio::task::spawn_blocking(move || feeder.join().unwrap())).await.unwrap().unwrap();
+        let mut next = 1;
+        while next <= N {
+            let batch = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+            assert_eq!(batch.first, LogPosition(next), "in order, without gaps");
+            for (position, got) in (next..).zip(&batch.records) {
+                assert_eq!(got, &big(position));
+            }
+            next = batch.last().0 + 1;
+            secondary.ack(batch.last()).unwrap();
+        }
+        assert!(primary.error().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_ack_callback_sees_each_ack_before_the_watch_does() {
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut acked = primary.acked();
+        let (log, watch) = (seen.clone(), acked.clone());
+        assert!(primary.on_ack(move |upto| {
+            // The watch has not moved yet: whoever waits on it finds what
+            // the callback did done.
+            assert!(*watch.borrow() < upto);
+            log.lock().unwrap().push(upto.0);
+        }));
+        assert!(!primary.on_ack(|_| {}), "only the first callback is kept");
+        for (first, count) in [(1, 3), (4, 5), (9, 2)] {
+            primary.send_records(LogPosition(first), &batch(first, count)).unwrap();
+            primary.flush();
+            let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+            secondary.ack(got.last()).unwrap();
+            let last = got.last();
+            timeout(BOUND, acked.wait_for(|a| *a >= last)).await.unwrap().unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), [3, 8, 10]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
