@@ -740,6 +740,8 @@ struct OutboxInner {
     dropped: bool,
     /// A write found the socket full: the writer waits for room.
     blocked: bool,
+    /// The writer task has ended: nobody would answer a shutdown.
+    writer_done: bool,
 }
 
 impl Outbox {
@@ -821,6 +823,7 @@ impl PrimaryChannel {
                 closing: None,
                 dropped: false,
                 blocked: false,
+                writer_done: false,
             }),
             wake: Notify::new(),
         });
@@ -1010,7 +1013,13 @@ impl PrimaryChannel {
     pub async fn shutdown(self) -> Result<(), ChannelError> {
         self.failure.check()?;
         let (done, finished) = oneshot::channel();
-        self.outbox.lock().closing = Some(done);
+        {
+            let mut inner = self.outbox.lock();
+            if inner.writer_done {
+                return Err(self.failure.get().unwrap_or(ChannelError::Closed));
+            }
+            inner.closing = Some(done);
+        }
         self.outbox.wake.notify_one();
         let result = finished.await.unwrap_or_else(|_| Err(self.failure.get().unwrap_or(ChannelError::Closed)));
         self.reader.abort();
@@ -1159,18 +1168,24 @@ impl Batcher {
     }
 }
 
-/// Closes the connection when the writer task ends, however it ends.
-struct CloseOnDrop(Arc<Outbox>);
+/// When the writer task ends, however it ends (the runtime may drop it):
+/// closes the connection, and tells a shutdown waiting for it how it ended.
+struct CloseOnDrop(Arc<Outbox>, Failure);
 
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
-        self.0.lock().write = None;
+        let mut inner = self.0.lock();
+        inner.write = None;
+        inner.writer_done = true;
+        if let Some(done) = inner.closing.take() {
+            let _ = done.send(Err(self.1.get().unwrap_or(ChannelError::Closed)));
+        }
     }
 }
 
 async fn primary_writer(outbox: Arc<Outbox>, failure: Failure, flush_delay: Duration) {
     let _report = crate::cost::ReportOnDrop("primary");
-    let _close = CloseOnDrop(outbox.clone());
+    let _close = CloseOnDrop(outbox.clone(), failure.clone());
     let stopped = failure.clone();
     tokio::select! {
         result = write_loop(&outbox, flush_delay) => {
@@ -1179,11 +1194,6 @@ async fn primary_writer(outbox: Arc<Outbox>, failure: Failure, flush_delay: Dura
             }
         }
         _ = stopped.wait() => {}
-    }
-    // However it ended, a shutdown waiting for it hears how.
-    let closing = outbox.lock().closing.take();
-    if let Some(done) = closing {
-        let _ = done.send(Err(failure.get().unwrap_or(ChannelError::Closed)));
     }
 }
 
