@@ -91,7 +91,8 @@ pub struct PairArgs {
     /// The peer is dead after this many heartbeat intervals of silence, 2 to
     /// 1000, fixed. Without it the silence limit adapts to the link: from
     /// the heartbeats' measured loss and jitter (about 14 ms on a quiet
-    /// link, 40 ms at 10 % loss and 5 ms ± 5 ms), 5 intervals until measured
+    /// link, 60-85 ms at 10 % loss and 5 ms ± 5 ms), 5 intervals until
+    /// measured
     #[arg(long, value_name = "N")]
     pub dead_after: Option<u32>,
     /// With --arbiter: the secondary is treated as lost when its replay falls

@@ -34,10 +34,11 @@
 //! `k` is the smallest run of consecutive losses with probability under
 //! [`FALSE_ALARM`] (`p^k`): on a quiet link (`p` ≈ 1/2000, `J` ≈ 1 ms, a
 //! 2.5-ms period) that is 13–15 ms; at 10 % loss and 5 ms ± 5 ms delay,
-//! about 40 ms. The limit rises at once when a gap deviates more than any
-//! before, and is recomputed every 32 heartbeats, within
-//! [`ADAPTIVE_FLOOR`] … `ceiling`; until [`MIN_SAMPLES`] heartbeats are in,
-//! it is the fixed one (`dead_after × interval`).
+//! 60–85 ms (the jitter reorders the heartbeats, and one overtaken by a
+//! later one counts as lost too). The limit rises at once when a gap
+//! deviates more than any before, and is recomputed every 32 heartbeats,
+//! within [`ADAPTIVE_FLOOR`] … `ceiling`; until [`MIN_SAMPLES`] heartbeats
+//! are in, it is the fixed one (`dead_after × interval`).
 //!
 //! # This side's own stalls
 //!
