@@ -1595,6 +1595,15 @@ impl SecondaryChannel {
     pub fn error(&self) -> Option<ChannelError> {
         self.failure.get()
     }
+
+    /// Resolves with the session's failure as soon as it happens, before
+    /// [`recv`](Self::recv) has returned the batches received before it (a
+    /// dead primary is known at once, however far behind the caller is).
+    /// Never resolves for a session that ends cleanly.
+    pub fn on_failure(&self) -> impl std::future::Future<Output = ChannelError> + Send + 'static {
+        let failure = self.failure.clone();
+        async move { failure.wait().await }
+    }
 }
 
 impl Drop for SecondaryChannel {
