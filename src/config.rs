@@ -366,6 +366,9 @@ pub struct PairConfig {
     pub arbiter: Option<String>,
     pub heartbeat_ms: u64,
     pub dead_after: u32,
+    /// No `--dead-after` (flag or file): the silence limit adapts to the
+    /// link (issue 16); with one it is `dead_after` intervals, fixed.
+    pub adaptive: bool,
     pub max_lag_ms: u64,
     pub state_dump: Option<PathBuf>,
     /// `--peer` (primary) or `--listen` (secondary): a checked HOST:PORT.
@@ -429,6 +432,7 @@ pub fn resolve_pair(
         )?
         .try_into()
         .unwrap_or(DEFAULT_DEAD_AFTER),
+        adaptive: pair.dead_after.or(file.dead_after).is_none(),
         max_lag_ms: in_range("--max-lag-ms", pair.max_lag_ms.or(file.max_lag_ms), DEFAULT_MAX_LAG_MS, 10, 600_000)?,
         state_dump: pair.state_dump.clone(),
         address,
@@ -1237,6 +1241,7 @@ serial-max-mib = 8
         assert_eq!(p.address, "127.0.0.1:7000");
         assert_eq!(p.arbiter.as_deref(), Some("file:/srv/arb"));
         assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every, p.max_lag_ms), (5, 4, 500, 250));
+        assert!(!p.adaptive, "dead-after in the file fixes the limit");
         assert_eq!(p.control, Some(PathBuf::from("/run/kv.sock")));
         let (_, p) = primary(&["--config", path, "--peer", "127.0.0.2:7001", "--heartbeat-ms", "20"]).unwrap();
         assert_eq!((p.address.as_str(), p.heartbeat_ms), ("127.0.0.2:7001", 20));
@@ -1246,6 +1251,10 @@ serial-max-mib = 8
     fn pair_defaults_and_missing_required_settings() {
         let (_, p) = primary(&["--key-file", "k", "--peer", "127.0.0.1:7000"]).unwrap();
         assert_eq!((p.heartbeat_ms, p.dead_after, p.digest_every, p.max_lag_ms), (10, 5, 1000, 3000));
+        // No --dead-after: the silence limit adapts; with one it is fixed.
+        assert!(p.adaptive);
+        let (_, p) = primary(&["--key-file", "k", "--peer", "127.0.0.1:7000", "--dead-after", "5"]).unwrap();
+        assert!(!p.adaptive);
         assert_eq!(p.arbiter, None);
         let e = primary(&["--peer", "127.0.0.1:7000"]).unwrap_err();
         assert!(e.to_string().contains("--key-file") && e.to_string().contains("ftvm primary --help"), "{e}");

@@ -29,6 +29,7 @@ impl PairConfig {
         self.arbiter.as_ref().map(|a| {
             let mut f = FailoverConfig::new(a.clone(), Duration::from_millis(self.heartbeat_ms), self.dead_after);
             f.max_lag = Duration::from_millis(self.max_lag_ms);
+            f.adaptive = self.adaptive;
             f
         })
     }

@@ -58,16 +58,17 @@ fn kvm_unauthenticated_bytes_never_stop_a_waiting_secondary() {
     let listen = format!("127.0.0.1:{port}");
     let mut sec = secondary(&key, &listen, &d("s.sock"));
 
-    // The four bytes, then variants: held open, a whole header of
+    // The four bytes (another version: 3 since this side speaks 2),
+    // then variants: held open, a whole header of
     // another version, garbage, a truncated frame, nothing at all.
-    let mut v2_header = b"fL\x02\x00\x04\x00".to_vec();
-    v2_header.extend_from_slice(&0u64.to_le_bytes());
-    v2_header.extend_from_slice(&106u32.to_le_bytes());
-    v2_header.resize(18 + 106 + 20, 0xab);
+    let mut v3_header = b"fL\x03\x00\x04\x00".to_vec();
+    v3_header.extend_from_slice(&0u64.to_le_bytes());
+    v3_header.extend_from_slice(&106u32.to_le_bytes());
+    v3_header.resize(18 + 106 + 20, 0xab);
     let variants: [(&str, &[u8], bool); 6] = [
-        ("the issue's bytes", b"fL\x02\x00", true),
-        ("the issue's bytes, held open", b"fL\x02\x00", false),
-        ("a frame of version 2", &v2_header, false),
+        ("the issue's bytes", b"fL\x03\x00", true),
+        ("the issue's bytes, held open", b"fL\x03\x00", false),
+        ("a frame of version 3", &v3_header, false),
         ("garbage", b"GET / HTTP/1.0\r\n\r\n", false),
         ("a truncated frame", b"fL\x01\x00\x04\x00\x00\x00", true),
         ("a close", b"", true),

@@ -8,6 +8,7 @@ mod exits;
 mod failover;
 mod held;
 mod lockstep;
+mod lossy;
 mod net;
 mod repair;
 
@@ -44,7 +45,12 @@ pub enum BenchCommand {
     /// What protection costs: kvstore unprotected / protected over loopback
     /// / protected across a veth link, log bandwidth, replay lag, and a
     /// CPU-bound guest (needs root, KVM, redis-tools).
-    Lockstep(KvstoreBenchArgs),
+    Lockstep(LockstepArgs),
+    /// The link trouble that must not cause a failover: 10 % loss and 5 ms
+    /// ± 5 ms delay on the dedicated link while a client INCRs a protected
+    /// kvstore; heartbeats, the adaptive silence limit, false failovers
+    /// (needs root, KVM, sch_netem).
+    Lossy(LossyArgs),
     /// What a stalled (SIGSTOPped) secondary costs the primary's memory:
     /// streamer at a high rate, the primary's RSS each second (needs root
     /// and KVM).
@@ -98,6 +104,31 @@ pub struct KvstoreBenchArgs {
     pub json: bool,
 }
 
+/// `ftvm-bench lossy`.
+#[derive(Debug, Args)]
+pub struct LossyArgs {
+    /// How long, in minutes (issue 16: 10).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1440), conflicts_with = "seconds")]
+    pub minutes: u64,
+    /// How long, in seconds, for a shorter run.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub seconds: Option<u64>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm-bench lockstep`.
+#[derive(Debug, Args)]
+pub struct LockstepArgs {
+    #[command(flatten)]
+    pub kv: KvstoreBenchArgs,
+    /// Add a run of its own, protected across the link, with every stage of
+    /// the output path timed (FTVM_COST_TRACE): where the time goes.
+    #[arg(long)]
+    pub breakdown: bool,
+}
+
 /// `ftvm-bench failover`.
 #[derive(Debug, Args)]
 pub struct FailoverBenchArgs {
@@ -148,7 +179,8 @@ fn main() -> ExitCode {
         BenchCommand::Exits(a) => exits::exits(a.seconds, 3, a.json),
         BenchCommand::Kvstore(a) => net::kvstore(a.requests, a.clients, a.json),
         BenchCommand::Streamer(a) => net::streamer(a.seconds, a.json),
-        BenchCommand::Lockstep(a) => lockstep::lockstep(a.requests, a.clients, a.json),
+        BenchCommand::Lockstep(a) => lockstep::lockstep(a.kv.requests, a.kv.clients, a.kv.json, a.breakdown),
+        BenchCommand::Lossy(a) => lossy::lossy(a.seconds.unwrap_or(a.minutes.saturating_mul(60)), a.json),
         BenchCommand::Held(a) => held::held(a.seconds, a.rate, a.baseline),
         BenchCommand::Repair(a) => {
             let sizes = if a.sizes.is_empty() { vec![64, 256, 1024] } else { a.sizes };

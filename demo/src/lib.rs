@@ -190,7 +190,7 @@ pub fn write_key(path: &Path) -> Result<()> {
 }
 
 /// Start a protected pair of `guest` with an arbiter in `dir`.
-fn start_pair(lab: &Lab, dir: &Path, guest: &[String]) -> Result<(Proc, Proc)> {
+pub fn start_pair(lab: &Lab, dir: &Path, guest: &[String]) -> Result<(Proc, Proc)> {
     let exe = ftvm_exe()?;
     let key = dir.join("key");
     write_key(&key)?;

@@ -18,8 +18,37 @@
 //! caller's and is not undone by this.
 //!
 //! The reaction time the caller measures is [`Detector::last_heard`] → the
-//! moment it saw Dead; it is at least `dead_after × interval` and, with the
+//! moment it saw Dead; it is at least the silence limit and, with the
 //! service's timer, at most that plus scheduling delay.
+//!
+//! # An adaptive silence limit
+//!
+//! [`Detector::adaptive`] sets the limit from the heartbeats it measures
+//! instead (the default when `--dead-after` is not given). It keeps the last
+//! [`WINDOW`] heartbeats' inter-arrival gaps and how many heartbeats each
+//! gap missed (from the sequence numbers), and from them estimates the
+//! send period (gaps over the sends they span), the loss rate `p` (missed
+//! over sent, counting one more loss than seen, so it is never 0), and the
+//! jitter `J` (the largest deviation of a gap from its whole number of
+//! periods). The limit is then `(k + 1) × period + J + period / 2`, where
+//! `k` is the smallest run of consecutive losses with probability under
+//! [`FALSE_ALARM`] (`p^k`): on a quiet link (`p` ≈ 1/2000, `J` ≈ 1 ms, a
+//! 2.5-ms period) that is 13–15 ms; at 10 % loss and 5 ms ± 5 ms delay,
+//! 60–85 ms (the jitter reorders the heartbeats, and one overtaken by a
+//! later one counts as lost too). The limit rises at once when a gap
+//! deviates more than any before, and is recomputed every 32 heartbeats,
+//! within [`ADAPTIVE_FLOOR`] … `ceiling`; until [`MIN_SAMPLES`] heartbeats
+//! are in, it is the fixed one (`dead_after × interval`).
+//!
+//! # This side's own stalls
+//!
+//! A silence that this side could not have heard (its own thread did not
+//! run: a host that stalls its VMs, a starved process) is not the peer's:
+//! the service calls [`Detector::excuse`] when its timer fires late by more
+//! than [`STALL`], and the silence then counts from that moment, and the gap
+//! across it is no sample of the link. On a host whose VMs stall for 50–190
+//! ms at times, both sides of a pair stall together and neither blames the
+//! other.
 //!
 //! # What counts as a heartbeat
 //!
@@ -71,6 +100,19 @@ pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
 pub const DEFAULT_DEAD_AFTER: u32 = 5;
 /// How many earlier incarnations of the peer the receiver refuses.
 pub const RETIRED_INCARNATIONS: usize = 16;
+/// Heartbeat gaps the adaptive limit is computed from.
+pub const WINDOW: usize = 2048;
+/// Heartbeats measured before the adaptive limit replaces the fixed one.
+pub const MIN_SAMPLES: usize = 64;
+/// The adaptive limit's floor.
+pub const ADAPTIVE_FLOOR: Duration = Duration::from_millis(5);
+/// The probability, per heartbeat, of a false alarm from losses that the
+/// adaptive limit allows for.
+pub const FALSE_ALARM: f64 = 1e-9;
+/// A timer that fires this late means this side itself did not run.
+pub const STALL: Duration = Duration::from_millis(5);
+/// How often (in heartbeats) the adaptive limit is recomputed in full.
+const RECOMPUTE_EVERY: u32 = 32;
 
 /// A heartbeat interval and silence limit that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,6 +171,22 @@ pub struct Detector {
     dead_after: u32,
     timeout: Duration,
     last_heard: Option<Instant>,
+    /// This side did not run until then: silence counts from there.
+    excused: Option<Instant>,
+    adaptive: Option<Adaptive>,
+}
+
+/// What the adaptive limit is computed from.
+#[derive(Debug, Clone)]
+struct Adaptive {
+    /// (gap, heartbeats it missed), newest last.
+    samples: VecDeque<(Duration, u64)>,
+    last_beat: Option<Instant>,
+    since_recompute: u32,
+    /// The period and jitter of the last recomputation.
+    period: Duration,
+    jitter: Duration,
+    ceiling: Duration,
 }
 
 impl Detector {
@@ -140,7 +198,74 @@ impl Detector {
         let interval = interval.max(Duration::from_millis(1));
         let dead_after = dead_after.max(1);
         let timeout = interval.checked_mul(dead_after).unwrap_or(Duration::MAX);
-        Detector { interval, dead_after, timeout, last_heard: None }
+        Detector { interval, dead_after, timeout, last_heard: None, excused: None, adaptive: None }
+    }
+
+    /// A detector whose silence limit adapts to the heartbeats it measures
+    /// (see the module doc): `dead_after × interval` until it has measured
+    /// enough, then between [`ADAPTIVE_FLOOR`] and `ceiling`.
+    pub fn adaptive(interval: Duration, dead_after: u32, ceiling: Duration) -> Detector {
+        let mut detector = Detector::new(interval, dead_after);
+        let ceiling = ceiling.max(ADAPTIVE_FLOOR);
+        detector.timeout = detector.timeout.min(ceiling);
+        detector.adaptive = Some(Adaptive {
+            samples: VecDeque::with_capacity(WINDOW),
+            last_beat: None,
+            since_recompute: 0,
+            period: Duration::ZERO,
+            jitter: Duration::ZERO,
+            ceiling,
+        });
+        detector
+    }
+
+    /// Whether the limit adapts.
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
+    /// A heartbeat arrived at `now`, `missed` heartbeats after the previous
+    /// one it accepted (the sequence numbers' gap less one; 0 if unknown):
+    /// a sign of life and, when adaptive, a sample of the link.
+    pub fn heartbeat(&mut self, now: Instant, missed: u64) {
+        self.heard(now);
+        let Some(a) = &mut self.adaptive else { return };
+        let previous = a.last_beat.replace(now);
+        let Some(gap) = previous.and_then(|p| now.checked_duration_since(p)) else { return };
+        // A gap across this side's own stall is no sample of the link.
+        if self.excused.is_some_and(|e| previous.is_some_and(|p| e > p)) {
+            return;
+        }
+        if a.samples.len() >= WINDOW {
+            a.samples.pop_front();
+        }
+        let missed = missed.min(1000);
+        a.samples.push_back((gap, missed));
+        a.since_recompute = a.since_recompute.saturating_add(1);
+        let deviation = deviation(gap, missed, a.period);
+        if a.samples.len() >= MIN_SAMPLES && (a.since_recompute >= RECOMPUTE_EVERY || deviation > a.jitter) {
+            self.timeout = a.recompute();
+        }
+    }
+
+    /// This side did not run until `now` (its timer fired late): the
+    /// silence before does not count against the peer.
+    pub fn excuse(&mut self, now: Instant) {
+        if self.excused.is_none_or(|e| now > e) {
+            self.excused = Some(now);
+        }
+    }
+
+    /// When the adaptive limit was last computed: the estimated send
+    /// period and jitter (zero while not adaptive or not measured yet).
+    pub fn estimates(&self) -> (Duration, Duration) {
+        self.adaptive.as_ref().map_or((Duration::ZERO, Duration::ZERO), |a| (a.period, a.jitter))
+    }
+
+    /// Where silence counts from: the last sign of life, or the end of this
+    /// side's own stall if later.
+    fn silence_from(&self) -> Option<Instant> {
+        self.last_heard.map(|last| self.excused.map_or(last, |e| e.max(last)))
     }
 
     /// The heartbeat interval.
@@ -177,7 +302,7 @@ impl Detector {
     /// while the peer is Unknown (it never turns Dead from Unknown) or if
     /// that instant is not representable.
     pub fn deadline(&self) -> Option<Instant> {
-        self.last_heard.and_then(|last| last.checked_add(self.timeout)?.checked_add(Duration::from_nanos(1)))
+        self.silence_from().and_then(|last| last.checked_add(self.timeout)?.checked_add(Duration::from_nanos(1)))
     }
 
     /// The peer's state at `now`: Dead once the silence is longer than the
@@ -186,17 +311,40 @@ impl Detector {
     /// and one that came 5 ms late (a 10 ms interval with ±5 ms jitter) is
     /// tolerated, not declared dead on the boundary.
     pub fn state(&self, now: Instant) -> PeerState {
-        match self.last_heard {
-            None => PeerState::Unknown,
-            Some(last) => {
+        match (self.last_heard, self.silence_from()) {
+            (Some(last), Some(from)) => {
                 let since_last = now.saturating_duration_since(last);
-                if since_last > self.timeout {
+                if now.saturating_duration_since(from) > self.timeout {
                     PeerState::Dead { since_last }
                 } else {
                     PeerState::Up
                 }
             }
+            _ => PeerState::Unknown,
         }
+    }
+}
+
+/// How far `gap` is from `missed + 1` whole periods.
+fn deviation(gap: Duration, missed: u64, period: Duration) -> Duration {
+    let expected = period.saturating_mul(u32::try_from(missed.saturating_add(1)).unwrap_or(u32::MAX));
+    gap.abs_diff(expected)
+}
+
+impl Adaptive {
+    /// The limit from the samples (at least [`MIN_SAMPLES`] of them).
+    fn recompute(&mut self) -> Duration {
+        self.since_recompute = 0;
+        let sent: u64 = self.samples.iter().map(|&(_, m)| m.saturating_add(1)).sum();
+        let lost: u64 = self.samples.iter().map(|&(_, m)| m).sum();
+        let total: Duration = self.samples.iter().map(|&(g, _)| g).sum();
+        self.period = total.checked_div(u32::try_from(sent.max(1)).unwrap_or(u32::MAX)).unwrap_or(total);
+        self.jitter = self.samples.iter().map(|&(g, m)| deviation(g, m, self.period)).max().unwrap_or_default();
+        // One more loss than seen: never 0, and cautious on few samples.
+        let p = (lost as f64 + 1.0) / (sent as f64 + 1.0);
+        let k = (FALSE_ALARM.ln() / p.ln()).ceil().clamp(1.0, 64.0);
+        let periods = Duration::try_from_secs_f64(self.period.as_secs_f64() * (k + 1.5)).unwrap_or(self.ceiling);
+        periods.saturating_add(self.jitter).clamp(ADAPTIVE_FLOOR, self.ceiling)
     }
 }
 
@@ -393,6 +541,117 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
+    /// Heartbeats every `period`, each lost with probability `loss`, each
+    /// delayed by `delay` ± `jitter` (uniform; so reordered too), as the
+    /// receiver sees them: only a higher sequence number than any before is
+    /// a heartbeat. Returns the arrivals (time since the start, missed).
+    fn link(period: Duration, count: u64, loss: f64, delay: f64, jitter: f64, seed: u64) -> Vec<(Duration, u64)> {
+        let mut rng = Rng(seed);
+        let mut sent: Vec<(f64, u64)> = (0..count)
+            .filter_map(|seq| {
+                let lost = rng.unit() < loss;
+                let at = seq as f64 * period.as_secs_f64() + delay + jitter * (2.0 * rng.unit() - 1.0);
+                (!lost).then_some((at, seq))
+            })
+            .collect();
+        sent.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut newest = None;
+        let mut out = Vec::new();
+        for (at, seq) in sent {
+            if newest.is_some_and(|n| seq <= n) {
+                continue;
+            }
+            let missed = newest.map_or(0, |n| seq - n - 1);
+            newest = Some(seq);
+            out.push((Duration::from_secs_f64(at), missed));
+        }
+        out
+    }
+
+    /// Feed `arrivals` to an adaptive detector (10-ms interval, 2.5-ms
+    /// period); the longest silence relative to the limit in force, just
+    /// before each arrival (> 1: a false alarm), and the detector.
+    fn run_adaptive(arrivals: &[(Duration, u64)]) -> (f64, Detector) {
+        let start = Instant::now();
+        let mut d = Detector::adaptive(10 * MS, 5, 200 * MS);
+        let mut worst = 0.0f64;
+        for &(at, missed) in arrivals {
+            let now = start + at;
+            if let (Some(last), true) = (d.last_heard(), d.timeout() > Duration::ZERO) {
+                let silence = now.saturating_duration_since(last);
+                worst = worst.max(silence.as_secs_f64() / d.timeout().as_secs_f64());
+                assert!(
+                    silence <= d.timeout() || matches!(d.state(now), PeerState::Dead { .. }),
+                    "state and limit disagree"
+                );
+            }
+            d.heartbeat(now, missed);
+        }
+        (worst, d)
+    }
+
+    #[test]
+    fn on_a_quiet_link_the_adaptive_limit_is_under_20_ms() {
+        let arrivals = link(Duration::from_micros(2500), 4000, 0.0, 0.000_05, 0.000_3, 7);
+        let (worst, d) = run_adaptive(&arrivals);
+        assert!(worst < 1.0, "a false alarm on a quiet link ({worst:.2} of the limit)");
+        assert!(d.timeout() <= 15 * MS, "limit {:?}", d.timeout());
+        assert!(d.timeout() >= ADAPTIVE_FLOOR);
+        let (period, jitter) = d.estimates();
+        assert!(period.abs_diff(Duration::from_micros(2500)) < Duration::from_micros(100), "period {period:?}");
+        assert!(jitter < MS, "jitter {jitter:?}");
+        // A dead peer: declared within 20 ms of its last heartbeat.
+        let last = d.last_heard().unwrap();
+        assert_eq!(d.state(last + d.timeout()), PeerState::Up);
+        assert!(matches!(d.state(last + 20 * MS), PeerState::Dead { .. }));
+        assert!(d.deadline().unwrap() <= last + 20 * MS);
+    }
+
+    #[test]
+    fn ten_minutes_of_a_lossy_jittery_link_raise_no_false_alarm() {
+        // 10 % loss, 5 ms ± 5 ms: the lossy-link experiment, simulated for
+        // ten minutes of 2.5-ms heartbeats (240 000), three times.
+        for seed in [1, 2, 3] {
+            let arrivals = link(Duration::from_micros(2500), 240_000, 0.10, 0.005, 0.005, seed);
+            let (worst, d) = run_adaptive(&arrivals);
+            assert!(worst < 1.0, "seed {seed}: a silence of {worst:.2} of the limit");
+            // The limit widened for the link, and stayed under its ceiling.
+            assert!(d.timeout() > 20 * MS && d.timeout() < 100 * MS, "seed {seed}: limit {:?}", d.timeout());
+        }
+    }
+
+    #[test]
+    fn a_fixed_detector_ignores_what_it_measures() {
+        let start = Instant::now();
+        let mut d = Detector::new(10 * MS, 30);
+        for i in 0..500u32 {
+            d.heartbeat(start + i * MS, 0);
+        }
+        assert!(!d.is_adaptive());
+        assert_eq!(d.timeout(), 300 * MS);
+    }
+
+    #[test]
+    fn this_sides_own_stall_is_not_the_peers_silence() {
+        let start = Instant::now();
+        let mut d = Detector::adaptive(10 * MS, 5, 200 * MS);
+        for i in 0..200u32 {
+            d.heartbeat(start + i * Duration::from_micros(2500), 0);
+        }
+        let limit = d.timeout();
+        let last = d.last_heard().unwrap();
+        // This side did not run for 150 ms; it wakes and excuses the silence.
+        let woke = last + 150 * MS;
+        d.excuse(woke);
+        assert_eq!(d.state(woke), PeerState::Up);
+        assert_eq!(d.deadline(), Some(woke + limit + Duration::from_nanos(1)));
+        // A peer that is really gone is still declared, one limit later.
+        assert!(matches!(d.state(woke + limit + MS), PeerState::Dead { .. }));
+        // The gap across the stall is no sample: the limit did not widen.
+        d.heartbeat(woke + MS, 0);
+        assert_eq!(d.timeout(), limit);
+    }
+
     fn key() -> HeartbeatKey {
         HeartbeatKey::derive(b"0123456789abcdef0123456789abcdef").unwrap()
     }
@@ -443,6 +702,11 @@ mod tests {
         /// Uniform in `0..n`.
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n
+        }
+
+        /// Uniform in [0, 1).
+        fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
         }
     }
 

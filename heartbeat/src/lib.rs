@@ -26,7 +26,8 @@ pub mod service;
 
 pub use arbiter::{Arbiter, ArbiterError, Claim, Generation, Owner};
 pub use detector::{
-    check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict, DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL,
+    check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict, DEFAULT_DEAD_AFTER,
+    DEFAULT_INTERVAL, STALL,
 };
 pub use message::{Challenge, Heartbeat, HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role};
 pub use sender::Sender;

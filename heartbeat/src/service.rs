@@ -73,7 +73,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::detector::{check_timing, Counters, Detector, DetectorError, PeerState, Receiver, Verdict};
-use crate::detector::{DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL};
+use crate::detector::{DEFAULT_DEAD_AFTER, DEFAULT_INTERVAL, STALL};
 use crate::message::{Challenge, HeartbeatKey, Incarnation, MessageError, PairId, Progress, Role, DATAGRAM_LEN};
 use crate::sender::Sender;
 
@@ -112,14 +112,28 @@ pub struct ServiceConfig {
     pub peer: Option<SocketAddr>,
     /// Heartbeat interval (`--heartbeat-ms`).
     pub interval: Duration,
-    /// Intervals of silence after which the peer is dead (`--dead-after`).
+    /// Intervals of silence after which the peer is dead (`--dead-after`);
+    /// with `adaptive`, the limit until the link is measured.
     pub dead_after: u32,
+    /// Set the silence limit from the heartbeats measured (see
+    /// [`crate::detector`]), and send [`SENDS_PER_INTERVAL_ADAPTIVE`]
+    /// heartbeats per interval: what `ftvm` does when `--dead-after` is not
+    /// given.
+    pub adaptive: bool,
 }
 
 impl ServiceConfig {
     /// A configuration with the default interval and silence limit.
     pub fn new(role: Role, pair: PairId, local: SocketAddr, peer: Option<SocketAddr>) -> ServiceConfig {
-        ServiceConfig { role, pair, local, peer, interval: DEFAULT_INTERVAL, dead_after: DEFAULT_DEAD_AFTER }
+        ServiceConfig {
+            role,
+            pair,
+            local,
+            peer,
+            interval: DEFAULT_INTERVAL,
+            dead_after: DEFAULT_DEAD_AFTER,
+            adaptive: false,
+        }
     }
 }
 
@@ -143,6 +157,11 @@ pub struct ServiceStats {
     pub peer_incarnation: Option<Incarnation>,
     /// Where heartbeats go: configured, or learnt from the peer.
     pub peer_addr: Option<SocketAddr>,
+    /// The silence limit in force (adaptive: as last computed).
+    pub silence_limit: Duration,
+    /// Times this side's own timer fired more than [`crate::detector::STALL`]
+    /// late: silences it did not blame on the peer.
+    pub stalls: u64,
 }
 
 /// State shared between the task and the handle. Locks are taken one at a
@@ -169,6 +188,21 @@ impl Shared {
         let mut detector = lock(&self.detector);
         detector.heard(now);
         self.publish(&detector, now);
+    }
+
+    /// A heartbeat at `now`, `missed` after the previous one; the silence
+    /// limit in force after it.
+    fn heartbeat(&self, now: Instant, missed: u64) -> Duration {
+        let mut detector = lock(&self.detector);
+        detector.heartbeat(now, missed);
+        self.publish(&detector, now);
+        detector.timeout()
+    }
+
+    /// This side's timer fired late: it did not run until `now`.
+    fn excuse(&self, now: Instant) {
+        lock(&self.detector).excuse(now);
+        self.update_stats(|stats| stats.stalls = stats.stalls.saturating_add(1));
     }
 
     /// Look at the state at `now` and publish any change.
@@ -251,11 +285,23 @@ impl Service {
         let incarnation = Incarnation::random().map_err(ServiceError::Random)?;
         let challenge = Challenge::random().map_err(ServiceError::Random)?;
         let local = socket.local_addr().map_err(|source| ServiceError::Socket { local: config.local, source })?;
+        let detector = if config.adaptive {
+            let ceiling = config.interval.checked_mul(ADAPTIVE_CEILING_INTERVALS).unwrap_or(Duration::MAX);
+            Detector::adaptive(config.interval, config.dead_after, ceiling)
+        } else {
+            Detector::new(config.interval, config.dead_after)
+        };
+        let silence_limit = detector.timeout();
+        let sends = if config.adaptive { SENDS_PER_INTERVAL_ADAPTIVE } else { SENDS_PER_INTERVAL };
         let shared = Arc::new(Shared {
             role: config.role,
-            detector: Mutex::new(Detector::new(config.interval, config.dead_after)),
+            detector: Mutex::new(detector),
             state: watch::Sender::new(PeerState::Unknown),
-            stats: watch::Sender::new(ServiceStats { peer_addr: config.peer, ..ServiceStats::default() }),
+            stats: watch::Sender::new(ServiceStats {
+                peer_addr: config.peer,
+                silence_limit,
+                ..ServiceStats::default()
+            }),
             progress: Mutex::new(Progress::default()),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -268,16 +314,13 @@ impl Service {
             fixed_peer: config.peer,
             learnt_peer: None,
             answers: Answers::default(),
-            period: config
-                .interval
-                .checked_div(SENDS_PER_INTERVAL)
-                .unwrap_or(config.interval)
-                .max(Duration::from_micros(500)),
+            period: config.interval.checked_div(sends).unwrap_or(config.interval).max(Duration::from_micros(500)),
+            last_seq: None,
         };
         tracing::info!(
             role = %config.role, %local, peer = ?config.peer, %incarnation,
             interval_ms = config.interval.as_secs_f64() * 1e3, dead_after = config.dead_after,
-            "heartbeats started"
+            adaptive = config.adaptive, "heartbeats started"
         );
         tokio::spawn(async move {
             task.run(stop_rx).await;
@@ -380,8 +423,12 @@ struct Task {
     learnt_peer: Option<SocketAddr>,
     /// Which unproven incarnations were answered lately.
     answers: Answers,
-    /// The send period: the interval / [`SENDS_PER_INTERVAL`].
+    /// The send period: the interval / [`SENDS_PER_INTERVAL`] (or
+    /// [`SENDS_PER_INTERVAL_ADAPTIVE`]).
     period: Duration,
+    /// The incarnation and sequence number of the last heartbeat accepted:
+    /// how many the next one missed.
+    last_seq: Option<(Incarnation, u64)>,
 }
 
 /// Unproven heartbeats answered in one send period, at most.
@@ -426,6 +473,13 @@ impl Answers {
 /// Heartbeats sent per interval (`--heartbeat-ms`): the send period is the
 /// interval divided by this. See the module documentation for why.
 pub const SENDS_PER_INTERVAL: u32 = 2;
+/// The same with the adaptive limit: a shorter period makes a shorter limit
+/// for the same number of losses allowed for (2.5 ms at the default 10-ms
+/// interval: 400 datagrams of 118 bytes a second each way).
+pub const SENDS_PER_INTERVAL_ADAPTIVE: u32 = 4;
+/// The adaptive limit's ceiling, in intervals (200 ms by default): past
+/// that the link is too bad for a silence to mean anything but death.
+pub const ADAPTIVE_CEILING_INTERVALS: u32 = 20;
 
 /// Whether the `count`th event of a kind is logged: the 1st, 2nd, 4th, 8th …
 fn worth_logging(count: u64) -> bool {
@@ -458,6 +512,12 @@ impl Task {
                 () = tokio::time::sleep_until(wake.into()) => {
                     receive_paused = false;
                     let now = Instant::now();
+                    // Late by more than a stall: this side did not run, and
+                    // the silence meanwhile is not the peer's. The
+                    // datagrams that came meanwhile are read next.
+                    if now.saturating_duration_since(wake) > STALL {
+                        self.shared.excuse(now);
+                    }
                     if now >= next_send {
                         self.send().await;
                         next_send = next_tick(next_send, self.period, Instant::now());
@@ -517,7 +577,13 @@ impl Task {
         let counters = self.receiver.counters();
         if let Verdict::Accepted(heartbeat) = &verdict {
             // Life first: the stats watchers may look at the state.
-            self.shared.heard(Instant::now());
+            let missed = match self.last_seq.replace((heartbeat.incarnation, heartbeat.seq)) {
+                Some((incarnation, seq)) if incarnation == heartbeat.incarnation => {
+                    heartbeat.seq.saturating_sub(seq).saturating_sub(1)
+                }
+                _ => 0,
+            };
+            let silence_limit = self.shared.heartbeat(Instant::now(), missed);
             if self.fixed_peer.is_none() && self.learnt_peer != Some(from) {
                 tracing::info!(role = %self.shared.role, peer = %from, "heartbeats go to the peer's address");
                 self.learnt_peer = Some(from);
@@ -528,6 +594,7 @@ impl Task {
                 stats.peer_progress = Some(heartbeat.progress);
                 stats.peer_incarnation = Some(heartbeat.incarnation);
                 stats.peer_addr = peer_addr;
+                stats.silence_limit = silence_limit;
             });
             return;
         }

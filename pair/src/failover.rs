@@ -28,6 +28,9 @@ pub struct FailoverConfig {
     pub heartbeat: Duration,
     /// `--dead-after`.
     pub dead_after: u32,
+    /// The silence limit adapts to the link (no `--dead-after`): see
+    /// `heartbeat::detector`.
+    pub adaptive: bool,
     /// How long a secondary that saw the channel close, while the primary's
     /// heartbeats were still arriving, waits before claiming.
     pub head_start: Duration,
@@ -49,6 +52,7 @@ impl FailoverConfig {
             arbiter: arbiter.into(),
             heartbeat,
             dead_after,
+            adaptive: false,
             head_start: heartbeat / 2,
             max_lag: DEFAULT_MAX_LAG,
         }
@@ -188,6 +192,7 @@ impl Failover {
         let mut hb = heartbeat::ServiceConfig::new(role, heartbeat::PairId::for_vm_name(name), local, peer);
         hb.interval = config.heartbeat;
         hb.dead_after = config.dead_after;
+        hb.adaptive = config.adaptive;
         let runtime = HeartbeatRuntime::new()?;
         let key = key.to_vec();
         let service = runtime.handle().spawn(async move { heartbeat::Service::start(hb, &key).await }).await??;

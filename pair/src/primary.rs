@@ -88,6 +88,11 @@ pub(crate) enum Phase {
     Fenced,
 }
 
+/// How long a primary without an arbiter, whose whole log was acknowledged
+/// when its secondary closed, waits for its own guest to end at the same
+/// exit before it calls the secondary lost.
+const SECONDARY_AHEAD_GRACE: Duration = Duration::from_millis(500);
+
 /// The state the session's threads share.
 pub(crate) struct PrimaryShared {
     phase: Mutex<Phase>,
@@ -95,6 +100,8 @@ pub(crate) struct PrimaryShared {
     shipping: AtomicBool,
     /// Set once the guest stopped: a peer lost after that is no failure.
     guest_ended: AtomicBool,
+    /// Told when `guest_ended` is set.
+    ended: tokio::sync::Notify,
     /// The channel's failure while the guest ran.
     channel_error: Mutex<Option<ChannelError>>,
     /// The session stopped the guest (fenced, or the secondary lost
@@ -189,12 +196,13 @@ impl PrimarySession {
             phase: Mutex::new(Phase::Protected),
             shipping: AtomicBool::new(true),
             guest_ended: AtomicBool::new(false),
+            ended: tokio::sync::Notify::new(),
             channel_error: Mutex::new(None),
             stopped_guest: AtomicBool::new(false),
             stop: OnceLock::new(),
         });
         spawn_ack_task(&rt, &chan, &log, &board, &releaser, failover.clone());
-        spawn_channel_watch(&rt, &chan, &board, &shared, failover.clone());
+        spawn_channel_watch(&rt, &chan, &board, &shared, &log, failover.clone());
         if let (Some(f), Some(fc)) = (&failover, &config.failover) {
             let (log, board, shared) = (log.clone(), board.clone(), shared.clone());
             crate::lag::spawn_primary_watch(&rt, log, board, f.clone(), shared, fc.max_lag);
@@ -286,6 +294,7 @@ impl PrimarySession {
     /// its acks allow (bounded wait), close the channel, join the threads.
     pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
         self.shared.guest_ended.store(true, Ordering::SeqCst);
+        self.shared.ended.notify_waiters();
         let mut lost = self.shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if lost.is_some()
             && !self.shared.stopped_guest.load(Ordering::SeqCst)
@@ -400,6 +409,21 @@ fn spawn_ack_task(
 ) {
     let mut acked = chan.acked();
     let (log, board, releaser) = (log.clone(), board.clone(), releaser.clone());
+    {
+        // Release what an ack allows on the task that read it: no wake-up
+        // of another task before the outputs go out (issue 16). The task
+        // below does the same, as the fallback.
+        let (log, board, releaser) = (log.clone(), board.clone(), releaser.clone());
+        chan.on_ack(move |upto| {
+            log.set_acked(upto);
+            if let Err(e) = releaser.release_ready() {
+                tracing::warn!(error = %e, "releasing held outputs failed");
+            }
+            replication::cost::released();
+            board.acked_position.fetch_max(upto.0, Ordering::SeqCst);
+            board.ack_rtt.acked(upto.0, std::time::Instant::now());
+        });
+    }
     rt.spawn(async move {
         loop {
             let upto = *acked.borrow_and_update();
@@ -409,7 +433,7 @@ fn spawn_ack_task(
             if let Err(e) = releaser.release_ready() {
                 tracing::warn!(error = %e, "releasing held outputs failed");
             }
-            board.acked_position.store(upto.0, Ordering::SeqCst);
+            board.acked_position.fetch_max(upto.0, Ordering::SeqCst);
             board.ack_rtt.acked(upto.0, std::time::Instant::now());
             if acked.changed().await.is_err() {
                 return;
@@ -431,17 +455,30 @@ fn spawn_channel_watch(
     chan: &Arc<PrimaryChannel>,
     board: &Arc<Board>,
     shared: &Arc<PrimaryShared>,
+    log: &Arc<LogShared>,
     failover: Option<Arc<Failover>>,
 ) {
-    let (chan, board, shared) = (chan.clone(), board.clone(), shared.clone());
+    let (chan, board, shared, log) = (chan.clone(), board.clone(), shared.clone(), log.clone());
     rt.spawn(async move {
         let e = chan.failed().await;
         board.set_peer(false);
         *shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+        let ended = shared.ended.notified();
         if shared.guest_ended.load(Ordering::SeqCst) {
             // Once the guest has stopped, a secondary that replayed to the
             // end may well close first.
             return;
+        }
+        if failover.is_none() && log.acked().is_some_and(|a| a >= log.appended()) {
+            // Everything logged is acknowledged: a secondary whose replayed
+            // guest powered off at its last exit closes at once, and may do
+            // so before this side's vCPU thread is back from that same exit.
+            // Give it a moment to say the guest ended (without an arbiter,
+            // stopping the guest a little later costs nothing: no ack comes
+            // for its outputs meanwhile).
+            if tokio::time::timeout(SECONDARY_AHEAD_GRACE, ended).await.is_ok() {
+                return;
+            }
         }
         match &failover {
             Some(f) => f.channel_failed(),

@@ -327,9 +327,31 @@ impl Receiving {
     /// lets the replayer see the end of the log.
     async fn run(self, mut chan: SecondaryChannel) {
         let mut released = chan.released();
+        // The channel's failure, told at once: the batches queued before it
+        // are still stored for the replayer below, but the failover decision
+        // need not wait for them (a killed primary is seen by its channel
+        // closing, not by the heartbeats' later silence).
+        let failed = chan.on_failure();
+        tokio::pin!(failed);
+        let mut told = false;
         loop {
             tokio::select! {
-                () = self.cancel.notified() => break,
+                () = self.cancel.notified() => {
+                    // The peer is lost: what the channel already received
+                    // is still stored for the replayer (a primary whose
+                    // channel failed is told early, above, before the
+                    // batches queued ahead of its failure are taken).
+                    while let Ok(Ok(Some(batch))) = tokio::time::timeout(Duration::ZERO, chan.recv()).await {
+                        if !self.store(batch.records).await {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                e = &mut failed, if !told => {
+                    told = true;
+                    self.channel_failed(e);
+                }
                 batch = chan.recv() => match batch {
                     Ok(Some(batch)) => {
                         let last = batch.last();
@@ -337,7 +359,9 @@ impl Receiving {
                             break;
                         }
                         if let Err(e) = self.ack(&chan, last).await {
-                            self.channel_failed(e);
+                            if !told {
+                                self.channel_failed(e);
+                            }
                             break;
                         }
                     }
@@ -346,7 +370,9 @@ impl Receiving {
                         break;
                     }
                     Err(e) => {
-                        self.channel_failed(e);
+                        if !told {
+                            self.channel_failed(e);
+                        }
                         break;
                     }
                 },

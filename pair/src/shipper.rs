@@ -69,9 +69,8 @@ impl Shipper {
         if !batch.is_empty() {
             match self.chan.send_records(first, &batch) {
                 Ok(()) => {
-                    let bytes: usize = batch.iter().map(replication::frame::encoded_record_len).sum();
-                    self.board.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                    self.board.ack_rtt.sent(first.0 + batch.len() as u64 - 1, Instant::now());
+                    let upto = first.0.saturating_add(u64::try_from(batch.len()).unwrap_or(u64::MAX)).saturating_sub(1);
+                    self.board.ack_rtt.sent(upto, Instant::now());
                 }
                 // The secondary is too far behind: keep the records here
                 // (the vCPU never waits) and try again when acks caught up.
@@ -85,6 +84,9 @@ impl Shipper {
         if flush || asked {
             self.chan.flush();
         }
+        let (payload, wire) = self.chan.log_bytes();
+        self.board.log_bytes.store(payload, Ordering::Relaxed);
+        self.board.log_wire_bytes.store(wire, Ordering::Relaxed);
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
         self.board.outputs_held_bytes.store(self.releaser.held_bytes() as u64, Ordering::Relaxed);
         self.report_released(&mut st)

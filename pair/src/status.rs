@@ -75,7 +75,7 @@ pub struct FailureEvent {
 }
 
 /// Heartbeat counters, when failover is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct HeartbeatCounts {
     pub sent: u64,
     pub accepted: u64,
@@ -88,6 +88,12 @@ pub struct HeartbeatCounts {
     pub unproven: u64,
     /// Challenges answered to unproven senders.
     pub answered: u64,
+    /// The silence after which the peer is dead, as now in force (it adapts
+    /// to the link unless `--dead-after` was given).
+    pub silence_limit_ms: f64,
+    /// Times this side's own heartbeat timer fired late (it did not run):
+    /// silences not blamed on the peer.
+    pub stalls: u64,
 }
 
 impl From<heartbeat::ServiceStats> for HeartbeatCounts {
@@ -101,6 +107,8 @@ impl From<heartbeat::ServiceStats> for HeartbeatCounts {
             malformed: s.received.malformed,
             unproven: s.received.unproven,
             answered: s.answered,
+            silence_limit_ms: s.silence_limit.as_secs_f64() * 1e3,
+            stalls: s.stalls,
         }
     }
 }
@@ -134,8 +142,11 @@ pub struct Status {
     /// Primary, with failover: how far the secondary's replay is behind,
     /// in milliseconds of the primary's execution.
     pub replay_lag_ms: Option<f64>,
-    /// Primary: encoded bytes of the records shipped.
+    /// Primary: encoded bytes of the records shipped (the `Records`
+    /// payloads, without the frames' headers, CRCs and MACs).
     pub log_bytes: u64,
+    /// Primary: the same with each frame's header, CRC and MAC.
+    pub log_wire_bytes: u64,
     pub peer: PeerState,
     /// The peer's address (`--peer`, or where the primary connected from).
     pub peer_address: Option<String>,
@@ -163,6 +174,7 @@ pub struct Board {
     /// Microseconds; `u64::MAX`: not measured.
     pub(crate) replay_lag_us: AtomicU64,
     pub(crate) log_bytes: AtomicU64,
+    pub(crate) log_wire_bytes: AtomicU64,
     peer_up: AtomicBool,
     peer_address: Mutex<Option<String>>,
     arbiter: Mutex<Option<(String, u64)>>,
@@ -193,6 +205,7 @@ impl Board {
             outputs_held_bytes: AtomicU64::new(0),
             replay_lag_us: AtomicU64::new(u64::MAX),
             log_bytes: AtomicU64::new(0),
+            log_wire_bytes: AtomicU64::new(0),
             peer_up: AtomicBool::new(false),
             peer_address: Mutex::new(None),
             arbiter: Mutex::new(None),
@@ -298,6 +311,7 @@ impl Board {
                 _ => None,
             },
             log_bytes: self.log_bytes.load(Ordering::SeqCst),
+            log_wire_bytes: self.log_wire_bytes.load(Ordering::SeqCst),
             peer: if self.peer_up.load(Ordering::SeqCst) { PeerState::Up } else { PeerState::Down },
             peer_address: lock(&self.peer_address).clone(),
             arbiter: arbiter.as_ref().map(|(spec, _)| spec.clone()),

@@ -56,11 +56,14 @@
 //!
 //! The primary never blocks its caller: [`PrimaryChannel::send_records`],
 //! [`PrimaryChannel::flush`] and [`PrimaryChannel::send_released`] are plain
-//! functions that queue and return, so the vCPU thread can call them between
-//! two exits. A writer task coalesces the queued records into frames of up
-//! to [`FRAME_TARGET`] bytes and writes them when a flush is asked for, when
-//! a frame is full, or at the latest [`ChannelConfig::flush_delay`] after the
-//! first record of a batch was queued.
+//! functions that return without waiting, so the vCPU thread can call them
+//! between two exits. Records are coalesced into frames of up to
+//! [`FRAME_TARGET`] bytes, encoded and written when a flush is asked for
+//! (on the flushing thread itself, with a non-blocking write: an output
+//! waits for no other thread to wake), when a frame is full, or at the
+//! latest [`ChannelConfig::flush_delay`] after the first record of a batch
+//! was handed over (by a writer task, which also finishes what a full
+//! socket did not take).
 //!
 //! The memory this takes is bounded by acknowledgements: the channel counts
 //! the encoded bytes of every record handed to it and not yet acknowledged.
@@ -85,23 +88,23 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use hmac::Mac;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::frame::{
     check_record, encoded_record_len, hmac_sha256, hmac_sha256_of, FrameDecoder, FrameEncoder, FrameError,
-    GuestIdentity, Hello, HelloReply, IdentityField, MacKey, Message, Nonce, RefuseReason, NONCE_LEN, PROTOCOL_VERSION,
-    RECORDS_HEADER_LEN,
+    GuestIdentity, Hello, HelloReply, IdentityField, MacKey, Message, Nonce, RefuseReason, FRAME_OVERHEAD, NONCE_LEN,
+    PROTOCOL_VERSION, RECORDS_HEADER_LEN,
 };
 use crate::key::SharedKey;
 use crate::record::{LogPosition, Record};
@@ -123,9 +126,6 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// at most this many frames' payload (64 × [`FRAME_TARGET`] from an ftvm
 /// primary, 64 × `MAX_PAYLOAD` at worst) plus their record headers.
 pub const SECONDARY_QUEUE: usize = 64;
-
-/// Queued items the writer takes at most before it writes what they made.
-const WRITE_EVERY: usize = 64;
 
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
@@ -685,20 +685,94 @@ trait AsyncFrameHandler {
 /// `Shutdown` and reports [`ChannelError::Closed`].
 #[derive(Debug)]
 pub struct PrimaryChannel {
-    queue: mpsc::UnboundedSender<Outgoing>,
+    outbox: Arc<Outbox>,
     state: Arc<Mutex<PrimaryState>>,
     acked: watch::Receiver<LogPosition>,
     failure: Failure,
     max_unacked_bytes: u64,
     reader: JoinHandle<()>,
+    sent: Arc<Sent>,
+    on_ack: Arc<OnAck>,
+}
+
+/// What [`PrimaryChannel::on_ack`] runs, once set.
+#[derive(Default)]
+struct OnAck(OnceLock<Box<dyn Fn(LogPosition) + Send + Sync>>);
+
+impl fmt::Debug for OnAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() { "OnAck(set)" } else { "OnAck(none)" })
+    }
+}
+
+/// What the writer sent of the log: the `Records` payloads' bytes, and the
+/// same with each frame's header, CRC and MAC.
+#[derive(Debug, Default)]
+struct Sent {
+    payload: AtomicU64,
+    wire: AtomicU64,
+}
+
+/// Frames on their way to the socket, shared by whoever hands records over
+/// (the vCPU thread, the shipper) and the writer task. A flush encodes and
+/// writes on the caller's own thread (a non-blocking write): no hand-off to
+/// another thread on the output path. The writer task only finishes what a
+/// full socket left unwritten, cuts a batch whose flush delay passed, and
+/// ends the session.
+#[derive(Debug)]
+struct Outbox {
+    inner: Mutex<OutboxInner>,
+    /// Wakes the writer task: a batch started (its flush delay runs), bytes
+    /// were left unwritten, or the session ends.
+    wake: Notify,
 }
 
 #[derive(Debug)]
-enum Outgoing {
-    Records { first: LogPosition, records: Vec<Record> },
-    Released(LogPosition),
-    Flush,
-    Shutdown(oneshot::Sender<Result<(), ChannelError>>),
+struct OutboxInner {
+    batcher: Batcher,
+    /// The socket's write half, until the writer task ends (however it
+    /// ends: the runtime may drop it): then the connection closes, even if
+    /// the channel itself is still referenced.
+    write: Option<Arc<OwnedWriteHalf>>,
+    /// `shutdown` asked: the writer ends the session and answers here.
+    closing: Option<oneshot::Sender<Result<(), ChannelError>>>,
+    /// The channel was dropped: the writer writes what is there and stops.
+    dropped: bool,
+    /// A write found the socket full: the writer waits for room.
+    blocked: bool,
+    /// The writer task has ended: nobody would answer a shutdown.
+    writer_done: bool,
+}
+
+impl Outbox {
+    fn lock(&self) -> MutexGuard<'_, OutboxInner> {
+        lock(&self.inner)
+    }
+
+    /// Write what is encoded, without waiting: `Ok(true)` once all of it
+    /// is out, `Ok(false)` when the socket is full (the writer task is then
+    /// woken to finish).
+    fn try_write_out(&self, inner: &mut OutboxInner) -> Result<bool, ChannelError> {
+        if inner.blocked {
+            return Ok(false);
+        }
+        let Some(write) = inner.write.clone() else { return Err(ChannelError::Closed) };
+        while !inner.batcher.out.is_empty() {
+            match write.try_write(&inner.batcher.out) {
+                Ok(0) => return Err(ChannelError::Closed),
+                Ok(n) => inner.batcher.out.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    inner.blocked = true;
+                    self.wake.notify_one();
+                    return Ok(false);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        crate::cost::sent(inner.batcher.last_cut.0);
+        Ok(true)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -738,21 +812,43 @@ impl PrimaryChannel {
     fn start(wire: Wire, config: &ChannelConfig) -> PrimaryChannel {
         let Wire { stream, encoder, decoder, .. } = wire;
         let (read, write) = stream.into_split();
-        let (queue, queued) = mpsc::unbounded_channel();
         let (acked_tx, acked) = watch::channel(LogPosition::NONE);
         let state = Arc::new(Mutex::new(PrimaryState::default()));
         let failure = Failure::new();
-        // The writer runs until the queue closes (the channel is dropped or
-        // shut down) or the session fails; nothing needs to join it.
-        tokio::spawn(primary_writer(write, encoder, queued, failure.clone(), config.flush_delay));
-        let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx };
+        let sent = Arc::new(Sent::default());
+        let outbox = Arc::new(Outbox {
+            inner: Mutex::new(OutboxInner {
+                batcher: Batcher::new(encoder, sent.clone()),
+                write: Some(Arc::new(write)),
+                closing: None,
+                dropped: false,
+                blocked: false,
+                writer_done: false,
+            }),
+            wake: Notify::new(),
+        });
+        // The writer runs until the channel is dropped or shut down, or the
+        // session fails; nothing needs to join it.
+        tokio::spawn(primary_writer(outbox.clone(), failure.clone(), config.flush_delay));
+        let on_ack = Arc::new(OnAck::default());
+        let handler = AckHandler { state: Arc::clone(&state), acked: acked_tx, on_ack: on_ack.clone() };
         let reader = tokio::spawn(watch_failure(failure.clone(), "primary", read_frames(read, decoder, handler)));
-        PrimaryChannel { queue, state, acked, failure, max_unacked_bytes: config.max_unacked_bytes, reader }
+        PrimaryChannel {
+            outbox,
+            state,
+            acked,
+            failure,
+            max_unacked_bytes: config.max_unacked_bytes,
+            reader,
+            sent,
+            on_ack,
+        }
     }
 
     /// Hand over `records`, at positions `first`, `first + 1`, …, for
     /// sending. Never blocks and never waits for the network: the records
-    /// are queued and go out with the next frame (see the module doc).
+    /// go out with the next flush, a full frame, or the flush delay (see the
+    /// module doc).
     ///
     /// `first` must continue the log: the first call may start anywhere from
     /// position 1, each later one where the previous ended. Refused, with
@@ -787,10 +883,27 @@ impl PrimaryChannel {
                 limit: self.max_unacked_bytes,
             });
         }
-        // Queued under the lock, so batches reach the writer in position order.
-        self.queue
-            .send(Outgoing::Records { first, records: records.to_vec() })
-            .map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))?;
+        {
+            // Taken under the state lock, so batches are encoded in
+            // position order.
+            let mut inner = self.outbox.lock();
+            let started = inner.batcher.pending_since.is_none();
+            if let Err(e) = inner.batcher.push(first, records.to_vec()) {
+                self.fail(e.clone());
+                return Err(e);
+            }
+            // Full frames go out now; a batch that started waits for its
+            // flush, or for the writer at its flush delay.
+            if !inner.batcher.out.is_empty() {
+                if let Err(e) = self.outbox.try_write_out(&mut inner) {
+                    self.fail(e.clone());
+                    return Err(e);
+                }
+            }
+            if started && inner.batcher.pending_since.is_some() {
+                self.outbox.wake.notify_one();
+            }
+        }
         state.next = last.checked_add(1);
         state.last = last;
         state.unacked.push_back((last, batch_bytes));
@@ -798,12 +911,34 @@ impl PrimaryChannel {
         Ok(())
     }
 
-    /// An output is pending: send everything handed over so far now, without
-    /// waiting for the flush delay. Never blocks.
+    /// The session failed on this side (a write): record it, wake the writer.
+    fn fail(&self, error: ChannelError) {
+        self.failure.set(error, "primary");
+        self.outbox.wake.notify_one();
+    }
+
+    /// An output is pending: encode everything handed over so far and write
+    /// it now, on this thread, without waiting for the flush delay. Never
+    /// blocks: what a full socket does not take, the writer task finishes.
     pub fn flush(&self) {
-        // Fails only once the writer has stopped, and then the failure is
-        // what callers see next.
-        let _ = self.queue.send(Outgoing::Flush);
+        if self.failure.get().is_some() {
+            return;
+        }
+        let asked = crate::cost::stamp();
+        let mut inner = self.outbox.lock();
+        let anything = !inner.batcher.pending.is_empty() || !inner.batcher.out.is_empty();
+        let written = inner.batcher.cut().and_then(|()| self.outbox.try_write_out(&mut inner));
+        drop(inner);
+        match written {
+            Ok(true) => {
+                if let Some(asked) = asked.filter(|_| anything) {
+                    crate::cost::since(crate::cost::Stage::EncodeWrite, asked);
+                }
+            }
+            Ok(false) => {}
+            // The failure is what callers see next.
+            Err(e) => self.fail(e),
+        }
     }
 
     /// Tell the secondary that every output up to `upto` reached the world.
@@ -819,7 +954,22 @@ impl PrimaryChannel {
             return Ok(());
         }
         state.released = upto;
-        self.queue.send(Outgoing::Released(upto)).map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))
+        drop(state);
+        let mut inner = self.outbox.lock();
+        let written = inner
+            .batcher
+            .control(&Message::Released { upto })
+            .and_then(|()| self.outbox.try_write_out(&mut inner).map(|_| ()));
+        drop(inner);
+        written.inspect_err(|e| self.fail(e.clone()))
+    }
+
+    /// Run `callback` with each new ack, on the task that read it, before
+    /// [`acked`](Self::acked) changes: what the ack allows (releasing held
+    /// outputs) happens without waking another task or thread. It must not
+    /// block. Only the first callback set is kept (`false` for a later one).
+    pub fn on_ack(&self, callback: impl Fn(LogPosition) + Send + Sync + 'static) -> bool {
+        self.on_ack.0.set(Box::new(callback)).is_ok()
     }
 
     /// The secondary's cumulative acknowledgements: the highest position it
@@ -828,7 +978,15 @@ impl PrimaryChannel {
         self.acked.clone()
     }
 
-    /// Encoded bytes of the records handed over and not yet acknowledged.
+    /// Bytes of the log encoded so far: the `Records` payloads, and the
+    /// same with the frames' headers, CRCs and MACs.
+    pub fn log_bytes(&self) -> (u64, u64) {
+        (self.sent.payload.load(Ordering::Relaxed), self.sent.wire.load(Ordering::Relaxed))
+    }
+
+    /// Encoded bytes of the records handed over and not yet acknowledged
+    /// (their size bound, [`encoded_record_len`]: deltas are not known
+    /// before the writer encodes them).
     pub fn unacked_bytes(&self) -> u64 {
         lock(&self.state).unacked_bytes
     }
@@ -855,7 +1013,14 @@ impl PrimaryChannel {
     pub async fn shutdown(self) -> Result<(), ChannelError> {
         self.failure.check()?;
         let (done, finished) = oneshot::channel();
-        self.queue.send(Outgoing::Shutdown(done)).map_err(|_| self.failure.get().unwrap_or(ChannelError::Closed))?;
+        {
+            let mut inner = self.outbox.lock();
+            if inner.writer_done {
+                return Err(self.failure.get().unwrap_or(ChannelError::Closed));
+            }
+            inner.closing = Some(done);
+        }
+        self.outbox.wake.notify_one();
         let result = finished.await.unwrap_or_else(|_| Err(self.failure.get().unwrap_or(ChannelError::Closed)));
         self.reader.abort();
         result
@@ -864,8 +1029,10 @@ impl PrimaryChannel {
 
 impl Drop for PrimaryChannel {
     fn drop(&mut self) {
-        // The writer ends by itself once the queue is closed, after writing
-        // what was queued; the reader has nobody left to report to.
+        // The writer writes what was handed over and ends; the reader has
+        // nobody left to report to.
+        self.outbox.lock().dropped = true;
+        self.outbox.wake.notify_one();
         self.reader.abort();
     }
 }
@@ -887,6 +1054,7 @@ async fn watch_failure(
 struct AckHandler {
     state: Arc<Mutex<PrimaryState>>,
     acked: watch::Sender<LogPosition>,
+    on_ack: Arc<OnAck>,
 }
 
 impl AsyncFrameHandler for AckHandler {
@@ -905,6 +1073,7 @@ impl AsyncFrameHandler for AckHandler {
             return Err(ChannelError::Protocol { what: "an ack for records never sent" });
         }
         state.acked = upto;
+        crate::cost::acked(crate::cost::Stage::AckRoundTrip, upto.0);
         while let Some(&(last, bytes)) = state.unacked.front() {
             if last > upto {
                 break;
@@ -913,12 +1082,16 @@ impl AsyncFrameHandler for AckHandler {
             state.unacked_bytes = state.unacked_bytes.saturating_sub(bytes);
         }
         drop(state);
+        if let Some(callback) = self.on_ack.0.get() {
+            callback(upto);
+        }
         self.acked.send_replace(upto);
         Ok(Flow::Continue)
     }
 }
 
-/// Frames being put together by the primary's writer.
+/// Frames being put together for the primary's socket.
+#[derive(Debug)]
 struct Batcher {
     encoder: FrameEncoder,
     /// Complete frames, ready to write.
@@ -930,10 +1103,13 @@ struct Batcher {
     pending_bytes: usize,
     /// When the oldest pending record was queued.
     pending_since: Option<Instant>,
+    /// The last position put into a frame.
+    last_cut: LogPosition,
+    sent: Arc<Sent>,
 }
 
 impl Batcher {
-    fn new(encoder: FrameEncoder) -> Batcher {
+    fn new(encoder: FrameEncoder, sent: Arc<Sent>) -> Batcher {
         Batcher {
             encoder,
             out: BytesMut::new(),
@@ -941,6 +1117,8 @@ impl Batcher {
             first: LogPosition::NONE,
             pending_bytes: 0,
             pending_since: None,
+            last_cut: LogPosition::NONE,
+            sent,
         }
     }
 
@@ -970,6 +1148,11 @@ impl Batcher {
     fn cut(&mut self) -> Result<(), ChannelError> {
         if !self.pending.is_empty() {
             self.encoder.encode_records(self.first, &self.pending, &mut self.out).map_err(ChannelError::Encode)?;
+            let payload = u64::try_from(self.encoder.last_payload_len()).unwrap_or(u64::MAX);
+            self.sent.payload.fetch_add(payload, Ordering::Relaxed);
+            self.sent.wire.fetch_add(payload.saturating_add(FRAME_OVERHEAD as u64), Ordering::Relaxed);
+            let extra = u64::try_from(self.pending.len().saturating_sub(1)).unwrap_or(0);
+            self.last_cut = self.first.checked_add(extra).unwrap_or(self.first);
             self.pending.clear();
             self.pending_bytes = 0;
         }
@@ -985,28 +1168,33 @@ impl Batcher {
     }
 }
 
-async fn primary_writer(
-    write: OwnedWriteHalf,
-    encoder: FrameEncoder,
-    queued: mpsc::UnboundedReceiver<Outgoing>,
-    failure: Failure,
-    flush_delay: Duration,
-) {
+/// When the writer task ends, however it ends (the runtime may drop it):
+/// closes the connection, and tells a shutdown waiting for it how it ended.
+struct CloseOnDrop(Arc<Outbox>, Failure);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.write = None;
+        inner.writer_done = true;
+        if let Some(done) = inner.closing.take() {
+            let _ = done.send(Err(self.1.get().unwrap_or(ChannelError::Closed)));
+        }
+    }
+}
+
+async fn primary_writer(outbox: Arc<Outbox>, failure: Failure, flush_delay: Duration) {
+    let _report = crate::cost::ReportOnDrop("primary");
+    let _close = CloseOnDrop(outbox.clone(), failure.clone());
     let stopped = failure.clone();
     tokio::select! {
-        result = write_loop(write, Batcher::new(encoder), queued, flush_delay) => {
+        result = write_loop(&outbox, flush_delay) => {
             if let Err(error) = result {
                 failure.set(error, "primary");
             }
         }
         _ = stopped.wait() => {}
     }
-}
-
-/// How the writer's queue ended.
-enum End {
-    Shutdown(oneshot::Sender<Result<(), ChannelError>>),
-    Dropped,
 }
 
 /// Sleep until `deadline`, or forever without one.
@@ -1017,88 +1205,60 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-enum Woken {
-    Item(Option<Outgoing>),
-    Deadline,
+/// What the writer task does: cut batches whose flush delay passed, finish
+/// what a full socket left, end the session when asked or dropped.
+async fn write_loop(outbox: &Outbox, flush_delay: Duration) -> Result<(), ChannelError> {
+    loop {
+        let deadline = {
+            let inner = outbox.lock();
+            // A delay too large for the clock means "no delay limit".
+            inner.batcher.pending_since.and_then(|since| since.checked_add(flush_delay))
+        };
+        tokio::select! {
+            () = outbox.wake.notified() => {}
+            () = sleep_until(deadline) => {}
+        }
+        let (closing, dropped) = {
+            let mut inner = outbox.lock();
+            let due = inner
+                .batcher
+                .pending_since
+                .is_some_and(|since| since.checked_add(flush_delay).is_some_and(|due| Instant::now() >= due));
+            let closing = inner.closing.is_some();
+            if due || closing || inner.dropped {
+                inner.batcher.cut()?;
+            }
+            if closing {
+                inner.batcher.control(&Message::Shutdown)?;
+            }
+            (closing, inner.dropped)
+        };
+        write_all(outbox).await?;
+        if closing {
+            let done = outbox.lock().closing.take();
+            if let Some(done) = done {
+                let _ = done.send(Ok(()));
+            }
+            return Ok(());
+        }
+        if dropped {
+            return Ok(());
+        }
+    }
 }
 
-async fn write_loop(
-    mut write: OwnedWriteHalf,
-    mut batcher: Batcher,
-    mut queued: mpsc::UnboundedReceiver<Outgoing>,
-    flush_delay: Duration,
-) -> Result<(), ChannelError> {
-    let mut next = None;
+/// Write everything encoded, waiting for room as long as it takes.
+async fn write_all(outbox: &Outbox) -> Result<(), ChannelError> {
     loop {
-        // Take the item that woke the writer and what is queued behind it,
-        // but write at least every WRITE_EVERY items or once a frame's worth
-        // is encoded: a guest that keeps the queue busy must not keep the
-        // writer from writing (encoding is slower than a busy guest).
-        let mut end = None;
-        let mut taken = 0usize;
-        loop {
-            if taken >= WRITE_EVERY || batcher.out.len() >= FRAME_TARGET {
-                break;
+        let write = {
+            let mut inner = outbox.lock();
+            inner.blocked = false;
+            if outbox.try_write_out(&mut inner)? {
+                return Ok(());
             }
-            taken += 1;
-            let item = match next.take() {
-                Some(item) => item,
-                None => match queued.try_recv() {
-                    Ok(item) => item,
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
-                        end = Some(End::Dropped);
-                        break;
-                    }
-                },
-            };
-            match item {
-                Outgoing::Records { first, records } => batcher.push(first, records)?,
-                Outgoing::Released(upto) => batcher.control(&Message::Released { upto })?,
-                Outgoing::Flush => batcher.cut()?,
-                Outgoing::Shutdown(done) => {
-                    end = Some(End::Shutdown(done));
-                    break;
-                }
-            }
-        }
-        if end.is_some() {
-            batcher.cut()?;
-        }
-        // Complete frames go out now; a partly filled one waits below.
-        if !batcher.out.is_empty() {
-            write.write_all(&batcher.out).await?;
-            batcher.out.clear();
-        }
-        match end {
-            Some(End::Shutdown(done)) => {
-                let result = async {
-                    batcher.control(&Message::Shutdown)?;
-                    write.write_all(&batcher.out).await?;
-                    write.shutdown().await?;
-                    Ok(())
-                }
-                .await;
-                let _ = done.send(result.clone());
-                return result;
-            }
-            Some(End::Dropped) => return Ok(()),
-            None => {}
-        }
-        let woken = match batcher.pending_since {
-            None => Woken::Item(queued.recv().await),
-            Some(since) => tokio::select! {
-                item = queued.recv() => Woken::Item(item),
-                // A delay too large for the clock means "no delay limit".
-                () = sleep_until(since.checked_add(flush_delay)) => Woken::Deadline,
-            },
+            inner.write.clone().ok_or(ChannelError::Closed)?
         };
-        match woken {
-            Woken::Item(Some(item)) => next = Some(item),
-            // Sent at the top of the loop (dropped: after the last records).
-            Woken::Item(None) => {}
-            Woken::Deadline => batcher.cut()?,
-        }
+        write.writable().await?;
     }
 }
 
@@ -1435,6 +1595,15 @@ impl SecondaryChannel {
     pub fn error(&self) -> Option<ChannelError> {
         self.failure.get()
     }
+
+    /// Resolves with the session's failure as soon as it happens, before
+    /// [`recv`](Self::recv) has returned the batches received before it (a
+    /// dead primary is known at once, however far behind the caller is).
+    /// Never resolves for a session that ends cleanly.
+    pub fn on_failure(&self) -> impl std::future::Future<Output = ChannelError> + Send + 'static {
+        let failure = self.failure.clone();
+        async move { failure.wait().await }
+    }
 }
 
 impl Drop for SecondaryChannel {
@@ -1461,6 +1630,7 @@ impl AsyncFrameHandler for RecordHandler {
                 }
                 let batch = RecordBatch { first, records };
                 self.next = batch.last().checked_add(1);
+                crate::cost::sent(batch.last().0);
                 if self.deliver.send(Delivery::Batch(batch)).await.is_err() {
                     // Nobody takes batches any more.
                     return Ok(Flow::Stop);
@@ -1515,6 +1685,7 @@ async fn secondary_writer(
     mut acks: watch::Receiver<LogPosition>,
     failure: Failure,
 ) {
+    let _report = crate::cost::ReportOnDrop("secondary");
     let stopped = failure.clone();
     let result = async {
         let mut out = BytesMut::new();
@@ -1524,6 +1695,7 @@ async fn secondary_writer(
             out.clear();
             encoder.encode(&Message::Ack { upto }, &mut out).map_err(ChannelError::Encode)?;
             write.write_all(&out).await?;
+            crate::cost::acked(crate::cost::Stage::ReceiveToAck, upto.0);
         }
         Ok::<(), ChannelError>(())
     };
@@ -1686,6 +1858,67 @@ mod tests {
         assert!(secondary.error().is_none());
     }
 
+    /// A secondary that stops reading fills the socket: flushes from a
+    /// plain thread then write what fits and return at once, and the writer
+    /// task finishes the rest, in order, once the secondary reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_socket_leaves_the_rest_to_the_writer_in_order() {
+        const N: u64 = 20_000;
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (Arc::new(primary.unwrap()), secondary.unwrap());
+        let sender = primary.clone();
+        let big = |position: u64| Record::Frame {
+            exit: ExitIndex(position),
+            frame: Bytes::from(vec![u8::try_from(position % 251).unwrap(); 1500]),
+        };
+        // 30 MB, far more than the socket buffers and the secondary's queue.
+        let feeder = std::thread::spawn(move || {
+            for position in 1..=N {
+                let started = std::time::Instant::now();
+                sender.send_records(LogPosition(position), &[big(position)]).unwrap();
+                sender.flush();
+                assert!(started.elapsed() < BOUND, "a flush blocked on a full socket");
+            }
+        });
+        timeout(BOUND, tokio::task::spawn_blocking(move || feeder.join().unwrap())).await.unwrap().unwrap();
+        let mut next = 1;
+        while next <= N {
+            let batch = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+            assert_eq!(batch.first, LogPosition(next), "in order, without gaps");
+            for (position, got) in (next..).zip(&batch.records) {
+                assert_eq!(got, &big(position));
+            }
+            next = batch.last().0 + 1;
+            secondary.ack(batch.last()).unwrap();
+        }
+        assert!(primary.error().is_none());
+    }
+
+    #[tokio::test]
+    async fn the_ack_callback_sees_each_ack_before_the_watch_does() {
+        let (primary, secondary) = pair(config(), config()).await;
+        let (primary, mut secondary) = (primary.unwrap(), secondary.unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut acked = primary.acked();
+        let (log, watch) = (seen.clone(), acked.clone());
+        assert!(primary.on_ack(move |upto| {
+            // The watch has not moved yet: whoever waits on it finds what
+            // the callback did done.
+            assert!(*watch.borrow() < upto);
+            log.lock().unwrap().push(upto.0);
+        }));
+        assert!(!primary.on_ack(|_| {}), "only the first callback is kept");
+        for (first, count) in [(1, 3), (4, 5), (9, 2)] {
+            primary.send_records(LogPosition(first), &batch(first, count)).unwrap();
+            primary.flush();
+            let got = timeout(BOUND, secondary.recv()).await.unwrap().unwrap().unwrap();
+            secondary.ack(got.last()).unwrap();
+            let last = got.last();
+            timeout(BOUND, acked.wait_for(|a| *a >= last)).await.unwrap().unwrap();
+        }
+        assert_eq!(*seen.lock().unwrap(), [3, 8, 10]);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_thread_outside_the_runtime_hands_records_over() {
         // The vCPU thread is a plain thread: no runtime, no await.
@@ -1829,10 +2062,11 @@ mod tests {
     #[tokio::test]
     async fn another_protocol_version_is_refused_on_both_ends() {
         let mut p = config();
-        p.version = 2;
+        // A primary of the version before the smaller log (issue 16).
+        p.version = 1;
         let (primary, secondary) = pair_once(p, config()).await;
-        assert!(matches!(primary, Err(ChannelError::Version { ours: 2, theirs: 1 })), "{primary:?}");
-        assert!(matches!(secondary, Err(ChannelError::Version { ours: 1, theirs: 2 })), "{secondary:?}");
+        assert!(matches!(primary, Err(ChannelError::Version { ours: 1, theirs: 2 })), "{primary:?}");
+        assert!(matches!(secondary, Err(ChannelError::Version { ours: 2, theirs: 1 })), "{secondary:?}");
     }
 
     #[tokio::test]

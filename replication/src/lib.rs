@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod channel;
+pub mod cost;
 pub mod frame;
 pub mod go_live;
 pub mod key;

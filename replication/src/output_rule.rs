@@ -169,6 +169,7 @@ impl<S: OutputSink> Releaser<S> {
             let Some((pos, exit, out, since)) = gate.held.pop_front() else { break };
             gate.held_bytes = gate.held_bytes.saturating_sub(out.len());
             gate.emit(exit, &out)?;
+            crate::cost::since(crate::cost::Stage::Held, since);
             let waited = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
             gate.last_wait_us.store(waited, Ordering::Relaxed);
             self.log.set_released(pos);

@@ -10,7 +10,9 @@
 //! - odd: the next byte is a frame kind and the rest a payload; the target
 //!   seals them into a frame with the decoder's key (valid CRC and MAC), so
 //!   the payload parsers see arbitrary input. A payload that decodes must
-//!   re-encode to the very same frame: the encoding is canonical.
+//!   re-encode to the very same frame (the encoding is canonical), except
+//!   records, which have several encodings and must re-encode to a frame
+//!   that decodes to the same records.
 #![no_main]
 
 use bytes::BytesMut;
@@ -79,10 +81,15 @@ fn sealed(kind: u8, payload: &[u8]) {
     assert_eq!(decoded.seq, 0);
     let mut again = BytesMut::new();
     let mut encoder = FrameEncoder::new(MacKey::new(KEY));
-    match &decoded.message {
-        Message::Records { first, records } => encoder.encode_records(*first, records, &mut again),
-        message => encoder.encode(message, &mut again),
+    encoder.encode(&decoded.message, &mut again).expect("a decoded message encodes");
+    if let Message::Records { .. } = decoded.message {
+        // Records have many encodings (a delta or the literal, a varint
+        // with padding): what the encoder makes must decode to the same.
+        let mut decoder = FrameDecoder::new(MacKey::new(KEY));
+        decoder.push(&again);
+        let again = decoder.next_frame().expect("a re-encoded frame decodes").expect("one frame");
+        assert_eq!(again.message, decoded.message, "records did not round-trip");
+    } else {
+        assert_eq!(&again[..], &frame[..], "the encoding is not canonical");
     }
-    .expect("a decoded message encodes");
-    assert_eq!(&again[..], &frame[..], "the encoding is not canonical");
 }
