@@ -123,9 +123,11 @@ pub const BUF_LEN: usize = 1536;
 const F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_NET_F_MAC: the MAC is in config space (virtio 1.2 §5.1.3).
 const F_MAC: u64 = 1 << 5;
-/// Longest sleep of one turn, so that a guest with no deadline of its own
-/// still looks at its sockets now and then.
-pub const MAX_SLEEP_NS: u64 = 100_000_000;
+/// Longest sleep of one turn: a guest with no deadline of its own still
+/// turns its main loop (and reports health) this often when idle, so that an
+/// idle guest always halts with a deadline armed and never misses a health
+/// deadline of a few tens of milliseconds ([`crate::fault::MAX_IDLE_TURN_NS`]).
+pub const MAX_SLEEP_NS: u64 = crate::fault::MAX_IDLE_TURN_NS;
 /// A deadline that is always in the past (0 would disarm the timer).
 const IMMEDIATE: u64 = 1;
 /// Bound on `poll_egress` rounds in one turn (each sends at most one packet
