@@ -62,7 +62,8 @@
 //! beat counter; an idle server turns at
 //! least every 10 ms (`rt::net::MAX_SLEEP_NS`), so it reports at least that
 //! often. Fault injection: `--param fault=...` with `fault_mtbf_ms=N` or
-//! `fault_after_ms=N` (`rt::fault`), ticked once per turn.
+//! `fault_after_ms=N` (`rt::fault`), ticked once per turn, after the turn's
+//! outputs and before its health report.
 //!
 //! Exits per turn: clock 2, health 1, one notify when anything is sent 1,
 //! HLT 1, timer 2 when the deadline moves (every idle turn); an injected
@@ -283,7 +284,6 @@ fn serve(net: &mut Net, pool: &mut [Client], mut store: Store, clients: usize, m
     let mut beat: u32 = 0;
     loop {
         let now = net.poll();
-        faults.tick(now);
         // Connections admitted before this turn and still open both ways;
         // new ones are admitted in pool order while fewer than `clients`.
         let mut admitted = pool
@@ -307,17 +307,22 @@ fn serve(net: &mut Net, pool: &mut [Client], mut store: Store, clients: usize, m
         }
         store.set_connected_clients(open);
         store.sweep(now, SWEEP_BUDGET);
-        // The turn is done: healthy when the server's own invariants hold
-        // (the keyspace within its limit).
+        // The turn's replies go out, then an injected fault may strike
+        // (after outputs the last healthy point does not cover: what
+        // `--output-mode fast` may have to roll back), then the turn is
+        // done: healthy when the server's own invariants hold (the keyspace
+        // within its limit), a point that covers every reply sent so far.
+        net.send();
+        faults.tick(now);
         if store.used_bytes() <= store.limit_bytes() {
             beat = beat.wrapping_add(1);
             faults.report_health(beat);
         }
         // Nothing here needs a turn before new input or smoltcp's timers
-        // (which wait() takes into account; it sleeps at most
+        // (which sleep() takes into account; it sleeps at most
         // rt::net::MAX_SLEEP_NS, so an idle server still turns and reports
         // every 10 ms), except a persistent injected fault's moment.
-        net.wait(faults.wake_at());
+        net.sleep(faults.wake_at());
     }
 }
 
@@ -437,11 +442,12 @@ fn shut_down(net: &mut Net, pool: &mut [Client], faults: &Injector) -> ! {
     let deadline = net.now_ns().saturating_add(SHUTDOWN_GRACE_NS);
     let mut beat: u32 = 0;
     loop {
-        net.wait(Some(deadline));
-        let now = net.poll();
+        net.send();
         // Closing down is doing what was asked: still healthy.
         beat = beat.wrapping_add(1);
         faults.report_health(beat);
+        net.sleep(Some(deadline));
+        let now = net.poll();
         let waiting = pool
             .iter()
             .filter(|client| {

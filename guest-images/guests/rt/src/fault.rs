@@ -26,6 +26,11 @@
 //!     clock and state, so a copy resumed from before it faults again when
 //!     it gets there (a Bohrbug).
 //!
+//! Guests tick the injector once per turn of their main loop, after the
+//! turn's outputs went out and before the turn's health report: a fault then
+//! strikes after outputs that the last healthy point does not cover, the
+//! stretch that `--output-mode fast` may have released and has to roll back.
+//!
 //! Without `fault` the injector does nothing and costs nothing (no exit). A
 //! bad value is a [`ParamError`]: the guest prints it as one line and powers
 //! off with its bad-parameter status ([`BAD_PARAM_STATUS`]).

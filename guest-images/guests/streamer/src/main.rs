@@ -38,7 +38,8 @@
 //! second with none taken by the NIC (a wedged stream). Turns come at least
 //! every 10 ms (`rt::net::MAX_SLEEP_NS`) whatever the rate. Fault injection:
 //! `--param fault=...` with `fault_mtbf_ms=N` or `fault_after_ms=N`
-//! (`rt::fault`), ticked once per turn.
+//! (`rt::fault`), ticked once per turn, after the turn's outputs and before
+//! its health report.
 //!
 //! Exits: 7 per datagram at rates the guest keeps up with (clock 2, health
 //! 1, notify 1, timer 2, HLT 1); a burst of k datagrams costs the same 7; an
@@ -197,7 +198,6 @@ fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address, mut faults: Inje
     let mut progress: u64 = 0;
     loop {
         let now = net.poll();
-        faults.tick(now);
 
         if let Phase::Resolving { retry } = phase {
             if let (true, Some(mac)) = (net.arp_seen(), net.arp_mac()) {
@@ -236,16 +236,19 @@ fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address, mut faults: Inje
                 settings.due(start, seq)
             }
         };
-        // The turn is done: healthy unless datagrams have been due for
-        // STALL_NS with not one taken by the NIC (a wedged stream). The
-        // value is free-form: the low half of the sequence number shows
-        // progress.
+        // Sends what this turn queued (the device transmits during the
+        // notify); then an injected fault may strike (after outputs the last
+        // healthy point does not cover); then the turn is done: healthy
+        // unless datagrams have been due for STALL_NS with not one taken by
+        // the NIC (a wedged stream). The value is free-form: the low half of
+        // the sequence number shows progress.
+        net.send();
+        faults.tick(now);
         if matches!(phase, Phase::Resolving { .. }) || now.saturating_sub(progress) < STALL_NS {
             faults.report_health(seq as u32);
         }
-        // Sends what this turn queued (the device transmits during the
-        // notify), then sleeps (at most rt::net::MAX_SLEEP_NS, 10 ms).
-        net.wait(Some(faults.wake_at().map_or(wake, |at| at.min(wake))));
+        // Sleeps (at most rt::net::MAX_SLEEP_NS, 10 ms).
+        net.sleep(Some(faults.wake_at().map_or(wake, |at| at.min(wake))));
         if settings.count == Some(seq) {
             rt::println!("streamer: sent {seq} datagrams");
             return 0;
