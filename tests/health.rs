@@ -55,9 +55,15 @@ fn try_status(control: &Path) -> Option<Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
-/// The containment events a status reports (`containments`), oldest first.
+/// The guest faults a status reports as contained: its `last_fault` when
+/// that is a containment (the live copy's view: `action` `contained`).
 fn containments(status: &Value) -> Vec<Value> {
-    status["containments"].as_array().cloned().unwrap_or_default()
+    let event = &status["last_fault"];
+    if event["action"] == "contained" {
+        vec![event.clone()]
+    } else {
+        Vec::new()
+    }
 }
 
 /// Paths of one pair's files.
@@ -380,4 +386,275 @@ fn kvm_netns_halt_experiment_kvstore_contained_keeps_the_connection_uncontained_
     assert!(with.survived, "{with:?}");
     let without = halt_experiment_kvstore(false);
     assert!(!without.survived && without.both_vmms_running, "VMware FT's outcome: {without:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Each health source alone.
+
+/// Starts a streamer pair with `extra` on `lab`, waits for the stream, then
+/// for the live copy's containment event; returns it. `before_fault` runs
+/// once the stream flows (to make a host-side source fail).
+fn contained_event(lab: &Lab, sock: &UdpSocket, extra: &[&str], before_fault: impl FnOnce()) -> Value {
+    let args = streamer_args(lab, extra);
+    let (primary, secondary, dir) = pair_of(lab, &strs(&args));
+    let files = PairFiles(dir.path());
+    // Drain what an earlier pair left, then see this one's stream start.
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seq = next_seq(sock).unwrap_or_else(|| panic!("no stream\n{}", files.logs()));
+        if seq < 50 || Instant::now() > deadline {
+            break;
+        }
+    }
+    before_fault();
+    let event = await_containment(dir.path(), FAULT_WAIT);
+    assert_eq!(event["action"], "contained", "{event}\n{}", files.logs());
+    drop((primary, secondary));
+    event
+}
+
+#[test]
+fn kvm_netns_each_health_source_alone_triggers_containment() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("hsrc");
+    let sock = stream_socket(&lab);
+    // Guest-side faults, each seen by one source (mean 300 ms after boot;
+    // a transient fault, so the copy that takes over usually runs on).
+    for (fault, source) in [
+        ("halt", "exit"),
+        ("panic", "exit"),
+        ("crash", "exit"),
+        ("hang", "hang watchdog"),
+        ("unhealthy", "health deadline"),
+    ] {
+        let f = format!("fault={fault}");
+        let event = contained_event(&lab, &sock, &["--param", &f, "--param", "fault_mtbf_ms=300"], || {});
+        assert_eq!(event["fault"], fault, "{event}");
+        assert_eq!(event["source"], source, "{event}");
+        eprintln!("{fault}: {event}");
+    }
+    // The host-side probe: the guest is fine, the probe's command fails on
+    // host a only (it names the host by its namespace), three times in a
+    // row.
+    let dir = tempfile::tempdir().unwrap();
+    let probe = format!("exec:test ! -e {}/fail-$(ip netns identify)", dir.path().display());
+    let fail_a = dir.path().join(format!("fail-{}", lab.host_a().netns().name()));
+    let event = contained_event(&lab, &sock, &["--probe", &probe, "--probe-failures", "3"], || {
+        std::fs::write(&fail_a, b"").unwrap();
+    });
+    assert_eq!((&event["fault"], &event["source"]), (&Value::from("probe"), &Value::from("probe")), "{event}");
+    eprintln!("probe: {event}");
+    // The primary's LAN side: its uplink loses carrier while the dedicated
+    // link and the heartbeats are fine (host b's uplink, same name, stays
+    // up).
+    let uplink = lab.host_a().lan_dev().to_string();
+    let event = contained_event(&lab, &sock, &["--uplink", &uplink], || {
+        lab.host_a().netns().set_link_up(&uplink, false);
+    });
+    assert_eq!((&event["fault"], &event["source"]), (&Value::from("lan"), &Value::from("lan")), "{event}");
+    eprintln!("uplink: {event}");
+}
+
+#[test]
+fn kvm_netns_a_probe_failing_fewer_times_than_its_threshold_is_no_fault() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("hprb");
+    let sock = stream_socket(&lab);
+    // The probe's script fails its runs 5 and 6 (two in a row, under the
+    // threshold of 3), passes every other, and counts them in a file.
+    let dir = tempfile::tempdir().unwrap();
+    let count = dir.path().join("count");
+    let script = dir.path().join("probe.sh");
+    std::fs::write(&count, b"0\n").unwrap();
+    std::fs::write(
+        &script,
+        format!(
+            "n=$(cat {c}); echo $((n + 1)) > {c}.new && mv {c}.new {c}; [ \"$n\" -ne 5 ] && [ \"$n\" -ne 6 ]\n",
+            c = count.display()
+        ),
+    )
+    .unwrap();
+    let probe = format!("exec:sh {}", script.display());
+    let args = streamer_args(&lab, &["--probe", &probe, "--probe-failures", "3", "--probe-interval-ms", "50"]);
+    let (mut primary, _secondary, pair_dir) = pair_of(&lab, &strs(&args));
+    let files = PairFiles(pair_dir.path());
+    next_seq(&sock).unwrap_or_else(|| panic!("no stream\n{}", files.logs()));
+    // Well past the two failures: 20 probes run.
+    let probes = || std::fs::read_to_string(&count).ok().and_then(|t| t.trim().parse::<u32>().ok()).unwrap_or(0);
+    assert!(lab::wait_for(Duration::from_secs(30), || probes() >= 20), "the probe ran {} times", probes());
+    let st = try_status(&files.primary_sock()).unwrap_or_else(|| panic!("the primary is gone\n{}", files.logs()));
+    assert_eq!(st["faults"], 0, "{st}");
+    assert_eq!(st["role"], "primary", "{st}");
+    assert!(primary.0.try_wait().unwrap().is_none(), "the primary stopped\n{}", files.logs());
+    let seq = next_seq(&sock).unwrap_or_else(|| panic!("the stream stopped\n{}", files.logs()));
+    eprintln!("probe failed twice of {} runs: no fault, stream at {seq}", probes());
+}
+
+// ---------------------------------------------------------------------------
+// A persistent fault: contained once, then escalated.
+
+#[test]
+fn kvm_netns_a_persistent_fault_escalates_after_one_containment_and_stops_with_5() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("hesc");
+    let sock = stream_socket(&lab);
+    // At 1.5 s of guest clock from boot, in the primary and again in the
+    // copy that resumed from before it.
+    let extra = ["--param", "fault=panic", "--param", "fault_after_ms=1500", "--on-fault", "stop"];
+    let args = streamer_args(&lab, &extra);
+    let (mut primary, mut secondary, dir) = pair_of(&lab, &strs(&args));
+    let files = PairFiles(dir.path());
+    next_seq(&sock).unwrap_or_else(|| panic!("no stream\n{}", files.logs()));
+    let code = exit_code(&mut secondary, FAULT_WAIT);
+    let log = files.logs();
+    assert_eq!(code, Some(5), "the live copy stops with 5 (fault escalated)\n{log}");
+    let _ = exit_code(&mut primary, Duration::from_secs(30));
+    // It was contained once first: the secondary went live.
+    assert!(log.contains("contained"), "{log}");
+    assert!(log.contains("escalated"), "{log}");
+}
+
+#[test]
+fn kvm_netns_a_persistent_fault_with_on_fault_restart_boots_the_guest_afresh() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("hrst");
+    let sock = stream_socket(&lab);
+    let extra = ["--param", "fault=crash", "--param", "fault_after_ms=1500", "--on-fault", "restart"];
+    let args = streamer_args(&lab, &extra);
+    let (_primary, _secondary, dir) = pair_of(&lab, &strs(&args));
+    let files = PairFiles(dir.path());
+    // The stream runs to the fault; after the containment the fault
+    // recurs, and the live copy boots the guest again: the stream starts
+    // again from 0.
+    let mut highest = 0;
+    let deadline = Instant::now() + FAULT_WAIT;
+    loop {
+        let seq = next_seq(&sock).unwrap_or_else(|| panic!("the stream stopped\n{}", files.logs()));
+        if seq + 200 < highest {
+            eprintln!("restarted: {seq} after {highest}");
+            break;
+        }
+        highest = highest.max(seq);
+        assert!(Instant::now() < deadline, "no restart\n{}", files.logs());
+    }
+    assert!(highest >= 1000, "the first run streamed for about 1.5 s: {highest}");
+    let st = try_status(&files.secondary_sock()).unwrap_or_default();
+    assert!(st["faults"].as_u64().is_some_and(|n| n >= 2), "{st}\n{}", files.logs());
+}
+
+// ---------------------------------------------------------------------------
+// Output modes across a containment, with kvstore and a real client.
+
+/// What one kvstore client saw across one containment.
+#[derive(Debug)]
+struct Writes {
+    /// INCRs acknowledged before the containment was seen.
+    acked: u64,
+    /// The counter's value read afterwards on a new connection.
+    kept: u64,
+    /// The client's own connection still worked after the containment.
+    connection_kept: bool,
+}
+
+/// A client INCRs one counter back to back on one connection until the
+/// live copy reports the containment of an `unhealthy` fault (the guest
+/// serves on for the health deadline after its last report: the stretch
+/// `fast` releases and a containment rolls back), then checks its
+/// connection and reads the counter on a new one.
+fn writes_across_containment(mode: &str, name: &str) -> Writes {
+    let strict = mode == "strict";
+    let lab = Lab::pair(name);
+    let extra = ["--param", "fault=unhealthy", "--param", "fault_mtbf_ms=1500", "--output-mode", mode];
+    let args = kvstore_args(&lab, &extra);
+    let (_primary, _secondary, dir) = pair_of(&lab, &strs(&args));
+    let files = PairFiles(dir.path());
+    let mut s = common::connect_kvstore(&lab);
+    // strict: the client's TCP retransmits what the rolled-back copy never
+    // got, and the reply comes (30 s: a generous bound). fast: a client
+    // that saw rolled-back replies may wait forever; 5 s says it broke.
+    let patience = Duration::from_secs(if strict { 30 } else { 5 });
+    s.get_ref().set_read_timeout(Some(patience)).unwrap();
+    let mut acked = 0u64;
+    let mut connection_kept = true;
+    let deadline = Instant::now() + FAULT_WAIT;
+    let mut contained = false;
+    while !contained {
+        assert!(Instant::now() < deadline, "no containment\n{}", files.logs());
+        let answer = s.get_mut().write_all(&resp(&["INCR", "n"])).ok().and_then(|()| try_reply(&mut s));
+        match answer {
+            Some(r) if r == format!(":{}\r\n", acked + 1) => acked += 1,
+            // Each reply is also a read: in strict mode it never goes back.
+            other => {
+                assert!(!strict, "strict: {other:?} after {acked} acknowledged\n{}", files.logs());
+                connection_kept = false;
+                await_containment(dir.path(), FAULT_WAIT);
+                break;
+            }
+        }
+        if acked % 50 == 0 {
+            contained = try_status(&files.secondary_sock()).is_some_and(|st| !containments(&st).is_empty());
+        }
+    }
+    // The old connection after the containment: one more INCR.
+    let mut extra_incr = 0;
+    if connection_kept {
+        let answer = s.get_mut().write_all(&resp(&["INCR", "n"])).ok().and_then(|()| try_reply(&mut s));
+        connection_kept = answer.as_deref().is_some_and(|r| r.starts_with(':'));
+        assert!(!strict || connection_kept, "strict: {answer:?} after {acked} acknowledged\n{}", files.logs());
+        extra_incr = u64::from(connection_kept);
+    }
+    let mut t = common::connect_kvstore(&lab);
+    t.get_mut().write_all(&resp(&["GET", "n"])).unwrap();
+    let got = reply(&mut t);
+    let value: u64 = got.lines().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Writes { acked, kept: value.saturating_sub(extra_incr), connection_kept }
+}
+
+/// One RESP reply line (with a bulk string's body), or `None` when the
+/// connection failed or said nothing within its read timeout.
+fn try_reply(s: &mut std::io::BufReader<std::net::TcpStream>) -> Option<String> {
+    let mut line = String::new();
+    match std::io::BufRead::read_line(s, &mut line) {
+        Ok(n) if n > 0 => Some(line),
+        _ => None,
+    }
+}
+
+#[test]
+fn kvm_netns_strict_kvstore_loses_no_acknowledged_write_and_keeps_the_connection() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    for (trial, name) in ["hst1", "hst2"].into_iter().enumerate() {
+        let w = writes_across_containment("strict", name);
+        assert!(w.connection_kept, "strict: the client's connection broke: {w:?}");
+        assert_eq!(w.kept, w.acked, "strict: acknowledged writes lost: {w:?}");
+        eprintln!("strict trial {trial}: {w:?}");
+    }
+}
+
+#[test]
+fn kvm_netns_fast_kvstore_measures_the_acknowledged_writes_rolled_back() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let w = writes_across_containment("fast", "hfst");
+    // fast may roll back what the client saw after the last healthy point,
+    // never more than it acknowledged, and never anything before it.
+    assert!(w.kept <= w.acked, "{w:?}");
+    eprintln!(
+        "fast: {} of {} acknowledged INCRs rolled back; the client's connection {}",
+        w.acked - w.kept,
+        w.acked,
+        if w.connection_kept { "survived" } else { "broke" }
+    );
 }
