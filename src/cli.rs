@@ -398,6 +398,8 @@ mod tests {
             &["run", "--guest"],
             &["primary", "--heartbeat-ms", "often"],
             &["demo", "--guest", "nosuch"],
+            &["demo", "--fault", "explode"],
+            &["demo", "--fault", "halt", "--failure", "host"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), EXIT_USAGE, "ftvm {args:?}");
