@@ -212,6 +212,33 @@ fn classify_vcpu(e: &VcpuError) -> Option<FaultKind> {
     }
 }
 
+/// How a copy recovered from a fault (what `--fault-window` counts from).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// This copy went live from the last barrier after the primary's fault.
+    Containment,
+    /// This copy booted its guest again (`--on-fault restart`).
+    Restart,
+}
+
+/// What a copy that cannot hand a fault over does with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAction {
+    /// Boot the guest again from its image.
+    Restart,
+    /// Stop with exit status 5.
+    Stop,
+}
+
+/// A fault on a copy that cannot hand it over, and the decision.
+#[derive(Clone, Copy, Debug)]
+pub struct FaultDecision {
+    pub detected: Detected,
+    /// Within `--fault-window` of the last containment or restart.
+    pub escalated: bool,
+    pub action: FaultAction,
+}
+
 /// A fault one source saw.
 #[derive(Clone, Copy, Debug)]
 pub struct Detected {
@@ -236,6 +263,8 @@ pub struct Health {
     last_report: Mutex<Option<Instant>>,
     reports: AtomicU64,
     fault: Mutex<Option<Detected>>,
+    /// The last containment or restart this copy recovered by, and which.
+    recovered: Mutex<Option<(Instant, Recovery)>>,
     /// Sources failing now, below their threshold (probe, LAN): no barrier
     /// is logged while any is.
     failing: AtomicU32,
@@ -255,6 +284,7 @@ impl Health {
             last_report: Mutex::new(None),
             reports: AtomicU64::new(0),
             fault: Mutex::new(None),
+            recovered: Mutex::new(None),
             failing: AtomicU32::new(0),
             stop: OnceLock::new(),
         })
@@ -337,6 +367,47 @@ impl Health {
             }
         }
         self.fault()
+    }
+
+    /// This copy recovered from a fault now (went live after a
+    /// containment, or restarted its guest): a fault within
+    /// `--fault-window` from here escalates.
+    pub fn recovered(&self, how: Recovery) {
+        *lock(&self.recovered) = Some((Instant::now(), how));
+    }
+
+    /// A live copy that cannot hand over (it runs alone) ended its run
+    /// with `outcome`: if that was a fault, decide with `--on-fault` and
+    /// `--fault-window`, and record the event on `board`. A fault within
+    /// the window after a containment is not contained again: `--on-fault`
+    /// decides; within the window after a restart, the restart did not
+    /// cure it, so the copy stops (status 5) whatever `--on-fault` says.
+    pub fn decide(&self, outcome: &Result<RunOutcome, VmError>, board: &crate::status::Board) -> Option<FaultDecision> {
+        let detected = self.ended(outcome)?;
+        let recovered = *lock(&self.recovered);
+        let within = recovered.filter(|(at, _)| detected.at.saturating_duration_since(*at) < self.config.fault_window);
+        let escalated = within.is_some();
+        let action = match (self.config.on_fault, within.map(|(_, how)| how)) {
+            (OnFault::Restart, Some(Recovery::Restart)) | (OnFault::Stop, _) => FaultAction::Stop,
+            (OnFault::Restart, _) => FaultAction::Restart,
+        };
+        let at = detected.at.elapsed();
+        board.fault(crate::status::FaultEvent {
+            source: detected.source,
+            fault: detected.kind,
+            action: match action {
+                FaultAction::Restart => "restart",
+                FaultAction::Stop => "stop",
+            },
+            escalated,
+            at: crate::status::rfc3339(std::time::SystemTime::now()),
+            exit: None,
+            barrier_exit: None,
+            reaction_ms: crate::status::millis(detected.reaction),
+            recovery_ms: crate::status::millis(at),
+            outage_ms: crate::status::millis(detected.reaction + at),
+        });
+        Some(FaultDecision { detected, escalated, action })
     }
 
     /// Forget the fault (a guest restarted from a clean boot).
@@ -561,6 +632,30 @@ fn gateway_answers(gw: Ipv4Addr) -> bool {
                 .and_then(|x| u32::from_str_radix(x.trim_start_matches("0x"), 16).ok())
                 .is_some_and(|x| x & 0x2 != 0)
     })
+}
+
+/// A boxed input source, as an input source.
+pub struct BoxedInput(pub Box<dyn InputSource>);
+
+impl InputSource for BoxedInput {
+    fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
+        self.0.on_exit(exit, kind)
+    }
+    fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
+        self.0.clock_ns(exit)
+    }
+    fn entropy(&mut self, exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
+        self.0.entropy(exit, buf)
+    }
+    fn halt(&mut self, exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
+        self.0.halt(exit, deadline)
+    }
+    fn receive_frame(&mut self, exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        self.0.receive_frame(exit)
+    }
+    fn digest(&mut self, exit: ExitIndex, digest: &StateDigest) -> Result<(), HookError> {
+        self.0.digest(exit, digest)
+    }
 }
 
 /// The input hook of health: a halt with no deadline is a fault.

@@ -361,6 +361,7 @@ impl Board {
             Role::Standalone => (None, None),
         };
         let arbiter = lock(&self.arbiter).clone();
+        let (containment, output_mode) = *lock(&self.health);
         Status {
             name: self.name.clone(),
             role,
@@ -385,8 +386,8 @@ impl Board {
             arbiter_generation: arbiter.map(|(_, g)| g),
             last_failure: self.last_failure(),
             heartbeats: self.heartbeats.get().map(|w| HeartbeatCounts::from(*w.borrow())),
-            containment: lock(&self.health).0,
-            output_mode: lock(&self.health).1,
+            containment,
+            output_mode,
             last_barrier_exit: match self.last_barrier_exit.load(Ordering::Relaxed) {
                 0 => None,
                 e => Some(e),

@@ -166,7 +166,11 @@ impl SwitchInput {
         let ended = HookError::Ended { exit_index: exit };
         while let Some(hold) = self.limits.hold(exit, self.lifted) {
             match self.next_decision(Duration::from_millis(2)) {
-                Err(()) => return Err(ended),
+                // No decision can come: end here, unless the hold was lifted
+                // meanwhile (the primary's clean end arrived just before its
+                // channel closed).
+                Err(()) if self.limits.hold(exit, self.lifted).is_some() => return Err(ended),
+                Err(()) => {}
                 Ok(None) => {}
                 Ok(Some(Decision::Stop)) => return Err(ended),
                 Ok(Some(Decision::GoLive)) if self.limits.fault().is_none() => {

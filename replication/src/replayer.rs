@@ -30,6 +30,9 @@ pub struct ReplayLimits {
     barrier: AtomicU64,
     /// The exit of the primary's guest fault; 0: none.
     fault: AtomicU64,
+    /// The primary ended cleanly (its Shutdown record, an orderly close):
+    /// replay everything to that end.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 /// Where replay must wait at an exit, and why.
@@ -65,6 +68,12 @@ impl ReplayLimits {
         let _ = self.fault.compare_exchange(0, exit.0.max(1), Ordering::SeqCst, Ordering::SeqCst);
     }
 
+    /// The primary ended cleanly: nothing can be rolled back, replay to
+    /// its end.
+    pub fn primary_ended(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
     /// The exit of the last barrier received.
     pub fn last_barrier(&self) -> Option<ExitIndex> {
         match self.barrier.load(Ordering::SeqCst) {
@@ -88,6 +97,7 @@ impl ReplayLimits {
         if !self.containment {
             return None;
         }
+        let lifted = lifted || self.ended.load(Ordering::SeqCst);
         let barrier = self.last_barrier();
         match (self.fault(), barrier) {
             (Some(_), Some(barrier)) if exit > barrier => Some(Hold::Barrier { barrier }),
