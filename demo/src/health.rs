@@ -229,6 +229,9 @@ fn trial_from_event(event: Option<&serde_json::Value>) -> (Option<String>, Optio
 fn streamer_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], stop: &Stop) -> Result<FaultTrial> {
     let client_ip = lab.client_ip();
     let sock = lab.client().run(move || UdpSocket::bind((client_ip, 5004)))?;
+    // The copy that takes over catches up in bursts of up to 128 datagrams:
+    // more than a default receive buffer holds.
+    ftvm_lab::force_receive_buffer(&sock, 8 << 20).context("cannot enlarge the client's receive buffer")?;
     sock.set_read_timeout(Some(Duration::from_secs(20)))?;
     let (mut primary, mut secondary) = start_pair(lab, dir, args)?;
     let mut buf = [0u8; 2048];
