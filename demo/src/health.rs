@@ -437,7 +437,7 @@ fn write_fault_report(
     writeln!(out)?;
     writeln!(
         out,
-        "guest {guest:?}, injected fault: {fault:?} (transient, mean 1-3 s after boot; --health-deadline-ms 1000)"
+        "guest {guest:?}, injected fault: {fault:?} (transient, mean 1-3 s after boot; --health-deadline-ms 1000, --dead-after 30)"
     )?;
     writeln!(out)?;
     writeln!(out, "{:<28} {:>14} {:>22}", "", "ftvm containment", "containment off (VMware FT)")?;
@@ -490,7 +490,7 @@ pub fn fault_demo(guest: DemoGuest, fault: DemoFault) -> Result<()> {
             output_mode: "strict",
             // So that the injected fault, not a health report missed on a
             // busy host, is what the pair sees.
-            flags: vec!["--health-deadline-ms".into(), "1000".into()],
+            flags: ["--health-deadline-ms", "1000", "--dead-after", "30"].map(String::from).to_vec(),
         };
         let t = fault_trial(&lab, &setup, &stop).map_err(|e| stop.interrupted_or(e))?;
         drop(lab);
