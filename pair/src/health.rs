@@ -358,7 +358,7 @@ impl Health {
     /// (a fault another source fired first stays). The fault seen.
     pub fn ended(&self, outcome: &Result<RunOutcome, VmError>) -> Option<Detected> {
         if let Some(kind) = classify(outcome) {
-            if self.config.containment && self.is_armed() {
+            if self.config.containment {
                 let mut fault = lock(&self.fault);
                 if fault.is_none() {
                     *fault =
@@ -408,6 +408,14 @@ impl Health {
             outage_ms: crate::status::millis(detected.reaction + at),
         });
         Some(FaultDecision { detected, escalated, action })
+    }
+
+    /// Health for the same guest booted again (`--on-fault restart`): the
+    /// same settings, no fault, and the fault window counting from now.
+    pub fn restarted(&self) -> Arc<Health> {
+        let h = Health::new(self.config.clone());
+        h.recovered(Recovery::Restart);
+        h
     }
 
     /// Forget the fault (a guest restarted from a clean boot).
