@@ -236,7 +236,9 @@ pub fn secondary(
         return Ok(crate::exit::EXIT_SIGNAL_BASE + signal);
     }
     match end {
-        SecondaryEnd::WentLive(outcome) if health.containment() && pair::health::classify(&outcome).is_some() => {
+        SecondaryEnd::WentLive(outcome)
+            if health.containment() && (pair::health::classify(&outcome).is_some() || health.fault().is_some()) =>
+        {
             // The live copy faulted and has nobody to hand over to.
             let tap = match &settings.tap {
                 Some(name) => Some(Arc::new(
