@@ -212,6 +212,11 @@ pub struct DemoArgs {
     /// host falls silent, then SIGKILL: detection by heartbeats alone).
     #[arg(long, value_enum, default_value = "process")]
     pub failure: ftvm_demo::Failure,
+    /// Instead of failing the primary, make its guest fail (the thesis'
+    /// halt experiment with `halt`): once with containment, once without
+    /// (VMware FT's behaviour), side by side.
+    #[arg(long, value_enum, value_name = "halt|panic|crash|hang|unhealthy", conflicts_with = "failure")]
+    pub fault: Option<ftvm_demo::DemoFault>,
 }
 
 /// `ftvm arbiter`.
@@ -446,6 +451,8 @@ mod tests {
             &["run", "--guest"],
             &["primary", "--heartbeat-ms", "often"],
             &["demo", "--guest", "nosuch"],
+            &["demo", "--fault", "explode"],
+            &["demo", "--fault", "halt", "--failure", "host"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), EXIT_USAGE, "ftvm {args:?}");

@@ -6,6 +6,7 @@
 
 mod exits;
 mod failover;
+mod health;
 mod held;
 mod lockstep;
 mod net;
@@ -48,6 +49,22 @@ pub enum BenchCommand {
     /// streamer at a high rate, the primary's RSS each second (needs root
     /// and KVM).
     Held(HeldBenchArgs),
+    /// Application failures: the client-seen outage per health source,
+    /// `fast` and `strict`, median and p95; the thesis' halt experiment with
+    /// and without containment; what `strict` adds to a kvstore request's
+    /// p50 (needs root and KVM).
+    Health(HealthBenchArgs),
+}
+
+/// `ftvm-bench health`.
+#[derive(Debug, Args)]
+pub struct HealthBenchArgs {
+    /// Runs per row (each source and mode; each halt experiment).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `ftvm-bench held`.
@@ -130,6 +147,7 @@ fn main() -> ExitCode {
         BenchCommand::Streamer(a) => net::streamer(a.seconds, a.json),
         BenchCommand::Lockstep(a) => lockstep::lockstep(a.requests, a.clients, a.json),
         BenchCommand::Held(a) => held::held(a.seconds, a.rate, a.baseline),
+        BenchCommand::Health(a) => health::bench(a.runs, a.json),
         BenchCommand::Failover(a) => {
             let failures = if a.failure.is_empty() { vec![Failure::Process, Failure::Host] } else { a.failure };
             failover::bench(a.reps, &failures, a.json)
