@@ -262,6 +262,9 @@ pub struct Health {
     /// The last health report; `None` until the first.
     last_report: Mutex<Option<Instant>>,
     reports: AtomicU64,
+    /// Guest exits seen (where the guest is live): a missed report counts
+    /// only if the guest ran on past its deadline.
+    exits: AtomicU64,
     fault: Mutex<Option<Detected>>,
     /// The last containment or restart this copy recovered by, and which.
     recovered: Mutex<Option<(Instant, Recovery)>>,
@@ -283,6 +286,7 @@ impl Health {
             closing: AtomicBool::new(false),
             last_report: Mutex::new(None),
             reports: AtomicU64::new(0),
+            exits: AtomicU64::new(0),
             fault: Mutex::new(None),
             recovered: Mutex::new(None),
             failing: AtomicU32::new(0),
@@ -462,7 +466,13 @@ impl Health {
         Ok(())
     }
 
+    /// The deadline and hang watchdog. A report is missed only when the
+    /// guest went on running (made exits) past its deadline without one: a
+    /// vCPU thread the host did not schedule, or a guest asleep, has not
+    /// missed anything yet (a guest stuck inside the guest is the hang
+    /// watchdog's).
     fn watchdog(&self, stop: &StopHandle, tick: Duration) {
+        let mut overdue_at: Option<u64> = None;
         while !self.closing.load(Ordering::SeqCst) && !stop.is_stopped() {
             std::thread::sleep(tick);
             if !self.is_armed() {
@@ -470,8 +480,15 @@ impl Health {
             }
             if let (Some(deadline), Some(last)) = (self.config.deadline, *lock(&self.last_report)) {
                 let missed = last.elapsed();
-                if missed > deadline {
-                    self.fire(FaultKind::Unhealthy, missed);
+                let exits = self.exits.load(Ordering::Relaxed);
+                if missed <= deadline {
+                    overdue_at = None;
+                } else if let Some(at) = overdue_at {
+                    if exits > at {
+                        self.fire(FaultKind::Unhealthy, missed);
+                    }
+                } else {
+                    overdue_at = Some(exits);
                 }
             }
             if let (Some(hang), Some(inside)) = (self.config.hang, stop.in_guest_for()) {
@@ -674,6 +691,7 @@ pub struct HealthInput<I> {
 
 impl<I: InputSource> InputSource for HealthInput<I> {
     fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
+        self.health.exits.fetch_add(1, Ordering::Relaxed);
         self.inner.on_exit(exit, kind)
     }
     fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
@@ -759,6 +777,19 @@ impl<S: OutputSink> OutputSink for HealthSink<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoInput;
+    impl InputSource for NoInput {
+        fn clock_ns(&mut self, _: ExitIndex) -> Result<u64, HookError> {
+            Ok(0)
+        }
+        fn entropy(&mut self, _: ExitIndex, _: &mut [u8]) -> Result<(), HookError> {
+            Ok(())
+        }
+        fn halt(&mut self, _: ExitIndex, _: Option<u64>) -> Result<Wake, HookError> {
+            Ok(Wake::Deadline)
+        }
+    }
 
     fn vcpu(e: VcpuError) -> Result<RunOutcome, VmError> {
         Err(VmError::Vcpu(e))
@@ -849,8 +880,16 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(h.fault().is_none());
         h.report();
+        // A guest that makes no exits (not scheduled, asleep) misses nothing.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(h.fault().is_none(), "a guest that did not run past its deadline missed no report");
+        // It runs on without reporting: a missed report.
+        let mut input = h.input(NoInput);
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut exit = 0;
         while h.fault().is_none() && Instant::now() < deadline {
+            exit += 1;
+            input.on_exit(ExitIndex(exit), &ExitKind::Hlt).unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }
         let f = h.fault().expect("the missed report fired");
