@@ -262,9 +262,10 @@ pub struct Health {
     /// The last health report; `None` until the first.
     last_report: Mutex<Option<Instant>>,
     reports: AtomicU64,
-    /// Guest exits seen (where the guest is live): a missed report counts
-    /// only if the guest ran on past its deadline.
-    exits: AtomicU64,
+    /// Halts seen (where the guest is live): a turn of the guest's main loop
+    /// ends in one, after its health report; a missed report counts only
+    /// if the guest finished a turn past its deadline without one.
+    halts: AtomicU64,
     fault: Mutex<Option<Detected>>,
     /// The last containment or restart this copy recovered by, and which.
     recovered: Mutex<Option<(Instant, Recovery)>>,
@@ -286,7 +287,7 @@ impl Health {
             closing: AtomicBool::new(false),
             last_report: Mutex::new(None),
             reports: AtomicU64::new(0),
-            exits: AtomicU64::new(0),
+            halts: AtomicU64::new(0),
             fault: Mutex::new(None),
             recovered: Mutex::new(None),
             failing: AtomicU32::new(0),
@@ -467,10 +468,10 @@ impl Health {
     }
 
     /// The deadline and hang watchdog. A report is missed only when the
-    /// guest went on running (made exits) past its deadline without one: a
-    /// vCPU thread the host did not schedule, or a guest asleep, has not
-    /// missed anything yet (a guest stuck inside the guest is the hang
-    /// watchdog's).
+    /// guest finished a turn (halted) after its deadline without reporting:
+    /// a vCPU thread the host did not schedule for a while, or a turn that
+    /// is still under way, has missed nothing yet (a guest stuck inside a
+    /// turn without exits is the hang watchdog's).
     fn watchdog(&self, stop: &StopHandle, tick: Duration) {
         let mut overdue_at: Option<u64> = None;
         while !self.closing.load(Ordering::SeqCst) && !stop.is_stopped() {
@@ -478,17 +479,19 @@ impl Health {
             if !self.is_armed() {
                 continue;
             }
+            // Halts first: a halt seen here comes after the report of its
+            // turn, which the read of the last report below then sees.
+            let halts = self.halts.load(Ordering::SeqCst);
             if let (Some(deadline), Some(last)) = (self.config.deadline, *lock(&self.last_report)) {
                 let missed = last.elapsed();
-                let exits = self.exits.load(Ordering::Relaxed);
                 if missed <= deadline {
                     overdue_at = None;
                 } else if let Some(at) = overdue_at {
-                    if exits > at {
+                    if halts > at {
                         self.fire(FaultKind::Unhealthy, missed);
                     }
                 } else {
-                    overdue_at = Some(exits);
+                    overdue_at = Some(halts);
                 }
             }
             if let (Some(hang), Some(inside)) = (self.config.hang, stop.in_guest_for()) {
@@ -691,7 +694,6 @@ pub struct HealthInput<I> {
 
 impl<I: InputSource> InputSource for HealthInput<I> {
     fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
-        self.health.exits.fetch_add(1, Ordering::Relaxed);
         self.inner.on_exit(exit, kind)
     }
     fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
@@ -701,6 +703,7 @@ impl<I: InputSource> InputSource for HealthInput<I> {
         self.inner.entropy(exit, buf)
     }
     fn halt(&mut self, exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
+        self.health.halts.fetch_add(1, Ordering::SeqCst);
         if deadline.is_none() && self.health.containment() && self.health.is_armed() {
             return Err(HookError::HaltedForever { exit_index: exit });
         }
@@ -880,16 +883,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(h.fault().is_none());
         h.report();
-        // A guest that makes no exits (not scheduled, asleep) misses nothing.
+        // A guest that finishes no turn (not scheduled, asleep) misses
+        // nothing.
         std::thread::sleep(Duration::from_millis(100));
         assert!(h.fault().is_none(), "a guest that did not run past its deadline missed no report");
-        // It runs on without reporting: a missed report.
+        // It turns on (halts) without reporting: a missed report.
         let mut input = h.input(NoInput);
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut exit = 0;
         while h.fault().is_none() && Instant::now() < deadline {
             exit += 1;
-            input.on_exit(ExitIndex(exit), &ExitKind::Hlt).unwrap();
+            input.halt(ExitIndex(exit), Some(1)).unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }
         let f = h.fault().expect("the missed report fired");
