@@ -239,7 +239,9 @@ pub fn secondary(
         SecondaryEnd::WentLive(outcome)
             if health.containment() && (pair::health::classify(&outcome).is_some() || health.fault().is_some()) =>
         {
-            // The live copy faulted and has nobody to hand over to.
+            // The live copy faulted and has nobody to hand over to. Its VM
+            // (and the TAP it holds) goes first.
+            drop(vm);
             let tap = match &settings.tap {
                 Some(name) => Some(Arc::new(
                     vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?,
