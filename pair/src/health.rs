@@ -262,6 +262,10 @@ pub struct Health {
     /// The last health report; `None` until the first.
     last_report: Mutex<Option<Instant>>,
     reports: AtomicU64,
+    /// Halts seen (where the guest is live): a turn of the guest's main loop
+    /// ends in one, after its health report; a missed report counts only
+    /// if the guest finished a turn past its deadline without one.
+    halts: AtomicU64,
     fault: Mutex<Option<Detected>>,
     /// The last containment or restart this copy recovered by, and which.
     recovered: Mutex<Option<(Instant, Recovery)>>,
@@ -283,6 +287,7 @@ impl Health {
             closing: AtomicBool::new(false),
             last_report: Mutex::new(None),
             reports: AtomicU64::new(0),
+            halts: AtomicU64::new(0),
             fault: Mutex::new(None),
             recovered: Mutex::new(None),
             failing: AtomicU32::new(0),
@@ -358,7 +363,7 @@ impl Health {
     /// (a fault another source fired first stays). The fault seen.
     pub fn ended(&self, outcome: &Result<RunOutcome, VmError>) -> Option<Detected> {
         if let Some(kind) = classify(outcome) {
-            if self.config.containment && self.is_armed() {
+            if self.config.containment {
                 let mut fault = lock(&self.fault);
                 if fault.is_none() {
                     *fault =
@@ -410,6 +415,14 @@ impl Health {
         Some(FaultDecision { detected, escalated, action })
     }
 
+    /// Health for the same guest booted again (`--on-fault restart`): the
+    /// same settings, no fault, and the fault window counting from now.
+    pub fn restarted(&self) -> Arc<Health> {
+        let h = Health::new(self.config.clone());
+        h.recovered(Recovery::Restart);
+        h
+    }
+
     /// Forget the fault (a guest restarted from a clean boot).
     pub fn reset(&self) {
         *lock(&self.fault) = None;
@@ -454,16 +467,31 @@ impl Health {
         Ok(())
     }
 
+    /// The deadline and hang watchdog. A report is missed only when the
+    /// guest finished a turn (halted) after its deadline without reporting:
+    /// a vCPU thread the host did not schedule for a while, or a turn that
+    /// is still under way, has missed nothing yet (a guest stuck inside a
+    /// turn without exits is the hang watchdog's).
     fn watchdog(&self, stop: &StopHandle, tick: Duration) {
+        let mut overdue_at: Option<u64> = None;
         while !self.closing.load(Ordering::SeqCst) && !stop.is_stopped() {
             std::thread::sleep(tick);
             if !self.is_armed() {
                 continue;
             }
+            // Halts first: a halt seen here comes after the report of its
+            // turn, which the read of the last report below then sees.
+            let halts = self.halts.load(Ordering::SeqCst);
             if let (Some(deadline), Some(last)) = (self.config.deadline, *lock(&self.last_report)) {
                 let missed = last.elapsed();
-                if missed > deadline {
-                    self.fire(FaultKind::Unhealthy, missed);
+                if missed <= deadline {
+                    overdue_at = None;
+                } else if let Some(at) = overdue_at {
+                    if halts > at {
+                        self.fire(FaultKind::Unhealthy, missed);
+                    }
+                } else {
+                    overdue_at = Some(halts);
                 }
             }
             if let (Some(hang), Some(inside)) = (self.config.hang, stop.in_guest_for()) {
@@ -675,6 +703,7 @@ impl<I: InputSource> InputSource for HealthInput<I> {
         self.inner.entropy(exit, buf)
     }
     fn halt(&mut self, exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
+        self.health.halts.fetch_add(1, Ordering::SeqCst);
         if deadline.is_none() && self.health.containment() && self.health.is_armed() {
             return Err(HookError::HaltedForever { exit_index: exit });
         }
@@ -751,6 +780,19 @@ impl<S: OutputSink> OutputSink for HealthSink<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct NoInput;
+    impl InputSource for NoInput {
+        fn clock_ns(&mut self, _: ExitIndex) -> Result<u64, HookError> {
+            Ok(0)
+        }
+        fn entropy(&mut self, _: ExitIndex, _: &mut [u8]) -> Result<(), HookError> {
+            Ok(())
+        }
+        fn halt(&mut self, _: ExitIndex, _: Option<u64>) -> Result<Wake, HookError> {
+            Ok(Wake::Deadline)
+        }
+    }
 
     fn vcpu(e: VcpuError) -> Result<RunOutcome, VmError> {
         Err(VmError::Vcpu(e))
@@ -841,8 +883,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         assert!(h.fault().is_none());
         h.report();
+        // A guest that finishes no turn (not scheduled, asleep) misses
+        // nothing.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(h.fault().is_none(), "a guest that did not run past its deadline missed no report");
+        // It turns on (halts) without reporting: a missed report.
+        let mut input = h.input(NoInput);
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut exit = 0;
         while h.fault().is_none() && Instant::now() < deadline {
+            exit += 1;
+            input.halt(ExitIndex(exit), Some(1)).unwrap();
             std::thread::sleep(Duration::from_millis(5));
         }
         let f = h.fault().expect("the missed report fired");

@@ -85,6 +85,12 @@ impl ScriptedGuest {
         if self.healthy_every > 0 && exit.0 % self.healthy_every == 0 && exit.0 <= self.healthy_until {
             self.output.signal(exit, GuestSignal::Healthy { value: 1 })?;
         }
+        if self.healthy_every > 0 && exit.0 % 16 == 0 {
+            // A guest that reports health ends each turn of its main loop
+            // with a halt with a deadline (what the missed-report watchdog
+            // counts turns by).
+            self.input.halt(exit, Some(1))?;
+        }
         Ok(())
     }
 
