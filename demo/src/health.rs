@@ -42,7 +42,7 @@ pub enum DemoFault {
     Panic,
     /// Triple fault.
     Crash,
-    /// Spin without exits (seen by the hang watchdog, `--hang-ms`).
+    /// Spin without exits (seen by the hang watchdog).
     Hang,
     /// Stop reporting health (seen by the health deadline).
     Unhealthy,
