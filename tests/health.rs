@@ -787,3 +787,17 @@ fn kvm_netns_fast_kvstore_measures_the_acknowledged_writes_rolled_back() {
         if w.connection_kept { "survived" } else { "broke" }
     );
 }
+
+#[test]
+fn kvm_netns_demo_fault_halt_shows_both_outcomes_side_by_side() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let out = common::ftvm().args(["demo", "--fault", "halt", "--guest", "streamer"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let service = stdout.lines().find(|l| l.starts_with("service")).unwrap_or_default();
+    assert!(service.contains("survived") && service.contains("dead, nothing took over"), "{stdout}");
+    assert!(stdout.contains("VMware FT") && stdout.contains("OpenSAF"), "{stdout}");
+    assert!(!lab::netns_list().iter().any(|n| n.contains("demof")), "the demo left namespaces behind");
+}
