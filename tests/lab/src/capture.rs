@@ -184,6 +184,14 @@ fn open_packet_socket(ifname: &str) -> io::Result<OwnedFd> {
     Ok(socket)
 }
 
+/// Gives a UDP socket a receive buffer of `bytes`, past `net.core.rmem_max`
+/// (SO_RCVBUFFORCE: root), for a receiver that must not drop a burst.
+pub fn force_receive_buffer(socket: &std::net::UdpSocket, bytes: libc::c_int) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    let fd = socket.as_fd().try_clone_to_owned()?;
+    setsockopt_int(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, bytes)
+}
+
 fn setsockopt_int(socket: &OwnedFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: value is a c_int that outlives the call, and its size is passed.
     let rc = unsafe {

@@ -45,7 +45,7 @@
 mod capture;
 mod tools;
 
-pub use capture::{Capture, Direction, Frame};
+pub use capture::{force_receive_buffer, Capture, Direction, Frame};
 pub use tools::{check_tool, find_in_path, require_tool, spawn, spawn_error, tool_missing, TOOL_PACKAGES};
 
 use std::cmp::Reverse;
