@@ -130,6 +130,59 @@ pub struct PairArgs {
     /// stops (for comparing the two hosts).
     #[arg(long, value_name = "FILE", hide = true)]
     pub state_dump: Option<PathBuf>,
+    /// Fault containment: on, a guest fault hands the guest over to the
+    /// secondary, which goes live from the last healthy point (barrier);
+    /// off, VMware FT's behaviour: the secondary replays into the fault
+    /// [default: on]
+    #[arg(long, value_name = "on|off")]
+    pub containment: Option<String>,
+    /// Once the guest has reported health at least once, a report missing
+    /// for this many milliseconds is a fault; 0: off, 1 to 600000
+    /// [default: 30]
+    #[arg(long, value_name = "N")]
+    pub health_deadline_ms: Option<u64>,
+    /// The vCPU inside the guest without a single exit for this many
+    /// milliseconds is a fault (time asleep in HLT does not count); 0: off,
+    /// else 100 to 600000 [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub hang_ms: Option<u64>,
+    /// A host-side probe of the service where the guest is live:
+    /// `tcp:PORT` connects to the guest's --ip, `exec:COMMAND` runs COMMAND
+    /// with sh -c (exit status 0: healthy)
+    #[arg(long, value_name = "tcp:PORT|exec:COMMAND")]
+    pub probe: Option<String>,
+    /// Milliseconds between probes, 1 to 600000 [default: 100]
+    #[arg(long, value_name = "MS")]
+    pub probe_interval_ms: Option<u64>,
+    /// A probe not answered within this many milliseconds failed, 1 to
+    /// 600000 [default: 100]
+    #[arg(long, value_name = "MS")]
+    pub probe_timeout_ms: Option<u64>,
+    /// Consecutive probe failures that make a fault, 1 to 1000 [default: 3]
+    #[arg(long, value_name = "N")]
+    pub probe_failures: Option<u32>,
+    /// The host interface the guest's clients come through: losing its
+    /// carrier (or the guest's --gateway no longer answering ARP from this
+    /// host) is a fault, handed over like a guest fault
+    #[arg(long, value_name = "IFACE")]
+    pub uplink: Option<String>,
+    /// What a copy that cannot hand a fault over does (running alone, the
+    /// channel down, or a fault within --fault-window of a containment):
+    /// `restart` boots the guest again from its image, `stop` exits with
+    /// status 5 [default: stop]
+    #[arg(long, value_name = "restart|stop")]
+    pub on_fault: Option<String>,
+    /// A fault within this many milliseconds after a containment (or a
+    /// restart) is not contained again (escalation), 0 to 86400000
+    /// [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub fault_window: Option<u64>,
+    /// `fast`: outputs go under the plain output rule (a containment may
+    /// roll back what a client saw since the last barrier); `strict`: an
+    /// output goes only once a barrier after it is acknowledged
+    /// [default: fast]
+    #[arg(long, value_name = "fast|strict")]
+    pub output_mode: Option<String>,
 }
 
 /// `ftvm primary GUEST-OPTS PAIR-OPTS --peer HOST:PORT`.
@@ -193,6 +246,11 @@ pub struct DemoArgs {
     /// host falls silent, then SIGKILL: detection by heartbeats alone).
     #[arg(long, value_enum, default_value = "process")]
     pub failure: ftvm_demo::Failure,
+    /// Instead of failing the primary, make its guest fail (the thesis'
+    /// halt experiment with `halt`): once with containment, once without
+    /// (VMware FT's behaviour), side by side.
+    #[arg(long, value_enum, value_name = "halt|panic|crash|hang|unhealthy", conflicts_with = "failure")]
+    pub fault: Option<ftvm_demo::DemoFault>,
 }
 
 /// `ftvm arbiter`.
@@ -432,6 +490,8 @@ mod tests {
             &["run", "--metrics", "nowhere"],
             &["primary", "--metrics", "127.0.0.1"],
             &["completions", "tcsh"],
+            &["demo", "--fault", "explode"],
+            &["demo", "--fault", "halt", "--failure", "host"],
         ] {
             let err = parse(args).unwrap_err();
             assert_eq!(err.exit_code(), EXIT_USAGE, "ftvm {args:?}");

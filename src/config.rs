@@ -215,6 +215,12 @@ pub enum ConfigError {
     ArbiterSpec { value: String },
     #[error("{flag} {value:?} is not a usable address: {reason}")]
     Address { flag: &'static str, value: String, reason: &'static str },
+    #[error("{flag} {value:?} is not understood: it takes {allowed}")]
+    Choice { flag: &'static str, value: String, allowed: String },
+    #[error("--probe {value:?} is not understood: the accepted forms are tcp:PORT (1 to 65535) and exec:COMMAND")]
+    ProbeSpec { value: String },
+    #[error("--uplink {value:?} is not an interface name (1 to 15 bytes, no '/' or white space)")]
+    UplinkInvalid { value: String },
 }
 
 impl ConfigError {
@@ -251,7 +257,10 @@ impl ConfigError {
             | Missing { .. }
             | OutOfRange { .. }
             | ArbiterSpec { .. }
-            | Address { .. } => EXIT_USAGE,
+            | Address { .. }
+            | Choice { .. }
+            | ProbeSpec { .. }
+            | UplinkInvalid { .. } => EXIT_USAGE,
         }
     }
 }
@@ -285,6 +294,17 @@ struct ConfigFile {
     max_lag_ms: Option<u64>,
     peer: Option<String>,
     listen: Option<String>,
+    containment: Option<String>,
+    health_deadline_ms: Option<u64>,
+    hang_ms: Option<u64>,
+    probe: Option<String>,
+    probe_interval_ms: Option<u64>,
+    probe_timeout_ms: Option<u64>,
+    probe_failures: Option<u32>,
+    uplink: Option<String>,
+    on_fault: Option<String>,
+    fault_window: Option<u64>,
+    output_mode: Option<String>,
 }
 
 impl ConfigFile {
@@ -298,6 +318,17 @@ impl ConfigFile {
             ("heartbeat-ms", self.heartbeat_ms.is_some()),
             ("dead-after", self.dead_after.is_some()),
             ("max-lag-ms", self.max_lag_ms.is_some()),
+            ("containment", self.containment.is_some()),
+            ("health-deadline-ms", self.health_deadline_ms.is_some()),
+            ("hang-ms", self.hang_ms.is_some()),
+            ("probe", self.probe.is_some()),
+            ("probe-interval-ms", self.probe_interval_ms.is_some()),
+            ("probe-timeout-ms", self.probe_timeout_ms.is_some()),
+            ("probe-failures", self.probe_failures.is_some()),
+            ("uplink", self.uplink.is_some()),
+            ("on-fault", self.on_fault.is_some()),
+            ("fault-window", self.fault_window.is_some()),
+            ("output-mode", self.output_mode.is_some()),
             ("peer", self.peer.is_some()),
             ("listen", self.listen.is_some()),
         ];
@@ -370,6 +401,139 @@ pub struct PairConfig {
     pub state_dump: Option<PathBuf>,
     /// `--peer` (primary) or `--listen` (secondary): a checked HOST:PORT.
     pub address: String,
+    /// Application health and containment.
+    pub health: HealthSettings,
+}
+
+/// The health flags, validated (README, "Application health").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSettings {
+    pub containment: bool,
+    /// 0: off.
+    pub health_deadline_ms: u64,
+    /// 0: off.
+    pub hang_ms: u64,
+    pub probe: Option<Probe>,
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub probe_failures: u32,
+    pub uplink: Option<String>,
+    pub on_fault_restart: bool,
+    pub fault_window_ms: u64,
+    pub strict: bool,
+}
+
+/// `--probe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    Tcp(u16),
+    Exec(String),
+}
+
+/// `--health-deadline-ms` when neither flag nor file gives one.
+pub const DEFAULT_HEALTH_DEADLINE_MS: u64 = 30;
+/// `--hang-ms` when neither flag nor file gives one.
+pub const DEFAULT_HANG_MS: u64 = 1000;
+/// `--fault-window` when neither flag nor file gives one.
+pub const DEFAULT_FAULT_WINDOW_MS: u64 = 10_000;
+
+fn choice(
+    flag: &'static str,
+    value: Option<String>,
+    default: &str,
+    allowed: [&'static str; 2],
+) -> Result<bool, ConfigError> {
+    let v = value.unwrap_or_else(|| default.to_string());
+    match allowed.iter().position(|a| *a == v) {
+        Some(i) => Ok(i == 0),
+        None => Err(ConfigError::Choice { flag, value: v, allowed: allowed.join(" or ") }),
+    }
+}
+
+fn resolve_health(pair: &PairArgs, file: &ConfigFile) -> Result<HealthSettings, ConfigError> {
+    let probe = match pair.probe.clone().or(file.probe.clone()) {
+        None => None,
+        Some(p) => Some(if let Some(port) = p.strip_prefix("tcp:") {
+            match port.parse::<u16>() {
+                Ok(port) if port > 0 => Probe::Tcp(port),
+                _ => return Err(ConfigError::ProbeSpec { value: p }),
+            }
+        } else if let Some(cmd) = p.strip_prefix("exec:").filter(|c| !c.trim().is_empty()) {
+            Probe::Exec(cmd.to_string())
+        } else {
+            return Err(ConfigError::ProbeSpec { value: p });
+        }),
+    };
+    let hang_ms = pair.hang_ms.or(file.hang_ms).unwrap_or(DEFAULT_HANG_MS);
+    if hang_ms != 0 && !(100..=600_000).contains(&hang_ms) {
+        return Err(ConfigError::OutOfRange { flag: "--hang-ms", value: hang_ms, min: 100, max: 600_000 });
+    }
+    let uplink = pair.uplink.clone().or(file.uplink.clone());
+    if let Some(u) = &uplink {
+        if u.is_empty() || u.len() > MAX_TAP_LEN || u.contains('/') || u.chars().any(char::is_whitespace) {
+            return Err(ConfigError::UplinkInvalid { value: u.clone() });
+        }
+    }
+    Ok(HealthSettings {
+        containment: choice(
+            "--containment",
+            pair.containment.clone().or(file.containment.clone()),
+            "on",
+            ["on", "off"],
+        )?,
+        health_deadline_ms: in_range(
+            "--health-deadline-ms",
+            pair.health_deadline_ms.or(file.health_deadline_ms),
+            DEFAULT_HEALTH_DEADLINE_MS,
+            0,
+            600_000,
+        )?,
+        hang_ms,
+        probe,
+        probe_interval_ms: in_range(
+            "--probe-interval-ms",
+            pair.probe_interval_ms.or(file.probe_interval_ms),
+            100,
+            1,
+            600_000,
+        )?,
+        probe_timeout_ms: in_range(
+            "--probe-timeout-ms",
+            pair.probe_timeout_ms.or(file.probe_timeout_ms),
+            100,
+            1,
+            600_000,
+        )?,
+        probe_failures: in_range(
+            "--probe-failures",
+            pair.probe_failures.or(file.probe_failures).map(u64::from),
+            3,
+            1,
+            1000,
+        )?
+        .try_into()
+        .unwrap_or(3),
+        uplink,
+        on_fault_restart: choice(
+            "--on-fault",
+            pair.on_fault.clone().or(file.on_fault.clone()),
+            "stop",
+            ["restart", "stop"],
+        )?,
+        fault_window_ms: in_range(
+            "--fault-window",
+            pair.fault_window.or(file.fault_window),
+            DEFAULT_FAULT_WINDOW_MS,
+            0,
+            86_400_000,
+        )?,
+        strict: choice(
+            "--output-mode",
+            pair.output_mode.clone().or(file.output_mode.clone()),
+            "fast",
+            ["strict", "fast"],
+        )?,
+    })
 }
 
 /// `--digest-every` when neither flag nor file gives one.
@@ -432,6 +596,7 @@ pub fn resolve_pair(
         max_lag_ms: in_range("--max-lag-ms", pair.max_lag_ms.or(file.max_lag_ms), DEFAULT_MAX_LAG_MS, 10, 600_000)?,
         state_dump: pair.state_dump.clone(),
         address,
+        health: resolve_health(pair, &file)?,
     };
     Ok((merge(guest, file)?, config))
 }

@@ -141,7 +141,10 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Keygen(args) => keygen(args.out.as_deref()),
         Command::Arbiter(args) => arbiter(&args),
         Command::Demo(args) => {
-            ftvm_demo::demo(args.guest, args.failure)?;
+            match args.fault {
+                Some(fault) => ftvm_demo::fault_demo(args.guest, fault)?,
+                None => ftvm_demo::demo(args.guest, args.failure)?,
+            }
             Ok(0)
         }
         Command::Completions(args) => {

@@ -18,8 +18,10 @@ use sha2::{Digest, Sha256};
 use vmm::world::{LiveInput, LiveOutput};
 use vmm::{Vm, VmConfig};
 
-use crate::config::{GuestSettings, PairConfig};
-use crate::exit::EXIT_LOST_ARBITER;
+use crate::config::{GuestSettings, PairConfig, Probe};
+use crate::exit::{EXIT_FAULT_ESCALATED, EXIT_LOST_ARBITER};
+use pair::health::{FaultAction, LanConfig, ProbeConfig, ProbeTarget};
+use pair::{Health, HealthConfig, OnFault, OutputMode};
 
 /// What the sessions need from PAIR-OPTS.
 impl PairConfig {
@@ -36,6 +38,44 @@ impl PairConfig {
     fn channel(&self, elf: &[u8], settings: &GuestSettings) -> Result<ChannelConfig> {
         let key = SharedKey::from_file(&self.key_file)?;
         Ok(ChannelConfig::new(key, identity(elf, settings)))
+    }
+
+    /// Application health from the health flags.
+    fn health(&self, settings: &GuestSettings) -> Result<Arc<Health>> {
+        let h = &self.health;
+        let ms = |n: u64| (n > 0).then(|| Duration::from_millis(n));
+        let probe = match &h.probe {
+            None => None,
+            Some(p) => Some(ProbeConfig {
+                target: match p {
+                    Probe::Tcp(port) => {
+                        let (ip, _) =
+                            settings.ip.ok_or_else(|| anyhow!("--probe tcp:{port} needs the guest's --ip"))?;
+                        ProbeTarget::Tcp(std::net::SocketAddr::new(ip.into(), *port))
+                    }
+                    Probe::Exec(command) => ProbeTarget::Exec(command.clone()),
+                },
+                interval: Duration::from_millis(h.probe_interval_ms),
+                timeout: Duration::from_millis(h.probe_timeout_ms),
+                failures: h.probe_failures,
+            }),
+        };
+        let lan = h.uplink.as_ref().map(|uplink| LanConfig {
+            uplink: Some(uplink.clone()),
+            gateway: settings.gateway,
+            interval: Duration::from_millis(h.probe_interval_ms),
+            failures: h.probe_failures,
+        });
+        Ok(Health::new(HealthConfig {
+            containment: h.containment,
+            deadline: ms(h.health_deadline_ms),
+            hang: ms(h.hang_ms),
+            on_fault: if h.on_fault_restart { OnFault::Restart } else { OnFault::Stop },
+            fault_window: Duration::from_millis(h.fault_window_ms),
+            output_mode: if h.strict { OutputMode::Strict } else { OutputMode::Fast },
+            probe,
+            lan,
+        }))
     }
 
     /// `--control`, or /run/ftvm/NAME.sock.
@@ -97,10 +137,13 @@ pub fn primary(
     // Caught from here: a signal while the pair forms and the VM is made is
     // kept for the VM, not lost.
     let signals = crate::catch_signals()?;
+    let serial = SharedSerial::new(serial);
+    let health = pair.health(settings)?;
     let mut session_config = PrimaryConfig::new(&settings.name, &pair.address, pair.channel(&config.elf, settings)?);
     session_config.failover = pair.failover();
     session_config.control = Some(pair.control_for(&settings.name));
-    let mut output = LiveOutput::new(serial);
+    session_config.health = Some(health.clone());
+    let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
     }
@@ -110,7 +153,7 @@ pub fn primary(
     }
     let input = |stop: &vmm::vcpu::StopHandle| {
         let live = LiveInput::new(0, vec![stop.wake_fd()]);
-        session.input(match tap {
+        session.input(match tap.clone() {
             Some(t) => live.with_tap(t),
             None => live,
         })
@@ -120,7 +163,20 @@ pub fn primary(
     let caught = signals.stop(&vm)?;
     let outcome = vm.run();
     let exit = vm.exit_index();
-    match session.finish(exit)? {
+    let board = session.board();
+    match session.finish_outcome(exit, &outcome)? {
+        PrimaryEnd::HandedOver(fault) => {
+            eprintln!(
+                "ftvm: primary {}: guest fault ({}, seen by {}) at guest exit #{exit}: handed over to the secondary, which goes live from the last healthy point; released nothing more",
+                settings.name,
+                fault.kind,
+                fault.source.as_str()
+            );
+            return Ok(EXIT_LOST_ARBITER);
+        }
+        PrimaryEnd::Faulted(_) => {
+            return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair.arbiter.as_deref());
+        }
         PrimaryEnd::LostArbiter => {
             eprintln!(
                 "ftvm: primary {}: lost the arbiter: the secondary went live; stopped at guest exit #{exit} without releasing anything",
@@ -160,6 +216,9 @@ pub fn secondary(
     session_config.failover = pair.failover();
     session_config.control = Some(pair.control_for(&settings.name));
     session_config.ack_delay = ack_delay;
+    let serial = SharedSerial::new(serial);
+    let health = pair.health(settings)?;
+    session_config.health = Some(health.clone());
     let session = SecondarySession::accept(session_config)?;
     if let Some(m) = metrics {
         m.serve(session.board())?;
@@ -168,7 +227,8 @@ pub fn secondary(
     // only after go-live.
     // Opened at go-live: until then a primary on the same host may hold it.
     let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
-    let (input, output) = session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, serial));
+    let (input, output) =
+        session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, Box::new(serial.clone())));
     let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
     let caught = signals.stop(&vm)?;
     let outcome = vm.run();
@@ -176,6 +236,7 @@ pub fn secondary(
         dump_state(&mut vm, config.memory_mib, path)?;
     }
     let (name, exit) = (&settings.name, vm.exit_index());
+    let board = session.board();
     let end = session.finish(outcome);
     let signal = caught.load(std::sync::atomic::Ordering::SeqCst);
     if signal != 0 && !matches!(end, SecondaryEnd::WentLive(_)) {
@@ -183,6 +244,18 @@ pub fn secondary(
         return Ok(crate::exit::EXIT_SIGNAL_BASE + signal);
     }
     match end {
+        SecondaryEnd::WentLive(outcome)
+            if health.containment() && (pair::health::classify(&outcome).is_some() || health.fault().is_some()) =>
+        {
+            // The live copy faulted and has nobody to hand over to.
+            let tap = match &settings.tap {
+                Some(name) => Some(Arc::new(
+                    vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?,
+                )),
+                None => None,
+            };
+            on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair.arbiter.as_deref())
+        }
         SecondaryEnd::WentLive(outcome) | SecondaryEnd::Guest(outcome) => crate::finish(settings, outcome, &caught),
         SecondaryEnd::LostArbiter => {
             eprintln!("ftvm: secondary {name}: the primary is unreachable but holds the arbiter; stopped at guest exit #{exit}");
@@ -203,5 +276,96 @@ pub fn secondary(
             "secondary {name}: primary lost; no --arbiter, so this copy stops (replayed to guest exit #{exit})"
         ))),
         SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
+    }
+}
+
+/// The serial console, shared by a guest and the guest booted again after a
+/// fault (`--on-fault restart`).
+#[derive(Clone)]
+struct SharedSerial(Arc<std::sync::Mutex<Box<dyn Write + Send>>>);
+
+impl SharedSerial {
+    fn new(w: Box<dyn Write + Send>) -> SharedSerial {
+        SharedSerial(Arc::new(std::sync::Mutex::new(w)))
+    }
+}
+
+impl Write for SharedSerial {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).flush()
+    }
+}
+
+/// A copy that holds the guest and cannot hand its fault over (it runs
+/// alone, the channel is down, or the fault came within `--fault-window` of
+/// a containment): `--on-fault` decides. `stop`: exit status 5. `restart`:
+/// boot the guest again from its image, alone (claiming the arbiter, if
+/// any, as `--unprotected-start` does), with its own health sources; a fault
+/// within `--fault-window` of a restart stops with status 5.
+#[allow(clippy::too_many_arguments)]
+fn on_fault(
+    settings: &GuestSettings,
+    config: &VmConfig,
+    tap: Option<Arc<vmm::tap::Tap>>,
+    serial: SharedSerial,
+    health: &Arc<Health>,
+    board: &pair::Board,
+    outcome: &Result<vmm::vcpu::RunOutcome, vmm::VmError>,
+    arbiter: Option<&str>,
+) -> Result<i32> {
+    let name = &settings.name;
+    let mut health = health.clone();
+    let mut outcome_now = None;
+    loop {
+        let outcome = outcome_now.as_ref().unwrap_or(outcome);
+        let Some(decision) = health.decide(outcome, board) else {
+            // Not a guest fault after all (a host-side failure).
+            eprintln!("ftvm: {name}: the guest stopped without a fault to act on");
+            return Ok(crate::exit::EXIT_ERROR);
+        };
+        let what = format!(
+            "guest fault ({}, seen by {}){}",
+            decision.detected.kind,
+            decision.detected.source.as_str(),
+            if decision.escalated { " within --fault-window of the last recovery: escalated" } else { "" }
+        );
+        if decision.action == FaultAction::Stop {
+            eprintln!("ftvm: {name}: {what}; --on-fault stop: stopping (status 5)");
+            return Ok(EXIT_FAULT_ESCALATED);
+        }
+        eprintln!("ftvm: {name}: {what}; --on-fault restart: booting the guest again from its image, UNPROTECTED");
+        health = health.restarted();
+        let ownership = arbiter.map(|a| pair::failover::claim_alone(a, name)).transpose()?;
+        let mut output = LiveOutput::new(Box::new(serial.clone()));
+        if let Some(t) = &tap {
+            output = output.with_tap(t.clone());
+        }
+        let output = health.sink(pair::primary::DynSink(Box::new(output)));
+        let h = health.clone();
+        let input = |stop: &vmm::vcpu::StopHandle| -> Box<dyn vmm::hook::InputSource> {
+            let live = LiveInput::new(0, vec![stop.wake_fd()]);
+            match tap.clone() {
+                Some(t) => Box::new(h.input(live.with_tap(t))),
+                None => Box::new(h.input(live)),
+            }
+        };
+        let mut vm =
+            Vm::new(config, input, Box::new(output)).with_context(|| format!("cannot restart guest {name}"))?;
+        health.arm();
+        health.watch(vm.stop_handle())?;
+        let caught = crate::stop_on_signals(&vm)?;
+        let ran = vm.run();
+        health.close();
+        if let Some(o) = ownership {
+            o.release();
+        }
+        let signalled = caught.load(std::sync::atomic::Ordering::SeqCst) != 0;
+        if signalled || (pair::health::classify(&ran).is_none() && health.fault().is_none()) {
+            return crate::finish(settings, ran, &caught);
+        }
+        outcome_now = Some(ran);
     }
 }

@@ -250,7 +250,7 @@ fn demo_help_names_only_flags_demo_takes() {
     assert!(flags.contains(&"--guest") && flags.contains(&"--failure"), "{help}");
     for flag in flags {
         assert!(
-            ["--guest", "--failure", "--help", "--version"].contains(&flag),
+            ["--guest", "--failure", "--fault", "--help", "--version"].contains(&flag),
             "`ftvm demo` takes no {flag}:\n{help}"
         );
     }

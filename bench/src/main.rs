@@ -6,6 +6,7 @@
 
 mod exits;
 mod failover;
+mod health;
 mod held;
 mod lockstep;
 mod net;
@@ -54,6 +55,11 @@ pub enum BenchCommand {
     /// QEMU's live migration of the same size on loopback (needs KVM and
     /// qemu-system-x86 for the baseline).
     Repair(RepairBenchArgs),
+    /// Application failures: the client-seen outage per health source,
+    /// `fast` and `strict`, median and p95; the thesis' halt experiment with
+    /// and without containment; what `strict` adds to a kvstore request's
+    /// p50 (needs root and KVM).
+    Health(HealthBenchArgs),
 }
 
 /// `ftvm-bench repair`.
@@ -66,6 +72,17 @@ pub struct RepairBenchArgs {
     #[arg(long)]
     pub no_qemu: bool,
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm-bench health`.
+#[derive(Debug, Args)]
+pub struct HealthBenchArgs {
+    /// Runs per row (each source and mode; each halt experiment).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -154,6 +171,7 @@ fn main() -> ExitCode {
             let sizes = if a.sizes.is_empty() { vec![64, 256, 1024] } else { a.sizes };
             repair::repair(&sizes, !a.no_qemu, a.json)
         }
+        BenchCommand::Health(a) => health::bench(a.runs, a.json),
         BenchCommand::Failover(a) => {
             let failures = if a.failure.is_empty() { vec![Failure::Process, Failure::Host] } else { a.failure };
             failover::bench(a.reps, &failures, a.json)

@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ftvm_lab::Lab;
 
+mod health;
+pub use health::{
+    fault_demo, fault_report, fault_trial, incr_latencies, random_mtbf_ms, Cause, DemoFault, FaultSetup, FaultTrial,
+};
+
 /// Which guest a trial protects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DemoGuest {

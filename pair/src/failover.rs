@@ -101,6 +101,9 @@ enum Hold {
     Won(Generation),
     /// The guest stopped: nothing is claimed any more.
     Retired,
+    /// The guest faulted and is being handed over: this side claims
+    /// nothing unless the handover fails ([`Failover::claim_after_handover`]).
+    Yielded,
 }
 
 fn lock_hold(m: &std::sync::Mutex<Hold>) -> std::sync::MutexGuard<'_, Hold> {
@@ -290,7 +293,7 @@ impl Failover {
         let ownership = self.ownership.clone();
         let claimed = tokio::task::spawn_blocking(move || {
             let mut held = lock_hold(&ownership);
-            if matches!(*held, Hold::Retired) {
+            if matches!(*held, Hold::Retired | Hold::Yielded) {
                 // The guest stopped while the decision was under way: a
                 // stopped copy takes nothing (it would never give it back).
                 return Ok(None);
@@ -337,7 +340,7 @@ impl Failover {
         let mut held = lock_hold(&self.ownership);
         let (won, peer_live) = match std::mem::replace(&mut *held, Hold::Retired) {
             Hold::Won(generation) => (Some(generation), false),
-            Hold::Retired => (None, false),
+            Hold::Retired | Hold::Yielded => (None, false),
             Hold::Open => match self.arbiter.claim(self.generation, &self.owner) {
                 Ok(Claim::Won { generation }) => (Some(generation), false),
                 Ok(Claim::Lost { .. }) => (None, true),
@@ -353,6 +356,40 @@ impl Failover {
             }
         }
         !peer_live
+    }
+
+    /// The guest faulted: hand it over, claiming nothing from now on (a
+    /// claim under way finishes first). `true` when this side already won
+    /// the arbiter (it runs alone: there is nobody to hand over to).
+    pub fn yield_claim(&self) -> bool {
+        let mut held = lock_hold(&self.ownership);
+        match *held {
+            Hold::Won(_) => true,
+            Hold::Open => {
+                *held = Hold::Yielded;
+                false
+            }
+            Hold::Retired | Hold::Yielded => false,
+        }
+    }
+
+    /// The handover did not go through (the peer never acknowledged the
+    /// fault): claim now, as for a lost peer. Won: this side keeps the
+    /// guest and applies `--on-fault`; lost: the peer went live. Blocking
+    /// (file I/O); call it off the async workers.
+    pub fn claim_after_handover(&self) -> Verdict {
+        let mut held = lock_hold(&self.ownership);
+        if let Hold::Won(_) = *held {
+            return Verdict::Won;
+        }
+        match self.arbiter.claim(self.generation, &self.owner) {
+            Ok(Claim::Won { generation }) => {
+                *held = Hold::Won(generation);
+                Verdict::Won
+            }
+            Ok(Claim::Lost { .. }) => Verdict::Lost,
+            Err(e) => Verdict::Unreachable(e),
+        }
     }
 
     /// Wait for the peer's loss, then claim: the one decision of a session.

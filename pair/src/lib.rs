@@ -19,6 +19,7 @@
 
 pub mod control;
 pub mod failover;
+pub mod health;
 mod lag;
 pub mod live;
 mod observed;
@@ -32,9 +33,10 @@ pub mod status;
 pub use control::{ControlError, ControlSocket};
 
 pub use failover::{Failover, FailoverConfig, Verdict};
+pub use health::{Health, HealthConfig, OnFault, OutputMode};
 pub use primary::{PrimaryConfig, PrimaryEnd, PrimarySession};
 pub use secondary::{MakeLive, SecondaryConfig, SecondaryEnd, SecondarySession};
-pub use status::{Board, Role, Status};
+pub use status::{Board, FaultEvent, Role, Status};
 
 use replication::channel::ChannelError;
 

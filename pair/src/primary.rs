@@ -21,10 +21,12 @@ use replication::output_rule::{self, Releaser};
 use replication::record::{LogPosition, Record};
 use replication::recorder::Recorder;
 use vmm::hook::{ExitIndex, GuestSignal, HookError, InputSource, OutputSink};
-use vmm::vcpu::StopHandle;
+use vmm::vcpu::{RunOutcome, StopHandle};
+use vmm::VmError;
 
 use crate::control::ControlSocket;
 use crate::failover::{Failover, FailoverConfig, Verdict};
+use crate::health::{Detected, Health, OutputMode};
 use crate::observed::Observed;
 use crate::shipper::Shipper;
 use crate::status::{Board, Role};
@@ -46,6 +48,9 @@ pub struct PrimaryConfig {
     pub drain_for: Duration,
     /// Bytes of held outputs past which the guest's output side waits.
     pub max_held_bytes: usize,
+    /// Application health and containment; `None`: none (as with
+    /// `--containment off`).
+    pub health: Option<Arc<Health>>,
 }
 
 impl PrimaryConfig {
@@ -59,6 +64,7 @@ impl PrimaryConfig {
             connect_for: Duration::from_secs(600),
             drain_for: Duration::from_secs(5),
             max_held_bytes: output_rule::DEFAULT_MAX_HELD_BYTES,
+            health: None,
         }
     }
 }
@@ -75,6 +81,15 @@ pub enum PrimaryEnd {
     /// The secondary was lost and there is no arbiter: the guest was stopped
     /// rather than hold outputs forever.
     SecondaryLost(ChannelError),
+    /// The guest faulted and the secondary acknowledged the fault: it goes
+    /// live from the last barrier. This copy released nothing more and is
+    /// not the live copy (exit status 4).
+    HandedOver(Detected),
+    /// The guest faulted and could not be handed over (this copy runs
+    /// alone, the channel was down, or there is no arbiter): this copy
+    /// holds the guest and `--on-fault` decides (clean restart, or exit
+    /// status 5). Nothing more was released.
+    Faulted(Detected),
 }
 
 /// Where a primary stands.
@@ -155,6 +170,7 @@ pub struct PrimarySession {
     drain_for: Duration,
     shipper_thread: JoinHandle<Result<(), ChannelError>>,
     releaser_thread: JoinHandle<Result<(), HookError>>,
+    health: Option<Arc<Health>>,
 }
 
 impl PrimarySession {
@@ -182,6 +198,12 @@ impl PrimarySession {
         };
         let log = Arc::new(LogShared::default());
         log.set_acked(LogPosition(0));
+        if let Some(h) = &config.health {
+            log.set_strict(h.config().output_mode == OutputMode::Strict);
+            board.set_health(h.containment(), h.config().output_mode);
+        } else {
+            board.set_health(false, OutputMode::Fast);
+        }
         let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
@@ -228,8 +250,13 @@ impl PrimarySession {
             drain_for: config.drain_for,
             shipper_thread,
             releaser_thread,
+            health: config.health.clone(),
         };
-        Ok((session, Box::new(gate)))
+        let sink: Box<dyn OutputSink> = match &config.health {
+            Some(h) => Box::new(h.barrier_sink(gate, session.log.clone()).with_board(session.board.clone())),
+            None => Box::new(gate),
+        };
+        Ok((session, sink))
     }
 
     /// The status board.
@@ -239,6 +266,13 @@ impl PrimarySession {
 
     /// The guest's input source: `live` recorded into the log.
     pub fn input<L: InputSource + 'static>(&self, live: L) -> Box<dyn InputSource> {
+        match &self.health {
+            Some(h) => self.observed(h.input(live)),
+            None => self.observed(live),
+        }
+    }
+
+    fn observed<L: InputSource + 'static>(&self, live: L) -> Box<dyn InputSource> {
         let log = self.log.clone();
         Box::new(Observed {
             inner: Recorder::new(live, self.log.clone()),
@@ -250,6 +284,12 @@ impl PrimarySession {
     /// The guest is about to run: failover may stop it through `stop`.
     pub fn running(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
+        if let Some(h) = &self.health {
+            h.arm();
+            if let Err(e) = h.watch(stop.clone()) {
+                tracing::error!(error = %e, "cannot start the health watchdog");
+            }
+        }
         // A guest waiting for room among held outputs stops when asked.
         self.releaser.set_abort(Box::new(move || stop.is_stopped()));
         if let Some(f) = self.failover.clone() {
@@ -264,7 +304,7 @@ impl PrimarySession {
                 if verdict.won() {
                     // Carry on alone: every held output may go now.
                     shared.set_phase(Phase::Alone);
-                    log.set_acked(LogPosition(u64::MAX / 2));
+                    log.set_unprotected();
                     let _ = releaser.release_ready();
                     board.set_role(Role::Standalone);
                     board.failure("secondary lost", &loss, std::time::SystemTime::now());
@@ -282,9 +322,107 @@ impl PrimarySession {
         }
     }
 
+    /// The guest's run ended at `exit` with `outcome`: a guest fault (how
+    /// the run ended, or a health source that stopped it) is contained
+    /// (handed over to the secondary) when containment is on; anything else
+    /// ends as [`PrimarySession::finish`] says.
+    pub fn finish_outcome(self, exit: ExitIndex, outcome: &Result<RunOutcome, VmError>) -> Result<PrimaryEnd> {
+        let fault = self.health.as_ref().and_then(|h| {
+            h.close();
+            h.ended(outcome)
+        });
+        match fault {
+            Some(fault) => self.contain(exit, fault),
+            None => self.finish(exit),
+        }
+    }
+
+    /// The guest faulted at `exit`: release nothing more, log the fault,
+    /// and hand over to the secondary; or, when that cannot be done, keep
+    /// the guest for `--on-fault`.
+    fn contain(self, exit: ExitIndex, fault: Detected) -> Result<PrimaryEnd> {
+        self.shared.guest_ended.store(true, Ordering::SeqCst);
+        // Not one more output: whatever the guest produced after the last
+        // barrier is rolled back on the secondary.
+        self.releaser.stop();
+        if self.shared.phase() == Phase::Fenced {
+            self.board.set_state("stopped: lost the arbiter");
+            return Ok(PrimaryEnd::LostArbiter);
+        }
+        let alone = self.shared.phase() == Phase::Alone || self.failover.as_ref().is_some_and(|f| f.yield_claim());
+        let at = self.log.append(Record::Fault { exit, fault: fault.kind });
+        self.log.request_flush();
+        eprintln!("ftvm: primary {}: guest fault ({}) at guest exit #{exit}", self.name, fault.kind);
+        let mut handed_over = false;
+        if !alone {
+            let deadline = Instant::now() + self.drain_for;
+            while !self.log.is_acked(at) && Instant::now() < deadline && self.chan.error().is_none() {
+                self.log.wait_changed(Duration::from_millis(5));
+            }
+            handed_over = self.log.is_acked(at) && self.failover.is_some();
+        }
+        let mut end = if handed_over { PrimaryEnd::HandedOver(fault) } else { PrimaryEnd::Faulted(fault) };
+        if !handed_over && !alone {
+            if let Some(f) = &self.failover {
+                // The secondary may have the fault, or may be claiming for a
+                // lost primary: the arbiter decides who keeps the guest.
+                match f.claim_after_handover() {
+                    Verdict::Won => {}
+                    Verdict::Lost => end = PrimaryEnd::LostArbiter,
+                    Verdict::Unreachable(e) => {
+                        tracing::error!(error = %e, "cannot reach the arbiter after a guest fault: stopping");
+                        end = PrimaryEnd::LostArbiter;
+                    }
+                }
+            }
+        }
+        let action = match &end {
+            PrimaryEnd::HandedOver(_) => "handed over",
+            PrimaryEnd::LostArbiter => "lost the arbiter",
+            _ => "on-fault",
+        };
+        self.board.fault(crate::status::FaultEvent {
+            source: fault.source,
+            fault: fault.kind,
+            action,
+            escalated: false,
+            at: crate::status::rfc3339(std::time::SystemTime::now()),
+            exit: Some(exit.0),
+            barrier_exit: None,
+            reaction_ms: crate::status::millis(fault.reaction),
+            recovery_ms: crate::status::millis(fault.at.elapsed()),
+            outage_ms: crate::status::millis(fault.reaction + fault.at.elapsed()),
+        });
+        self.shared.shipping.store(false, Ordering::SeqCst);
+        self.log.request_flush();
+        let _ = self.shipper_thread.join();
+        let _ = self.releaser_thread.join();
+        if let Some(f) = &self.failover {
+            f.stop_heartbeats();
+            if matches!(end, PrimaryEnd::Faulted(_)) {
+                // This copy keeps the guest: `--on-fault` claims it again
+                // (restart) or stops (status 5); either way this session's
+                // hold ends here.
+                f.release();
+            }
+        }
+        // No orderly Shutdown: the secondary must not take the end of the
+        // channel for the end of the guest.
+        drop(self.chan);
+        self.board.set_state(match end {
+            PrimaryEnd::HandedOver(_) => "stopped: guest fault handed over to the secondary",
+            PrimaryEnd::LostArbiter => "stopped: lost the arbiter",
+            _ => "stopped: guest fault",
+        });
+        Ok(end)
+    }
+
     /// The guest stopped at `exit`: tell the secondary where, release what
     /// its acks allow (bounded wait), close the channel, join the threads.
     pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
+        if let Some(h) = &self.health {
+            h.close();
+        }
         self.shared.guest_ended.store(true, Ordering::SeqCst);
         let mut lost = self.shared.channel_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
         if lost.is_some()
@@ -304,18 +442,21 @@ impl PrimarySession {
             return Ok(PrimaryEnd::LostArbiter);
         }
         let end_at = self.log.append(Record::Shutdown { exit });
+        // The secondary stops where this guest stopped: nothing can be
+        // rolled back any more, so strict outputs go on plain acks.
+        self.log.set_strict(false);
         self.log.request_flush();
         let deadline = Instant::now() + self.drain_for;
         // Wait for the held outputs' acks and for the end's: a secondary
         // that has the end stops there; one that has not would take over.
-        while (self.releaser.held() > 0 || !self.log.releasable(end_at))
+        while (self.releaser.held() > 0 || !self.log.is_acked(end_at))
             && Instant::now() < deadline
             && self.chan.error().is_none()
         {
             self.log.wait_changed(Duration::from_millis(10));
             let _ = self.releaser.release_ready();
         }
-        let told = self.log.releasable(end_at);
+        let told = self.log.is_acked(end_at);
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::SeqCst);
         self.shared.shipping.store(false, Ordering::SeqCst);
         self.log.request_flush();

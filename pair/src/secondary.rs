@@ -12,23 +12,24 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use replication::channel::{Acker, ChannelConfig, ChannelError, SecondaryChannel};
 use replication::go_live::{Attach, Decision, LiveWorld, SwitchInput, SwitchOutput};
-use replication::record::{LogPosition, Record};
-use replication::replayer::Replayer;
+use replication::record::{FaultKind, LogPosition, Record};
+use replication::replayer::{ReplayLimits, Replayer};
 use replication::suppressed::HeldOutputs;
 use tokio::sync::Notify;
 use vmm::devices::DeviceError;
-use vmm::hook::{HookError, InputSource, OutputSink};
+use vmm::hook::{ExitIndex, HookError, InputSource, OutputSink};
 use vmm::vcpu::{RunOutcome, StopHandle, VcpuError};
 use vmm::VmError;
 
 use crate::control::ControlSocket;
 use crate::failover::{Failover, FailoverConfig, Verdict};
+use crate::health::{Health, OutputMode, Source};
 use crate::observed::Observed;
 use crate::queues::{self, DelayedAck, RECEIVE_BACKOFF};
 use crate::status::{Board, Loss, Role};
@@ -45,6 +46,9 @@ pub struct SecondaryConfig {
     /// `--ack-delay-ms` (a test knob): each ack leaves this long after its
     /// batch arrived.
     pub ack_delay: Duration,
+    /// Application health and containment; `None`: none (as with
+    /// `--containment off`).
+    pub health: Option<Arc<Health>>,
 }
 
 impl SecondaryConfig {
@@ -56,6 +60,7 @@ impl SecondaryConfig {
             failover: None,
             control: None,
             ack_delay: Duration::ZERO,
+            health: None,
         }
     }
 }
@@ -85,7 +90,6 @@ pub enum SecondaryEnd {
 }
 
 /// The state the session's tasks share.
-#[derive(Default)]
 struct SecondaryShared {
     /// The primary's clean end arrived (its Shutdown record, or the
     /// channel's orderly close).
@@ -96,6 +100,24 @@ struct SecondaryShared {
     verdict: Mutex<Option<(Loss, SystemTime, Verdict)>>,
     /// The exit index at which the guest went live (0: not live).
     went_live_at: Arc<AtomicU64>,
+    /// Where replay holds: the last barrier received, a reported fault.
+    limits: Arc<ReplayLimits>,
+    /// When the last barrier arrived.
+    last_barrier_at: Mutex<Option<Instant>>,
+    /// The primary's guest fault: its kind and exit, when it arrived, and
+    /// when the last barrier before it had.
+    fault: Mutex<Option<ReceivedFault>>,
+    /// The go-live is a containment (decided on the primary's fault).
+    contained: AtomicBool,
+}
+
+/// A fault the primary reported.
+#[derive(Clone, Copy, Debug)]
+struct ReceivedFault {
+    kind: FaultKind,
+    exit: ExitIndex,
+    arrived: Instant,
+    last_barrier_at: Option<Instant>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -114,6 +136,7 @@ pub struct SecondarySession {
     records: Receiver<Record>,
     decisions: Receiver<Decision>,
     local: std::net::SocketAddr,
+    health: Option<Arc<Health>>,
 }
 
 impl SecondarySession {
@@ -143,10 +166,26 @@ impl SecondarySession {
             }
             None => None,
         };
-        let shared = Arc::new(SecondaryShared::default());
+        let containment = config.health.as_ref().is_some_and(|h| h.containment());
+        match &config.health {
+            Some(h) => board.set_health(h.containment(), h.config().output_mode),
+            None => board.set_health(false, OutputMode::Fast),
+        }
+        let shared = Arc::new(SecondaryShared {
+            clean_end: AtomicBool::new(false),
+            channel_error: Mutex::new(None),
+            verdict: Mutex::new(None),
+            went_live_at: Arc::new(AtomicU64::new(0)),
+            limits: Arc::new(ReplayLimits::new(containment)),
+            last_barrier_at: Mutex::new(None),
+            fault: Mutex::new(None),
+            contained: AtomicBool::new(false),
+        });
         let held = Arc::new(HeldOutputs::default());
         let (tx, records) = queues::received_records();
         let cancel = Arc::new(Notify::new());
+        let contain = Arc::new(Notify::new());
+        let (decide, decisions) = queues::decisions();
         let receiving = Receiving {
             board: board.clone(),
             shared: shared.clone(),
@@ -156,11 +195,16 @@ impl SecondarySession {
             cancel: cancel.clone(),
             delayed: spawn_ack_delayer(&rt, &chan, config.ack_delay),
             ack_delay: config.ack_delay,
+            contain: contain.clone(),
+            // Without failover nothing may go live: a lost primary or a
+            // fault ends replay.
+            stop_replay: failover.is_none().then(|| decide.clone()),
         };
         rt.spawn(receiving.run(chan));
-        let (decide, decisions) = queues::decisions();
         if let Some(f) = failover.clone() {
-            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, decide));
+            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, contain, decide));
+        } else {
+            drop(decide);
         }
         let consumed = Arc::new(AtomicU64::new(0));
         crate::progress::secondary(&board, &consumed)?;
@@ -179,6 +223,7 @@ impl SecondarySession {
             records,
             decisions,
             local,
+            health: config.health,
         })
     }
 
@@ -202,31 +247,77 @@ impl SecondarySession {
         let (board, shared, held, consumed) =
             (self.board.clone(), self.shared.clone(), self.held.clone(), self.consumed.clone());
         let (records, decisions) = (self.records.clone(), self.decisions.clone());
+        let health = self.health.clone();
         let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
             let wake = stop.wake_fd();
             let went = shared.went_live_at.clone();
             let live_board = board.clone();
+            let live_shared = shared.clone();
+            let live_stop = stop.clone();
+            let health_live = health.clone();
             let attach: Attach = Box::new(move |clock: u64| {
-                let world = make_live(clock, wake)?;
+                let mut world = make_live(clock, wake)?;
+                if let Some(h) = &health {
+                    // Live now: this copy's own health sources watch it.
+                    world.input = Box::new(h.input(crate::health::BoxedInput(world.input)));
+                    world.output = Box::new(h.sink(crate::primary::DynSink(world.output)));
+                    h.arm();
+                    if let Err(e) = h.watch(live_stop) {
+                        tracing::error!(error = %e, "cannot start the health watchdog");
+                    }
+                }
                 live_board.set_role(Role::Standalone);
                 // What was held is re-emitted right after this: none is left.
                 live_board.outputs_held.store(0, Ordering::SeqCst);
                 live_board.set_state("running: live, unprotected");
-                if let Some((loss, at, _)) = lock(&shared.verdict).as_ref() {
-                    live_board.failure("primary lost", loss, *at);
+                let fault = *lock(&live_shared.fault);
+                if let (Some(h), Some(_)) = (&health_live, fault) {
+                    h.recovered(crate::health::Recovery::Containment);
+                }
+                if let Some(f) = fault {
+                    // Went live from the last barrier, not into the fault
+                    // (also when the primary's host failed at the same time).
+                    let reaction = f.last_barrier_at.map_or(Duration::ZERO, |b| f.arrived.saturating_duration_since(b));
+                    let recovery = f.arrived.elapsed();
+                    live_board.fault(crate::status::FaultEvent {
+                        source: Source::of(f.kind),
+                        fault: f.kind,
+                        action: "contained",
+                        escalated: false,
+                        at: crate::status::rfc3339(SystemTime::now()),
+                        exit: Some(f.exit.0),
+                        barrier_exit: live_shared.limits.last_barrier().map(|b| b.0),
+                        reaction_ms: crate::status::millis(reaction),
+                        recovery_ms: crate::status::millis(recovery),
+                        outage_ms: crate::status::millis(reaction + recovery),
+                    });
+                }
+                if !live_shared.contained.load(Ordering::SeqCst) {
+                    if let Some((loss, at, _)) = lock(&live_shared.verdict).as_ref() {
+                        live_board.failure("primary lost", loss, *at);
+                    }
                 }
                 eprintln!("ftvm: secondary {}: went live; running UNPROTECTED", live_board.snapshot().name);
                 Ok(world)
             });
             let replayer = Replayer::new(records, stop.clone(), consumed.clone());
-            let switch = SwitchInput::new(replayer, decisions, attach, slot, held, stop.clone(), went);
+            let switch = SwitchInput::new(replayer, decisions, attach, slot, held, stop.clone(), went)
+                .with_limits(shared.limits.clone());
             Box::new(Observed { inner: switch, board, position: Arc::new(move || consumed.load(Ordering::Relaxed)) })
         };
         (input, Box::new(output))
     }
 
+    /// Application health of this copy (live after go-live).
+    pub fn health(&self) -> Option<Arc<Health>> {
+        self.health.clone()
+    }
+
     /// The guest stopped: say how the session ended.
     pub fn finish(self, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
+        if let Some(h) = &self.health {
+            h.close();
+        }
         self.board.set_state("stopped");
         if let Some(f) = &self.failover {
             // The guest stopped, live or not (a win is followed by the rest
@@ -238,6 +329,13 @@ impl SecondarySession {
             return SecondaryEnd::WentLive(outcome);
         }
         match lock(&self.shared.verdict).take() {
+            Some((_, _, Verdict::Won)) if crate::health::classify(&outcome).is_some() => {
+                // Won the arbiter, but the log it replayed to go live led
+                // into a guest fault (the primary's host died with the
+                // fatal input logged and its fault not): this copy owns the
+                // guest, so its fault is handled as a live copy's.
+                return SecondaryEnd::WentLive(outcome);
+            }
             Some((_, _, Verdict::Lost)) => return SecondaryEnd::LostArbiter,
             Some((_, _, Verdict::Unreachable(e))) => return SecondaryEnd::ArbiterUnreachable(e),
             _ => {}
@@ -319,6 +417,10 @@ struct Receiving {
     cancel: Arc<Notify>,
     delayed: Option<tokio::sync::mpsc::Sender<DelayedAck>>,
     ack_delay: Duration,
+    /// Told when the primary's fault is stored and acknowledged.
+    contain: Arc<Notify>,
+    /// Without failover: ends replay when the primary is lost or faulted.
+    stop_replay: Option<Sender<Decision>>,
 }
 
 impl Receiving {
@@ -340,9 +442,21 @@ impl Receiving {
                             self.channel_failed(e);
                             break;
                         }
+                        if lock(&self.shared.fault).is_some() {
+                            // Stored and acknowledged: the primary hands over.
+                            // The channel stays open until the primary closes
+                            // it, so that its ack is not lost in a reset.
+                            match &self.stop_replay {
+                                Some(stop) => {
+                                    let _ = stop.send(Decision::Stop);
+                                }
+                                None => self.contain.notify_one(),
+                            }
+                        }
                     }
                     Ok(None) => {
                         self.shared.clean_end.store(true, Ordering::SeqCst);
+                        self.shared.limits.primary_ended();
                         break;
                     }
                     Err(e) => {
@@ -377,7 +491,13 @@ impl Receiving {
                 // channel does from here (the last ack may meet a closed
                 // socket) is no failure.
                 self.shared.clean_end.store(true, Ordering::SeqCst);
+                self.shared.limits.primary_ended();
             }
+            let mark = match &r {
+                Record::Barrier { exit } => Some((*exit, None)),
+                Record::Fault { exit, fault } => Some((*exit, Some(*fault))),
+                _ => None,
+            };
             let mut r = r;
             loop {
                 match self.tx.try_send(r) {
@@ -391,6 +511,16 @@ impl Receiving {
                         }
                     }
                 }
+            }
+            match mark {
+                // Queued: replay may go up to it.
+                Some((exit, None)) => {
+                    self.shared.limits.barrier_received(exit);
+                    *lock(&self.shared.last_barrier_at) = Some(Instant::now());
+                    self.board.set_last_barrier(exit.0);
+                }
+                Some((exit, Some(kind))) => self.fault_received(exit, kind),
+                None => {}
             }
         }
         self.board.received.fetch_add(n, Ordering::SeqCst);
@@ -408,7 +538,20 @@ impl Receiving {
         }
     }
 
+    /// The primary's guest faulted at `exit`: replay stops before it (at
+    /// the last barrier), and, once the record is acknowledged, the
+    /// containment decision is made.
+    fn fault_received(&self, exit: ExitIndex, kind: FaultKind) {
+        self.shared.limits.fault_received(exit);
+        let last_barrier_at = *lock(&self.shared.last_barrier_at);
+        *lock(&self.shared.fault) = Some(ReceivedFault { kind, exit, arrived: Instant::now(), last_barrier_at });
+        tracing::warn!(fault = %kind, exit = %exit, "the primary's guest faulted");
+    }
+
     fn channel_failed(&self, e: ChannelError) {
+        if let Some(stop) = &self.stop_replay {
+            let _ = stop.send(Decision::Stop);
+        }
         *lock(&self.shared.channel_error) = Some(e);
         if let Some(f) = &self.failover {
             f.channel_failed();
@@ -423,16 +566,31 @@ async fn decide_failover(
     board: Arc<Board>,
     shared: Arc<SecondaryShared>,
     cancel: Arc<Notify>,
+    contain: Arc<Notify>,
     decide: Sender<Decision>,
 ) {
-    let loss = f.peer_lost().await;
-    if shared.clean_end.load(Ordering::SeqCst) {
+    let (loss, contained) = tokio::select! {
+        loss = f.peer_lost() => (loss, false),
+        () = contain.notified() => {
+            // A coordinated handover: no timeout, no head start.
+            let now = Instant::now();
+            (Loss { last_heard: now, decided: now, by: crate::status::Detection::GuestFault }, true)
+        }
+    };
+    if shared.clean_end.load(Ordering::SeqCst) && !contained {
         return;
     }
+    shared.contained.store(contained, Ordering::SeqCst);
     board.set_peer(false);
-    cancel.notify_one();
+    if !contained {
+        cancel.notify_one();
+    }
     let verdict = f.claim(&loss).await;
-    let decision = if verdict.won() { Decision::GoLive } else { Decision::Stop };
+    let decision = match (verdict.won(), contained) {
+        (true, true) => Decision::Contain,
+        (true, false) => Decision::GoLive,
+        (false, _) => Decision::Stop,
+    };
     if let Verdict::Unreachable(e) = &verdict {
         tracing::error!(error = %e, "cannot reach the arbiter: not going live");
     }

@@ -43,6 +43,10 @@ pub enum Detection {
     /// it would take that long.
     #[serde(rename = "replay lag")]
     Lagging,
+    /// The primary's guest faulted and it handed the guest over
+    /// (containment): no timeout involved.
+    #[serde(rename = "guest fault")]
+    GuestFault,
 }
 
 impl Detection {
@@ -52,6 +56,7 @@ impl Detection {
             Detection::Silence => "heartbeat silence",
             Detection::ChannelClosed => "log channel closed",
             Detection::Lagging => "replay lag",
+            Detection::GuestFault => "guest fault",
         }
     }
 }
@@ -72,6 +77,41 @@ pub struct FailureEvent {
     pub outage_ms: f64,
     /// Failure → redundancy restored; null until repair exists.
     pub repair_ms: Option<f64>,
+}
+
+/// One guest fault and what was done about it (containment, escalation),
+/// with the thesis' metrics.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FaultEvent {
+    /// The health source that fired.
+    pub source: crate::health::Source,
+    /// The fault's kind (`halt`, `panic`, `crash`, `power_off`, `hang`,
+    /// `unhealthy`, `probe`, `lan`).
+    pub fault: replication::record::FaultKind,
+    /// What was done: `contained` (the secondary went live from the last
+    /// barrier), `handed over` (the primary's view of the same), `restart`
+    /// (clean boot), `stop` (exit status 5).
+    pub action: &'static str,
+    /// The fault was within `--fault-window` of a containment or restart,
+    /// so it was not contained again.
+    pub escalated: bool,
+    /// When it was handled, RFC 3339 UTC.
+    pub at: String,
+    /// The exit index of the fault (as the primary logged it).
+    pub exit: Option<u64>,
+    /// The exit of the barrier the secondary went live from.
+    pub barrier_exit: Option<u64>,
+    /// Last sign of health → fault declared. Primary: the last health
+    /// report (deadline), the vCPU's last exit (hang), the probe's first
+    /// failure, or 0 for a fault seen at an exit. Secondary: the last
+    /// barrier's arrival → the fault record's arrival.
+    pub reaction_ms: f64,
+    /// Fault declared → service resumed. Secondary: arbiter won and live
+    /// world attached; primary: the fault record acknowledged (handed over)
+    /// or the guest restarted.
+    pub recovery_ms: f64,
+    /// `reaction_ms + recovery_ms`.
+    pub outage_ms: f64,
 }
 
 /// Heartbeat counters, when failover is on.
@@ -144,6 +184,17 @@ pub struct Status {
     pub arbiter_generation: Option<u64>,
     pub last_failure: Option<FailureEvent>,
     pub heartbeats: Option<HeartbeatCounts>,
+    /// `--containment` on or off.
+    pub containment: bool,
+    /// `--output-mode`: `fast` or `strict`.
+    pub output_mode: crate::health::OutputMode,
+    /// Primary: barriers logged; secondary: the exit of the last barrier
+    /// received (replay holds there).
+    pub last_barrier_exit: Option<u64>,
+    /// Guest faults handled by this process.
+    pub faults: u64,
+    /// The last of them.
+    pub last_fault: Option<FaultEvent>,
 }
 
 /// The live status, updated by the session's threads.
@@ -170,6 +221,11 @@ pub struct Board {
     heartbeats: OnceLock<tokio::sync::watch::Receiver<heartbeat::ServiceStats>>,
     /// The primary's ack round trips (log shipped → acknowledged).
     pub ack_rtt: AckRtt,
+    health: Mutex<(bool, crate::health::OutputMode)>,
+    /// 0: none.
+    pub(crate) last_barrier_exit: AtomicU64,
+    faults: AtomicU64,
+    last_fault: Mutex<Option<FaultEvent>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -199,7 +255,42 @@ impl Board {
             last_failure: Mutex::new(None),
             heartbeats: OnceLock::new(),
             ack_rtt: AckRtt::default(),
+            health: Mutex::new((true, crate::health::OutputMode::Fast)),
+            last_barrier_exit: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            last_fault: Mutex::new(None),
         }
+    }
+
+    /// `--containment` and `--output-mode`, as the status shows them.
+    pub fn set_health(&self, containment: bool, mode: crate::health::OutputMode) {
+        *lock(&self.health) = (containment, mode);
+    }
+
+    /// The exit of the last barrier logged (primary) or received
+    /// (secondary).
+    pub fn set_last_barrier(&self, exit: u64) {
+        self.last_barrier_exit.store(exit, Ordering::Relaxed);
+    }
+
+    /// Record a handled guest fault and log it as one structured event.
+    pub fn fault(&self, event: FaultEvent) {
+        tracing::warn!(
+            source = event.source.as_str(),
+            fault = %event.fault,
+            action = event.action,
+            escalated = event.escalated,
+            reaction_ms = event.reaction_ms,
+            recovery_ms = event.recovery_ms,
+            outage_ms = event.outage_ms,
+            "guest fault handled"
+        );
+        self.faults.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.last_fault) = Some(event);
+    }
+
+    pub fn last_fault(&self) -> Option<FaultEvent> {
+        lock(&self.last_fault).clone()
     }
 
     /// The guest reached exit `exit` (for a process without a pair session,
@@ -280,6 +371,7 @@ impl Board {
             Role::Standalone => (None, None),
         };
         let arbiter = lock(&self.arbiter).clone();
+        let (containment, output_mode) = *lock(&self.health);
         Status {
             name: self.name.clone(),
             role,
@@ -304,6 +396,14 @@ impl Board {
             arbiter_generation: arbiter.map(|(_, g)| g),
             last_failure: self.last_failure(),
             heartbeats: self.heartbeats.get().map(|w| HeartbeatCounts::from(*w.borrow())),
+            containment,
+            output_mode,
+            last_barrier_exit: match self.last_barrier_exit.load(Ordering::Relaxed) {
+                0 => None,
+                e => Some(e),
+            },
+            faults: self.faults.load(Ordering::SeqCst),
+            last_fault: self.last_fault(),
         }
     }
 }
@@ -392,6 +492,11 @@ impl Loss {
     pub fn reaction(&self) -> Duration {
         self.decided.saturating_duration_since(self.last_heard)
     }
+}
+
+/// A duration in milliseconds, rounded to the microsecond.
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// `at` as RFC 3339 UTC, to the millisecond.

@@ -19,7 +19,7 @@ use vmm::digest::StateDigest;
 use vmm::hook::{ExitIndex, ExitKind, GuestSignal, HookError, InputSource, OutputSink, Wake};
 use vmm::vcpu::StopHandle;
 
-use crate::replayer::Replayer;
+use crate::replayer::{ReplayLimits, Replayer};
 use crate::suppressed::{HeldOutputs, Output, Suppressor};
 
 /// What the failover logic decided for this secondary.
@@ -27,6 +27,10 @@ use crate::suppressed::{HeldOutputs, Output, Suppressor};
 pub enum Decision {
     /// The primary is gone and this side won the arbiter: go live.
     GoLive,
+    /// The primary's guest faulted and handed over, and this side won the
+    /// arbiter: go live from the last barrier, never replaying into the
+    /// fault.
+    Contain,
     /// Replay ends here (the other side lives, or the process stops).
     Stop,
 }
@@ -96,6 +100,12 @@ pub struct SwitchInput {
     stop: StopHandle,
     /// The exit index at which the guest went live (0: not live).
     went_live_at: Arc<AtomicU64>,
+    /// Where replay must hold (barriers, a fault).
+    limits: Arc<ReplayLimits>,
+    /// A plain failover was decided: replay everything received.
+    lifted: bool,
+    /// A decision read while holding, for the end of the log.
+    pending: Option<Decision>,
 }
 
 impl SwitchInput {
@@ -111,24 +121,91 @@ impl SwitchInput {
         stop: StopHandle,
         went_live_at: Arc<AtomicU64>,
     ) -> Self {
-        SwitchInput { replayer, live: None, decisions, attach: Some(attach), slot, held, stop, went_live_at }
+        SwitchInput {
+            replayer,
+            live: None,
+            decisions,
+            attach: Some(attach),
+            slot,
+            held,
+            stop,
+            went_live_at,
+            limits: Arc::new(ReplayLimits::new(false)),
+            lifted: false,
+            pending: None,
+        }
+    }
+
+    /// Hold replay at the barriers and the fault in `limits` (containment).
+    pub fn with_limits(mut self, limits: Arc<ReplayLimits>) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The next decision: one read earlier, or from the failover logic
+    /// (waiting in slices so that a stop is seen). `None`: stopped, or no
+    /// decision can come any more.
+    fn next_decision(&mut self, wait: Duration) -> Result<Option<Decision>, ()> {
+        if let Some(d) = self.pending.take() {
+            return Ok(Some(d));
+        }
+        if self.stop.is_stopped() {
+            return Err(());
+        }
+        match self.decisions.recv_timeout(wait) {
+            Ok(d) => Ok(Some(d)),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            Err(RecvTimeoutError::Disconnected) => Err(()),
+        }
+    }
+
+    /// Replay is held before `exit` (past the last barrier, or at a
+    /// fault): wait until a new barrier lets it go on, or a decision comes.
+    /// Returns once replay may go on (or the guest went live here).
+    fn held(&mut self, exit: ExitIndex) -> Result<(), HookError> {
+        let ended = HookError::Ended { exit_index: exit };
+        while let Some(hold) = self.limits.hold(exit, self.lifted) {
+            match self.next_decision(Duration::from_millis(2)) {
+                // No decision can come: end here, unless the hold was lifted
+                // meanwhile (the primary's clean end arrived just before its
+                // channel closed).
+                Err(()) if self.limits.hold(exit, self.lifted).is_some() => return Err(ended),
+                Err(()) => {}
+                Ok(None) => {}
+                Ok(Some(Decision::Stop)) => return Err(ended),
+                Ok(Some(Decision::GoLive)) if self.limits.fault().is_none() => {
+                    // A plain failover: replay everything received, go live
+                    // at its end.
+                    self.lifted = true;
+                    self.pending = Some(Decision::GoLive);
+                }
+                Ok(Some(Decision::GoLive | Decision::Contain)) => {
+                    tracing::info!(exit_index = %exit, ?hold, "going live from the last healthy point");
+                    return self.attach_live(exit);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The log ended at `exit`: wait for the decision and act on it.
     fn end_of_log(&mut self, exit: ExitIndex) -> Result<(), HookError> {
         let decision = loop {
-            if self.stop.is_stopped() {
-                return Err(HookError::Ended { exit_index: exit });
-            }
-            match self.decisions.recv_timeout(Duration::from_millis(20)) {
-                Ok(d) => break d,
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err(HookError::Ended { exit_index: exit }),
+            match self.next_decision(Duration::from_millis(20)) {
+                Ok(Some(d)) => break d,
+                Ok(None) => {}
+                Err(()) => return Err(HookError::Ended { exit_index: exit }),
             }
         };
         if decision == Decision::Stop {
             return Err(HookError::Ended { exit_index: exit });
         }
+        self.attach_live(exit)
+    }
+
+    /// Attach the live world at `exit` and re-emit what the primary may not
+    /// have released.
+    fn attach_live(&mut self, exit: ExitIndex) -> Result<(), HookError> {
         let attach = self.attach.take().ok_or(HookError::Ended { exit_index: exit })?;
         let mut world = attach(self.replayer.last_clock())?;
         // Outputs the primary may not have released, oldest first, before
@@ -169,6 +246,9 @@ impl SwitchInput {
 
 impl InputSource for SwitchInput {
     fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
+        if self.live.is_none() {
+            self.held(exit)?;
+        }
         match self.live.as_mut() {
             Some(live) => live.on_exit(exit, kind),
             None => self.replayer.on_exit(exit, kind),

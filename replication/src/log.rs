@@ -4,7 +4,7 @@
 //! The vCPU thread never waits here: appending takes an uncontended mutex
 //! for a few nanoseconds. The channel side takes whole batches.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 
 use crate::record::{LogPosition, Record};
@@ -36,6 +36,15 @@ pub struct LogShared {
     /// Ships the log tail at once, on the calling thread (set by whoever
     /// owns the channel); without it a flush request only wakes the shipper.
     flusher: OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// `--output-mode strict`: an output is releasable only once a barrier
+    /// logged after it is acknowledged.
+    strict: AtomicBool,
+    /// Positions of barriers appended and not yet acknowledged (strict).
+    barriers: Mutex<std::collections::VecDeque<u64>>,
+    /// The highest acknowledged barrier's position (strict).
+    acked_barrier: AtomicU64,
+    /// Every output may go (the primary runs alone, unprotected).
+    unprotected: AtomicBool,
 }
 
 impl Default for LogShared {
@@ -47,6 +56,10 @@ impl Default for LogShared {
             acked: AtomicU64::new(NO_ACK),
             released: AtomicU64::new(0),
             flusher: OnceLock::new(),
+            strict: AtomicBool::new(false),
+            barriers: Mutex::new(std::collections::VecDeque::new()),
+            acked_barrier: AtomicU64::new(0),
+            unprotected: AtomicBool::new(false),
         }
     }
 }
@@ -60,10 +73,39 @@ impl LogShared {
 
     /// Append a record; its position.
     pub fn append(&self, record: Record) -> LogPosition {
+        let barrier = matches!(record, Record::Barrier { .. });
         let mut tail = self.lock();
         tail.pending.push(record);
         let pos = self.appended.fetch_add(1, Ordering::SeqCst) + 1;
+        drop(tail);
+        if barrier && self.strict.load(Ordering::SeqCst) {
+            self.barriers.lock().unwrap_or_else(|e| e.into_inner()).push_back(pos);
+        }
         LogPosition(pos)
+    }
+
+    /// `--output-mode strict`: from now on an output produced at position p
+    /// is released only once a barrier at a position after p (logged after
+    /// the output) is acknowledged, so no output a client saw can be rolled
+    /// back by a containment. Set before the guest runs.
+    pub fn set_strict(&self, strict: bool) {
+        self.strict.store(strict, Ordering::SeqCst);
+    }
+
+    /// Whether outputs wait for an acknowledged barrier.
+    pub fn is_strict(&self) -> bool {
+        self.strict.load(Ordering::SeqCst)
+    }
+
+    /// The primary runs alone (it won the arbiter): every output may go.
+    pub fn set_unprotected(&self) {
+        self.unprotected.store(true, Ordering::SeqCst);
+        self.set_acked(LogPosition(u64::MAX / 2));
+    }
+
+    /// Whether the secondary acknowledged every record up to `pos`.
+    pub fn is_acked(&self, pos: LogPosition) -> bool {
+        self.acked().is_some_and(|a| a >= pos)
     }
 
     /// Ask the channel to send what it has now (an output is waiting). With
@@ -120,6 +162,16 @@ impl LogShared {
         let _ = self
             .acked
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |old| (old == NO_ACK || upto.0 > old).then_some(upto.0));
+        if self.strict.load(Ordering::SeqCst) {
+            let mut barriers = self.barriers.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(&b) = barriers.front() {
+                if b > upto.0 {
+                    break;
+                }
+                self.acked_barrier.fetch_max(b, Ordering::SeqCst);
+                barriers.pop_front();
+            }
+        }
         let _guard = self.lock();
         self.changed.notify_all();
     }
@@ -133,9 +185,18 @@ impl LogShared {
         }
     }
 
-    /// Whether an output produced at `pos` may be released now.
+    /// Whether an output produced at `pos` (the log position when the
+    /// guest produced it) may be released now: `fast`, once every record up
+    /// to `pos` is acknowledged; `strict`, once a barrier logged after the
+    /// output (at a position above `pos`) is acknowledged.
     pub fn releasable(&self, pos: LogPosition) -> bool {
-        self.acked().is_some_and(|a| a >= pos)
+        if self.unprotected.load(Ordering::SeqCst) {
+            return true;
+        }
+        if self.strict.load(Ordering::SeqCst) {
+            return self.acked_barrier.load(Ordering::SeqCst) > pos.0;
+        }
+        self.is_acked(pos)
     }
 
     /// Wait until `pos` is releasable or `timeout` passes.

@@ -162,6 +162,11 @@ impl<S: OutputSink> Releaser<S> {
     pub fn release_ready(&self) -> Result<usize, HookError> {
         let mut gate = lock(&self.gate);
         let mut n = 0;
+        if gate.stopped {
+            // Stopped (wound down, fenced, or the guest faulted): nothing
+            // more leaves, whatever acks still arrive.
+            return Ok(0);
+        }
         while let Some((pos, _, _, _)) = gate.held.front() {
             if !self.log.releasable(*pos) {
                 break;

@@ -14,6 +14,101 @@ use vmm::vcpu::StopHandle;
 
 use crate::record::Record;
 
+/// How far the secondary may replay, as the receiving side learns it: the
+/// last barrier received and a guest fault the primary reported. Shared
+/// between the task that receives records and the replaying vCPU.
+///
+/// With containment on, once a barrier has been received the secondary
+/// replays no further than the exit of the last one: what lies past it may
+/// lead into a fault. Before the first barrier (a guest that does not report
+/// health) replay is free. A fault reported with no barrier before it stops
+/// replay before the fault's exit.
+#[derive(Debug, Default)]
+pub struct ReplayLimits {
+    containment: bool,
+    /// The exit of the last barrier received; 0: none.
+    barrier: AtomicU64,
+    /// The exit of the primary's guest fault; 0: none.
+    fault: AtomicU64,
+    /// The primary ended cleanly (its Shutdown record, an orderly close):
+    /// replay everything to that end.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+/// Where replay must wait at an exit, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Past the last barrier received: wait for the next one (or go live
+    /// from here after a containment decision).
+    Barrier { barrier: ExitIndex },
+    /// The primary's guest faulted: this exit would replay into the fault
+    /// (or past the last barrier before it). Replay ends here.
+    Fault { fault: ExitIndex },
+}
+
+impl ReplayLimits {
+    /// Limits for a secondary; `containment` off (VMware FT's behaviour)
+    /// never holds replay.
+    pub fn new(containment: bool) -> ReplayLimits {
+        ReplayLimits { containment, ..ReplayLimits::default() }
+    }
+
+    /// Whether containment is on.
+    pub fn containment(&self) -> bool {
+        self.containment
+    }
+
+    /// A barrier for `exit` was received (queued for replay).
+    pub fn barrier_received(&self, exit: ExitIndex) {
+        self.barrier.fetch_max(exit.0, Ordering::SeqCst);
+    }
+
+    /// The primary reported a guest fault at `exit`.
+    pub fn fault_received(&self, exit: ExitIndex) {
+        let _ = self.fault.compare_exchange(0, exit.0.max(1), Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The primary ended cleanly: nothing can be rolled back, replay to
+    /// its end.
+    pub fn primary_ended(&self) {
+        self.ended.store(true, Ordering::SeqCst);
+    }
+
+    /// The exit of the last barrier received.
+    pub fn last_barrier(&self) -> Option<ExitIndex> {
+        match self.barrier.load(Ordering::SeqCst) {
+            0 => None,
+            b => Some(ExitIndex(b)),
+        }
+    }
+
+    /// The exit of the primary's guest fault, if one was reported.
+    pub fn fault(&self) -> Option<ExitIndex> {
+        match self.fault.load(Ordering::SeqCst) {
+            0 => None,
+            f => Some(ExitIndex(f)),
+        }
+    }
+
+    /// Whether replay must wait before exit `exit`. `lifted`: a plain
+    /// failover of the primary's host was decided, so the secondary replays
+    /// everything it received (unless a fault was reported).
+    pub fn hold(&self, exit: ExitIndex, lifted: bool) -> Option<Hold> {
+        if !self.containment {
+            return None;
+        }
+        let lifted = lifted || self.ended.load(Ordering::SeqCst);
+        let barrier = self.last_barrier();
+        match (self.fault(), barrier) {
+            (Some(_), Some(barrier)) if exit > barrier => Some(Hold::Barrier { barrier }),
+            (Some(fault), None) if exit >= fault => Some(Hold::Fault { fault }),
+            (Some(_), _) => None,
+            (None, Some(barrier)) if !lifted && exit > barrier => Some(Hold::Barrier { barrier }),
+            (None, _) => None,
+        }
+    }
+}
+
 /// Serves logged inputs in order.
 pub struct Replayer {
     records: Receiver<Record>,
@@ -85,9 +180,10 @@ impl Replayer {
                     self.shutdown_at = Some(at);
                     return Err(HookError::Ended { exit_index: exit });
                 }
-                // Barriers mark healthy points; this replayer replays
-                // through them.
-                Ok(Record::Barrier { .. }) => {}
+                // Barriers mark healthy points and faults say where not to
+                // go: the receiving side put both into the replay limits
+                // (the vCPU holds at them in `on_exit`, see `go_live`).
+                Ok(Record::Barrier { .. } | Record::Fault { .. }) => {}
                 Ok(r) => self.next = Some(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Err(HookError::Ended { exit_index: exit }),

@@ -110,6 +110,11 @@ pub enum HookError {
     /// The input source has nothing more to give (end of log, stop asked).
     #[error("the input source ended at exit {exit_index}")]
     Ended { exit_index: ExitIndex },
+    /// The guest halted with no wake-up deadline armed: nothing would ever
+    /// wake it (what `halt` does to an OS). A fault when application health
+    /// is watched; the guests always arm a deadline when they idle.
+    #[error("the guest halted with no wake-up deadline at exit {exit_index}")]
+    HaltedForever { exit_index: ExitIndex },
 }
 
 /// Where every value from the world comes from.

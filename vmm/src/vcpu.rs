@@ -15,7 +15,7 @@
 //! provokes this way are not guest exits and are not counted.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -373,6 +373,10 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 
 struct StopInner {
     stop: AtomicBool,
+    /// Nanoseconds since [`epoch`] at which the vCPU last entered KVM_RUN,
+    /// or 0 while it is outside (handling an exit, asleep in HLT): what the
+    /// hang watchdog reads.
+    in_guest_since: AtomicU64,
     wake: EventFd,
     /// The vCPU's kvm_run page; `None` for a handle that drives no vCPU.
     run: Option<RunPage>,
@@ -387,6 +391,7 @@ impl StopHandle {
     pub(crate) fn new(vcpu: &VcpuFd, run_size: usize) -> std::io::Result<StopHandle> {
         Ok(StopHandle(Arc::new(StopInner {
             stop: AtomicBool::new(false),
+            in_guest_since: AtomicU64::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             run: Some(RunPage::new(vcpu, run_size)?),
             thread: OnceLock::new(),
@@ -399,6 +404,7 @@ impl StopHandle {
     pub fn detached() -> std::io::Result<StopHandle> {
         Ok(StopHandle(Arc::new(StopInner {
             stop: AtomicBool::new(false),
+            in_guest_since: AtomicU64::new(0),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             run: None,
             thread: OnceLock::new(),
@@ -451,11 +457,42 @@ impl StopHandle {
         self.0.wake.as_raw_fd()
     }
 
+    /// The vCPU enters the guest now (KVM_RUN).
+    pub fn entering_guest(&self) {
+        // Never 0, which means "outside".
+        self.0.in_guest_since.store(since_epoch_ns().max(1), Ordering::Release);
+    }
+
+    /// The vCPU left the guest (an exit, or a provoked return).
+    pub fn left_guest(&self) {
+        self.0.in_guest_since.store(0, Ordering::Release);
+    }
+
+    /// How long the vCPU has been inside the guest without an exit, or
+    /// `None` while it is outside (handling an exit, asleep in HLT, not
+    /// started). The hang watchdog's measure.
+    pub fn in_guest_for(&self) -> Option<std::time::Duration> {
+        match self.0.in_guest_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(std::time::Duration::from_nanos(since_epoch_ns().saturating_sub(since))),
+        }
+    }
+
     pub(crate) fn register_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         let _ = self.0.thread.set(me);
     }
+}
+
+/// A process-wide monotonic epoch for [`StopHandle::in_guest_for`].
+fn epoch() -> std::time::Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn since_epoch_ns() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Computes a state digest every `every` exits.
@@ -575,7 +612,10 @@ impl Vcpu {
             if self.stop.is_stopped() {
                 return Ok(RunOutcome::Stopped { exit_index: self.peripherals.exit_index });
             }
-            let flow = match self.fd.run() {
+            self.stop.entering_guest();
+            let ran = self.fd.run();
+            self.stop.left_guest();
+            let flow = match ran {
                 Ok(exit) => handle_exit(&mut self.peripherals, exit),
                 Err(e) if e.errno() == libc::EINTR => Ok(Flow::Interrupted),
                 Err(e) if e.errno() == libc::EAGAIN => Ok(Flow::Continue),

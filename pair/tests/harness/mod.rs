@@ -14,11 +14,24 @@ use replication::channel::ChannelConfig;
 use replication::frame::GuestIdentity;
 use replication::go_live::LiveWorld;
 use replication::key::SharedKey;
-use vmm::hook::{Access, ExitIndex, ExitKind, HookError, InputSource, OutputSink, Wake};
+use vmm::hook::{Access, ExitIndex, ExitKind, GuestSignal, HookError, InputSource, OutputSink, Wake};
 use vmm::vcpu::{RunOutcome, StopHandle, VcpuError};
 use vmm::VmError;
 
 // ---------------------------------------------------------------- the guest
+
+/// How one step of the scripted guest failed.
+pub enum Fault {
+    Hook(HookError),
+    /// The guest wrote pvpanic.
+    Panic,
+}
+
+impl From<HookError> for Fault {
+    fn from(e: HookError) -> Self {
+        Fault::Hook(e)
+    }
+}
 
 /// A guest without KVM: at each exit it may read the clock, poll for a
 /// frame (echoing it back as an output), and print its state.
@@ -33,10 +46,21 @@ pub struct ScriptedGuest {
     /// While set, the guest makes no progress (a frozen vCPU thread).
     pub frozen: Arc<AtomicBool>,
     pub state: u64,
+    /// Report health (the health device) at every exit that is a multiple
+    /// of this, up to `healthy_until`; 0: never.
+    pub healthy_every: u64,
+    pub healthy_until: u64,
+    /// A persistent fault: pvpanic at this exit, whatever the inputs.
+    pub panic_at: Option<u64>,
 }
 
+/// A received frame with this content makes the guest panic: a fault that
+/// depends on an input (a transient one: the secondary's live world does
+/// not send it).
+pub const FAULT_FRAME: &[u8] = b"FAULT-FAULT-FAULT";
+
 impl ScriptedGuest {
-    fn step(&mut self, exit: ExitIndex) -> Result<(), HookError> {
+    fn step(&mut self, exit: ExitIndex) -> Result<(), Fault> {
         let kind = ExitKind::Pio { port: 0x80, size: 1, access: Access::Write };
         self.input.on_exit(exit, &kind)?;
         if exit.0 % 4 == 0 {
@@ -45,17 +69,26 @@ impl ScriptedGuest {
         }
         if exit.0 % 8 == 0 {
             if let Some(frame) = self.input.receive_frame(exit)? {
+                if frame == FAULT_FRAME {
+                    return Err(Fault::Panic);
+                }
                 self.state = self.state.wrapping_add(frame.len() as u64);
                 self.output.transmit_frame(exit, &frame)?;
             }
         }
+        if self.panic_at == Some(exit.0) {
+            return Err(Fault::Panic);
+        }
         if exit.0 % 16 == 0 {
             self.output.serial(exit, format!("{:016x}\n", self.state).as_bytes())?;
+        }
+        if self.healthy_every > 0 && exit.0 % self.healthy_every == 0 && exit.0 <= self.healthy_until {
+            self.output.signal(exit, GuestSignal::Healthy { value: 1 })?;
         }
         Ok(())
     }
 
-    fn run(&mut self) -> Result<RunOutcome, VmError> {
+    pub fn run(&mut self) -> Result<RunOutcome, VmError> {
         for i in 1..=self.exits {
             let exit = ExitIndex(i);
             while self.frozen.load(Ordering::SeqCst) && !self.stop.is_stopped() {
@@ -64,7 +97,11 @@ impl ScriptedGuest {
             if self.stop.is_stopped() {
                 return Ok(RunOutcome::Stopped { exit_index: ExitIndex(i - 1) });
             }
-            self.step(exit).map_err(|source| VmError::Vcpu(VcpuError::Hook { exit_index: exit, source }))?;
+            match self.step(exit) {
+                Ok(()) => {}
+                Err(Fault::Hook(source)) => return Err(VmError::Vcpu(VcpuError::Hook { exit_index: exit, source })),
+                Err(Fault::Panic) => return Err(VmError::Vcpu(VcpuError::GuestPanic { event: 1, exit_index: exit })),
+            }
             if !self.pace.is_zero() {
                 std::thread::sleep(self.pace);
             }
@@ -82,7 +119,7 @@ pub struct World {
     pub clock: Mutex<u64>,
 }
 
-pub struct WorldInput(Arc<World>);
+pub struct WorldInput(pub Arc<World>);
 
 impl InputSource for WorldInput {
     fn clock_ns(&mut self, _exit: ExitIndex) -> Result<u64, HookError> {
@@ -102,7 +139,7 @@ impl InputSource for WorldInput {
     }
 }
 
-pub struct WorldOutput(Arc<World>);
+pub struct WorldOutput(pub Arc<World>);
 
 impl OutputSink for WorldOutput {
     fn serial(&mut self, _exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
@@ -190,7 +227,18 @@ pub fn guest(
     exits: u64,
     pace: Duration,
 ) -> ScriptedGuest {
-    ScriptedGuest { input, output, stop, exits, pace, frozen: Arc::default(), state: 0 }
+    ScriptedGuest {
+        input,
+        output,
+        stop,
+        exits,
+        pace,
+        frozen: Arc::default(),
+        state: 0,
+        healthy_every: 0,
+        healthy_until: u64::MAX,
+        panic_at: None,
+    }
 }
 
 /// Run the primary's guest on its own thread; the session stays here.

@@ -55,16 +55,25 @@
 //!
 //! Serial output: `kvstore: network up: MAC ..., IP ..., gateway ...`,
 //! `kvstore: N clients, S sockets, keyspace limit M MiB`, then
-//! `kvstore: listening on IP:6379`. The health port gets a beat counter
-//! every 100 ms of guest time.
+//! `kvstore: listening on IP:6379`.
 //!
-//! Exits per turn: clock 2, one notify when anything is sent 1, HLT 1, timer
-//! 2 only when the deadline moves (about once per 100 ms health beat). An
-//! isolated request costs one turn (4 exits); under load one turn serves
-//! every request that arrived since the previous one.
+//! Health: after each turn of the main loop in which the server's
+//! invariants hold (the keyspace within its limit), the health port gets a
+//! beat counter; an idle server turns at
+//! least every 10 ms (`rt::net::MAX_SLEEP_NS`), so it reports at least that
+//! often. Fault injection: `--param fault=...` with `fault_mtbf_ms=N` or
+//! `fault_after_ms=N` (`rt::fault`), ticked once per turn, after the turn's
+//! outputs and before its health report.
+//!
+//! Exits per turn: clock 2, health 1, one notify when anything is sent 1,
+//! HLT 1, timer 2 when the deadline moves (every idle turn); an injected
+//! transient fault adds an entropy read (1). An isolated request costs one
+//! turn (5 exits); under load one turn serves every request that arrived
+//! since the previous one.
 //!
 //! Power-off status (it serves forever otherwise): 1 when the network cannot
-//! be brought up or memory is too small, 2 for bad parameters.
+//! be brought up or memory is too small, 2 for bad parameters (the fault
+//! injector's included).
 #![no_std]
 #![no_main]
 
@@ -75,6 +84,7 @@ use core::fmt;
 
 use kvstore_resp::limits::OUTPUT_HIGH_WATER;
 use kvstore_resp::{Conn, ConnStatus, Store};
+use rt::fault::Injector;
 use rt::net::smoltcp::iface::SocketHandle;
 use rt::net::smoltcp::socket::tcp;
 use rt::net::smoltcp::time::Duration;
@@ -107,8 +117,6 @@ const FIXED_RESERVE: u64 = 4 << 20;
 const MIN_FREE: u64 = 8 << 20;
 /// Stop reading from a socket while this much output waits to be sent.
 const READ_HIGH_WATER: usize = 64 * 1024;
-/// How often the health port is written.
-const HEALTH_EVERY_NS: u64 = 100_000_000;
 /// Expired keys removed per turn, at most (the rest go lazily or next turn).
 const SWEEP_BUDGET: usize = 32;
 /// Keep-alive probes on idle connections, and the silence after which a
@@ -125,6 +133,13 @@ const EXIT_BAD_PARAM: u32 = 2;
 fn main(boot: &'static rt::BootParams) -> u32 {
     let settings = match Settings::from_boot(boot) {
         Ok(settings) => settings,
+        Err(e) => {
+            rt::println!("kvstore: {e}");
+            return EXIT_BAD_PARAM;
+        }
+    };
+    let faults = match rt::fault::Injector::from_boot(boot) {
+        Ok(faults) => faults,
         Err(e) => {
             rt::println!("kvstore: {e}");
             return EXIT_BAD_PARAM;
@@ -155,7 +170,7 @@ fn main(boot: &'static rt::BootParams) -> u32 {
         settings.store_limit >> 20
     );
     rt::println!("kvstore: listening on {}:{PORT}", net.ip());
-    serve(&mut net, &mut pool, Store::with_limit(settings.store_limit), settings.clients)
+    serve(&mut net, &mut pool, Store::with_limit(settings.store_limit), settings.clients, faults)
 }
 
 /// Sockets for `clients` connections (see the module documentation).
@@ -265,8 +280,7 @@ struct Session {
 }
 
 /// Serves until SHUTDOWN.
-fn serve(net: &mut Net, pool: &mut [Client], mut store: Store, clients: usize) -> u32 {
-    let mut next_health: u64 = 0;
+fn serve(net: &mut Net, pool: &mut [Client], mut store: Store, clients: usize, mut faults: Injector) -> u32 {
     let mut beat: u32 = 0;
     loop {
         let now = net.poll();
@@ -289,18 +303,26 @@ fn serve(net: &mut Net, pool: &mut [Client], mut store: Store, clients: usize) -
             }
         }
         if shutdown {
-            shut_down(net, pool);
+            shut_down(net, pool, &faults);
         }
         store.set_connected_clients(open);
         store.sweep(now, SWEEP_BUDGET);
-        if now >= next_health {
+        // The turn's replies go out, then an injected fault may strike
+        // (after outputs the last healthy point does not cover: what
+        // `--output-mode fast` may have to roll back), then the turn is
+        // done: healthy when the server's own invariants hold (the keyspace
+        // within its limit), a point that covers every reply sent so far.
+        net.send();
+        faults.tick(now);
+        if store.used_bytes() <= store.limit_bytes() {
             beat = beat.wrapping_add(1);
-            rt::health(beat);
-            next_health = now.saturating_add(HEALTH_EVERY_NS);
+            faults.report_health(beat);
         }
         // Nothing here needs a turn before new input or smoltcp's timers
-        // (which wait() takes into account), except the health beat.
-        net.wait(Some(next_health));
+        // (which sleep() takes into account; it sleeps at most
+        // rt::net::MAX_SLEEP_NS, so an idle server still turns and reports
+        // every 10 ms), except a persistent injected fault's moment.
+        net.sleep(faults.wake_at());
     }
 }
 
@@ -406,7 +428,7 @@ impl Session {
 /// off with status 0 once every FIN was acknowledged (or after
 /// [`SHUTDOWN_GRACE_NS`]), so that no client is left waiting on a
 /// connection that silently went away.
-fn shut_down(net: &mut Net, pool: &mut [Client]) -> ! {
+fn shut_down(net: &mut Net, pool: &mut [Client], faults: &Injector) -> ! {
     rt::println!("kvstore: SHUTDOWN, closing connections");
     for client in pool.iter_mut() {
         let socket = net.sockets.get_mut::<tcp::Socket>(client.handle);
@@ -418,8 +440,13 @@ fn shut_down(net: &mut Net, pool: &mut [Client]) -> ! {
         socket.close();
     }
     let deadline = net.now_ns().saturating_add(SHUTDOWN_GRACE_NS);
+    let mut beat: u32 = 0;
     loop {
-        net.wait(Some(deadline));
+        net.send();
+        // Closing down is doing what was asked: still healthy.
+        beat = beat.wrapping_add(1);
+        faults.report_health(beat);
+        net.sleep(Some(deadline));
         let now = net.poll();
         let waiting = pool
             .iter()

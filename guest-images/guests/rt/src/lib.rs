@@ -40,6 +40,7 @@ pub use ftvm_abi as abi;
 pub use ftvm_abi::BootParams;
 
 mod devices;
+pub mod fault;
 mod heap;
 #[cfg(feature = "net")]
 pub mod net;

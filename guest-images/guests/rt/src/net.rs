@@ -123,9 +123,11 @@ pub const BUF_LEN: usize = 1536;
 const F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_NET_F_MAC: the MAC is in config space (virtio 1.2 §5.1.3).
 const F_MAC: u64 = 1 << 5;
-/// Longest sleep of one turn, so that a guest with no deadline of its own
-/// still looks at its sockets now and then.
-pub const MAX_SLEEP_NS: u64 = 100_000_000;
+/// Longest sleep of one turn: a guest with no deadline of its own still
+/// turns its main loop (and reports health) this often when idle, so that an
+/// idle guest always halts with a deadline armed and never misses a health
+/// deadline of a few tens of milliseconds ([`crate::fault::MAX_IDLE_TURN_NS`]).
+pub const MAX_SLEEP_NS: u64 = crate::fault::MAX_IDLE_TURN_NS;
 /// A deadline that is always in the past (0 would disarm the timer).
 const IMMEDIATE: u64 = 1;
 /// Bound on `poll_egress` rounds in one turn (each sends at most one packet
@@ -740,6 +742,8 @@ pub struct Net {
     now_ns: u64,
     /// The deadline last written to the timer (0: none written yet).
     armed_ns: u64,
+    /// The last [`Net::send`] left packets for the next turn.
+    egress_more: bool,
     turns: u64,
     halts: u64,
     timer_arms: u64,
@@ -811,6 +815,7 @@ impl Net {
             gateway,
             now_ns,
             armed_ns: 0,
+            egress_more: false,
             turns: 0,
             halts: 0,
             timer_arms: 0,
@@ -873,26 +878,42 @@ impl Net {
     /// it), re-posts the receive buffers, then sleeps with one HLT until the
     /// earliest of `wake_at_ns` (guest clock; at or before now: do not
     /// sleep), smoltcp's next timer and [`MAX_SLEEP_NS`] from now, or until
-    /// a frame arrives. Arms the timer only when needed.
+    /// a frame arrives. Arms the timer only when needed. The same as
+    /// [`Net::send`] then [`Net::sleep`], for a guest with nothing to do in
+    /// between.
     ///
     /// While a `Net` is in use the guest must not arm the timer itself
     /// (`rt::set_timer`, `rt::sleep_until`): this remembers what it armed.
     pub fn wait(&mut self, wake_at_ns: Option<u64>) {
+        self.send();
+        self.sleep(wake_at_ns);
+    }
+
+    /// The first half of [`Net::wait`]: transmits what the sockets hold
+    /// (one notify for all of it) and re-posts the receive buffers. A guest
+    /// that reports health does it after this, so that the healthy point
+    /// follows the turn's outputs.
+    pub fn send(&mut self) {
         let now = self.instant();
-        let mut more = false;
         let mut rounds = 0;
+        self.egress_more = false;
         // Each round sends at most one packet per socket.
         while self.iface.poll_egress(now, &mut self.nic, &mut self.sockets) == PollResult::SocketStateChanged {
             rounds += 1;
             if rounds >= MAX_EGRESS_ROUNDS {
-                more = true;
+                self.egress_more = true;
                 break;
             }
         }
         self.announce_if_due();
         self.nic.tx.flush();
         self.nic.rx.repost();
+    }
 
+    /// The second half of [`Net::wait`]: one HLT with a deadline armed,
+    /// never later than [`MAX_SLEEP_NS`] from the turn's clock reading.
+    pub fn sleep(&mut self, wake_at_ns: Option<u64>) {
+        let now = self.instant();
         let mut deadline = self.now_ns.saturating_add(MAX_SLEEP_NS);
         if self.announce_left > 0 {
             deadline = deadline.min(self.next_announce_ns);
@@ -904,7 +925,7 @@ impl Net {
         if let Some(wake_at) = wake_at_ns {
             deadline = deadline.min(wake_at);
         }
-        if more {
+        if self.egress_more {
             deadline = IMMEDIATE;
         }
         self.halt_until(deadline);

@@ -31,20 +31,30 @@
 //! Serial output: `streamer: network up: MAC ..., IP ..., gateway ...`,
 //! `streamer: resolving NEXT-HOP (ARP) before sending to IP:PORT`, then
 //! `streamer: sending to IP:PORT at N/s` when the stream starts, and with
-//! `count`, `streamer: sent N datagrams` before powering off. The health
-//! port gets the next sequence number (low 32 bits) every 100 ms.
+//! `count`, `streamer: sent N datagrams` before powering off.
 //!
-//! Exits: 6 per datagram at rates the guest keeps up with (clock 2, notify
-//! 1, timer 2, HLT 1); a burst of k datagrams costs the same 6. The next
-//! hop's MAC is learnt once, before the stream starts.
+//! Health: after each turn of the main loop the health port gets the next
+//! sequence number (low 32 bits), unless datagrams have been due for a
+//! second with none taken by the NIC (a wedged stream). Turns come at least
+//! every 10 ms (`rt::net::MAX_SLEEP_NS`) whatever the rate. Fault injection:
+//! `--param fault=...` with `fault_mtbf_ms=N` or `fault_after_ms=N`
+//! (`rt::fault`), ticked once per turn, after the turn's outputs and before
+//! its health report.
+//!
+//! Exits: 7 per datagram at rates the guest keeps up with (clock 2, health
+//! 1, notify 1, timer 2, HLT 1); a burst of k datagrams costs the same 7; an
+//! injected transient fault adds an entropy read (1). The next hop's MAC is
+//! learnt once, before the stream starts.
 //!
 //! Power-off status: 0 after `count` datagrams, 1 when the network cannot be
-//! brought up (no NIC, no IP, no route to `dest`), 2 for bad parameters.
+//! brought up (no NIC, no IP, no route to `dest`), 2 for bad parameters (the
+//! fault injector's included).
 #![no_std]
 #![no_main]
 
 use core::fmt;
 
+use rt::fault::Injector;
 use rt::net::smoltcp::wire::{IpAddress, IpEndpoint, Ipv4Address};
 use rt::net::{Net, UdpStream, QUEUE_SIZE};
 
@@ -61,8 +71,9 @@ const MAX_RATE: u64 = 1_000_000;
 /// Most datagrams sent in one turn, and the stream's transmit buffers: half
 /// the transmit queue, the other half staying free for smoltcp's frames.
 const MAX_BURST: usize = QUEUE_SIZE / 2;
-/// How often the health port is written.
-const HEALTH_EVERY_NS: u64 = 100_000_000;
+/// Datagrams due this long with none sent: the stream is wedged, and the
+/// guest stops reporting health.
+const STALL_NS: u64 = 1_000_000_000;
 /// How often an unanswered ARP request is repeated.
 const ARP_RETRY_NS: u64 = 1_000_000_000;
 const NS_PER_S: u128 = 1_000_000_000;
@@ -80,6 +91,13 @@ fn main(boot: &'static rt::BootParams) -> u32 {
             return EXIT_BAD_PARAM;
         }
     };
+    let faults = match rt::fault::Injector::from_boot(boot) {
+        Ok(faults) => faults,
+        Err(e) => {
+            rt::println!("streamer: {e}");
+            return EXIT_BAD_PARAM;
+        }
+    };
     let Some(mut net) = Net::start(boot, "streamer") else {
         return EXIT_NO_NETWORK;
     };
@@ -92,7 +110,7 @@ fn main(boot: &'static rt::BootParams) -> u32 {
         return EXIT_NO_NETWORK;
     };
     rt::println!("streamer: resolving {hop} (ARP) before sending to {}", settings.dest());
-    stream(&mut net, &settings, hop)
+    stream(&mut net, &settings, hop, faults)
 }
 
 /// What the parameters ask for.
@@ -166,7 +184,7 @@ enum Phase {
 }
 
 /// Resolves the next hop, then streams; returns the power-off status.
-fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address) -> u32 {
+fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address, mut faults: Injector) -> u32 {
     let dest = settings.dest();
     let flow = UdpStream {
         src_port: SOURCE_PORT,
@@ -176,15 +194,10 @@ fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address) -> u32 {
     };
     let mut phase = Phase::Resolving { retry: 0 };
     let mut seq: u64 = 0;
-    let mut next_health: u64 = 0;
+    // The last turn at which the stream was on schedule or sent something.
+    let mut progress: u64 = 0;
     loop {
         let now = net.poll();
-        if now >= next_health {
-            // The health value is free-form: the low half of the sequence
-            // number shows progress.
-            rt::health(seq as u32);
-            next_health = now.saturating_add(HEALTH_EVERY_NS);
-        }
 
         if let Phase::Resolving { retry } = phase {
             if let (true, Some(mac)) = (net.arp_seen(), net.arp_mac()) {
@@ -217,12 +230,25 @@ fn stream(net: &mut Net, settings: &Settings, hop: Ipv4Address) -> u32 {
                     seq += 1;
                     burst += 1;
                 }
+                if burst > 0 || settings.due(start, seq) > now {
+                    progress = now;
+                }
                 settings.due(start, seq)
             }
         };
         // Sends what this turn queued (the device transmits during the
-        // notify), then sleeps.
-        net.wait(Some(wake.min(next_health)));
+        // notify); then an injected fault may strike (after outputs the last
+        // healthy point does not cover); then the turn is done: healthy
+        // unless datagrams have been due for STALL_NS with not one taken by
+        // the NIC (a wedged stream). The value is free-form: the low half of
+        // the sequence number shows progress.
+        net.send();
+        faults.tick(now);
+        if matches!(phase, Phase::Resolving { .. }) || now.saturating_sub(progress) < STALL_NS {
+            faults.report_health(seq as u32);
+        }
+        // Sleeps (at most rt::net::MAX_SLEEP_NS, 10 ms).
+        net.sleep(Some(faults.wake_at().map_or(wake, |at| at.min(wake))));
         if settings.count == Some(seq) {
             rt::println!("streamer: sent {seq} datagrams");
             return 0;
