@@ -32,7 +32,7 @@ struct ShipState {
 
 pub(crate) struct Shipper {
     log: Arc<LogShared>,
-    chan: Arc<PrimaryChannel>,
+    chan: Mutex<Arc<PrimaryChannel>>,
     board: Arc<Board>,
     releaser: SharedReleaser,
     shared: Arc<PrimaryShared>,
@@ -47,7 +47,30 @@ impl Shipper {
         releaser: SharedReleaser,
         shared: Arc<PrimaryShared>,
     ) -> Arc<Shipper> {
-        Arc::new(Shipper { log, chan, board, releaser, shared, state: Mutex::new(ShipState::default()) })
+        Arc::new(Shipper {
+            log,
+            chan: Mutex::new(chan),
+            board,
+            releaser,
+            shared,
+            state: Mutex::new(ShipState::default()),
+        })
+    }
+
+    fn chan(&self) -> Arc<PrimaryChannel> {
+        self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Paired again (repair): ship to `chan` from now on, the records kept
+    /// since the transfer's checkpoint first, and switch to protected.
+    /// Under the shipping lock, so no batch goes to the old channel after.
+    pub(crate) fn rejoin(&self, chan: Arc<PrimaryChannel>) {
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = chan;
+        st.unreported.clear();
+        st.reported = LogPosition::NONE;
+        self.shared.set_phase(Phase::Protected);
+        self.shared.keep_after(None);
     }
 
     /// Ship what the log holds; `Ok(true)` when the channel refused it for
@@ -56,7 +79,22 @@ impl Shipper {
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (first, records, asked) = self.log.take();
         if self.shared.phase() == Phase::Alone {
-            // Alone since the secondary was lost: the log is dropped.
+            // Alone since the secondary was lost: the log is dropped, but
+            // for what follows a repair transfer's checkpoint, which the new
+            // secondary replays from.
+            match self.shared.kept_after() {
+                Some(mark) => {
+                    let skip = mark.saturating_add(1).saturating_sub(first.0).min(records.len() as u64) as usize;
+                    let rest = records.get(skip..).unwrap_or_default().to_vec();
+                    let at = LogPosition(first.0 + skip as u64);
+                    match st.backlog.as_mut() {
+                        Some((_, old)) => old.extend(rest),
+                        None if !rest.is_empty() => st.backlog = Some((at, rest)),
+                        None => {}
+                    }
+                }
+                None => st.backlog = None,
+            }
             return Ok(false);
         }
         let (first, batch) = match st.backlog.take() {
@@ -67,7 +105,7 @@ impl Shipper {
             None => (first, records),
         };
         if !batch.is_empty() {
-            match self.chan.send_records(first, &batch) {
+            match self.chan().send_records(first, &batch) {
                 Ok(()) => {
                     let bytes: usize = batch.iter().map(replication::frame::encoded_record_len).sum();
                     self.board.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -83,7 +121,7 @@ impl Shipper {
             }
         }
         if flush || asked {
-            self.chan.flush();
+            self.chan().flush();
         }
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
         self.board.outputs_held_bytes.store(self.releaser.held_bytes() as u64, Ordering::Relaxed);
@@ -107,7 +145,7 @@ impl Shipper {
             due = st.unreported.pop_front().map(|(_, p)| p);
         }
         if let Some(p) = due {
-            self.chan.send_released(p)?;
+            self.chan().send_released(p)?;
             st.reported = p;
         }
         Ok(false)
@@ -125,7 +163,7 @@ impl Shipper {
                 continue;
             }
             if !running {
-                me.chan.flush();
+                me.chan().flush();
                 return Ok(());
             }
         })
