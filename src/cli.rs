@@ -201,6 +201,13 @@ pub struct PrimaryArgs {
     /// copy that loses exits 4 without emitting anything.
     #[arg(long)]
     pub unprotected_start: bool,
+    /// A spare host's `ftvm secondary` (one started without guest
+    /// settings), HOST:PORT; repeatable. Whenever this copy runs alone (its
+    /// secondary lost), it re-protects itself onto the first spare that
+    /// takes the guest's state (a live transfer while the guest runs), in
+    /// turn, retrying with backoff
+    #[arg(long, value_name = "HOST:PORT")]
+    pub standby: Vec<String>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
