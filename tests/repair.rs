@@ -155,3 +155,103 @@ fn kvm_netns_a_lone_primary_reprotects_onto_a_standby_under_load_and_a_failover_
     eprintln!("repair: {repair_ms} ms (failure → new secondary in sync); {before} writes before the second failover, {} in all", w.acked);
     drop(standby);
 }
+
+#[test]
+fn kvm_netns_a_standby_killed_mid_transfer_leaves_the_primary_serving_and_a_retry_succeeds() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("rk");
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
+    eprintln!("logs in {}", dir.path().display());
+    let key = common::key_file(dir.path(), "k");
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let spare = format!("{}:7001", lab.host_b().link_ip());
+    let cidr = lab.guest_cidr();
+    // A guest with more memory written makes a longer transfer to cut.
+    let guest = ["--guest", "kvstore", "--memory-mib", "64", "--ip", &cidr];
+    let common_args = [
+        "--key-file",
+        &key,
+        "--arbiter",
+        &arbiter,
+        "--dead-after",
+        common::TEST_DEAD_AFTER,
+        "--health-deadline-ms",
+        "0",
+    ];
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
+    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
+    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
+    pri.args(["--peer", &listen, "--standby", &spare, "--control", &d("p.sock")]);
+    let primary = spawn(&mut pri, dir.path(), "primary.log");
+    let mut w = Writer { s: connect(&lab), acked: 0 };
+    for _ in 0..20 {
+        w.write();
+    }
+    secondary.0.kill().unwrap();
+    let _ = secondary.0.wait();
+    for _ in 0..20 {
+        w.write();
+    }
+
+    // A standby that dies while the state streams to it.
+    let standby_cmd = || {
+        let mut sb = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+        sb.arg("secondary").args(common_args).args(["--tap", lab.host_b().tap()]);
+        sb.args(["--listen", &spare, "--control", &d("sb.sock")]);
+        sb
+    };
+    let mut standby = spawn(&mut standby_cmd(), dir.path(), "standby.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        // The control socket answers once the standby listens.
+        let out = common::ftvm().args(["status", "--control", &d("sb.sock"), "--json"]).output().unwrap();
+        if out.status.success() {
+            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if st["state"].as_str().is_some_and(|s| s.contains("receiving the guest's state")) {
+                break;
+            }
+            assert!(
+                st["state"].as_str().is_some_and(|s| s.starts_with("standby")),
+                "the transfer ended before it could be cut: {st}\n{}",
+                logs(dir.path())
+            );
+        }
+        assert!(Instant::now() < deadline, "no transfer began\n{}", logs(dir.path()));
+    }
+    standby.0.kill().unwrap();
+    let _ = standby.0.wait();
+    // The primary runs on, alone, and serves.
+    for _ in 0..20 {
+        w.write();
+    }
+    let st = common::status_json(&d("p.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    assert!(st["last_failure"]["repair_ms"].is_null(), "{st}");
+    let primary_log = std::fs::read_to_string(dir.path().join("primary.log")).unwrap();
+    assert!(primary_log.contains("re-protection onto"), "{primary_log}");
+
+    // The standby comes back (as systemd would restart it): the retry succeeds.
+    std::fs::rename(dir.path().join("standby.log"), dir.path().join("standby-killed.log")).unwrap();
+    let standby = spawn(&mut standby_cmd(), dir.path(), "standby.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        w.write();
+        let st = common::status_json(&d("p.sock"));
+        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
+    }
+    for _ in 0..20 {
+        w.write();
+    }
+    w.check_all();
+    drop((primary, standby));
+}
