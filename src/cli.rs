@@ -222,6 +222,11 @@ pub struct SecondaryArgs {
     /// Where to accept the primary's logging channel, HOST:PORT [required]
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+    /// A spare's standby `ftvm secondary`, HOST:PORT; repeatable. Once this
+    /// copy went live (its primary lost), it re-protects itself onto the
+    /// first that takes the guest, as a primary's --standby does
+    #[arg(long, value_name = "HOST:PORT")]
+    pub standby: Vec<String>,
     /// Test knob: hold every ack this long (shows the output rule at work).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub ack_delay_ms: u64,

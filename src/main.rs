@@ -417,7 +417,8 @@ fn unprotected_start(
 /// match the primary's) but its TAP is not opened: nothing reaches the world.
 fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Secondary;
-    let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
+    let (settings, mut pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
+    pair.standby = config::check_standby(&args.standby)?;
     if config::is_standby(&args.guest)? {
         if let Some(tap) = &settings.tap {
             if !vmm::tap::Tap::exists(tap) {

@@ -297,6 +297,7 @@ fn run_secondary(
     pair: &PairConfig,
     signals: crate::CaughtSignals,
 ) -> Result<i32> {
+    session.repair_with(vm.checkpointer(), pair.standby.clone());
     let caught = signals.stop(&vm)?;
     let outcome = vm.run();
     if let Some(path) = &pair.state_dump {
@@ -304,7 +305,7 @@ fn run_secondary(
     }
     let (name, exit) = (&settings.name, vm.exit_index());
     let board = session.board();
-    let end = session.finish(outcome);
+    let end = session.finish_at(exit, outcome);
     let signal = caught.load(std::sync::atomic::Ordering::SeqCst);
     if signal != 0 && !matches!(end, SecondaryEnd::WentLive(_)) {
         eprintln!("ftvm: secondary {name}: stopped by signal {signal} at guest exit #{exit}");

@@ -255,3 +255,90 @@ fn kvm_netns_a_standby_killed_mid_transfer_leaves_the_primary_serving_and_a_retr
     w.check_all();
     drop((primary, standby));
 }
+
+#[test]
+fn kvm_netns_double_failure_the_survivor_reprotects_onto_a_spare_and_the_client_survives_both() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("rd");
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
+    eprintln!("logs in {}", dir.path().display());
+    let key = common::key_file(dir.path(), "k");
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    // Each host's spare port: the other side's --standby.
+    let spare_a = format!("{}:7001", lab.host_a().link_ip());
+    let spare_b = format!("{}:7001", lab.host_b().link_ip());
+    let cidr = lab.guest_cidr();
+    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
+    let common_args = [
+        "--key-file",
+        &key,
+        "--arbiter",
+        &arbiter,
+        "--dead-after",
+        common::TEST_DEAD_AFTER,
+        "--health-deadline-ms",
+        "0",
+    ];
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
+    sec.args(["--listen", &listen, "--standby", &spare_a, "--control", &d("s.sock")]);
+    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
+    pri.args(["--peer", &listen, "--standby", &spare_b, "--control", &d("p.sock")]);
+    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
+    let mut w = Writer { s: connect(&lab), acked: 0 };
+    for _ in 0..30 {
+        w.write();
+    }
+
+    // First failure: the primary's VMM dies; the secondary goes live.
+    primary.0.kill().unwrap();
+    let _ = primary.0.wait();
+    for _ in 0..30 {
+        w.write();
+    }
+    let st = common::status_json(&d("s.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+
+    // The failed primary's host comes back as a spare; the survivor
+    // re-protects itself onto it while the client writes on.
+    let mut sb = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sb.arg("secondary").args(common_args).args(["--tap", lab.host_a().tap()]);
+    sb.args(["--listen", &spare_a, "--control", &d("sb.sock")]);
+    let standby = spawn(&mut sb, dir.path(), "standby.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let repair_ms = loop {
+        w.write();
+        let st = common::status_json(&d("s.sock"));
+        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
+            assert_eq!(st["last_failure"]["kind"], "primary lost", "{st}");
+            break st["last_failure"]["repair_ms"].as_f64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default().contains("protected") {
+        w.write();
+        assert!(Instant::now() < deadline, "the standby never started failover\n{}", logs(dir.path()));
+    }
+    for _ in 0..30 {
+        w.write();
+    }
+
+    // Second failure: the survivor dies too; the spare goes live.
+    secondary.0.kill().unwrap();
+    let _ = secondary.0.wait();
+    for _ in 0..30 {
+        w.write();
+    }
+    w.check_all();
+    let st = common::status_json(&d("sb.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    eprintln!("double failure: repair after the first in {repair_ms} ms; {} writes, none lost", w.acked);
+    drop(standby);
+}

@@ -173,16 +173,20 @@ pub(crate) type SharedReleaser = Arc<Releaser<DynSink>>;
 /// The current secondary's channel and the current pair's failover: both
 /// replaced when a repair pairs this primary with a new secondary.
 pub(crate) struct Links {
-    chan: Mutex<Arc<PrimaryChannel>>,
+    chan: Mutex<Option<Arc<PrimaryChannel>>>,
     failover: Mutex<Option<Arc<Failover>>>,
 }
 
 impl Links {
-    pub(crate) fn chan(&self) -> Arc<PrimaryChannel> {
+    pub(crate) fn chan(&self) -> Option<Arc<PrimaryChannel>> {
         self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
+    /// Whether the current channel (if any) has failed.
+    fn chan_failed(&self) -> bool {
+        self.chan().is_some_and(|c| c.error().is_some())
+    }
     pub(crate) fn set_chan(&self, chan: Arc<PrimaryChannel>) {
-        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = chan;
+        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(chan);
     }
     pub(crate) fn failover(&self) -> Option<Arc<Failover>> {
         self.failover.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -259,7 +263,7 @@ impl PrimarySession {
             let (log, board, shared) = (log.clone(), board.clone(), shared.clone());
             crate::lag::spawn_primary_watch(rt.handle(), log, board, f.clone(), shared, fc.max_lag);
         }
-        let shipper = Shipper::new(log.clone(), chan.clone(), board.clone(), releaser.clone(), shared.clone());
+        let shipper = Shipper::new(log.clone(), Some(chan.clone()), board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
             log.set_flusher(move || {
@@ -286,7 +290,7 @@ impl PrimarySession {
             board,
             _control: control,
             rt,
-            links: Arc::new(Links { chan: Mutex::new(chan), failover: Mutex::new(failover) }),
+            links: Arc::new(Links { chan: Mutex::new(Some(chan)), failover: Mutex::new(failover) }),
             shipper,
             repair,
             log,
@@ -302,6 +306,80 @@ impl PrimarySession {
             None => Box::new(gate),
         };
         Ok((session, sink))
+    }
+
+    /// A copy that runs alone already (a secondary that went live) and may
+    /// be re-protected (`config.standby`): the log is recorded and dropped,
+    /// outputs go at once, until a repair pairs it with a standby; from then
+    /// on it is a primary like any other. `board`: the copy's board (its
+    /// control socket); `failover`: the failover whose arbiter generation
+    /// this copy won (released when the repair completes). `config.peer`
+    /// and `config.control` are not used.
+    pub fn start_alone(
+        config: PrimaryConfig,
+        board: Arc<Board>,
+        live_output: Box<dyn OutputSink>,
+        failover: Option<Arc<Failover>>,
+    ) -> Result<(PrimarySession, Box<dyn OutputSink>)> {
+        let rt = crate::runtime()?;
+        let log = Arc::new(LogShared::default());
+        log.set_unprotected();
+        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let releaser = Arc::new(releaser);
+        releaser.set_max_held_bytes(config.max_held_bytes);
+        let shared = Arc::new(PrimaryShared {
+            phase: Mutex::new(Phase::Alone),
+            shipping: AtomicBool::new(true),
+            guest_ended: AtomicBool::new(false),
+            channel_error: Mutex::new(None),
+            stopped_guest: AtomicBool::new(false),
+            stop: OnceLock::new(),
+            kept_after: Mutex::new(None),
+        });
+        let shipper = Shipper::new(log.clone(), None, board.clone(), releaser.clone(), shared.clone());
+        {
+            let s = shipper.clone();
+            log.set_flusher(move || {
+                if let Err(e) = s.ship(true) {
+                    tracing::debug!(error = %e, "shipping the log tail failed");
+                }
+            });
+        }
+        let shipper_thread = shipper.spawn()?;
+        let releaser_thread = {
+            let releaser = releaser.clone();
+            std::thread::Builder::new().name("releaser".into()).spawn(move || releaser.run())?
+        };
+        let repair = (!config.standby.is_empty()).then(|| crate::repair::RepairConfig {
+            name: config.name.clone(),
+            standby: config.standby.clone(),
+            channel: config.channel.clone(),
+            failover: config.failover.clone(),
+        });
+        let session = PrimarySession {
+            name: config.name,
+            board,
+            _control: None,
+            rt,
+            links: Arc::new(Links { chan: Mutex::new(None), failover: Mutex::new(failover) }),
+            shipper,
+            repair,
+            log,
+            shared,
+            releaser,
+            drain_for: config.drain_for,
+            shipper_thread,
+            releaser_thread,
+            health: None,
+        };
+        Ok((session, Box::new(gate)))
+    }
+
+    /// A copy started by [`PrimarySession::start_alone`] is about to run
+    /// on: a repair's failover may stop it through `stop`.
+    pub fn running_alone(&self, stop: StopHandle) {
+        let _ = self.shared.stop.set(stop.clone());
+        self.releaser.set_abort(Box::new(move || stop.is_stopped()));
     }
 
     /// The status board.
@@ -394,7 +472,7 @@ impl PrimarySession {
         let mut handed_over = false;
         if !alone {
             let deadline = Instant::now() + self.drain_for;
-            while !self.log.is_acked(at) && Instant::now() < deadline && self.links.chan().error().is_none() {
+            while !self.log.is_acked(at) && Instant::now() < deadline && !self.links.chan_failed() {
                 self.log.wait_changed(Duration::from_millis(5));
             }
             handed_over = self.log.is_acked(at) && self.links.failover().is_some();
@@ -490,7 +568,7 @@ impl PrimarySession {
         // that has the end stops there; one that has not would take over.
         while (self.releaser.held() > 0 || !self.log.is_acked(end_at))
             && Instant::now() < deadline
-            && self.links.chan().error().is_none()
+            && !self.links.chan_failed()
         {
             self.log.wait_changed(Duration::from_millis(10));
             let _ = self.releaser.release_ready();
@@ -519,7 +597,7 @@ impl PrimarySession {
         let chan = self.links.chan();
         drop(self.links);
         drop(self.shipper);
-        if let Ok(chan) = Arc::try_unwrap(chan) {
+        if let Some(Ok(chan)) = chan.map(Arc::try_unwrap) {
             let _ = self.rt.block_on(chan.shutdown());
         }
         self.board.set_state("stopped");

@@ -170,8 +170,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What a copy that goes live needs to re-protect itself (`--standby`):
+/// at go-live its guest is handed to a primary session started alone,
+/// which records its log and gates its outputs, so that a repair can pair
+/// it with a standby as any lone primary.
+struct Relive {
+    name: String,
+    channel: ChannelConfig,
+    failover: Option<FailoverConfig>,
+    repair: Mutex<Option<(Vec<String>, vmm::checkpoint::Checkpointer)>>,
+    session: Mutex<Option<crate::primary::PrimarySession>>,
+}
+
 /// A running secondary session.
 pub struct SecondarySession {
+    relive: Arc<Relive>,
     board: Arc<Board>,
     _control: Option<ControlSocket>,
     _rt: tokio::runtime::Runtime,
@@ -362,7 +375,15 @@ impl SecondarySession {
             );
         }
         eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
+        let relive = Arc::new(Relive {
+            name: config.name.clone(),
+            channel: config.channel.clone(),
+            failover: config.failover.clone(),
+            repair: Mutex::new(None),
+            session: Mutex::new(None),
+        });
         Ok(SecondarySession {
+            relive,
             board,
             _control: control,
             _rt: rt,
@@ -398,6 +419,7 @@ impl SecondarySession {
             (self.board.clone(), self.shared.clone(), self.held.clone(), self.consumed.clone());
         let (records, decisions) = (self.records.clone(), self.decisions.clone());
         let health = self.health.clone();
+        let (relive, slot_f) = (self.relive.clone(), self.failover.clone());
         let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
             let wake = stop.wake_fd();
             let went = shared.went_live_at.clone();
@@ -412,9 +434,27 @@ impl SecondarySession {
                     world.input = Box::new(h.input(crate::health::BoxedInput(world.input)));
                     world.output = Box::new(h.sink(crate::primary::DynSink(world.output)));
                     h.arm();
-                    if let Err(e) = h.watch(live_stop) {
+                    if let Err(e) = h.watch(live_stop.clone()) {
                         tracing::error!(error = %e, "cannot start the health watchdog");
                     }
+                }
+                let repair = lock(&relive.repair).take();
+                if let Some((standby, checkpointer)) = repair {
+                    // Live and alone: record and gate from here, so that a
+                    // standby can be brought in.
+                    let mut pc = crate::primary::PrimaryConfig::new(&relive.name, "", relive.channel.clone());
+                    pc.failover = relive.failover.clone();
+                    pc.standby = standby;
+                    let (session, sink) =
+                        crate::primary::PrimarySession::start_alone(pc, live_board.clone(), world.output, slot_f.get())
+                            .map_err(|e| HookError::Output(std::io::Error::other(format!("{e:#}"))))?;
+                    world.input = session.input(crate::health::BoxedInput(world.input));
+                    world.output = sink;
+                    session.running_alone(live_stop.clone());
+                    if let Err(e) = session.repair_with(checkpointer) {
+                        tracing::error!(error = %e, "cannot start re-protection");
+                    }
+                    *lock(&relive.session) = Some(session);
                 }
                 live_board.set_role(Role::Standalone);
                 // What was held is re-emitted right after this: none is left.
@@ -463,10 +503,37 @@ impl SecondarySession {
         self.health.clone()
     }
 
+    /// With `--standby`: once live, re-protect onto these spares
+    /// (`checkpointer`: the VM's). Call before the guest runs.
+    pub fn repair_with(&self, checkpointer: vmm::checkpoint::Checkpointer, standby: Vec<String>) {
+        if !standby.is_empty() {
+            *lock(&self.relive.repair) = Some((standby, checkpointer));
+        }
+    }
+
     /// The guest stopped: say how the session ended.
     pub fn finish(self, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
+        let exit = ExitIndex(self.board.exit_index.load(Ordering::SeqCst));
+        self.finish_at(exit, outcome)
+    }
+
+    /// [`SecondarySession::finish`], the guest having stopped at `exit`.
+    pub fn finish_at(self, exit: ExitIndex, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
         if let Some(h) = &self.health {
             h.close();
+        }
+        let relived = lock(&self.relive.session).take();
+        if let Some(session) = relived {
+            // Live, and maybe re-protected: tell the new secondary where the
+            // guest stopped (or learn that it took over).
+            match session.finish(exit) {
+                Ok(crate::primary::PrimaryEnd::LostArbiter) => {
+                    self.board.set_state("stopped: lost the arbiter");
+                    return SecondaryEnd::LostArbiter;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "winding the re-protected copy down failed"),
+            }
         }
         self.board.set_state("stopped");
         if let Some(f) = self.failover.get() {

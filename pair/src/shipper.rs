@@ -32,7 +32,7 @@ struct ShipState {
 
 pub(crate) struct Shipper {
     log: Arc<LogShared>,
-    chan: Mutex<Arc<PrimaryChannel>>,
+    chan: Mutex<Option<Arc<PrimaryChannel>>>,
     board: Arc<Board>,
     releaser: SharedReleaser,
     shared: Arc<PrimaryShared>,
@@ -42,7 +42,7 @@ pub(crate) struct Shipper {
 impl Shipper {
     pub(crate) fn new(
         log: Arc<LogShared>,
-        chan: Arc<PrimaryChannel>,
+        chan: Option<Arc<PrimaryChannel>>,
         board: Arc<Board>,
         releaser: SharedReleaser,
         shared: Arc<PrimaryShared>,
@@ -57,7 +57,7 @@ impl Shipper {
         })
     }
 
-    fn chan(&self) -> Arc<PrimaryChannel> {
+    fn chan(&self) -> Option<Arc<PrimaryChannel>> {
         self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
@@ -66,7 +66,7 @@ impl Shipper {
     /// Under the shipping lock, so no batch goes to the old channel after.
     pub(crate) fn rejoin(&self, chan: Arc<PrimaryChannel>) {
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = chan;
+        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(chan);
         st.unreported.clear();
         st.reported = LogPosition::NONE;
         self.shared.set_phase(Phase::Protected);
@@ -104,8 +104,12 @@ impl Shipper {
             }
             None => (first, records),
         };
+        let Some(chan) = self.chan() else {
+            // Never paired yet (a copy that went live): nothing to ship to.
+            return Ok(false);
+        };
         if !batch.is_empty() {
-            match self.chan().send_records(first, &batch) {
+            match chan.send_records(first, &batch) {
                 Ok(()) => {
                     let bytes: usize = batch.iter().map(replication::frame::encoded_record_len).sum();
                     self.board.log_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -121,18 +125,18 @@ impl Shipper {
             }
         }
         if flush || asked {
-            self.chan().flush();
+            chan.flush();
         }
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
         self.board.outputs_held_bytes.store(self.releaser.held_bytes() as u64, Ordering::Relaxed);
-        self.report_released(&mut st)
+        self.report_released(&mut st, &chan)
     }
 
     /// Tell the secondary how far outputs are out (it forgets what it holds
     /// up to there), for positions released at least
     /// [`RELEASE_REPORT_DELAY`] ago: the report proves this host outlived
     /// its outputs' way out.
-    fn report_released(&self, st: &mut ShipState) -> Result<bool, ChannelError> {
+    fn report_released(&self, st: &mut ShipState, chan: &PrimaryChannel) -> Result<bool, ChannelError> {
         let now = Instant::now();
         // Only positions whose outputs are all out.
         let released = self.releaser.released_through();
@@ -145,7 +149,7 @@ impl Shipper {
             due = st.unreported.pop_front().map(|(_, p)| p);
         }
         if let Some(p) = due {
-            self.chan().send_released(p)?;
+            chan.send_released(p)?;
             st.reported = p;
         }
         Ok(false)
@@ -163,7 +167,9 @@ impl Shipper {
                 continue;
             }
             if !running {
-                me.chan().flush();
+                if let Some(chan) = me.chan() {
+                    chan.flush();
+                }
                 return Ok(());
             }
         })
