@@ -259,21 +259,11 @@ fn failure_figures(dir: &Path, stop: &Stop) -> Result<(String, f64, f64)> {
 /// again after a host failure) with a standby (`ftvm secondary` without
 /// guest settings); the survivor re-protects itself onto it. Returns the
 /// standby and the survivor's `repair_ms`.
-fn repair_onto_standby(lab: &Lab, dir: &Path, how: Failure, stop: &Stop) -> Result<(Proc, f64)> {
-    if how == Failure::Host {
-        let a = lab.host_a();
-        a.netns().set_link_up(a.link_dev(), true);
-        a.netns().set_link_up(a.lan_dev(), true);
-    }
-    let exe = ftvm_exe()?;
-    let key = dir.join("key").to_string_lossy().into_owned();
-    let arbiter = format!("file:{}", dir.join("arbiter").display());
-    let mut sb = lab.host_a().netns().command(&exe);
-    sb.process_group(0);
-    sb.args(["secondary", "--key-file", &key, "--tap", lab.host_a().tap(), "--listen", &standby_address(lab)]);
-    sb.args(["--arbiter", &arbiter, "--control", &dir.join("sb.sock").to_string_lossy()]);
-    let log = std::fs::File::create(dir.join("standby.log"))?;
-    let standby = Proc::spawn(sb.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log))?;
+fn repair_onto_standby(lab: &Lab, dir: &Path, how: Failure, standby: Option<Proc>, stop: &Stop) -> Result<(Proc, f64)> {
+    let standby = match standby {
+        Some(s) => s,
+        None => start_standby(lab, dir, how)?,
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         stop.check()?;
@@ -287,6 +277,24 @@ fn repair_onto_standby(lab: &Lab, dir: &Path, how: Failure, stop: &Stop) -> Resu
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The standby on host a (its links up again after a host failure).
+fn start_standby(lab: &Lab, dir: &Path, how: Failure) -> Result<Proc> {
+    if how == Failure::Host {
+        let a = lab.host_a();
+        a.netns().set_link_up(a.link_dev(), true);
+        a.netns().set_link_up(a.lan_dev(), true);
+    }
+    let exe = ftvm_exe()?;
+    let key = dir.join("key").to_string_lossy().into_owned();
+    let arbiter = format!("file:{}", dir.join("arbiter").display());
+    let mut sb = lab.host_a().netns().command(&exe);
+    sb.process_group(0);
+    sb.args(["secondary", "--key-file", &key, "--tap", lab.host_a().tap(), "--listen", &standby_address(lab)]);
+    sb.args(["--arbiter", &arbiter, "--control", &dir.join("sb.sock").to_string_lossy()]);
+    let log = std::fs::File::create(dir.join("standby.log"))?;
+    Ok(Proc::spawn(sb.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log))?)
 }
 
 /// Fail the primary `how`, and reap it.
@@ -354,12 +362,20 @@ fn run_trial(lab: &Lab, dir: &Path, guest: DemoGuest, how: Failure, progress: bo
             say("client connected to 10.0.0.10:6379; writing and verifying (INCR + SET)");
             let (mut acked, mut worst) = (0u64, Duration::ZERO);
             let mut killed_at = None;
+            let mut standby = None;
             for i in 1..=600u64 {
                 stop.check()?;
                 if i == 300 {
                     say(how.describe());
                     fail_primary(lab, &mut primary, how)?;
                     killed_at = Some(Instant::now());
+                    if how == Failure::Process {
+                        // The failed VMM's host serves as the spare at once
+                        // (as a systemd unit restarting it would); after a
+                        // host failure, once the checks are done.
+                        say("a standby starts on host a (no guest settings); the survivor re-protects itself onto it");
+                        standby = Some(start_standby(lab, dir, how)?);
+                    }
                 }
                 let t = Instant::now();
                 s.get_mut().write_all(&resp(&["INCR", "counter"]))?;
@@ -388,8 +404,10 @@ fn run_trial(lab: &Lab, dir: &Path, guest: DemoGuest, how: Failure, progress: bo
                 }
             }
             let (detected_by, reaction_ms, recovery_ms) = failure_figures(dir, stop)?;
-            say("a standby starts on host a (no guest settings); the survivor re-protects itself onto it");
-            let (standby, repair_ms) = repair_onto_standby(lab, dir, how, stop)?;
+            if standby.is_none() {
+                say("a standby starts on host a (no guest settings); the survivor re-protects itself onto it");
+            }
+            let (standby, repair_ms) = repair_onto_standby(lab, dir, how, standby, stop)?;
             say("redundancy restored");
             drop((secondary, standby));
             Trial {
