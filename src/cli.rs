@@ -205,6 +205,13 @@ pub struct PrimaryArgs {
     /// copy that loses exits 4 without emitting anything.
     #[arg(long)]
     pub unprotected_start: bool,
+    /// A spare host's `ftvm secondary` (one started without guest
+    /// settings), HOST:PORT; repeatable. Whenever this copy runs alone (its
+    /// secondary lost), it re-protects itself onto the first spare that
+    /// takes the guest's state (a live transfer while the guest runs), in
+    /// turn, retrying with backoff
+    #[arg(long, value_name = "HOST:PORT")]
+    pub standby: Vec<String>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
@@ -219,6 +226,11 @@ pub struct SecondaryArgs {
     /// Where to accept the primary's logging channel, HOST:PORT [required]
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+    /// A spare's standby `ftvm secondary`, HOST:PORT; repeatable. Once this
+    /// copy went live (its primary lost), it re-protects itself onto the
+    /// first that takes the guest, as a primary's --standby does
+    #[arg(long, value_name = "HOST:PORT")]
+    pub standby: Vec<String>,
     /// Test knob: hold every ack this long (shows the output rule at work).
     #[arg(long, value_name = "MS", default_value_t = 0, hide = true)]
     pub ack_delay_ms: u64,

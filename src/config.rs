@@ -406,6 +406,8 @@ pub struct PairConfig {
     pub address: String,
     /// Application health and containment.
     pub health: HealthSettings,
+    /// `--standby` (primary): spare hosts to re-protect onto, checked.
+    pub standby: Vec<String>,
 }
 
 /// The health flags, validated (README, "Application health").
@@ -601,6 +603,7 @@ pub fn resolve_pair(
         state_dump: pair.state_dump.clone(),
         address,
         health: resolve_health(pair, &file)?,
+        standby: Vec::new(),
     };
     Ok((merge(guest, file)?, config))
 }
@@ -612,6 +615,20 @@ fn in_range(flag: &'static str, value: Option<u64>, default: u64, min: u64, max:
     } else {
         Err(ConfigError::OutOfRange { flag, value: v, min, max })
     }
+}
+
+/// `--standby`: each a HOST:PORT as `--peer` is.
+pub fn check_standby(values: &[String]) -> Result<Vec<String>, ConfigError> {
+    for v in values {
+        check_address("--standby", v, false)?;
+    }
+    Ok(values.to_vec())
+}
+
+/// `ftvm secondary` is a standby (its guest arrives by a live transfer)
+/// when it is given no guest: no `--guest`, and no `guest` in `--config`.
+pub fn is_standby(args: &GuestArgs) -> Result<bool, ConfigError> {
+    Ok(args.guest.is_none() && load(args)?.guest.is_none())
 }
 
 /// `--arbiter`: the only form there is, `file:PATH`.

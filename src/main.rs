@@ -267,15 +267,20 @@ struct Prepared {
     serial: Box<dyn Write + Send>,
 }
 
-fn prepare(settings: &GuestSettings, digest_every: Option<u64>) -> Result<Prepared, Failure> {
-    let (elf, privilege) = load_image(&settings.guest)?;
-    let serial: Box<dyn Write + Send> = match &settings.serial {
+/// The serial console's writer (`--serial`).
+fn serial_writer(settings: &GuestSettings) -> Result<Box<dyn Write + Send>, Failure> {
+    Ok(match &settings.serial {
         SerialTarget::Stdout => Box::new(std::io::stdout()),
         SerialTarget::File(path) => Box::new(
             serial::RotatingFile::create(path, Some(settings.serial_max_mib << 20))
                 .with_context(|| format!("cannot create serial file {}", path.display()))?,
         ),
-    };
+    })
+}
+
+fn prepare(settings: &GuestSettings, digest_every: Option<u64>) -> Result<Prepared, Failure> {
+    let (elf, privilege) = load_image(&settings.guest)?;
+    let serial = serial_writer(settings)?;
     let config = VmConfig {
         memory_mib: settings.memory_mib,
         elf,
@@ -374,7 +379,8 @@ pub(crate) fn control_path(flag: Option<&std::path::Path>, name: &str) -> std::p
 /// `ftvm primary`.
 fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Primary;
-    let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.peer.as_deref(), role)?;
+    let (settings, mut pair) = config::resolve_pair(&args.guest, &args.pair, args.peer.as_deref(), role)?;
+    pair.standby = config::check_standby(&args.standby)?;
     if args.unprotected_start {
         return unprotected_start(&settings, &pair, args.metrics.metrics);
     }
@@ -411,7 +417,19 @@ fn unprotected_start(
 /// match the primary's) but its TAP is not opened: nothing reaches the world.
 fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Secondary;
-    let (settings, pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
+    let (settings, mut pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
+    pair.standby = config::check_standby(&args.standby)?;
+    if config::is_standby(&args.guest)? {
+        if let Some(tap) = &settings.tap {
+            if !vmm::tap::Tap::exists(tap) {
+                return Err(anyhow::anyhow!("TAP device {tap} does not exist in this network namespace").into());
+            }
+        }
+        let endpoint = args.metrics.metrics.map(metrics::Endpoint::bind).transpose()?;
+        let serial = serial_writer(&settings)?;
+        let delay = std::time::Duration::from_millis(args.ack_delay_ms);
+        return Ok(protect::standby(&settings, serial, &pair, delay, endpoint)?);
+    }
     let mut no_tap = settings.clone();
     no_tap.tap = None;
     let endpoint = args.metrics.metrics.map(metrics::Endpoint::bind).transpose()?;

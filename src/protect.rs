@@ -144,6 +144,7 @@ pub fn primary(
     session_config.failover = pair.failover();
     session_config.control = Some(pair.control_for(&settings.name));
     session_config.health = Some(health.clone());
+    session_config.standby = pair.standby.clone();
     let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
@@ -161,6 +162,7 @@ pub fn primary(
     };
     let mut vm = Vm::new(&config, input, gate).with_context(|| format!("cannot start guest {}", settings.name))?;
     session.running(vm.stop_handle());
+    session.repair_with(vm.checkpointer())?;
     let caught = signals.stop(&vm)?;
     let outcome = vm.run();
     let exit = vm.exit_index();
@@ -230,7 +232,73 @@ pub fn secondary(
     let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
     let (input, output) =
         session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, Box::new(serial.clone())));
-    let mut vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
+    run_secondary(settings, &config, vm, session, serial, &health, pair, signals)
+}
+
+/// `ftvm secondary` without guest settings: a standby. It waits for a
+/// primary that runs alone to send the guest's state (a live transfer; the
+/// guest's settings, identity and name arrive with it), builds the VM from
+/// that state, and then replays the log from the transfer's checkpoint on,
+/// as any secondary. `settings`: this host's own flags (`--tap`, `--name`
+/// for the control socket, `--serial`); the guest's come from the primary.
+pub fn standby(
+    settings: &GuestSettings,
+    serial: Box<dyn Write + Send>,
+    pair: &PairConfig,
+    ack_delay: Duration,
+    metrics: Option<crate::metrics::Endpoint>,
+) -> Result<i32> {
+    let signals = crate::catch_signals()?;
+    let key = SharedKey::from_file(&pair.key_file)?;
+    // Replaced by the identity the transfer carries.
+    let unknown = GuestIdentity { image: [0; 32], memory_bytes: 0, config: [0; 32] };
+    let mut session_config = SecondaryConfig::new(&settings.name, &pair.address, ChannelConfig::new(key, unknown));
+    session_config.failover = pair.failover();
+    session_config.control = Some(pair.control_for(&settings.name));
+    session_config.ack_delay = ack_delay;
+    let serial = SharedSerial::new(serial);
+    let health = pair.health(settings)?;
+    session_config.health = Some(health.clone());
+    let (session, received) = SecondarySession::accept_transfer(session_config, None)?;
+    if let Some(m) = metrics {
+        m.serve(session.board())?;
+    }
+    let guest = received.state.settings.clone();
+    if guest.mac.is_some() && settings.tap.is_none() {
+        eprintln!(
+            "ftvm: secondary {}: the guest has a NIC but this standby has no --tap: after a go-live it is cut off",
+            settings.name
+        );
+    }
+    let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
+    let mac = guest.mac.unwrap_or(settings.mac);
+    let (input, output) = session.hooks(pair::live::tap_world(tap, mac, guest.ip, Box::new(serial.clone())));
+    let vm = Vm::restore(&received.state, received.memory, input, output)
+        .with_context(|| format!("cannot build guest {} from the transferred state", settings.name))?;
+    let config = guest.config();
+    let mut own = settings.clone();
+    own.memory_mib = guest.memory_mib;
+    own.ip = guest.ip;
+    own.gateway = guest.gateway;
+    own.mac = mac;
+    run_secondary(&own, &config, vm, session, serial, &health, pair, signals)
+}
+
+/// Run a secondary's guest (replay, then live after a go-live) and map how
+/// the session ended to an exit status.
+#[allow(clippy::too_many_arguments)]
+fn run_secondary(
+    settings: &GuestSettings,
+    config: &VmConfig,
+    mut vm: Vm,
+    session: SecondarySession,
+    serial: SharedSerial,
+    health: &Arc<Health>,
+    pair: &PairConfig,
+    signals: crate::CaughtSignals,
+) -> Result<i32> {
+    session.repair_with(vm.checkpointer(), pair.standby.clone());
     let caught = signals.stop(&vm)?;
     let outcome = vm.run();
     if let Some(path) = &pair.state_dump {
@@ -238,7 +306,7 @@ pub fn secondary(
     }
     let (name, exit) = (&settings.name, vm.exit_index());
     let board = session.board();
-    let end = session.finish(outcome);
+    let end = session.finish_at(exit, outcome);
     let signal = caught.load(std::sync::atomic::Ordering::SeqCst);
     if signal != 0 && !matches!(end, SecondaryEnd::WentLive(_)) {
         eprintln!("ftvm: secondary {name}: stopped by signal {signal} at guest exit #{exit}");
@@ -257,7 +325,7 @@ pub fn secondary(
                 )),
                 None => None,
             };
-            on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair.arbiter.as_deref())
+            on_fault(settings, config, tap, serial, health, &board, &outcome, pair.arbiter.as_deref())
         }
         SecondaryEnd::WentLive(outcome) | SecondaryEnd::Guest(outcome) => crate::finish(settings, outcome, &caught),
         SecondaryEnd::LostArbiter => {

@@ -43,7 +43,7 @@ fn systemd_units_pass_systemd_analyze() {
     lab::require_tool("systemd-analyze");
     let dir = tempfile::tempdir().unwrap();
     let mut units = Vec::new();
-    for role in ["primary", "secondary", "spare"] {
+    for role in ["primary", "secondary", "spare", "standby"] {
         let text = std::fs::read_to_string(repo(&format!("cluster/systemd/ftvm-{role}@.service"))).unwrap();
         assert!(text.contains("ExecStart=/usr/local/bin/ftvm "), "{role}");
         // An instance, with the binary this test built in place of the

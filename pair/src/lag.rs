@@ -73,7 +73,7 @@ impl LagClock {
 /// The primary's watch: samples, reports its own progress, and tells the
 /// failover policy once the lag passes `max_lag`.
 pub(crate) fn spawn_primary_watch(
-    rt: &tokio::runtime::Runtime,
+    rt: &tokio::runtime::Handle,
     log: Arc<LogShared>,
     board: Arc<Board>,
     failover: Arc<Failover>,
@@ -109,7 +109,7 @@ pub(crate) fn spawn_primary_watch(
 /// The secondary's reporter: its replayed position into its heartbeats,
 /// twice per heartbeat interval.
 pub(crate) fn spawn_secondary_reporter(
-    rt: &tokio::runtime::Runtime,
+    rt: &tokio::runtime::Handle,
     board: Arc<Board>,
     failover: Arc<Failover>,
     consumed: Arc<AtomicU64>,

@@ -26,6 +26,7 @@ mod observed;
 pub mod primary;
 mod progress;
 pub mod queues;
+pub mod repair;
 pub mod secondary;
 mod shipper;
 pub mod status;

@@ -51,6 +51,9 @@ pub struct PrimaryConfig {
     /// Application health and containment; `None`: none (as with
     /// `--containment off`).
     pub health: Option<Arc<Health>>,
+    /// `--standby`: spare hosts a primary running alone re-protects itself
+    /// onto (a live transfer, then the log), tried in turn.
+    pub standby: Vec<String>,
 }
 
 impl PrimaryConfig {
@@ -65,6 +68,7 @@ impl PrimaryConfig {
             drain_for: Duration::from_secs(5),
             max_held_bytes: output_rule::DEFAULT_MAX_HELD_BYTES,
             health: None,
+            standby: Vec::new(),
         }
     }
 }
@@ -123,13 +127,23 @@ pub(crate) struct PrimaryShared {
     /// without an arbiter).
     stopped_guest: AtomicBool,
     stop: OnceLock<StopHandle>,
+    /// A repair transfer's checkpoint was taken at this log position: the
+    /// log after it is kept (not dropped) while alone, for the new
+    /// secondary.
+    kept_after: Mutex<Option<u64>>,
 }
 
 impl PrimaryShared {
     pub(crate) fn phase(&self) -> Phase {
         *self.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-    fn set_phase(&self, phase: Phase) {
+    pub(crate) fn kept_after(&self) -> Option<u64> {
+        *self.kept_after.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub(crate) fn keep_after(&self, mark: Option<u64>) {
+        *self.kept_after.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = mark;
+    }
+    pub(crate) fn set_phase(&self, phase: Phase) {
         *self.phase.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = phase;
     }
     pub(crate) fn guest_has_ended(&self) -> bool {
@@ -163,14 +177,41 @@ impl OutputSink for DynSink {
 
 pub(crate) type SharedReleaser = Arc<Releaser<DynSink>>;
 
+/// The current secondary's channel and the current pair's failover: both
+/// replaced when a repair pairs this primary with a new secondary.
+pub(crate) struct Links {
+    chan: Mutex<Option<Arc<PrimaryChannel>>>,
+    failover: Mutex<Option<Arc<Failover>>>,
+}
+
+impl Links {
+    pub(crate) fn chan(&self) -> Option<Arc<PrimaryChannel>> {
+        self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+    /// Whether the current channel (if any) has failed.
+    fn chan_failed(&self) -> bool {
+        self.chan().is_some_and(|c| c.error().is_some())
+    }
+    pub(crate) fn set_chan(&self, chan: Arc<PrimaryChannel>) {
+        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(chan);
+    }
+    pub(crate) fn failover(&self) -> Option<Arc<Failover>> {
+        self.failover.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+    pub(crate) fn set_failover(&self, f: Option<Arc<Failover>>) {
+        *self.failover.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = f;
+    }
+}
+
 /// A running primary session.
 pub struct PrimarySession {
     name: String,
     board: Arc<Board>,
     _control: Option<ControlSocket>,
     rt: tokio::runtime::Runtime,
-    chan: Arc<PrimaryChannel>,
-    failover: Option<Arc<Failover>>,
+    links: Arc<Links>,
+    shipper: Arc<Shipper>,
+    repair: Option<crate::repair::RepairConfig>,
     log: Arc<LogShared>,
     shared: Arc<PrimaryShared>,
     releaser: SharedReleaser,
@@ -222,14 +263,15 @@ impl PrimarySession {
             channel_error: Mutex::new(None),
             stopped_guest: AtomicBool::new(false),
             stop: OnceLock::new(),
+            kept_after: Mutex::new(None),
         });
-        spawn_ack_task(&rt, &chan, &log, &board, &releaser, failover.clone());
-        spawn_channel_watch(&rt, &chan, &board, &shared, &log, failover.clone());
+        spawn_ack_task(rt.handle(), &chan, &log, &board, &releaser, failover.clone());
+        spawn_channel_watch(rt.handle(), &chan, &board, &shared, &log, failover.clone());
         if let (Some(f), Some(fc)) = (&failover, &config.failover) {
             let (log, board, shared) = (log.clone(), board.clone(), shared.clone());
-            crate::lag::spawn_primary_watch(&rt, log, board, f.clone(), shared, fc.max_lag);
+            crate::lag::spawn_primary_watch(rt.handle(), log, board, f.clone(), shared, fc.max_lag);
         }
-        let shipper = Shipper::new(log.clone(), chan.clone(), board.clone(), releaser.clone(), shared.clone());
+        let shipper = Shipper::new(log.clone(), Some(chan.clone()), board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
             log.set_flusher(move || {
@@ -245,13 +287,20 @@ impl PrimarySession {
         };
         crate::progress::primary(&board, &log, &releaser)?;
         eprintln!("ftvm: primary {}: paired with the secondary at {}: protected", config.name, config.peer);
+        let repair = (!config.standby.is_empty()).then(|| crate::repair::RepairConfig {
+            name: config.name.clone(),
+            standby: config.standby.clone(),
+            channel: config.channel.clone(),
+            failover: config.failover.clone(),
+        });
         let session = PrimarySession {
             name: config.name,
             board,
             _control: control,
             rt,
-            chan,
-            failover,
+            links: Arc::new(Links { chan: Mutex::new(Some(chan)), failover: Mutex::new(failover) }),
+            shipper,
+            repair,
             log,
             shared,
             releaser,
@@ -265,6 +314,81 @@ impl PrimarySession {
             None => Box::new(gate),
         };
         Ok((session, sink))
+    }
+
+    /// A copy that runs alone already (a secondary that went live) and may
+    /// be re-protected (`config.standby`): the log is recorded and dropped,
+    /// outputs go at once, until a repair pairs it with a standby; from then
+    /// on it is a primary like any other. `board`: the copy's board (its
+    /// control socket); `failover`: the failover whose arbiter generation
+    /// this copy won (released when the repair completes). `config.peer`
+    /// and `config.control` are not used.
+    pub fn start_alone(
+        config: PrimaryConfig,
+        board: Arc<Board>,
+        live_output: Box<dyn OutputSink>,
+        failover: Option<Arc<Failover>>,
+    ) -> Result<(PrimarySession, Box<dyn OutputSink>)> {
+        let rt = crate::runtime()?;
+        let log = Arc::new(LogShared::default());
+        log.set_unprotected();
+        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let releaser = Arc::new(releaser);
+        releaser.set_max_held_bytes(config.max_held_bytes);
+        let shared = Arc::new(PrimaryShared {
+            phase: Mutex::new(Phase::Alone),
+            shipping: AtomicBool::new(true),
+            guest_ended: AtomicBool::new(false),
+            ended: tokio::sync::Notify::new(),
+            channel_error: Mutex::new(None),
+            stopped_guest: AtomicBool::new(false),
+            stop: OnceLock::new(),
+            kept_after: Mutex::new(None),
+        });
+        let shipper = Shipper::new(log.clone(), None, board.clone(), releaser.clone(), shared.clone());
+        {
+            let s = shipper.clone();
+            log.set_flusher(move || {
+                if let Err(e) = s.ship(true) {
+                    tracing::debug!(error = %e, "shipping the log tail failed");
+                }
+            });
+        }
+        let shipper_thread = shipper.spawn()?;
+        let releaser_thread = {
+            let releaser = releaser.clone();
+            std::thread::Builder::new().name("releaser".into()).spawn(move || releaser.run())?
+        };
+        let repair = (!config.standby.is_empty()).then(|| crate::repair::RepairConfig {
+            name: config.name.clone(),
+            standby: config.standby.clone(),
+            channel: config.channel.clone(),
+            failover: config.failover.clone(),
+        });
+        let session = PrimarySession {
+            name: config.name,
+            board,
+            _control: None,
+            rt,
+            links: Arc::new(Links { chan: Mutex::new(None), failover: Mutex::new(failover) }),
+            shipper,
+            repair,
+            log,
+            shared,
+            releaser,
+            drain_for: config.drain_for,
+            shipper_thread,
+            releaser_thread,
+            health: None,
+        };
+        Ok((session, Box::new(gate)))
+    }
+
+    /// A copy started by [`PrimarySession::start_alone`] is about to run
+    /// on: a repair's failover may stop it through `stop`.
+    pub fn running_alone(&self, stop: StopHandle) {
+        let _ = self.shared.stop.set(stop.clone());
+        self.releaser.set_abort(Box::new(move || stop.is_stopped()));
     }
 
     /// The status board.
@@ -300,34 +424,27 @@ impl PrimarySession {
         }
         // A guest waiting for room among held outputs stops when asked.
         self.releaser.set_abort(Box::new(move || stop.is_stopped()));
-        if let Some(f) = self.failover.clone() {
-            let (shared, board, log, releaser) =
-                (self.shared.clone(), self.board.clone(), self.log.clone(), self.releaser.clone());
-            self.rt.spawn(async move {
-                let (loss, verdict) = f.clone().decide().await;
-                board.set_peer(false);
-                if shared.guest_ended.load(Ordering::SeqCst) {
-                    return;
-                }
-                if verdict.won() {
-                    // Carry on alone: every held output may go now.
-                    shared.set_phase(Phase::Alone);
-                    log.set_unprotected();
-                    let _ = releaser.release_ready();
-                    board.set_role(Role::Standalone);
-                    board.failure("secondary lost", &loss, std::time::SystemTime::now());
-                    eprintln!("ftvm: primary: the secondary is lost; won the arbiter, running UNPROTECTED");
-                } else {
-                    if let Verdict::Unreachable(e) = &verdict {
-                        tracing::error!(error = %e, "cannot reach the arbiter: stopping the guest");
-                    }
-                    // The other copy lives (or nobody can tell): stop, emit nothing more.
-                    shared.set_phase(Phase::Fenced);
-                    shared.stop_guest();
-                }
-                f.stop_heartbeats();
-            });
+        if let Some(f) = self.links.failover() {
+            spawn_decide(self.rt.handle(), f, &self.shared, &self.board, &self.log, &self.releaser);
         }
+    }
+
+    /// With `--standby`: whenever this copy runs alone, re-protect it onto
+    /// a spare (a live transfer through `checkpointer`, then the log from
+    /// the transfer's checkpoint on). Call once the guest is about to run.
+    pub fn repair_with(&self, checkpointer: vmm::checkpoint::Checkpointer) -> Result<()> {
+        let Some(config) = self.repair.clone() else { return Ok(()) };
+        crate::repair::spawn(crate::repair::Repairer {
+            config,
+            checkpointer,
+            handle: self.rt.handle().clone(),
+            links: self.links.clone(),
+            shipper: self.shipper.clone(),
+            log: self.log.clone(),
+            shared: self.shared.clone(),
+            board: self.board.clone(),
+            releaser: self.releaser.clone(),
+        })
     }
 
     /// The guest's run ended at `exit` with `outcome`: a guest fault (how
@@ -357,21 +474,21 @@ impl PrimarySession {
             self.board.set_state("stopped: lost the arbiter");
             return Ok(PrimaryEnd::LostArbiter);
         }
-        let alone = self.shared.phase() == Phase::Alone || self.failover.as_ref().is_some_and(|f| f.yield_claim());
+        let alone = self.shared.phase() == Phase::Alone || self.links.failover().is_some_and(|f| f.yield_claim());
         let at = self.log.append(Record::Fault { exit, fault: fault.kind });
         self.log.request_flush();
         eprintln!("ftvm: primary {}: guest fault ({}) at guest exit #{exit}", self.name, fault.kind);
         let mut handed_over = false;
         if !alone {
             let deadline = Instant::now() + self.drain_for;
-            while !self.log.is_acked(at) && Instant::now() < deadline && self.chan.error().is_none() {
+            while !self.log.is_acked(at) && Instant::now() < deadline && !self.links.chan_failed() {
                 self.log.wait_changed(Duration::from_millis(5));
             }
-            handed_over = self.log.is_acked(at) && self.failover.is_some();
+            handed_over = self.log.is_acked(at) && self.links.failover().is_some();
         }
         let mut end = if handed_over { PrimaryEnd::HandedOver(fault) } else { PrimaryEnd::Faulted(fault) };
         if !handed_over && !alone {
-            if let Some(f) = &self.failover {
+            if let Some(f) = &self.links.failover() {
                 // The secondary may have the fault, or may be claiming for a
                 // lost primary: the arbiter decides who keeps the guest.
                 match f.claim_after_handover() {
@@ -405,7 +522,7 @@ impl PrimarySession {
         self.log.request_flush();
         let _ = self.shipper_thread.join();
         let _ = self.releaser_thread.join();
-        if let Some(f) = &self.failover {
+        if let Some(f) = &self.links.failover() {
             f.stop_heartbeats();
             if matches!(end, PrimaryEnd::Faulted(_)) {
                 // This copy keeps the guest: `--on-fault` claims it again
@@ -416,7 +533,8 @@ impl PrimarySession {
         }
         // No orderly Shutdown: the secondary must not take the end of the
         // channel for the end of the guest.
-        drop(self.chan);
+        drop(self.links);
+        drop(self.shipper);
         self.board.set_state(match end {
             PrimaryEnd::HandedOver(_) => "stopped: guest fault handed over to the secondary",
             PrimaryEnd::LostArbiter => "stopped: lost the arbiter",
@@ -460,7 +578,7 @@ impl PrimarySession {
         // that has the end stops there; one that has not would take over.
         while (self.releaser.held() > 0 || !self.log.is_acked(end_at))
             && Instant::now() < deadline
-            && self.chan.error().is_none()
+            && !self.links.chan_failed()
         {
             self.log.wait_changed(Duration::from_millis(10));
             let _ = self.releaser.release_ready();
@@ -473,7 +591,8 @@ impl PrimarySession {
         self.releaser.stop();
         let _ = self.releaser_thread.join();
         let mut peer_live = false;
-        if let Some(f) = &self.failover {
+        let failover = self.links.failover();
+        if let Some(f) = &failover {
             if told {
                 // Alone, this copy owned the guest: no longer.
                 f.release();
@@ -485,7 +604,10 @@ impl PrimarySession {
             }
             f.stop_heartbeats();
         }
-        if let Ok(chan) = Arc::try_unwrap(self.chan) {
+        let chan = self.links.chan();
+        drop(self.links);
+        drop(self.shipper);
+        if let Some(Ok(chan)) = chan.map(Arc::try_unwrap) {
             let _ = self.rt.block_on(chan.shutdown());
         }
         self.board.set_state("stopped");
@@ -497,7 +619,7 @@ impl PrimarySession {
                 self.board.set_state("stopped: lost the arbiter");
                 Ok(PrimaryEnd::LostArbiter)
             }
-            Some(e) if self.failover.is_none() => Ok(PrimaryEnd::SecondaryLost(e)),
+            Some(e) if failover.is_none() => Ok(PrimaryEnd::SecondaryLost(e)),
             _ => Ok(PrimaryEnd::Finished),
         }
     }
@@ -539,9 +661,46 @@ async fn start_failover(f: &FailoverConfig, board: &Board, config: &PrimaryConfi
     Failover::start(f, board, &config.name, heartbeat::Role::Primary, key, local, Some(peer)).await
 }
 
+/// The failover decision for the current pair: a won verdict carries on
+/// alone (and, with `--standby`, a repair follows); a lost one fences.
+pub(crate) fn spawn_decide(
+    rt: &tokio::runtime::Handle,
+    f: Arc<Failover>,
+    shared: &Arc<PrimaryShared>,
+    board: &Arc<Board>,
+    log: &Arc<LogShared>,
+    releaser: &SharedReleaser,
+) {
+    let (shared, board, log, releaser) = (shared.clone(), board.clone(), log.clone(), releaser.clone());
+    rt.spawn(async move {
+        let (loss, verdict) = f.clone().decide().await;
+        board.set_peer(false);
+        if shared.guest_ended.load(Ordering::SeqCst) {
+            return;
+        }
+        if verdict.won() {
+            // Carry on alone: every held output may go now.
+            shared.set_phase(Phase::Alone);
+            log.set_unprotected();
+            let _ = releaser.release_ready();
+            board.set_role(Role::Standalone);
+            board.failure("secondary lost", &loss, std::time::SystemTime::now());
+            eprintln!("ftvm: primary: the secondary is lost; won the arbiter, running UNPROTECTED");
+        } else {
+            if let Verdict::Unreachable(e) = &verdict {
+                tracing::error!(error = %e, "cannot reach the arbiter: stopping the guest");
+            }
+            // The other copy lives (or nobody can tell): stop, emit nothing more.
+            shared.set_phase(Phase::Fenced);
+            shared.stop_guest();
+        }
+        f.stop_heartbeats();
+    });
+}
+
 /// Acks from the channel into the log; release what they allow at once.
-fn spawn_ack_task(
-    rt: &tokio::runtime::Runtime,
+pub(crate) fn spawn_ack_task(
+    rt: &tokio::runtime::Handle,
     chan: &Arc<PrimaryChannel>,
     log: &Arc<LogShared>,
     board: &Arc<Board>,
@@ -591,8 +750,8 @@ fn spawn_ack_task(
 
 /// A failed channel: with failover the arbiter decides now; without it the
 /// guest stops rather than hold outputs forever.
-fn spawn_channel_watch(
-    rt: &tokio::runtime::Runtime,
+pub(crate) fn spawn_channel_watch(
+    rt: &tokio::runtime::Handle,
     chan: &Arc<PrimaryChannel>,
     board: &Arc<Board>,
     shared: &Arc<PrimaryShared>,

@@ -120,16 +120,75 @@ struct ReceivedFault {
     last_barrier_at: Option<Instant>,
 }
 
+/// The secondary's failover: started with the pair, or, on a standby that
+/// took the guest from a live transfer, once the arbiter is free (the
+/// primary frees it when the new copy acknowledged its whole log).
+enum Slot {
+    Waiting,
+    /// The channel failed first: replay ends, this copy never goes live.
+    Closed,
+    Ready(Arc<Failover>),
+}
+
+pub(crate) struct FailoverSlot(Mutex<Slot>);
+
+impl FailoverSlot {
+    fn new(f: Option<Arc<Failover>>) -> Arc<FailoverSlot> {
+        Arc::new(FailoverSlot(Mutex::new(f.map_or(Slot::Waiting, Slot::Ready))))
+    }
+    fn get(&self) -> Option<Arc<Failover>> {
+        match &*lock(&self.0) {
+            Slot::Ready(f) => Some(f.clone()),
+            _ => None,
+        }
+    }
+    /// The channel failed: the failover to tell, or `None` (no failover
+    /// started, and none will: replay ends).
+    fn on_failure(&self) -> Option<Arc<Failover>> {
+        let mut slot = lock(&self.0);
+        match &*slot {
+            Slot::Ready(f) => Some(f.clone()),
+            _ => {
+                *slot = Slot::Closed;
+                None
+            }
+        }
+    }
+    /// Install a failover started late; `false` when the channel failed
+    /// first (it must not run).
+    fn set(&self, f: Arc<Failover>) -> bool {
+        let mut slot = lock(&self.0);
+        if matches!(*slot, Slot::Waiting) {
+            *slot = Slot::Ready(f);
+            return true;
+        }
+        false
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What a copy that goes live needs to re-protect itself (`--standby`):
+/// at go-live its guest is handed to a primary session started alone,
+/// which records its log and gates its outputs, so that a repair can pair
+/// it with a standby as any lone primary.
+struct Relive {
+    name: String,
+    channel: ChannelConfig,
+    failover: Option<FailoverConfig>,
+    repair: Mutex<Option<(Vec<String>, vmm::checkpoint::Checkpointer)>>,
+    session: Mutex<Option<crate::primary::PrimarySession>>,
+}
+
 /// A running secondary session.
 pub struct SecondarySession {
+    relive: Arc<Relive>,
     board: Arc<Board>,
     _control: Option<ControlSocket>,
     _rt: tokio::runtime::Runtime,
-    failover: Option<Arc<Failover>>,
+    failover: Arc<FailoverSlot>,
     shared: Arc<SecondaryShared>,
     held: Arc<HeldOutputs>,
     consumed: Arc<AtomicU64>,
@@ -146,25 +205,106 @@ impl SecondarySession {
         if let Some(f) = &config.failover {
             crate::failover::check_free(&f.arbiter)?;
         }
-        let board = Arc::new(Board::new(config.name.clone(), Role::Secondary));
+        let (board, control, rt, listener) = Self::listen(&config, "waiting for the primary")?;
+        Self::pair(config, board, control, rt, listener, false)
+    }
+
+    /// A standby (`ftvm secondary` without guest settings): wait for a
+    /// primary's live transfer (authenticated with the pair's key; one that
+    /// fails is dropped and the next awaited), take the guest's identity
+    /// and name from it, then pair as [`SecondarySession::accept`] does,
+    /// replaying from the transfer's checkpoint on. `expected`: settings this
+    /// host was given, which the transfer's must match. Failover starts once
+    /// the arbiter is free: the primary frees it when this copy acknowledged
+    /// its whole log.
+    pub fn accept_transfer(
+        mut config: SecondaryConfig,
+        expected: Option<&vmm::checkpoint::GuestSettings>,
+    ) -> Result<(SecondarySession, replication::transfer::Received)> {
+        let (board, control, rt, listener) = Self::listen(&config, "standby: waiting for a primary's transfer")?;
+        let key = config.channel.key.as_bytes().to_vec();
+        let received = loop {
+            let accepted = rt.block_on(crate::unless_signalled(listener.accept()))?;
+            let (stream, from) = accepted.with_context(|| format!("cannot accept on {}", config.listen))?;
+            let stream = stream.into_std().and_then(|s| s.set_nonblocking(false).map(|()| s));
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a transfer connection");
+                    continue;
+                }
+            };
+            board.set_state(format!("standby: receiving the guest's state from {from}"));
+            let io_timeout = Duration::from_secs(10);
+            let (key, expected) = (key.clone(), expected.cloned());
+            match rt.block_on(crate::unless_signalled(async {
+                tokio::task::spawn_blocking(move || {
+                    replication::transfer::receive(stream, &key, expected.as_ref(), io_timeout)
+                })
+                .await
+            }))? {
+                Ok(Ok(r)) => break r,
+                Ok(Err(e)) => {
+                    eprintln!(
+                        "ftvm: secondary {}: the transfer from {from} failed: {e}; waiting for another",
+                        config.name
+                    );
+                    board.set_state("standby: waiting for a primary's transfer");
+                }
+                Err(e) => return Err(anyhow!(e).context("the transfer task failed")),
+            }
+        };
+        let (identity, name) = crate::repair::decode_identity(&received.identity)?;
+        config.channel.identity = identity;
+        if !name.is_empty() {
+            config.name = name;
+        }
+        eprintln!(
+            "ftvm: secondary {}: took the guest's state ({} pages, {} rounds) at guest exit #{}; waiting for the log",
+            config.name, received.pages, received.rounds, received.state.exit_index
+        );
+        board.set_name(&config.name);
         board.set_state("waiting for the primary");
+        let session = Self::pair(config, board, control, rt, listener, true)?;
+        session.board.exit_index.store(received.state.exit_index.0, Ordering::SeqCst);
+        Ok((session, received))
+    }
+
+    fn listen(
+        config: &SecondaryConfig,
+        state: &str,
+    ) -> Result<(Arc<Board>, Option<ControlSocket>, tokio::runtime::Runtime, tokio::net::TcpListener)> {
+        let board = Arc::new(Board::new(config.name.clone(), Role::Secondary));
+        board.set_state(state);
         let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
         let rt = crate::runtime()?;
         let listener = rt
             .block_on(tokio::net::TcpListener::bind(config.listen.as_str()))
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let local = listener.local_addr()?;
-        eprintln!("ftvm: secondary {}: waiting for the primary on {local}", config.name);
+        eprintln!("ftvm: secondary {}: {state} on {local}", config.name);
+        Ok((board, control, rt, listener))
+    }
+
+    fn pair(
+        config: SecondaryConfig,
+        board: Arc<Board>,
+        control: Option<ControlSocket>,
+        rt: tokio::runtime::Runtime,
+        listener: tokio::net::TcpListener,
+        late_failover: bool,
+    ) -> Result<SecondarySession> {
+        let local = listener.local_addr()?;
         let chan = accept(&rt, &listener, &config)?;
         board.set_peer(true);
         board.set_state("replaying");
+        let key = config.channel.key.as_bytes().to_vec();
         let failover = match &config.failover {
-            Some(f) => {
-                let key = config.channel.key.as_bytes();
+            Some(f) if !late_failover => {
                 let role = heartbeat::Role::Secondary;
-                Some(Arc::new(rt.block_on(Failover::start(f, &board, &config.name, role, key, local, None))?))
+                Some(Arc::new(rt.block_on(Failover::start(f, &board, &config.name, role, &key, local, None))?))
             }
-            None => None,
+            _ => None,
         };
         let containment = config.health.as_ref().is_some_and(|h| h.containment());
         match &config.health {
@@ -182,15 +322,17 @@ impl SecondarySession {
             contained: AtomicBool::new(false),
         });
         let held = Arc::new(HeldOutputs::default());
+        let slot = FailoverSlot::new(failover.clone());
         let (tx, records) = queues::received_records();
         let cancel = Arc::new(Notify::new());
         let contain = Arc::new(Notify::new());
         let (decide, decisions) = queues::decisions();
+        let consumed = Arc::new(AtomicU64::new(0));
         let receiving = Receiving {
             board: board.clone(),
             shared: shared.clone(),
             held: held.clone(),
-            failover: failover.clone(),
+            failover: slot.clone(),
             tx,
             cancel: cancel.clone(),
             delayed: spawn_ack_delayer(&rt, &chan, config.ack_delay),
@@ -198,25 +340,54 @@ impl SecondarySession {
             contain: contain.clone(),
             // Without failover nothing may go live: a lost primary or a
             // fault ends replay.
-            stop_replay: failover.is_none().then(|| decide.clone()),
+            decide: decide.clone(),
+            consumed: consumed.clone(),
         };
         rt.spawn(receiving.run(chan));
         if let Some(f) = failover.clone() {
             rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, contain, decide));
+        } else if let (Some(fc), true) = (config.failover.clone(), late_failover) {
+            let late = LateFailover {
+                config: fc,
+                name: config.name.clone(),
+                key,
+                local,
+                board: board.clone(),
+                shared: shared.clone(),
+                slot: slot.clone(),
+                consumed: consumed.clone(),
+                cancel,
+                contain,
+                decide,
+            };
+            rt.spawn(late.run());
         } else {
             drop(decide);
         }
-        let consumed = Arc::new(AtomicU64::new(0));
         crate::progress::secondary(&board, &consumed)?;
         if let (Some(f), Some(fc)) = (&failover, &config.failover) {
-            crate::lag::spawn_secondary_reporter(&rt, board.clone(), f.clone(), consumed.clone(), fc.heartbeat / 2);
+            crate::lag::spawn_secondary_reporter(
+                rt.handle(),
+                board.clone(),
+                f.clone(),
+                consumed.clone(),
+                fc.heartbeat / 2,
+            );
         }
         eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
+        let relive = Arc::new(Relive {
+            name: config.name.clone(),
+            channel: config.channel.clone(),
+            failover: config.failover.clone(),
+            repair: Mutex::new(None),
+            session: Mutex::new(None),
+        });
         Ok(SecondarySession {
+            relive,
             board,
             _control: control,
             _rt: rt,
-            failover,
+            failover: slot,
             shared,
             held,
             consumed,
@@ -248,6 +419,7 @@ impl SecondarySession {
             (self.board.clone(), self.shared.clone(), self.held.clone(), self.consumed.clone());
         let (records, decisions) = (self.records.clone(), self.decisions.clone());
         let health = self.health.clone();
+        let (relive, slot_f) = (self.relive.clone(), self.failover.clone());
         let input = move |stop: &StopHandle| -> Box<dyn InputSource> {
             let wake = stop.wake_fd();
             let went = shared.went_live_at.clone();
@@ -262,9 +434,27 @@ impl SecondarySession {
                     world.input = Box::new(h.input(crate::health::BoxedInput(world.input)));
                     world.output = Box::new(h.sink(crate::primary::DynSink(world.output)));
                     h.arm();
-                    if let Err(e) = h.watch(live_stop) {
+                    if let Err(e) = h.watch(live_stop.clone()) {
                         tracing::error!(error = %e, "cannot start the health watchdog");
                     }
+                }
+                let repair = lock(&relive.repair).take();
+                if let Some((standby, checkpointer)) = repair {
+                    // Live and alone: record and gate from here, so that a
+                    // standby can be brought in.
+                    let mut pc = crate::primary::PrimaryConfig::new(&relive.name, "", relive.channel.clone());
+                    pc.failover = relive.failover.clone();
+                    pc.standby = standby;
+                    let (session, sink) =
+                        crate::primary::PrimarySession::start_alone(pc, live_board.clone(), world.output, slot_f.get())
+                            .map_err(|e| HookError::Output(std::io::Error::other(format!("{e:#}"))))?;
+                    world.input = session.input(crate::health::BoxedInput(world.input));
+                    world.output = sink;
+                    session.running_alone(live_stop.clone());
+                    if let Err(e) = session.repair_with(checkpointer) {
+                        tracing::error!(error = %e, "cannot start re-protection");
+                    }
+                    *lock(&relive.session) = Some(session);
                 }
                 live_board.set_role(Role::Standalone);
                 // What was held is re-emitted right after this: none is left.
@@ -313,13 +503,40 @@ impl SecondarySession {
         self.health.clone()
     }
 
+    /// With `--standby`: once live, re-protect onto these spares
+    /// (`checkpointer`: the VM's). Call before the guest runs.
+    pub fn repair_with(&self, checkpointer: vmm::checkpoint::Checkpointer, standby: Vec<String>) {
+        if !standby.is_empty() {
+            *lock(&self.relive.repair) = Some((standby, checkpointer));
+        }
+    }
+
     /// The guest stopped: say how the session ended.
     pub fn finish(self, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
+        let exit = ExitIndex(self.board.exit_index.load(Ordering::SeqCst));
+        self.finish_at(exit, outcome)
+    }
+
+    /// [`SecondarySession::finish`], the guest having stopped at `exit`.
+    pub fn finish_at(self, exit: ExitIndex, outcome: Result<RunOutcome, VmError>) -> SecondaryEnd {
         if let Some(h) = &self.health {
             h.close();
         }
+        let relived = lock(&self.relive.session).take();
+        if let Some(session) = relived {
+            // Live, and maybe re-protected: tell the new secondary where the
+            // guest stopped (or learn that it took over).
+            match session.finish(exit) {
+                Ok(crate::primary::PrimaryEnd::LostArbiter) => {
+                    self.board.set_state("stopped: lost the arbiter");
+                    return SecondaryEnd::LostArbiter;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "winding the re-protected copy down failed"),
+            }
+        }
         self.board.set_state("stopped");
-        if let Some(f) = &self.failover {
+        if let Some(f) = self.failover.get() {
             // The guest stopped, live or not (a win is followed by the rest
             // of the replay, where the guest may power off, diverge or be
             // stopped): this copy owns the guest no more.
@@ -407,12 +624,63 @@ fn spawn_ack_delayer(
     Some(tx)
 }
 
+/// A standby's failover, started once the arbiter is free (the primary
+/// frees the generation it won when this copy holds its whole log): until
+/// then a lost primary ends replay here, and this copy never goes live.
+struct LateFailover {
+    config: FailoverConfig,
+    name: String,
+    key: Vec<u8>,
+    local: std::net::SocketAddr,
+    board: Arc<Board>,
+    shared: Arc<SecondaryShared>,
+    slot: Arc<FailoverSlot>,
+    consumed: Arc<AtomicU64>,
+    cancel: Arc<Notify>,
+    contain: Arc<Notify>,
+    decide: Sender<Decision>,
+}
+
+impl LateFailover {
+    async fn run(self) {
+        loop {
+            if lock(&self.shared.channel_error).is_some() || self.shared.clean_end.load(Ordering::SeqCst) {
+                return;
+            }
+            let role = heartbeat::Role::Secondary;
+            match Failover::start(&self.config, &self.board, &self.name, role, &self.key, self.local, None).await {
+                Ok(f) => {
+                    let f = Arc::new(f);
+                    if !self.slot.set(f.clone()) {
+                        f.stop_heartbeats();
+                        return;
+                    }
+                    let handle = tokio::runtime::Handle::current();
+                    let every = self.config.heartbeat / 2;
+                    crate::lag::spawn_secondary_reporter(&handle, self.board.clone(), f.clone(), self.consumed, every);
+                    eprintln!("ftvm: secondary {}: in sync with the primary: protected", self.name);
+                    decide_failover(f, self.board, self.shared, self.cancel, self.contain, self.decide).await;
+                    return;
+                }
+                Err(e) if e.is::<crate::failover::LiveElsewhere>() => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start failover with the primary");
+                    eprintln!("ftvm: secondary {}: cannot start failover: {e:#}", self.name);
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// The receiving task's state.
 struct Receiving {
     board: Arc<Board>,
     shared: Arc<SecondaryShared>,
     held: Arc<HeldOutputs>,
-    failover: Option<Arc<Failover>>,
+    failover: Arc<FailoverSlot>,
     tx: Sender<Record>,
     cancel: Arc<Notify>,
     delayed: Option<tokio::sync::mpsc::Sender<DelayedAck>>,
@@ -420,7 +688,10 @@ struct Receiving {
     /// Told when the primary's fault is stored and acknowledged.
     contain: Arc<Notify>,
     /// Without failover: ends replay when the primary is lost or faulted.
-    stop_replay: Option<Sender<Decision>>,
+    decide: Sender<Decision>,
+    /// Records replayed; a copy that took its state from a transfer starts
+    /// at the position before the first record it receives.
+    consumed: Arc<AtomicU64>,
 }
 
 impl Receiving {
@@ -436,6 +707,7 @@ impl Receiving {
         let failed = chan.on_failure();
         tokio::pin!(failed);
         let mut told = false;
+        let mut based = false;
         loop {
             tokio::select! {
                 () = self.cancel.notified() => {
@@ -456,6 +728,11 @@ impl Receiving {
                 }
                 batch = chan.recv() => match batch {
                     Ok(Some(batch)) => {
+                        if !based {
+                            // Nothing is replayed before the first batch.
+                            self.consumed.store(batch.first.0.saturating_sub(1), Ordering::SeqCst);
+                            based = true;
+                        }
                         let last = batch.last();
                         if !self.store(batch.records).await {
                             break;
@@ -470,11 +747,11 @@ impl Receiving {
                             // Stored and acknowledged: the primary hands over.
                             // The channel stays open until the primary closes
                             // it, so that its ack is not lost in a reset.
-                            match &self.stop_replay {
-                                Some(stop) => {
-                                    let _ = stop.send(Decision::Stop);
+                            match self.failover.get() {
+                                None => {
+                                    let _ = self.decide.send(Decision::Stop);
                                 }
-                                None => self.contain.notify_one(),
+                                Some(_) => self.contain.notify_one(),
                             }
                         }
                     }
@@ -507,7 +784,7 @@ impl Receiving {
     /// `false` when the replayer is gone or the session is cancelled.
     async fn store(&self, records: Vec<Record>) -> bool {
         let n = records.len() as u64;
-        if let Some(f) = &self.failover {
+        if let Some(f) = self.failover.get() {
             // Log traffic is a sign of life too.
             f.note_life();
         }
@@ -575,11 +852,12 @@ impl Receiving {
     }
 
     fn channel_failed(&self, e: ChannelError) {
-        if let Some(stop) = &self.stop_replay {
-            let _ = stop.send(Decision::Stop);
+        let failover = self.failover.on_failure();
+        if failover.is_none() {
+            let _ = self.decide.send(Decision::Stop);
         }
         *lock(&self.shared.channel_error) = Some(e);
-        if let Some(f) = &self.failover {
+        if let Some(f) = failover {
             f.channel_failed();
         }
     }

@@ -32,7 +32,7 @@ struct ShipState {
 
 pub(crate) struct Shipper {
     log: Arc<LogShared>,
-    chan: Arc<PrimaryChannel>,
+    chan: Mutex<Option<Arc<PrimaryChannel>>>,
     board: Arc<Board>,
     releaser: SharedReleaser,
     shared: Arc<PrimaryShared>,
@@ -42,12 +42,35 @@ pub(crate) struct Shipper {
 impl Shipper {
     pub(crate) fn new(
         log: Arc<LogShared>,
-        chan: Arc<PrimaryChannel>,
+        chan: Option<Arc<PrimaryChannel>>,
         board: Arc<Board>,
         releaser: SharedReleaser,
         shared: Arc<PrimaryShared>,
     ) -> Arc<Shipper> {
-        Arc::new(Shipper { log, chan, board, releaser, shared, state: Mutex::new(ShipState::default()) })
+        Arc::new(Shipper {
+            log,
+            chan: Mutex::new(chan),
+            board,
+            releaser,
+            shared,
+            state: Mutex::new(ShipState::default()),
+        })
+    }
+
+    fn chan(&self) -> Option<Arc<PrimaryChannel>> {
+        self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Paired again (repair): ship to `chan` from now on, the records kept
+    /// since the transfer's checkpoint first, and switch to protected.
+    /// Under the shipping lock, so no batch goes to the old channel after.
+    pub(crate) fn rejoin(&self, chan: Arc<PrimaryChannel>) {
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *self.chan.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(chan);
+        st.unreported.clear();
+        st.reported = LogPosition::NONE;
+        self.shared.set_phase(Phase::Protected);
+        self.shared.keep_after(None);
     }
 
     /// Ship what the log holds; `Ok(true)` when the channel refused it for
@@ -56,7 +79,22 @@ impl Shipper {
         let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (first, records, asked) = self.log.take();
         if self.shared.phase() == Phase::Alone {
-            // Alone since the secondary was lost: the log is dropped.
+            // Alone since the secondary was lost: the log is dropped, but
+            // for what follows a repair transfer's checkpoint, which the new
+            // secondary replays from.
+            match self.shared.kept_after() {
+                Some(mark) => {
+                    let skip = mark.saturating_add(1).saturating_sub(first.0).min(records.len() as u64) as usize;
+                    let rest = records.get(skip..).unwrap_or_default().to_vec();
+                    let at = LogPosition(first.0 + skip as u64);
+                    match st.backlog.as_mut() {
+                        Some((_, old)) => old.extend(rest),
+                        None if !rest.is_empty() => st.backlog = Some((at, rest)),
+                        None => {}
+                    }
+                }
+                None => st.backlog = None,
+            }
             return Ok(false);
         }
         let (first, batch) = match st.backlog.take() {
@@ -66,8 +104,12 @@ impl Shipper {
             }
             None => (first, records),
         };
+        let Some(chan) = self.chan() else {
+            // Never paired yet (a copy that went live): nothing to ship to.
+            return Ok(false);
+        };
         if !batch.is_empty() {
-            match self.chan.send_records(first, &batch) {
+            match chan.send_records(first, &batch) {
                 Ok(()) => {
                     let upto = first.0.saturating_add(u64::try_from(batch.len()).unwrap_or(u64::MAX)).saturating_sub(1);
                     self.board.ack_rtt.sent(upto, Instant::now());
@@ -82,21 +124,21 @@ impl Shipper {
             }
         }
         if flush || asked {
-            self.chan.flush();
+            chan.flush();
         }
-        let (payload, wire) = self.chan.log_bytes();
+        let (payload, wire) = chan.log_bytes();
         self.board.log_bytes.store(payload, Ordering::Relaxed);
         self.board.log_wire_bytes.store(wire, Ordering::Relaxed);
         self.board.outputs_held.store(self.releaser.held() as u64, Ordering::Relaxed);
         self.board.outputs_held_bytes.store(self.releaser.held_bytes() as u64, Ordering::Relaxed);
-        self.report_released(&mut st)
+        self.report_released(&mut st, &chan)
     }
 
     /// Tell the secondary how far outputs are out (it forgets what it holds
     /// up to there), for positions released at least
     /// [`RELEASE_REPORT_DELAY`] ago: the report proves this host outlived
     /// its outputs' way out.
-    fn report_released(&self, st: &mut ShipState) -> Result<bool, ChannelError> {
+    fn report_released(&self, st: &mut ShipState, chan: &PrimaryChannel) -> Result<bool, ChannelError> {
         let now = Instant::now();
         // Only positions whose outputs are all out.
         let released = self.releaser.released_through();
@@ -109,7 +151,7 @@ impl Shipper {
             due = st.unreported.pop_front().map(|(_, p)| p);
         }
         if let Some(p) = due {
-            self.chan.send_released(p)?;
+            chan.send_released(p)?;
             st.reported = p;
         }
         Ok(false)
@@ -127,7 +169,9 @@ impl Shipper {
                 continue;
             }
             if !running {
-                me.chan.flush();
+                if let Some(chan) = me.chan() {
+                    chan.flush();
+                }
                 return Ok(());
             }
         })

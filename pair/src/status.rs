@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -75,7 +75,8 @@ pub struct FailureEvent {
     pub recovery_ms: f64,
     /// `reaction_ms + recovery_ms`.
     pub outage_ms: f64,
-    /// Failure → redundancy restored; null until repair exists.
+    /// Failure → redundancy restored (a new secondary in sync); null until
+    /// then.
     pub repair_ms: Option<f64>,
 }
 
@@ -210,7 +211,7 @@ pub struct Status {
 
 /// The live status, updated by the session's threads.
 pub struct Board {
-    name: String,
+    name: Mutex<String>,
     started: Instant,
     role: Mutex<Role>,
     state: Mutex<String>,
@@ -230,7 +231,10 @@ pub struct Board {
     peer_address: Mutex<Option<String>>,
     arbiter: Mutex<Option<(String, u64)>>,
     last_failure: Mutex<Option<FailureEvent>>,
-    heartbeats: OnceLock<tokio::sync::watch::Receiver<heartbeat::ServiceStats>>,
+    heartbeats: Mutex<Option<tokio::sync::watch::Receiver<heartbeat::ServiceStats>>>,
+    /// When the last failure began (its last sign of life): what
+    /// `repair_ms` counts from.
+    failed_at: Mutex<Option<Instant>>,
     /// The primary's ack round trips (log shipped → acknowledged).
     pub ack_rtt: AckRtt,
     health: Mutex<(bool, crate::health::OutputMode)>,
@@ -247,7 +251,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Board {
     pub fn new(name: impl Into<String>, role: Role) -> Board {
         Board {
-            name: name.into(),
+            name: Mutex::new(name.into()),
             started: Instant::now(),
             role: Mutex::new(role),
             state: Mutex::new(String::new()),
@@ -266,7 +270,8 @@ impl Board {
             peer_address: Mutex::new(None),
             arbiter: Mutex::new(None),
             last_failure: Mutex::new(None),
-            heartbeats: OnceLock::new(),
+            heartbeats: Mutex::new(None),
+            failed_at: Mutex::new(None),
             ack_rtt: AckRtt::default(),
             health: Mutex::new((true, crate::health::OutputMode::Fast)),
             last_barrier_exit: AtomicU64::new(0),
@@ -316,6 +321,12 @@ impl Board {
         *lock(&self.role)
     }
 
+    /// The guest's name, learnt late (a standby takes it from the
+    /// transfer).
+    pub fn set_name(&self, name: &str) {
+        *lock(&self.name) = name.to_string();
+    }
+
     pub fn set_role(&self, role: Role) {
         *lock(&self.role) = role;
     }
@@ -341,7 +352,7 @@ impl Board {
     }
 
     pub(crate) fn watch_heartbeats(&self, stats: tokio::sync::watch::Receiver<heartbeat::ServiceStats>) {
-        let _ = self.heartbeats.set(stats);
+        *lock(&self.heartbeats) = Some(stats);
     }
 
     /// Record a failure and log it as one structured event.
@@ -366,6 +377,19 @@ impl Board {
             "failure handled"
         );
         *lock(&self.last_failure) = Some(event);
+        *lock(&self.failed_at) = Some(loss.decided.checked_sub(reaction).unwrap_or(loss.decided));
+    }
+
+    /// Redundancy is back after the last failure (a new secondary holds
+    /// the whole log): its `repair_ms`, failure → now.
+    pub fn repaired(&self) -> Option<f64> {
+        let since = lock(&self.failed_at).take()?;
+        let ms = (since.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        if let Some(event) = lock(&self.last_failure).as_mut() {
+            event.repair_ms = Some(ms);
+        }
+        tracing::info!(repair_ms = ms, "redundancy restored");
+        Some(ms)
     }
 
     pub fn last_failure(&self) -> Option<FailureEvent> {
@@ -386,7 +410,7 @@ impl Board {
         let arbiter = lock(&self.arbiter).clone();
         let (containment, output_mode) = *lock(&self.health);
         Status {
-            name: self.name.clone(),
+            name: lock(&self.name).clone(),
             role,
             state: lock(&self.state).clone(),
             uptime_s: (self.started.elapsed().as_secs_f64() * 1e3).round() / 1e3,
@@ -409,7 +433,7 @@ impl Board {
             arbiter: arbiter.as_ref().map(|(spec, _)| spec.clone()),
             arbiter_generation: arbiter.map(|(_, g)| g),
             last_failure: self.last_failure(),
-            heartbeats: self.heartbeats.get().map(|w| HeartbeatCounts::from(*w.borrow())),
+            heartbeats: lock(&self.heartbeats).as_ref().map(|w| HeartbeatCounts::from(*w.borrow())),
             containment,
             output_mode,
             last_barrier_exit: match self.last_barrier_exit.load(Ordering::Relaxed) {

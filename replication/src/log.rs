@@ -103,6 +103,16 @@ impl LogShared {
         self.set_acked(LogPosition(u64::MAX / 2));
     }
 
+    /// The primary is paired again (a new secondary holds its state as of
+    /// position `covered`): outputs wait for acks again, and nothing past
+    /// `covered` counts as acknowledged until the new secondary says so.
+    pub fn set_protected(&self, covered: LogPosition) {
+        self.acked.store(covered.0, Ordering::SeqCst);
+        self.unprotected.store(false, Ordering::SeqCst);
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
     /// Whether the secondary acknowledged every record up to `pos`.
     pub fn is_acked(&self, pos: LogPosition) -> bool {
         self.acked().is_some_and(|a| a >= pos)
