@@ -710,6 +710,11 @@ impl Receiving {
         let mut based = false;
         loop {
             tokio::select! {
+                // In this order: a batch the channel already holds is stored
+                // before its failure is acted on, so a primary's orderly end
+                // (its Shutdown record, then the close) is never taken for a
+                // loss that stops replay short of the log's end.
+                biased;
                 () = self.cancel.notified() => {
                     // The peer is lost: what the channel already received
                     // is still stored for the replayer (a primary whose
@@ -721,10 +726,6 @@ impl Receiving {
                         }
                     }
                     break;
-                }
-                e = &mut failed, if !told => {
-                    told = true;
-                    self.channel_failed(e);
                 }
                 batch = chan.recv() => match batch {
                     Ok(Some(batch)) => {
@@ -767,6 +768,10 @@ impl Receiving {
                         break;
                     }
                 },
+                e = &mut failed, if !told => {
+                    told = true;
+                    self.channel_failed(e);
+                }
                 changed = released.changed() => {
                     if changed.is_err() { continue; }
                     let upto = *released.borrow_and_update();
@@ -852,6 +857,12 @@ impl Receiving {
     }
 
     fn channel_failed(&self, e: ChannelError) {
+        if self.shared.clean_end.load(Ordering::SeqCst) {
+            // The primary's Shutdown record is stored: the replayer ends
+            // there by itself, however far behind it still is. Stopping it
+            // now would end replay short of the primary's end.
+            return;
+        }
         let failover = self.failover.on_failure();
         if failover.is_none() {
             let _ = self.decide.send(Decision::Stop);
