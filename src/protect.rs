@@ -178,7 +178,7 @@ pub fn primary(
             return Ok(EXIT_LOST_ARBITER);
         }
         PrimaryEnd::Faulted(_) => {
-            return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair.arbiter.as_deref());
+            return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair);
         }
         PrimaryEnd::LostArbiter => {
             eprintln!(
@@ -230,10 +230,16 @@ pub fn secondary(
     // only after go-live.
     // Opened at go-live: until then a primary on the same host may hold it.
     let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
-    let (input, output) =
-        session.hooks(pair::live::tap_world(tap, settings.mac, settings.ip, Box::new(serial.clone())));
+    let kept = pair::live::KeptTap::default();
+    let (input, output) = session.hooks(pair::live::tap_world_kept(
+        tap,
+        settings.mac,
+        settings.ip,
+        Box::new(serial.clone()),
+        kept.clone(),
+    ));
     let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
-    run_secondary(settings, &config, vm, session, serial, &health, pair, signals)
+    run_secondary(settings, &config, vm, session, serial, &health, pair, signals, &kept)
 }
 
 /// `ftvm secondary` without guest settings: a standby. It waits for a
@@ -273,7 +279,9 @@ pub fn standby(
     }
     let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
     let mac = guest.mac.unwrap_or(settings.mac);
-    let (input, output) = session.hooks(pair::live::tap_world(tap, mac, guest.ip, Box::new(serial.clone())));
+    let kept = pair::live::KeptTap::default();
+    let (input, output) =
+        session.hooks(pair::live::tap_world_kept(tap, mac, guest.ip, Box::new(serial.clone()), kept.clone()));
     let vm = Vm::restore(&received.state, received.memory, input, output)
         .with_context(|| format!("cannot build guest {} from the transferred state", settings.name))?;
     let config = guest.config();
@@ -282,7 +290,7 @@ pub fn standby(
     own.ip = guest.ip;
     own.gateway = guest.gateway;
     own.mac = mac;
-    run_secondary(&own, &config, vm, session, serial, &health, pair, signals)
+    run_secondary(&own, &config, vm, session, serial, &health, pair, signals, &kept)
 }
 
 /// Run a secondary's guest (replay, then live after a go-live) and map how
@@ -297,6 +305,7 @@ fn run_secondary(
     health: &Arc<Health>,
     pair: &PairConfig,
     signals: crate::CaughtSignals,
+    kept: &pair::live::KeptTap,
 ) -> Result<i32> {
     session.repair_with(vm.checkpointer(), pair.standby.clone());
     let caught = signals.stop(&vm)?;
@@ -317,15 +326,16 @@ fn run_secondary(
             if health.containment() && (pair::health::classify(&outcome).is_some() || health.fault().is_some()) =>
         {
             // The live copy faulted and has nobody to hand over to. Its VM
-            // (and the TAP it holds) goes first.
+            // goes first; a restart goes on with the TAP opened at go-live.
             drop(vm);
-            let tap = match &settings.tap {
-                Some(name) => Some(Arc::new(
+            let tap = match (kept.get(), &settings.tap) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(name)) => Some(Arc::new(
                     vmm::tap::Tap::open(name).with_context(|| format!("cannot attach to TAP device {name}"))?,
                 )),
-                None => None,
+                (None, None) => None,
             };
-            on_fault(settings, config, tap, serial, health, &board, &outcome, pair.arbiter.as_deref())
+            on_fault(settings, config, tap, serial, health, &board, &outcome, pair)
         }
         SecondaryEnd::WentLive(outcome) | SecondaryEnd::Guest(outcome) => crate::finish(settings, outcome, &caught),
         SecondaryEnd::LostArbiter => {
@@ -383,13 +393,18 @@ fn on_fault(
     tap: Option<Arc<vmm::tap::Tap>>,
     serial: SharedSerial,
     health: &Arc<Health>,
-    board: &pair::Board,
+    board: &Arc<pair::Board>,
     outcome: &Result<vmm::vcpu::RunOutcome, vmm::VmError>,
-    arbiter: Option<&str>,
+    pair: &PairConfig,
 ) -> Result<i32> {
     let name = &settings.name;
+    let arbiter = pair.arbiter.as_deref();
     let mut health = health.clone();
     let mut outcome_now = None;
+    // The session's control socket went with it: a restarted guest is
+    // served on the same path, so that `ftvm status` and the cluster agents
+    // still see this copy (its faults, its state).
+    let mut control = None;
     loop {
         let outcome = outcome_now.as_ref().unwrap_or(outcome);
         let Some(decision) = health.decide(outcome, board) else {
@@ -409,6 +424,14 @@ fn on_fault(
         }
         eprintln!("ftvm: {name}: {what}; --on-fault restart: booting the guest again from its image, UNPROTECTED");
         health = health.restarted();
+        board.set_state("running alone: guest restarted after a fault (--on-fault restart)");
+        if control.is_none() {
+            let path = pair.control_for(name);
+            match pair::ControlSocket::serve(&path, board.clone()) {
+                Ok(c) => control = Some(c),
+                Err(e) => tracing::warn!(error = %e, "cannot serve the control socket for the restarted guest"),
+            }
+        }
         let ownership = arbiter.map(|a| pair::failover::claim_alone(a, name)).transpose()?;
         let mut output = LiveOutput::new(Box::new(serial.clone()));
         if let Some(t) = &tap {

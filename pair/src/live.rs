@@ -49,8 +49,28 @@ impl LiveTap {
 /// The real world of a host: TAP `tap` (if the guest has a NIC), the serial
 /// console to `serial`; the guest's `mac` and `ip` announced on the TAP.
 pub fn tap_world(tap: LiveTap, mac: [u8; 6], ip: Option<(Ipv4Addr, u8)>, serial: Box<dyn Write + Send>) -> MakeLive {
+    tap_world_kept(tap, mac, ip, serial, Arc::default())
+}
+
+/// Where [`tap_world_kept`] keeps the TAP it attached at go-live.
+pub type KeptTap = Arc<std::sync::OnceLock<Arc<Tap>>>;
+
+/// [`tap_world`], keeping the TAP it attaches in `kept`: a live copy that
+/// boots its guest again (`--on-fault restart`) goes on with the same open
+/// TAP rather than opening the device again, which fails (EBUSY) while
+/// anything from the first go-live (the announcements) still holds it.
+pub fn tap_world_kept(
+    tap: LiveTap,
+    mac: [u8; 6],
+    ip: Option<(Ipv4Addr, u8)>,
+    serial: Box<dyn Write + Send>,
+    kept: KeptTap,
+) -> MakeLive {
     Box::new(move |clock: u64, wake| {
         let tap = tap.attach()?;
+        if let Some(t) = &tap {
+            let _ = kept.set(t.clone());
+        }
         if let Some(t) = &tap {
             // Frames that reached this host before go-live were the old
             // primary's business (or lost with it): the guest starts here.
