@@ -169,27 +169,48 @@ impl Replayer {
         self.digests_checked
     }
 
-    /// The next record, waiting for it if it has not arrived.
+    /// The next input record, waiting for it if it has not arrived.
+    /// Barriers and faults before it are passed (counted): the guest needs
+    /// an input at `exit`, so every barrier logged before that input lies
+    /// at an earlier exit.
     fn peek(&mut self, exit: ExitIndex) -> Result<&Record, HookError> {
-        while self.next.is_none() {
-            if self.stop.is_stopped() {
-                return Err(HookError::Ended { exit_index: exit });
-            }
-            match self.records.recv_timeout(Duration::from_millis(20)) {
-                Ok(Record::Shutdown { exit: at }) => {
-                    self.shutdown_at = Some(at);
-                    return Err(HookError::Ended { exit_index: exit });
+        loop {
+            match &self.next {
+                Some(Record::Barrier { .. } | Record::Fault { .. }) => self.pass(),
+                Some(_) => break,
+                None => {
+                    if self.stop.is_stopped() || self.shutdown_at.is_some() {
+                        return Err(HookError::Ended { exit_index: exit });
+                    }
+                    match self.records.recv_timeout(Duration::from_millis(20)) {
+                        Ok(r) => self.note(r),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => return Err(HookError::Ended { exit_index: exit }),
+                    }
                 }
-                // Barriers mark healthy points and faults say where not to
-                // go: the receiving side put both into the replay limits
-                // (the vCPU holds at them in `on_exit`, see `go_live`).
-                Ok(Record::Barrier { .. } | Record::Fault { .. }) => {}
-                Ok(r) => self.next = Some(r),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err(HookError::Ended { exit_index: exit }),
             }
         }
         self.next.as_ref().ok_or(HookError::Ended { exit_index: exit })
+    }
+
+    /// A record read from the log: the primary's clean end, or the next.
+    fn note(&mut self, record: Record) {
+        match record {
+            Record::Shutdown { exit } => self.shutdown_at = Some(exit),
+            r => self.next = Some(r),
+        }
+    }
+
+    /// Pass the barrier or fault in `next`. Barriers mark healthy points and
+    /// faults say where not to go: the receiving side put both into the
+    /// replay limits (the vCPU holds at them in `on_exit`, see `go_live`);
+    /// here they only count: each is a position of the primary's log, and
+    /// `consumed` must stand where the primary's log stood at the same exit
+    /// (the suppressor tags held outputs with it, the lag watch and the
+    /// status compare it with the primary's positions).
+    fn pass(&mut self) {
+        self.next = None;
+        self.consumed.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Take the next record, which must be for `exit` and pass `matches`.
@@ -205,6 +226,23 @@ impl Replayer {
 
 impl InputSource for Replayer {
     fn on_exit(&mut self, exit: ExitIndex, _kind: &ExitKind) -> Result<(), HookError> {
+        // Barriers and faults logged up to this exit count as consumed
+        // before this exit's outputs, as they stood in the primary's log
+        // before the same outputs (the primary logs a barrier at a health
+        // report's exit, which outputs nothing). Never waits: they are in
+        // the queue already when they matter (the vCPU is held at the last
+        // barrier received).
+        loop {
+            match &self.next {
+                Some(Record::Barrier { exit: at } | Record::Fault { exit: at, .. }) if *at <= exit => self.pass(),
+                Some(_) => break,
+                None if self.shutdown_at.is_some() => break,
+                None => match self.records.try_recv() {
+                    Ok(r) => self.note(r),
+                    Err(_) => break,
+                },
+            }
+        }
         // A record for an earlier exit than this one was never consumed: the
         // guest skipped an input the primary's guest took.
         if let Some(next) = &self.next {
@@ -264,5 +302,51 @@ impl InputSource for Replayer {
         })?;
         self.digests_checked += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::hook::ExitKind;
+
+    fn at(r: &mut Replayer, exit: u64) {
+        r.on_exit(ExitIndex(exit), &ExitKind::Hlt).unwrap();
+    }
+
+    /// `consumed` is the primary's log position at the same exit: barriers
+    /// count where the primary logged them, not later and not sooner. (It
+    /// used to leave them out: the replay lag then grew by one record per
+    /// barrier, and a healthy secondary was declared lost after ~10 s of a
+    /// client's INCRs; held outputs were tagged short of their position.)
+    #[test]
+    fn barriers_count_as_positions_at_their_exit() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let consumed = Arc::new(AtomicU64::new(0));
+        let mut r = Replayer::new(rx, StopHandle::detached().unwrap(), consumed.clone());
+        for rec in [
+            Record::Clock { exit: ExitIndex(1), ns: 10 },
+            Record::Barrier { exit: ExitIndex(2) },
+            Record::Clock { exit: ExitIndex(4), ns: 20 },
+            Record::Barrier { exit: ExitIndex(6) },
+            Record::Barrier { exit: ExitIndex(7) },
+            Record::Clock { exit: ExitIndex(9), ns: 30 },
+        ] {
+            tx.send(rec).unwrap();
+        }
+        at(&mut r, 1);
+        assert_eq!(r.clock_ns(ExitIndex(1)).unwrap(), 10);
+        assert_eq!(consumed.load(Ordering::SeqCst), 1);
+        at(&mut r, 2);
+        assert_eq!(consumed.load(Ordering::SeqCst), 2, "the barrier at exit 2 counts at exit 2");
+        at(&mut r, 4);
+        assert_eq!(r.clock_ns(ExitIndex(4)).unwrap(), 20);
+        at(&mut r, 5);
+        assert_eq!(consumed.load(Ordering::SeqCst), 3, "the barrier at exit 6 does not count at exit 5");
+        at(&mut r, 6);
+        assert_eq!(consumed.load(Ordering::SeqCst), 4);
+        // An input needed past barriers not yet counted passes them.
+        assert_eq!(r.clock_ns(ExitIndex(9)).unwrap(), 30);
+        assert_eq!(consumed.load(Ordering::SeqCst), 6);
     }
 }
