@@ -4,7 +4,6 @@
 //! client INCRs a counter on a protected kvstore and checks every reply.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -102,19 +101,7 @@ fn run(lab: &Lab, dir: &std::path::Path, seconds: u64, stop: &Stop) -> Result<Re
     let guest: Vec<String> =
         ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr].iter().map(|s| s.to_string()).collect();
     let (mut primary, mut secondary) = ftvm_demo::start_pair(lab, dir, &guest)?;
-    let ip = lab.guest_ip();
-    let waiting = stop.clone();
-    let stream = lab.client().run(move || -> Result<TcpStream> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            waiting.check()?;
-            match TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
-                Ok(s) => return Ok(s),
-                Err(e) if Instant::now() > deadline => return Err(e.into()),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    })?;
+    let stream = ftvm_demo::connect_kvstore(lab, stop)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut s = BufReader::new(stream);
     let pctl = dir.join("p.sock");

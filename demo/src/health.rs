@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ftvm_lab::Lab;
 
-use crate::{ms, reply, resp, start_pair, DemoGuest, Stop};
+use crate::{connect_kvstore, ms, reply, resp, start_pair, DemoGuest, Stop};
 
 /// How long a trial waits for the injected fault and its handling.
 const FAULT_WAIT: Duration = Duration::from_secs(40);
@@ -132,6 +132,25 @@ pub struct FaultTrial {
     pub lost: u64,
     /// The secondary took the guest over (went live).
     pub taken_over: bool,
+}
+
+impl FaultTrial {
+    /// The service died: nothing took over for the client (VMware FT's
+    /// outcome, or a containment that failed).
+    fn died(fault_after_ms: f64, duplicates: u64, taken_over: bool) -> FaultTrial {
+        FaultTrial {
+            survived: false,
+            source: None,
+            reaction_ms: None,
+            recovery_ms: None,
+            outage_ms: None,
+            client_outage_ms: None,
+            fault_after_ms,
+            duplicates,
+            lost: 0,
+            taken_over,
+        }
+    }
 }
 
 /// One trial on `lab`: start the pair, let the fault strike, watch.
@@ -270,18 +289,7 @@ fn streamer_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], st
             if setup.containment {
                 bail!("the stream stopped for {DEAD_FOR:?} with containment on");
             }
-            return Ok(FaultTrial {
-                survived: false,
-                source: None,
-                reaction_ms: None,
-                recovery_ms: None,
-                outage_ms: None,
-                client_outage_ms: None,
-                fault_after_ms: ms(last - start),
-                duplicates,
-                lost: 0,
-                taken_over: went_live(dir),
-            });
+            return Ok(FaultTrial::died(ms(last - start), duplicates, went_live(dir)));
         };
         let now = Instant::now();
         if now - last > worst {
@@ -319,19 +327,7 @@ fn streamer_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], st
 
 fn kvstore_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], stop: &Stop) -> Result<FaultTrial> {
     let (_primary, _secondary) = start_pair(lab, dir, args)?;
-    let ip = lab.guest_ip();
-    let waiting = stop.clone();
-    let stream = lab.client().run(move || -> Result<TcpStream> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            waiting.check()?;
-            match TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
-                Ok(s) => return Ok(s),
-                Err(e) if Instant::now() > deadline => return Err(e.into()),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
-            }
-        }
-    })?;
+    let stream = connect_kvstore(lab, stop)?;
     // A reply that does not come within DEAD_FOR: the service is dead.
     stream.set_read_timeout(Some(DEAD_FOR))?;
     let mut s = BufReader::new(stream);
@@ -359,18 +355,7 @@ fn kvstore_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], sto
             if setup.containment {
                 bail!("no reply for {DEAD_FOR:?} with containment on");
             }
-            return Ok(FaultTrial {
-                survived: false,
-                source: None,
-                reaction_ms: None,
-                recovery_ms: None,
-                outage_ms: None,
-                client_outage_ms: None,
-                fault_after_ms: ms(t - start),
-                duplicates: 0,
-                lost: 0,
-                taken_over: went_live(dir),
-            });
+            return Ok(FaultTrial::died(ms(t - start), 0, went_live(dir)));
         }
         if line != format!(":{}\r\n", acked + 1) {
             bail!("INCR answered {line:?} after {acked} acknowledged: a write was lost");

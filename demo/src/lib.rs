@@ -197,6 +197,24 @@ pub fn write_key(path: &Path) -> Result<()> {
         .with_context(|| format!("cannot write the key file {}", path.display()))
 }
 
+/// A TCP connection from the lab's client to the kvstore guest on port
+/// 6379, retried while the guest boots (60 s at most; `stop` ends it).
+pub fn connect_kvstore(lab: &Lab, stop: &Stop) -> Result<TcpStream> {
+    let ip = lab.guest_ip();
+    let waiting = stop.clone();
+    lab.client().run(move || -> Result<TcpStream> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            waiting.check()?;
+            match TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() > deadline => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+}
+
 /// Start a protected pair of `guest` with an arbiter in `dir`.
 pub fn start_pair(lab: &Lab, dir: &Path, guest: &[String]) -> Result<(Proc, Proc)> {
     start_pair_with(lab, dir, guest, &[])
@@ -344,19 +362,7 @@ fn run_trial(lab: &Lab, dir: &Path, guest: DemoGuest, how: Failure, progress: bo
             let standby = ["--standby".to_string(), standby_address(lab)];
             let (mut primary, secondary) = start_pair_with(lab, dir, &args, &standby)?;
             say("protected kvstore pair starting: primary on host a, secondary on host b");
-            let ip = lab.guest_ip();
-            let waiting = stop.clone();
-            let stream = lab.client().run(move || -> Result<TcpStream> {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    waiting.check()?;
-                    match TcpStream::connect_timeout(&(ip, 6379).into(), Duration::from_secs(2)) {
-                        Ok(s) => return Ok(s),
-                        Err(e) if Instant::now() > deadline => return Err(e.into()),
-                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
-                    }
-                }
-            })?;
+            let stream = connect_kvstore(lab, stop)?;
             stream.set_read_timeout(Some(Duration::from_secs(30)))?;
             let mut s = BufReader::new(stream);
             say("client connected to 10.0.0.10:6379; writing and verifying (INCR + SET)");
