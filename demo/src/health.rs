@@ -137,6 +137,30 @@ pub struct FaultTrial {
 impl FaultTrial {
     /// The service died: nothing took over for the client (VMware FT's
     /// outcome, or a containment that failed).
+    /// The service went on: the client's worst wait `worst`, `at` after
+    /// its start, and the live copy's `event` (none without containment).
+    fn survived(
+        event: Option<&serde_json::Value>,
+        worst: Duration,
+        at: Duration,
+        duplicates: u64,
+        lost: u64,
+        taken_over: bool,
+    ) -> FaultTrial {
+        FaultTrial {
+            survived: true,
+            source: event.and_then(|e| e["source"].as_str()).map(str::to_owned),
+            reaction_ms: event.and_then(|e| e["reaction_ms"].as_f64()),
+            recovery_ms: event.and_then(|e| e["recovery_ms"].as_f64()),
+            outage_ms: event.and_then(|e| e["outage_ms"].as_f64()),
+            client_outage_ms: Some(ms(worst)),
+            fault_after_ms: ms(at),
+            duplicates,
+            lost,
+            taken_over,
+        }
+    }
+
     fn died(fault_after_ms: f64, duplicates: u64, taken_over: bool) -> FaultTrial {
         FaultTrial {
             survived: false,
@@ -237,16 +261,6 @@ fn went_live(dir: &Path) -> bool {
     std::fs::read_to_string(dir.join("secondary.log")).is_ok_and(|log| log.contains("went live"))
 }
 
-fn trial_from_event(event: Option<&serde_json::Value>) -> (Option<String>, Option<f64>, Option<f64>, Option<f64>) {
-    let Some(e) = event else { return (None, None, None, None) };
-    (
-        e["source"].as_str().map(str::to_owned),
-        e["reaction_ms"].as_f64(),
-        e["recovery_ms"].as_f64(),
-        e["outage_ms"].as_f64(),
-    )
-}
-
 fn streamer_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], stop: &Stop) -> Result<FaultTrial> {
     let client_ip = lab.client_ip();
     let sock = lab.client().run(move || UdpSocket::bind((client_ip, 5004)))?;
@@ -310,19 +324,7 @@ fn streamer_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], st
     let max = seen.iter().next_back().copied().unwrap_or(0);
     let min = seen.iter().next().copied().unwrap_or(0);
     let lost = (min..max).filter(|s| !seen.contains(s)).count() as u64;
-    let (source, reaction_ms, recovery_ms, outage_ms) = trial_from_event(event.as_ref());
-    Ok(FaultTrial {
-        survived: true,
-        source,
-        reaction_ms,
-        recovery_ms,
-        outage_ms,
-        client_outage_ms: Some(ms(worst)),
-        fault_after_ms: ms(worst_at - start),
-        duplicates,
-        lost,
-        taken_over: went_live(dir),
-    })
+    Ok(FaultTrial::survived(event.as_ref(), worst, worst_at - start, duplicates, lost, went_live(dir)))
 }
 
 fn kvstore_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], stop: &Stop) -> Result<FaultTrial> {
@@ -379,19 +381,7 @@ fn kvstore_trial(lab: &Lab, dir: &Path, setup: &FaultSetup, args: &[String], sto
             bail!("the counter lost acknowledged increments");
         }
     }
-    let (source, reaction_ms, recovery_ms, outage_ms) = trial_from_event(event.as_ref());
-    Ok(FaultTrial {
-        survived: true,
-        source,
-        reaction_ms,
-        recovery_ms,
-        outage_ms,
-        client_outage_ms: Some(ms(worst)),
-        fault_after_ms: ms(worst_at - start),
-        duplicates: 0,
-        lost: 0,
-        taken_over: went_live(dir),
-    })
+    Ok(FaultTrial::survived(event.as_ref(), worst, worst_at - start, 0, 0, went_live(dir)))
 }
 
 /// A mean time to fault drawn from 1000..=3000 ms (the thesis' 10–20 s,
