@@ -342,3 +342,87 @@ fn kvm_netns_double_failure_the_survivor_reprotects_onto_a_spare_and_the_client_
     eprintln!("double failure: repair after the first in {repair_ms} ms; {} writes, none lost", w.acked);
     drop(standby);
 }
+
+/// A primary whose secondary is lost while the log is backed up (a
+/// CPU-bound guest the debug secondary replays more slowly than it runs)
+/// re-protects onto a standby that then replays in step: the records the
+/// old channel refused before the loss lie before the transfer's mark and
+/// must not reach the new secondary (they did: it diverged at its first
+/// record), and the shipper must go on after the old channel's failure.
+#[test]
+fn kvm_netns_a_primary_that_lost_a_lagging_secondary_reprotects_and_the_standby_replays_in_step() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("rl");
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
+    let key = common::key_file(dir.path(), "k");
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    let spare = format!("{}:7001", lab.host_b().link_ip());
+    let guest = ["--guest", "crunch", "--memory-mib", "16", "--param", "rounds=1000000000", "--digest-every", "100"];
+    let common_args = [
+        "--key-file",
+        &key,
+        "--arbiter",
+        &arbiter,
+        "--dead-after",
+        common::TEST_DEAD_AFTER,
+        "--health-deadline-ms",
+        "0",
+        "--max-lag-ms",
+        "60000",
+    ];
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sec.arg("secondary").args(guest).args(common_args);
+    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
+    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(common_args);
+    pri.args(["--peer", &listen, "--standby", &spare, "--control", &d("p.sock")]);
+    let _primary = spawn(&mut pri, dir.path(), "primary.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(dir.path().join("primary.log")).unwrap_or_default().contains("protected") {
+        assert!(Instant::now() < deadline, "never paired\n{}", logs(dir.path()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Let the guest run ahead a while, then the secondary's VMM dies.
+    let st = loop {
+        let st = common::status_json(&d("p.sock"));
+        if st["log_position"].as_u64().unwrap_or(0) > 300 {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the guest made no progress: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("secondary killed at log position {}", st["log_position"]);
+    secondary.0.kill().unwrap();
+    let _ = secondary.0.wait();
+    let mut sb = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sb.arg("secondary").args(common_args);
+    sb.args(["--listen", &spare, "--control", &d("sb.sock")]);
+    let _standby = spawn(&mut sb, dir.path(), "standby.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let st = common::status_json(&d("p.sock"));
+        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // In step: the standby replays on past several digest points.
+    let start = common::status_json(&d("sb.sock"))["log_position"].as_u64().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = common::status_json(&d("sb.sock"));
+        assert_eq!(st["role"], "secondary", "{st}\n{}", logs(dir.path()));
+        assert_eq!(st["divergences"], 0, "{st}\n{}", logs(dir.path()));
+        if st["log_position"].as_u64().unwrap_or(0) > start + 300 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the standby does not replay on: {st}\n{}", logs(dir.path()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

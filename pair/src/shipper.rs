@@ -84,13 +84,15 @@ impl Shipper {
             // secondary replays from.
             match self.shared.kept_after() {
                 Some(mark) => {
-                    let skip = mark.saturating_add(1).saturating_sub(first.0).min(records.len() as u64) as usize;
-                    let rest = records.get(skip..).unwrap_or_default().to_vec();
-                    let at = LogPosition(first.0 + skip as u64);
-                    match st.backlog.as_mut() {
-                        Some((_, old)) => old.extend(rest),
-                        None if !rest.is_empty() => st.backlog = Some((at, rest)),
-                        None => {}
+                    // What the old channel refused before the loss lies
+                    // before the mark (the new secondary's state covers it):
+                    // only what follows the mark is kept, in order.
+                    let (at, mut kept) = st.backlog.take().unwrap_or((first, Vec::new()));
+                    kept.extend(records);
+                    let skip = mark.saturating_add(1).saturating_sub(at.0).min(kept.len() as u64) as usize;
+                    kept.drain(..skip);
+                    if !kept.is_empty() {
+                        st.backlog = Some((LogPosition(at.0 + skip as u64), kept));
                     }
                 }
                 None => st.backlog = None,
@@ -161,18 +163,35 @@ impl Shipper {
     /// the session winds down; then a last flush.
     pub(crate) fn spawn(self: &Arc<Self>) -> std::io::Result<JoinHandle<Result<(), ChannelError>>> {
         let me = self.clone();
-        std::thread::Builder::new().name("shipper".into()).spawn(move || loop {
-            let running = me.shared.shipping();
-            me.log.wait_flush(SHIP_PERIOD);
-            if me.ship(false)? {
-                std::thread::sleep(SHIP_BACKOFF);
-                continue;
-            }
-            if !running {
-                if let Some(chan) = me.chan() {
-                    chan.flush();
+        std::thread::Builder::new().name("shipper".into()).spawn(move || {
+            // The channel's first failure, returned at the end. The thread
+            // goes on after it: a copy that then runs alone still takes the
+            // log (dropped, or kept past a repair's mark), and a repair
+            // ships on the new channel through it.
+            let mut failed = None;
+            loop {
+                let running = me.shared.shipping();
+                me.log.wait_flush(SHIP_PERIOD);
+                match me.ship(false) {
+                    Ok(true) => {
+                        std::thread::sleep(SHIP_BACKOFF);
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        if failed.is_none() {
+                            tracing::debug!(error = %e, "shipping the log failed");
+                            failed = Some(e);
+                        }
+                        std::thread::sleep(SHIP_BACKOFF);
+                    }
                 }
-                return Ok(());
+                if !running {
+                    if let Some(chan) = me.chan() {
+                        chan.flush();
+                    }
+                    return failed.map_or(Ok(()), Err);
+                }
             }
         })
     }
