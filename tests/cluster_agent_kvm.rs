@@ -116,7 +116,8 @@ fn kvm_agent_monitor_follows_ftvm_status() {
     assert_eq!(action(dir.path(), &p, "monitor", &[("CRM_meta_interval", "10000")]).0, 191);
     assert_eq!(action(dir.path(), &p, "monitor", &probe).0, 191, "a probe says promoted (degraded)");
     // The live copy holds the arbiter: a second start elsewhere would be a
-    // spare, and ftvm refuses a second primary.
+    // standby (which this copy, started unprotected, does not re-protect
+    // onto), and ftvm refuses a second primary.
     let arb = common::run(&["arbiter", "--arbiter", &format!("file:{}", dir.path().join("arbiter").display())]);
     assert!(String::from_utf8_lossy(&arb.stdout).contains("standalone"), "{arb:?}");
     // The live copy dies: a failed promoted instance (9).
@@ -147,7 +148,8 @@ impl Drop for Stopped {
 /// Two agents on one host stand for two nodes (each its own state and
 /// control directories): promote forms a pair, demote hands the guest over
 /// through ftvm's failover, the other side's promote confirms it, and the
-/// demoted node is a spare.
+/// demoted node's standby is what the new live copy re-protects itself onto:
+/// the pair is protected again, the other way round.
 #[test]
 fn kvm_agent_promote_pairs_and_demote_hands_over_through_ftvm_failover() {
     if !(common::kvm() && lab::require_root()) {
@@ -188,24 +190,124 @@ fn kvm_agent_promote_pairs_and_demote_hands_over_through_ftvm_failover() {
     assert!(live, "{s2}");
     assert_eq!(s2["last_failure"]["kind"], "primary lost", "{s2}");
     // Until Pacemaker promotes it, n2's unpromoted monitor says unpromoted,
-    // degraded (190; a promoted answer would be a failure to recover from);
-    // a probe tells the truth: promoted, unprotected (191).
+    // degraded (190; a promoted answer would be a failure to recover from),
+    // also once it re-protected itself (a primary again); a probe tells the
+    // truth: promoted, unprotected (191) or, re-protected already, promoted (8).
     assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 190);
-    assert_eq!(action(&d2, &p2, "monitor", &probe).0, 191);
+    let (rc, _) = action(&d2, &p2, "monitor", &probe);
+    assert!(rc == 191 || rc == 8, "probe of the live copy: {rc}");
     let (rc, text) = action(&d2, &p2, "promote", &[]);
     assert_eq!(rc, 0, "promote confirms: {text}");
-    assert_eq!(action(&d2, &p2, "monitor", &promoted_mon).0, 191);
-    // n1 is a spare: unpromoted and protecting nothing (190), no VMM, and
-    // promoting it is refused by ftvm's arbiter (the guest is live at n2):
-    // never two live copies.
-    assert_eq!(action(&d1, &p1, "monitor", &unpromoted_mon).0, 190);
-    let out = common::run(&["status", "--control", d1.join("run/ocf17121.sock").to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "no VMM answers at n1");
-    let (rc, text) = action(&d1, &p1, "promote", &[]);
+    // n1 runs a standby (the arbiter names n2's copy): unpromoted, 190 while
+    // it waits for or takes the guest's state, and never promoted: promote
+    // waits for a failover that does not come (the guest is live at n2).
+    let sock1 = d1.join("run/ocf17121.sock");
+    let st = common::status_json(sock1.to_str().unwrap());
+    assert_eq!(st["role"], "secondary", "{st}");
+    let (rc, text) = action(&d1, &p1, "promote", &[("takeover_wait", "1")]);
     assert_eq!(rc, 1, "{text}");
-    assert_eq!(common::status_json(d2.join("run/ocf17121.sock").to_str().unwrap())["role"], "standalone");
+    // n2 re-protects itself onto it: n2 promoted and protected (8), n1 an
+    // in-sync secondary (0), as the pair was before, the other way round.
+    let mut rcs = (0, 0);
+    let protected = lab::wait_for(Duration::from_secs(60), || {
+        rcs = (action(&d2, &p2, "monitor", &promoted_mon).0, action(&d1, &p1, "monitor", &unpromoted_mon).0);
+        rcs == (8, 0)
+    });
+    let (s1, s2) = (common::status_json(sock1.to_str().unwrap()), common::status_json(sock2.to_str().unwrap()));
+    assert!(protected, "monitors {rcs:?}\nn1 {s1}\nn2 {s2}");
+    assert_eq!((s2["role"].as_str(), s2["peer"].as_str()), (Some("primary"), Some("up")), "{s2}");
+    assert!(s2["last_failure"]["repair_ms"].is_f64(), "{s2}");
+    assert_eq!((s1["role"].as_str(), s1["state"].as_str()), (Some("secondary"), Some("replaying")), "{s1}");
+    assert!(s1["arbiter_generation"].is_u64(), "n1 runs its failover: {s1}");
+    assert_eq!(action(&d1, &p1, "monitor", &probe).0, 0, "a probe of n1: unpromoted");
     for (d, p) in [(&d1, &p1), (&d2, &p2)] {
         assert_eq!(action(d, p, "stop", &[]).0, 0);
         assert_eq!(action(d, p, "monitor", &probe).0, 7);
+    }
+}
+
+/// The primary's VMM dies and ftvm fails over to the other node's copy;
+/// after Pacemaker's recovery of the failed instance (demote, stop, start)
+/// the start there is a standby (not a secondary waiting for a primary that
+/// will never come): the live copy re-protects itself onto it by a live
+/// transfer, and it is an in-sync secondary (monitor 0, score 100), the
+/// live copy a protected primary (8).
+#[test]
+fn kvm_agent_start_beside_a_live_copy_gives_a_standby_that_becomes_an_in_sync_secondary() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let shared = tempfile::tempdir().unwrap();
+    let (d1, d2) = (shared.path().join("n1"), shared.path().join("n2"));
+    let guest = "guest = \"crunch\"\nparam = [\"rounds=1000000000\"]";
+    let p1 = node_params(shared.path(), &d1, 17_131, "n1", guest);
+    let p2 = node_params(shared.path(), &d2, 17_131, "n2", guest);
+    let _cleanup = Stopped(vec![(d1.clone(), p1.clone()), (d2.clone(), p2.clone())]);
+    let promoted_mon = [("CRM_meta_interval", "10000"), ("CRM_meta_role", "Promoted")];
+    let unpromoted_mon = [("CRM_meta_interval", "11000"), ("CRM_meta_role", "Unpromoted")];
+    let probe = [("CRM_meta_interval", "0")];
+    let (sock1, sock2) = (d1.join("run/ocf17131.sock"), d2.join("run/ocf17131.sock"));
+    let status = |sock: &Path| common::status_json(sock.to_str().unwrap());
+    let logs = || {
+        let log = |d: &Path| std::fs::read_to_string(d.join("log/ocf17131.log")).unwrap_or_default();
+        format!("--- n1\n{}--- n2\n{}", log(&d1), log(&d2))
+    };
+    assert_eq!(action(&d1, &p1, "start", &[]).0, 0);
+    assert_eq!(action(&d2, &p2, "start", &[]).0, 0);
+    let (rc, text) = action(&d1, &p1, "promote", &[]);
+    assert_eq!(rc, 0, "{text}");
+    assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 0, "its secondary");
+    // n1's VMM dies: n2's secondary wins the arbiter and goes live; it keeps
+    // trying to re-protect itself onto n1's address (its --standby).
+    let pid: u32 = std::fs::read_to_string(d1.join("rsctmp/ftvm-ocf17131.pid")).unwrap().trim().parse().unwrap();
+    common::signal("KILL", pid);
+    let live = lab::wait_for(Duration::from_secs(30), || status(&sock2)["role"] == "standalone");
+    let s2 = status(&sock2);
+    assert!(live, "{s2}");
+    assert_eq!(s2["last_failure"]["kind"], "primary lost", "{s2}");
+    assert_eq!(action(&d2, &p2, "promote", &[]).0, 0, "promote confirms");
+    assert_eq!(action(&d2, &p2, "monitor", &promoted_mon).0, 191, "live, unprotected");
+    // Pacemaker's recovery of n1: its promoted monitor failed (9), demote,
+    // stop, start.
+    let (rc, text) = action(&d1, &p1, "monitor", &promoted_mon);
+    assert_eq!(rc, 9, "{text}");
+    assert_eq!(action(&d1, &p1, "demote", &[]).0, 0);
+    assert_eq!(action(&d1, &p1, "stop", &[]).0, 0);
+    let (rc, text) = action(&d1, &p1, "start", &[]);
+    assert_eq!(rc, 0, "{text}");
+    let log = std::fs::read_to_string(d1.join("log/ocf17131.log")).unwrap();
+    let launched = log.lines().rev().find(|l| l.starts_with("--- ")).unwrap_or_default().to_string();
+    assert!(launched.contains("secondary --listen") && launched.contains("--standby 127.0.0.1:17132"), "{launched}");
+    let standby_config = std::fs::read_to_string(d1.join("rsctmp/ftvm-ocf17131.standby.toml")).unwrap();
+    assert!(standby_config.lines().all(|l| !l.starts_with("guest")), "{standby_config}");
+    // 190 while it waits for or takes the state, then 0.
+    let mut seen = Vec::new();
+    let synced = lab::wait_for(Duration::from_secs(60), || {
+        let rc = action(&d1, &p1, "monitor", &unpromoted_mon).0;
+        if seen.last() != Some(&rc) {
+            seen.push(rc);
+        }
+        rc == 0
+    });
+    assert!(synced, "n1's monitor answered {seen:?}\n{}", logs());
+    assert!(seen.iter().all(|rc| *rc == 190 || *rc == 0), "n1's monitor answered {seen:?}");
+    let s1 = status(&sock1);
+    assert_eq!((s1["role"].as_str(), s1["peer"].as_str()), (Some("secondary"), Some("up")), "{s1}");
+    assert!(s1["arbiter_generation"].is_u64(), "{s1}");
+    assert_eq!(action(&d1, &p1, "monitor", &probe).0, 0, "a probe of n1: unpromoted");
+    let s2 = status(&sock2);
+    assert_eq!((s2["role"].as_str(), s2["peer"].as_str()), (Some("primary"), Some("up")), "{s2}");
+    assert!(s2["last_failure"]["repair_ms"].is_f64(), "{s2}");
+    assert_eq!(action(&d2, &p2, "monitor", &promoted_mon).0, 8, "protected again");
+    // The arbiter is free again (the repair released it): a failure of
+    // either copy goes through a new claim.
+    let arb = common::run(&["arbiter", "--arbiter", &format!("file:{}", shared.path().join("arbiter").display())]);
+    assert!(String::from_utf8_lossy(&arb.stdout).contains("owner (none)"), "{arb:?}");
+    eprintln!(
+        "agent: n1's standby -> in-sync secondary, monitor {seen:?}; repair_ms {}",
+        s2["last_failure"]["repair_ms"]
+    );
+    for (d, p) in [(&d1, &p1), (&d2, &p2)] {
+        assert_eq!(action(d, p, "stop", &[]).0, 0);
     }
 }
