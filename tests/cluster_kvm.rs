@@ -394,7 +394,11 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
     let returned = Instant::now();
     *returned_at.lock().unwrap() = Some(returned);
     let mut live = serde_json::Value::Null;
+    let mut standby_up = None;
     let protected = lab::wait_for(Duration::from_secs(180), || {
+        if standby_up.is_none() && status(&back)["role"] == "secondary" {
+            standby_up = Some(returned.elapsed());
+        }
         live = status(&nodes[si]);
         live["role"] == "primary" && live["peer"] == "up" && live["last_failure"]["repair_ms"].is_f64()
     });
@@ -452,9 +456,10 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
     conn.get_mut().write_all(&resp(&["INCR", "counter"])).unwrap();
     assert_eq!(reply(&mut conn), format!(":{}\r\n", acked + 1), "the guest serves on");
     eprintln!(
-        "cluster: the killed node restarted -> protected again {:.0} ms (ftvm repair_ms {}: failure -> redundancy \
-         restored, the node's absence included); crm_mon Promoted/Unpromoted after {:.1} s; {acked} writes \
+        "cluster: the killed node restarted -> its standby answered {:.0} ms -> protected again {:.0} ms (ftvm \
+         repair_ms {}: failure -> redundancy restored, the node's absence included); crm_mon Promoted/Unpromoted after {:.1} s; {acked} writes \
          acknowledged in all, the slowest after the node's return {:.1} ms; survivor: {}",
+        standby_up.unwrap_or_default().as_secs_f64() * 1e3,
         protected_after.as_secs_f64() * 1e3,
         live["last_failure"]["repair_ms"],
         mon_after.as_secs_f64(),
