@@ -107,6 +107,16 @@ fn kvm_agent_monitor_follows_ftvm_status() {
     let sock = dir.path().join("run").join("ocf17111.sock");
     assert_eq!(common::status_json(sock.to_str().unwrap())["role"], "secondary");
     assert_eq!(action(dir.path(), &p, "monitor", &unpromoted).0, 0, "a waiting secondary is unpromoted");
+    // A copy elsewhere went live (the arbiter names it) before a primary
+    // came: this secondary will never pair, and says so (190); it is fine
+    // again once the arbiter names nobody.
+    let arbiter = dir.path().join("arbiter");
+    std::fs::write(&arbiter, "ftvm-arbiter v1\ngeneration 1\nowner elsewhere-secondary-0123456789abcdef\n").unwrap();
+    let (rc, text) = action(dir.path(), &p, "monitor", &unpromoted);
+    assert_eq!(rc, 190, "{text}");
+    let released = common::run(&["arbiter", "--arbiter", &format!("file:{}", arbiter.display()), "--release"]);
+    assert!(released.status.success(), "{released:?}");
+    assert_eq!(action(dir.path(), &p, "monitor", &unpromoted).0, 0);
     // No peer pairs within pair_wait: promote runs the guest unprotected,
     // which the promoted monitor reports as degraded (191).
     let (rc, text) = action(dir.path(), &p, "promote", &[]);
