@@ -236,6 +236,19 @@ fn check_writes(conn: &mut Conn, acked: i64) {
     }
 }
 
+/// The last result (rc-code) Pacemaker recorded for `node`'s recurring
+/// monitor of `kv` every `interval_ms`, from the CIB's status section
+/// (`cibadmin -Q -o status`): its `lrm_rsc_op` `kv_monitor_INTERVAL`, which
+/// holds the latest result, where a `kv_last_failure_0` keeps the last
+/// unexpected one until a cleanup.
+fn monitor_rc(status: &str, node: &str, interval_ms: u32) -> Option<i32> {
+    let state = status.split("<node_state ").find(|s| s.contains(&format!("uname=\"{node}\"")))?;
+    let id = format!("id=\"kv_monitor_{interval_ms}\"");
+    let op = state.split("<lrm_rsc_op ").find(|o| o.starts_with(&id) || o.contains(&format!(" {id}")))?;
+    let rc = op.split("rc-code=\"").nth(1)?;
+    rc[..rc.find('"')?].parse().ok()
+}
+
 fn online(mon: &str, node: &str) -> bool {
     mon.lines().any(|l| l.contains("Online: [") && l.split_whitespace().any(|w| w == node))
 }
@@ -435,6 +448,13 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
     // cleaned up, Pacemaker probes both copies again and nothing is left,
     // nothing moves.
     let mut seen = String::new();
+    let mut cib = String::new();
+    // The recurring monitors' latest results: protected primary (8) and
+    // in-sync secondary (0), the interval ops of `resource_xml`.
+    let mut monitors = || {
+        cib = String::from_utf8_lossy(&nodes[si].exec(&["cibadmin", "-Q", "-o", "status"]).stdout).into_owned();
+        (monitor_rc(&cib, &survivor, 2000), monitor_rc(&cib, &dead, 3000))
+    };
     let roles = |mon: &str| {
         online(mon, &dead)
             && promoted(mon).as_deref() == Some(survivor.as_str())
@@ -449,13 +469,22 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
     eprintln!("cluster: crm_mon once protected again:\n{seen}");
     let failed: Vec<&str> = seen.lines().skip_while(|l| !l.starts_with("Failed Resource Actions")).skip(1).collect();
     assert!(failed.iter().all(|l| l.trim().is_empty() || l.to_ascii_lowercase().contains("degraded")), "{seen}");
+    let mut rcs = (None, None);
+    let current = lab::wait_for(Duration::from_secs(60), || {
+        rcs = monitors();
+        rcs == (Some(8), Some(0))
+    });
+    assert!(current, "the recurring monitors' latest results {rcs:?}, not (8, 0):\n{cib}");
     let out = nodes[si].exec(&["crm_resource", "--cleanup", "--resource", "kv-clone"]);
     assert!(out.status.success(), "crm_resource --cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    // Cleaned up: the history goes, Pacemaker probes both nodes again and
+    // restarts the monitors, which record 8 and 0 anew.
     let clean = lab::wait_for(Duration::from_secs(120), || {
         seen = nodes[si].crm_mon();
-        roles(&seen) && !seen.contains("Failed Resource Actions") && !seen.contains("degraded")
+        rcs = monitors();
+        roles(&seen) && !seen.contains("Failed Resource Actions") && rcs == (Some(8), Some(0))
     });
-    assert!(clean, "crm_mon after the cleanup:\n{seen}\n{}{}", back.logs(), nodes[si].logs());
+    assert!(clean, "after the cleanup: monitors {rcs:?}\n{seen}\n{}{}", back.logs(), nodes[si].logs());
     let st = status(&nodes[si]);
     assert_eq!((st["role"].as_str(), st["peer"].as_str()), (Some("primary"), Some("up")), "nothing moved: {st}");
     assert_eq!(status(&back)["role"], "secondary");
