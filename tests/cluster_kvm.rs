@@ -7,6 +7,8 @@
 //! returns: Pacemaker starts its instance, a standby, the survivor
 //! re-protects itself onto it by a live state transfer while the client
 //! writes on, and the pair is protected again (Promoted and Unpromoted).
+//! Then the same node, the secondary's now, is killed and returns: the
+//! primary that lost its secondary re-protects itself onto it too.
 //!
 //! Each node is a lab host's network namespace (TAP on the LAN, the
 //! dedicated link, which carries Corosync's knet and ftvm's channel) plus
@@ -490,6 +492,8 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
     assert_eq!(status(&back)["role"], "secondary");
     conn.get_mut().write_all(&resp(&["INCR", "counter"])).unwrap();
     assert_eq!(reply(&mut conn), format!(":{}\r\n", acked + 1), "the guest serves on");
+    conn.get_mut().write_all(&resp(&["SET", &format!("k{}", acked + 1), &(acked + 1).to_string()])).unwrap();
+    assert_eq!(reply(&mut conn), "+OK\r\n");
     eprintln!(
         "cluster: the killed node restarted -> its standby answered {:.0} ms -> protected again {:.0} ms (ftvm \
          repair_ms {}: failure -> redundancy restored, the node's absence included); crm_mon Promoted/Unpromoted after {:.1} s; {acked} writes \
@@ -501,7 +505,66 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
         worst.as_secs_f64() * 1e3,
         transfer.split_once(": re-protected").map_or(transfer.as_str(), |(_, t)| t).trim()
     );
+
+    // Once more, the other way round: the returning node's copy is the
+    // secondary now. Its node dies while the client writes; the survivor, a
+    // primary that lost its secondary, wins the arbiter and runs alone, and
+    // when the node returns it re-protects itself onto the standby there.
+    let mut back = back;
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let writer = writes(conn, acked + 1, stop.clone(), killed_at.clone());
+    let base = status(&nodes[si])["acked_position"].as_u64().unwrap_or(0);
+    let flowing = lab::wait_for(Duration::from_secs(60), || {
+        status(&nodes[si])["acked_position"].as_u64().is_some_and(|p| p > base + 500)
+    });
+    assert!(flowing, "no writes through the re-protected pair: {}", status(&nodes[si]));
+    *killed_at.lock().unwrap() = Some(Instant::now());
+    back.kill();
+    let mut st = serde_json::Value::Null;
+    let alone = lab::wait_for(Duration::from_secs(30), || {
+        st = status(&nodes[si]);
+        st["role"] == "standalone" && st["last_failure"]["kind"] == "secondary lost"
+    });
+    assert!(alone, "the survivor did not go on alone: {st}\n{}", nodes[si].logs());
+    let gone = lab::wait_for(Duration::from_secs(90), || {
+        seen = nodes[si].crm_mon();
+        !online(&seen, &dead) && promoted(&seen).as_deref() == Some(survivor.as_str())
+    });
+    assert!(gone, "crm_mon did not follow the second kill:\n{seen}");
+    let again = Node::start(&dead, &format!("{dead}-third"), netns, root.path(), &conf, &agent);
+    let returned = Instant::now();
+    let protected = lab::wait_for(Duration::from_secs(180), || {
+        live = status(&nodes[si]);
+        live["role"] == "primary"
+            && live["peer"] == "up"
+            && live["last_failure"]["kind"] == "secondary lost"
+            && live["last_failure"]["repair_ms"].is_f64()
+    });
+    let protected_after = returned.elapsed();
+    assert!(protected, "no second re-protection: {live}\n{}{}", again.logs(), nodes[si].logs());
+    let in_sync = lab::wait_for(Duration::from_secs(30), || {
+        copy = status(&again);
+        copy["role"] == "secondary" && copy["peer"] == "up" && copy["arbiter_generation"].is_u64()
+    });
+    assert!(in_sync, "the node's copy is not an in-sync secondary: {copy}\n{}", again.logs());
+    stop.store(true, Ordering::SeqCst);
+    let (mut conn, acked, worst) = writer.join().expect("the client's writes through the second failure");
+    check_writes(&mut conn, acked);
+    let followed = lab::wait_for(Duration::from_secs(120), || {
+        seen = nodes[si].crm_mon();
+        rcs = monitors();
+        roles(&seen) && rcs == (Some(8), Some(0))
+    });
+    assert!(followed, "crm_mon after the second return: monitors {rcs:?}\n{seen}\n{}", again.logs());
+    eprintln!(
+        "cluster: the secondary's node killed (the slowest write after it {:.1} ms), restarted -> protected again \
+         {:.0} ms (repair_ms {}); {acked} writes acknowledged in all",
+        worst.as_secs_f64() * 1e3,
+        protected_after.as_secs_f64() * 1e3,
+        live["last_failure"]["repair_ms"],
+    );
     // Both nodes go down whole; the lab's namespaces go on drop.
-    drop(back);
+    drop(again);
     nodes[si].kill();
 }
