@@ -112,19 +112,40 @@ fn kvm_agent_monitor_follows_ftvm_status() {
     // A node that `addresses` does not name is a configuration error (6).
     let (rc, _) = action(dir.path(), &p, "validate-all", &[("CRM_meta_on_node", "n9")]);
     assert_eq!(rc, 6);
-    assert_eq!(action(dir.path(), &p, "start", &[]).0, 0);
     let sock = dir.path().join("run").join("ocf17111.sock");
+    let arbiter = dir.path().join("arbiter");
+    let owned = |generation: u32| {
+        let text = format!("ftvm-arbiter v1\ngeneration {generation}\nowner elsewhere-secondary-0123456789abcdef\n");
+        std::fs::write(&arbiter, text).unwrap();
+    };
+    let release = || {
+        let out = common::run(&["arbiter", "--arbiter", &format!("file:{}", arbiter.display()), "--release"]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    // A copy runs alone elsewhere (the arbiter names it): start gives a
+    // standby, unpromoted and not protecting (190) while nothing sends it
+    // the guest. Once the arbiter names nobody (an operator released a copy
+    // that died alone) nothing ever will: a failure (1), which Pacemaker
+    // recovers by stop and start, and the start is a secondary.
+    owned(1);
+    assert_eq!(action(dir.path(), &p, "start", &[]).0, 0);
+    let st = common::status_json(sock.to_str().unwrap());
+    assert!(st["state"].as_str().is_some_and(|s| s.starts_with("standby: waiting")), "{st}");
+    assert_eq!(action(dir.path(), &p, "monitor", &unpromoted).0, 190);
+    release();
+    let (rc, text) = action(dir.path(), &p, "monitor", &unpromoted);
+    assert_eq!(rc, 1, "{text}");
+    assert_eq!(action(dir.path(), &p, "stop", &[]).0, 0);
+    assert_eq!(action(dir.path(), &p, "start", &[]).0, 0);
     assert_eq!(common::status_json(sock.to_str().unwrap())["role"], "secondary");
     assert_eq!(action(dir.path(), &p, "monitor", &unpromoted).0, 0, "a waiting secondary is unpromoted");
     // A copy elsewhere went live (the arbiter names it) before a primary
     // came: this secondary will never pair, and says so (190); it is fine
     // again once the arbiter names nobody.
-    let arbiter = dir.path().join("arbiter");
-    std::fs::write(&arbiter, "ftvm-arbiter v1\ngeneration 1\nowner elsewhere-secondary-0123456789abcdef\n").unwrap();
+    owned(3);
     let (rc, text) = action(dir.path(), &p, "monitor", &unpromoted);
     assert_eq!(rc, 190, "{text}");
-    let released = common::run(&["arbiter", "--arbiter", &format!("file:{}", arbiter.display()), "--release"]);
-    assert!(released.status.success(), "{released:?}");
+    release();
     assert_eq!(action(dir.path(), &p, "monitor", &unpromoted).0, 0);
     // No peer pairs within pair_wait: promote runs the guest unprotected,
     // which the promoted monitor reports as degraded (191).
