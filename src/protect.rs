@@ -113,6 +113,49 @@ pub fn status(control: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `ftvm switchover`: ask the primary at `control` for a planned
+/// switchover and wait for the answer: 0 once the other copy is live, an
+/// error (status 1) with the reason otherwise.
+pub fn switchover(control: &Path, json: bool) -> Result<i32> {
+    let v = pair::control::request(control, "switchover", pair::control::SWITCHOVER_WAIT)?;
+    let ok = v.get("ok").and_then(|b| b.as_bool()).unwrap_or(false);
+    if json {
+        println!("{v}");
+    }
+    if !ok {
+        let why = v.get("error").and_then(|e| e.as_str()).unwrap_or("the primary refused");
+        return Err(anyhow!("switchover refused: {why}"));
+    }
+    if !json {
+        println!(
+            "switched over at guest exit #{}: the other copy is live, {:.2} ms after this guest stopped; this copy becomes its standby",
+            v.get("exit").and_then(|e| e.as_u64()).unwrap_or(0),
+            v.get("pause_ms").and_then(|p| p.as_f64()).unwrap_or(0.0)
+        );
+    }
+    Ok(0)
+}
+
+/// After a planned switchover handed this copy's guest away: wait as the
+/// new primary's standby on `--switch-listen` (a primary) or `--listen`
+/// (a secondary that had become the primary), take the guest's state from
+/// its re-protection and replay as its secondary.
+fn after_switchover(
+    settings: &GuestSettings,
+    serial: SharedSerial,
+    pair: &PairConfig,
+    event: pair::status::SwitchoverEvent,
+) -> Result<i32> {
+    let listen = pair.switch_listen.clone().ok_or_else(|| anyhow!("switched over without a --switch-listen"))?;
+    eprintln!(
+        "ftvm: {}: switched over at guest exit #{}: the other copy is live; waiting on {listen} as its standby",
+        settings.name, event.exit
+    );
+    let mut own = pair.clone();
+    own.address = listen;
+    standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event))
+}
+
 /// Write the final vCPU state and all guest memory to `path` (tests compare
 /// the primary's and the secondary's byte for byte).
 fn dump_state(vm: &mut Vm, memory_mib: u64, path: &Path) -> Result<()> {
@@ -145,6 +188,7 @@ pub fn primary(
     session_config.control = Some(pair.control_for(&settings.name));
     session_config.health = Some(health.clone());
     session_config.standby = pair.standby.clone();
+    session_config.switchable = pair.switch_listen.is_some();
     let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
@@ -179,6 +223,13 @@ pub fn primary(
         }
         PrimaryEnd::Faulted(_) => {
             return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair);
+        }
+        PrimaryEnd::SwitchedOver(event) => {
+            // Never run again: the other copy is live. The TAP goes with it.
+            drop(vm);
+            drop(tap);
+            drop(caught);
+            return after_switchover(settings, serial, pair, event);
         }
         PrimaryEnd::LostArbiter => {
             eprintln!(
@@ -255,6 +306,19 @@ pub fn standby(
     ack_delay: Duration,
     metrics: Option<crate::metrics::Endpoint>,
 ) -> Result<i32> {
+    standby_after(settings, serial, pair, ack_delay, metrics, None)
+}
+
+/// [`standby`], with the switchover that made this process one, if any
+/// (shown in its status).
+fn standby_after(
+    settings: &GuestSettings,
+    serial: Box<dyn Write + Send>,
+    pair: &PairConfig,
+    ack_delay: Duration,
+    metrics: Option<crate::metrics::Endpoint>,
+    switched: Option<pair::status::SwitchoverEvent>,
+) -> Result<i32> {
     let signals = crate::catch_signals()?;
     let key = SharedKey::from_file(&pair.key_file)?;
     // Replaced by the identity the transfer carries.
@@ -267,6 +331,9 @@ pub fn standby(
     let health = pair.health(settings)?;
     session_config.health = Some(health.clone());
     let (session, received) = SecondarySession::accept_transfer(session_config, None)?;
+    if let Some(event) = switched {
+        session.board().switched(event);
+    }
     if let Some(m) = metrics {
         m.serve(session.board())?;
     }
@@ -357,6 +424,12 @@ fn run_secondary(
             "secondary {name}: primary lost; no --arbiter, so this copy stops (replayed to guest exit #{exit})"
         ))),
         SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
+        SecondaryEnd::SwitchedOver(event) => {
+            // Never run again: the other copy is live.
+            drop(vm);
+            drop(caught);
+            after_switchover(settings, serial, pair, event)
+        }
     }
 }
 

@@ -30,6 +30,7 @@ pub mod repair;
 pub mod secondary;
 mod shipper;
 pub mod status;
+mod switchover;
 
 pub use control::{ControlError, ControlSocket};
 

@@ -54,6 +54,9 @@ pub struct PrimaryConfig {
     /// `--standby`: spare hosts a primary running alone re-protects itself
     /// onto (a live transfer, then the log), tried in turn.
     pub standby: Vec<String>,
+    /// `--switch-listen` given: after a planned switchover this process
+    /// becomes the new primary's standby, so `ftvm switchover` may be run.
+    pub switchable: bool,
 }
 
 impl PrimaryConfig {
@@ -69,6 +72,7 @@ impl PrimaryConfig {
             max_held_bytes: output_rule::DEFAULT_MAX_HELD_BYTES,
             health: None,
             standby: Vec::new(),
+            switchable: false,
         }
     }
 }
@@ -94,6 +98,10 @@ pub enum PrimaryEnd {
     /// holds the guest and `--on-fault` decides (clean restart, or exit
     /// status 5). Nothing more was released.
     Faulted(Detected),
+    /// A planned switchover (`ftvm switchover`): the secondary took the
+    /// guest over at this exit and is live; this copy's guest must never
+    /// run again (it may become the new primary's standby).
+    SwitchedOver(crate::status::SwitchoverEvent),
 }
 
 /// Where a primary stands.
@@ -131,6 +139,14 @@ pub(crate) struct PrimaryShared {
     /// log after it is kept (not dropped) while alone, for the new
     /// secondary.
     kept_after: Mutex<Option<u64>>,
+    /// A switchover request waiting for the vCPU thread.
+    switch_request: Mutex<Option<crate::switchover::Reply>>,
+    switch_pending: AtomicBool,
+    /// The vCPU thread is carrying a switchover out: the failover decision
+    /// waits for its outcome.
+    pub(crate) switching: AtomicBool,
+    /// The switchover is done: the other copy is live.
+    pub(crate) switched: Mutex<Option<crate::status::SwitchoverEvent>>,
 }
 
 impl PrimaryShared {
@@ -151,6 +167,47 @@ impl PrimaryShared {
     }
     pub(crate) fn shipping(&self) -> bool {
         self.shipping.load(Ordering::SeqCst)
+    }
+    fn new(phase: Phase) -> PrimaryShared {
+        PrimaryShared {
+            phase: Mutex::new(phase),
+            shipping: AtomicBool::new(true),
+            guest_ended: AtomicBool::new(false),
+            ended: tokio::sync::Notify::new(),
+            channel_error: Mutex::new(None),
+            stopped_guest: AtomicBool::new(false),
+            stop: OnceLock::new(),
+            kept_after: Mutex::new(None),
+            switch_request: Mutex::new(None),
+            switch_pending: AtomicBool::new(false),
+            switching: AtomicBool::new(false),
+            switched: Mutex::new(None),
+        }
+    }
+    /// Queue a switchover for the vCPU thread; `false` when one is pending.
+    pub(crate) fn request_switch(&self, reply: crate::switchover::Reply) -> bool {
+        let mut slot = self.switch_request.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.is_some() || self.switching.load(Ordering::SeqCst) {
+            return false;
+        }
+        *slot = Some(reply);
+        self.switch_pending.store(true, Ordering::SeqCst);
+        true
+    }
+    /// Whether a switchover waits for the vCPU thread.
+    pub(crate) fn switch_requested(&self) -> bool {
+        self.switch_pending.load(Ordering::Relaxed)
+    }
+    /// The vCPU thread takes the pending request.
+    pub(crate) fn take_switch(&self) -> Option<crate::switchover::Reply> {
+        let mut slot = self.switch_request.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.switch_pending.store(false, Ordering::SeqCst);
+        slot.take()
+    }
+    /// Withdraw a request the vCPU thread has not taken; `false` when it
+    /// has.
+    pub(crate) fn withdraw_switch(&self) -> bool {
+        self.take_switch().is_some()
     }
     fn stop_guest(&self) {
         self.stopped_guest.store(true, Ordering::SeqCst);
@@ -219,6 +276,7 @@ pub struct PrimarySession {
     shipper_thread: JoinHandle<Result<(), ChannelError>>,
     releaser_thread: JoinHandle<Result<(), HookError>>,
     health: Option<Arc<Health>>,
+    switchable: bool,
 }
 
 impl PrimarySession {
@@ -255,16 +313,7 @@ impl PrimarySession {
         let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
-        let shared = Arc::new(PrimaryShared {
-            phase: Mutex::new(Phase::Protected),
-            shipping: AtomicBool::new(true),
-            guest_ended: AtomicBool::new(false),
-            ended: tokio::sync::Notify::new(),
-            channel_error: Mutex::new(None),
-            stopped_guest: AtomicBool::new(false),
-            stop: OnceLock::new(),
-            kept_after: Mutex::new(None),
-        });
+        let shared = Arc::new(PrimaryShared::new(Phase::Protected));
         spawn_ack_task(rt.handle(), &chan, &log, &board, &releaser, failover.clone());
         spawn_channel_watch(rt.handle(), &chan, &board, &shared, &log, failover.clone());
         if let (Some(f), Some(fc)) = (&failover, &config.failover) {
@@ -308,6 +357,7 @@ impl PrimarySession {
             shipper_thread,
             releaser_thread,
             health: config.health.clone(),
+            switchable: config.switchable,
         };
         let sink: Box<dyn OutputSink> = match &config.health {
             Some(h) => Box::new(h.barrier_sink(gate, session.log.clone()).with_board(session.board.clone())),
@@ -335,16 +385,7 @@ impl PrimarySession {
         let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
-        let shared = Arc::new(PrimaryShared {
-            phase: Mutex::new(Phase::Alone),
-            shipping: AtomicBool::new(true),
-            guest_ended: AtomicBool::new(false),
-            ended: tokio::sync::Notify::new(),
-            channel_error: Mutex::new(None),
-            stopped_guest: AtomicBool::new(false),
-            stop: OnceLock::new(),
-            kept_after: Mutex::new(None),
-        });
+        let shared = Arc::new(PrimaryShared::new(Phase::Alone));
         let shipper = Shipper::new(log.clone(), None, board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
@@ -380,6 +421,7 @@ impl PrimarySession {
             shipper_thread,
             releaser_thread,
             health: None,
+            switchable: config.switchable,
         };
         Ok((session, Box::new(gate)))
     }
@@ -388,6 +430,8 @@ impl PrimarySession {
     /// on: a repair's failover may stop it through `stop`.
     pub fn running_alone(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
+        let handler = crate::switchover::handler(self.shared.clone(), stop.clone(), self.switchable);
+        self.board.set_switch_handler(Some(handler));
         self.releaser.set_abort(Box::new(move || stop.is_stopped()));
     }
 
@@ -406,16 +450,27 @@ impl PrimarySession {
 
     fn observed<L: InputSource + 'static>(&self, live: L) -> Box<dyn InputSource> {
         let log = self.log.clone();
-        Box::new(Observed {
+        let observed = Box::new(Observed {
             inner: Recorder::new(live, self.log.clone()),
             board: self.board.clone(),
             position: Arc::new(move || log.appended().0),
-        })
+        });
+        let switcher = crate::switchover::Switcher {
+            name: self.name.clone(),
+            log: self.log.clone(),
+            links: self.links.clone(),
+            releaser: self.releaser.clone(),
+            board: self.board.clone(),
+            shared: self.shared.clone(),
+        };
+        Box::new(crate::switchover::Switchable { inner: observed, switcher: Arc::new(switcher) })
     }
 
     /// The guest is about to run: failover may stop it through `stop`.
     pub fn running(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
+        let handler = crate::switchover::handler(self.shared.clone(), stop.clone(), self.switchable);
+        self.board.set_switch_handler(Some(handler));
         if let Some(h) = &self.health {
             h.arm();
             if let Err(e) = h.watch(stop.clone()) {
@@ -452,6 +507,14 @@ impl PrimarySession {
     /// (handed over to the secondary) when containment is on; anything else
     /// ends as [`PrimarySession::finish`] says.
     pub fn finish_outcome(self, exit: ExitIndex, outcome: &Result<RunOutcome, VmError>) -> Result<PrimaryEnd> {
+        self.board.set_switch_handler(None);
+        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(event) = switched {
+            if let Some(h) = &self.health {
+                h.close();
+            }
+            return Ok(self.switched_over(event));
+        }
         let fault = self.health.as_ref().and_then(|h| {
             h.close();
             h.ended(outcome)
@@ -543,9 +606,37 @@ impl PrimarySession {
         Ok(end)
     }
 
+    /// The switchover is done (the other copy is live): wind down without
+    /// a `Shutdown` record, releasing nothing more, claiming nothing.
+    fn switched_over(self, event: crate::status::SwitchoverEvent) -> PrimaryEnd {
+        self.shared.guest_ended.store(true, Ordering::SeqCst);
+        self.shared.ended.notify_waiters();
+        self.releaser.stop();
+        self.shared.shipping.store(false, Ordering::SeqCst);
+        self.log.request_flush();
+        let _ = self.shipper_thread.join();
+        let _ = self.releaser_thread.join();
+        if let Some(f) = &self.links.failover() {
+            f.stop_heartbeats();
+        }
+        drop(self.links);
+        drop(self.shipper);
+        self.board.set_role(Role::Secondary);
+        self.board.set_state("switched over: the other copy is live");
+        PrimaryEnd::SwitchedOver(event)
+    }
+
     /// The guest stopped at `exit`: tell the secondary where, release what
     /// its acks allow (bounded wait), close the channel, join the threads.
     pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
+        self.board.set_switch_handler(None);
+        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(event) = switched {
+            if let Some(h) = &self.health {
+                h.close();
+            }
+            return Ok(self.switched_over(event));
+        }
         if let Some(h) = &self.health {
             h.close();
         }
@@ -674,6 +765,15 @@ pub(crate) fn spawn_decide(
     let (shared, board, log, releaser) = (shared.clone(), board.clone(), log.clone(), releaser.clone());
     rt.spawn(async move {
         let (loss, verdict) = f.clone().decide().await;
+        // A switchover under way yielded this side's claim: its own outcome
+        // (switched, alone, fenced) stands, not this verdict.
+        while shared.switching.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let switched = shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some();
+        if switched || shared.phase() != Phase::Protected {
+            return;
+        }
         board.set_peer(false);
         if shared.guest_ended.load(Ordering::SeqCst) {
             return;

@@ -87,6 +87,10 @@ pub enum SecondaryEnd {
     Diverged(VmError),
     /// Anything else the guest did.
     Guest(Result<RunOutcome, VmError>),
+    /// This copy went live and was later switched over (`ftvm switchover`
+    /// on it as the primary): the other copy is live, this one's guest
+    /// must not run again.
+    SwitchedOver(crate::status::SwitchoverEvent),
 }
 
 /// The state the session's tasks share.
@@ -109,6 +113,8 @@ struct SecondaryShared {
     fault: Mutex<Option<ReceivedFault>>,
     /// The go-live is a containment (decided on the primary's fault).
     contained: AtomicBool,
+    /// The primary's switchover record: its exit, and when it arrived.
+    switch: Mutex<Option<(ExitIndex, Instant)>>,
 }
 
 /// A fault the primary reported.
@@ -320,12 +326,14 @@ impl SecondarySession {
             last_barrier_at: Mutex::new(None),
             fault: Mutex::new(None),
             contained: AtomicBool::new(false),
+            switch: Mutex::new(None),
         });
         let held = Arc::new(HeldOutputs::default());
         let slot = FailoverSlot::new(failover.clone());
         let (tx, records) = queues::received_records();
         let cancel = Arc::new(Notify::new());
         let contain = Arc::new(Notify::new());
+        let switch = Arc::new(Notify::new());
         let (decide, decisions) = queues::decisions();
         let consumed = Arc::new(AtomicU64::new(0));
         let receiving = Receiving {
@@ -338,6 +346,7 @@ impl SecondarySession {
             delayed: spawn_ack_delayer(&rt, &chan, config.ack_delay),
             ack_delay: config.ack_delay,
             contain: contain.clone(),
+            switch: switch.clone(),
             // Without failover nothing may go live: a lost primary or a
             // fault ends replay.
             decide: decide.clone(),
@@ -345,7 +354,7 @@ impl SecondarySession {
         };
         rt.spawn(receiving.run(chan));
         if let Some(f) = failover.clone() {
-            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, contain, decide));
+            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, contain, switch, decide));
         } else if let (Some(fc), true) = (config.failover.clone(), late_failover) {
             let late = LateFailover {
                 config: fc,
@@ -358,6 +367,7 @@ impl SecondarySession {
                 consumed: consumed.clone(),
                 cancel,
                 contain,
+                switch,
                 decide,
             };
             rt.spawn(late.run());
@@ -445,6 +455,9 @@ impl SecondarySession {
                     let mut pc = crate::primary::PrimaryConfig::new(&relive.name, "", relive.channel.clone());
                     pc.failover = relive.failover.clone();
                     pc.standby = standby;
+                    // Switched over, this process waits as a standby on its
+                    // own --listen again.
+                    pc.switchable = true;
                     let (session, sink) =
                         crate::primary::PrimarySession::start_alone(pc, live_board.clone(), world.output, slot_f.get())
                             .map_err(|e| HookError::Output(std::io::Error::other(format!("{e:#}"))))?;
@@ -482,7 +495,21 @@ impl SecondarySession {
                         outage_ms: crate::status::millis(reaction + recovery),
                     });
                 }
-                if !live_shared.contained.load(Ordering::SeqCst) {
+                let switch = *lock(&live_shared.switch);
+                if let Some((exit, arrived)) = switch {
+                    let event = crate::status::SwitchoverEvent::now(
+                        "primary",
+                        exit.0,
+                        arrived.elapsed(),
+                        SystemTime::now(),
+                    );
+                    eprintln!(
+                        "ftvm: secondary {}: switchover: live from guest exit #{exit}, {:.2} ms after the primary's word",
+                        live_board.snapshot().name,
+                        event.pause_ms
+                    );
+                    live_board.switched(event);
+                } else if !live_shared.contained.load(Ordering::SeqCst) {
                     if let Some((loss, at, _)) = lock(&live_shared.verdict).as_ref() {
                         live_board.failure("primary lost", loss, *at);
                     }
@@ -530,6 +557,9 @@ impl SecondarySession {
                 Ok(crate::primary::PrimaryEnd::LostArbiter) => {
                     self.board.set_state("stopped: lost the arbiter");
                     return SecondaryEnd::LostArbiter;
+                }
+                Ok(crate::primary::PrimaryEnd::SwitchedOver(event)) => {
+                    return SecondaryEnd::SwitchedOver(event);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "winding the re-protected copy down failed"),
@@ -638,6 +668,7 @@ struct LateFailover {
     consumed: Arc<AtomicU64>,
     cancel: Arc<Notify>,
     contain: Arc<Notify>,
+    switch: Arc<Notify>,
     decide: Sender<Decision>,
 }
 
@@ -659,7 +690,8 @@ impl LateFailover {
                     let every = self.config.heartbeat / 2;
                     crate::lag::spawn_secondary_reporter(&handle, self.board.clone(), f.clone(), self.consumed, every);
                     eprintln!("ftvm: secondary {}: in sync with the primary: protected", self.name);
-                    decide_failover(f, self.board, self.shared, self.cancel, self.contain, self.decide).await;
+                    decide_failover(f, self.board, self.shared, self.cancel, self.contain, self.switch, self.decide)
+                        .await;
                     return;
                 }
                 Err(e) if e.is::<crate::failover::LiveElsewhere>() => {
@@ -687,6 +719,8 @@ struct Receiving {
     ack_delay: Duration,
     /// Told when the primary's fault is stored and acknowledged.
     contain: Arc<Notify>,
+    /// Told when the primary's switchover is stored and acknowledged.
+    switch: Arc<Notify>,
     /// Without failover: ends replay when the primary is lost or faulted.
     decide: Sender<Decision>,
     /// Records replayed; a copy that took its state from a transfer starts
@@ -744,6 +778,12 @@ impl Receiving {
                             }
                             break;
                         }
+                        if lock(&self.shared.switch).is_some() {
+                            // Stored and acknowledged: claim and go live at
+                            // the end of the log (a failover started late
+                            // finds the permit when it starts).
+                            self.switch.notify_one();
+                        }
                         if lock(&self.shared.fault).is_some() {
                             // Stored and acknowledged: the primary hands over.
                             // The channel stays open until the primary closes
@@ -794,6 +834,12 @@ impl Receiving {
             f.note_life();
         }
         for r in records {
+            if let Record::Switchover { exit } = &r {
+                // A planned switchover: nothing before it can be rolled
+                // back (every output was released), so replay all of it.
+                self.shared.limits.primary_ended();
+                *lock(&self.shared.switch) = Some((*exit, Instant::now()));
+            }
             if matches!(r, Record::Shutdown { .. }) {
                 // The primary's orderly end is in the log: whatever the
                 // channel does from here (the last ack may meet a closed
@@ -882,22 +928,28 @@ async fn decide_failover(
     shared: Arc<SecondaryShared>,
     cancel: Arc<Notify>,
     contain: Arc<Notify>,
+    switch: Arc<Notify>,
     decide: Sender<Decision>,
 ) {
-    let (loss, contained) = tokio::select! {
-        loss = f.peer_lost() => (loss, false),
+    let (loss, contained, switched) = tokio::select! {
+        loss = f.peer_lost() => (loss, false, false),
         () = contain.notified() => {
             // A coordinated handover: no timeout, no head start.
             let now = Instant::now();
-            (Loss { last_heard: now, decided: now, by: crate::status::Detection::GuestFault }, true)
+            (Loss { last_heard: now, decided: now, by: crate::status::Detection::GuestFault }, true, false)
+        }
+        () = switch.notified() => {
+            // A planned switchover: the primary yielded its claim.
+            let now = Instant::now();
+            (Loss { last_heard: now, decided: now, by: crate::status::Detection::Switchover }, false, true)
         }
     };
-    if shared.clean_end.load(Ordering::SeqCst) && !contained {
+    if shared.clean_end.load(Ordering::SeqCst) && !contained && !switched {
         return;
     }
     shared.contained.store(contained, Ordering::SeqCst);
     board.set_peer(false);
-    if !contained {
+    if !contained && !switched {
         cancel.notify_one();
     }
     let verdict = f.claim(&loss).await;

@@ -120,6 +120,8 @@ pub struct Replayer {
     /// The primary stopped cleanly at this exit: replay ends there.
     shutdown_at: Option<ExitIndex>,
     digests_checked: u64,
+    /// The primary's switchover record was read: the log ended there.
+    switched: bool,
     /// The last clock reading served: a go-live continues the guest's clock
     /// from here.
     last_clock: u64,
@@ -137,6 +139,7 @@ fn what(r: &Record) -> String {
         Record::Shutdown { exit } => format!("the primary's shutdown at exit {exit}"),
         Record::Barrier { exit } => format!("a barrier at exit {exit}"),
         Record::Fault { exit, fault } => format!("a guest fault ({fault}) at exit {exit}"),
+        Record::Switchover { exit } => format!("the primary's switchover at exit {exit}"),
         #[allow(unreachable_patterns)]
         other => format!("{other:?}"),
     }
@@ -146,7 +149,12 @@ impl Replayer {
     /// Replay the records arriving on `records`; `stop` ends a wait for the
     /// next record.
     pub fn new(records: Receiver<Record>, stop: StopHandle, consumed: Arc<AtomicU64>) -> Self {
-        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0, last_clock: 0 }
+        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0, switched: false, last_clock: 0 }
+    }
+
+    /// Whether the primary's switchover was read from the log.
+    pub fn switchover_seen(&self) -> bool {
+        self.switched
     }
 
     /// Records consumed so far.
@@ -172,12 +180,19 @@ impl Replayer {
     /// The next record, waiting for it if it has not arrived.
     fn peek(&mut self, exit: ExitIndex) -> Result<&Record, HookError> {
         while self.next.is_none() {
-            if self.stop.is_stopped() {
+            if self.switched || self.stop.is_stopped() {
                 return Err(HookError::Ended { exit_index: exit });
             }
             match self.records.recv_timeout(Duration::from_millis(20)) {
                 Ok(Record::Shutdown { exit: at }) => {
                     self.shutdown_at = Some(at);
+                    return Err(HookError::Ended { exit_index: exit });
+                }
+                // A planned switchover: the log ends here, and the secondary
+                // goes live at the first input past it (the decision comes
+                // from the receiving side, which claimed the arbiter).
+                Ok(Record::Switchover { .. }) => {
+                    self.switched = true;
                     return Err(HookError::Ended { exit_index: exit });
                 }
                 // Barriers mark healthy points and faults say where not to

@@ -1,0 +1,298 @@
+//! A planned switchover (`ftvm switchover`), the primary's side: the roles
+//! of a healthy pair swap at an exit boundary.
+//!
+//! The request arrives on the control socket ([`handler`]) and is carried
+//! out on the vCPU thread, at the next exit, before that exit is handled
+//! (the guest stands still from here; a guest asleep in a HLT is woken):
+//!
+//! 1. the secondary acknowledges everything logged, and every held output
+//!    is released (nothing the world may see stays behind);
+//! 2. a `Switchover` record at this exit `E` is logged and acknowledged: the
+//!    secondary replays the log to its end, claims the arbiter at once (no
+//!    timeout, no head start) and goes live at its first input past `E`;
+//! 3. this side, which yielded its claim in 1 (it never claims while the
+//!    secondary may), waits until the arbiter names the other copy; then
+//!    its guest never runs again (the vCPU's run ends here) and the caller
+//!    turns this process into a standby of the new primary.
+//!
+//! A refusal before 2 changes nothing: the guest goes on as before. When
+//! the secondary is lost during 2 or 3 this side claims the arbiter as for
+//! a lost peer: won, it carries on alone (and re-protects onto
+//! `--standby`); lost, the other copy is live (a switchover all the same).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use replication::log::LogShared;
+use replication::record::Record;
+use vmm::digest::StateDigest;
+use vmm::hook::{ExitIndex, ExitKind, HookError, InputSource, Wake};
+use vmm::vcpu::StopHandle;
+
+use crate::failover::{Failover, Verdict};
+use crate::primary::{Links, Phase, PrimaryShared, SharedReleaser};
+use crate::status::{Board, Role, SwitchHandler, SwitchoverEvent};
+
+/// How long each step may wait for the secondary (its acks, its claim).
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the request waits for the guest to reach an exit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the request waits for the switchover, once started.
+const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The answer to one request.
+pub(crate) type Reply = std::sync::mpsc::Sender<Result<serde_json::Value, String>>;
+
+/// What answers `ftvm switchover` for a primary session. `switchable`:
+/// this process can become the new primary's standby afterwards
+/// (`--switch-listen`).
+pub(crate) fn handler(shared: Arc<PrimaryShared>, stop: StopHandle, switchable: bool) -> SwitchHandler {
+    Arc::new(move || {
+        if !switchable {
+            return Err("this primary has no --switch-listen: after a switchover it could not become the \
+                        secondary (start it with --switch-listen HOST:PORT)"
+                .to_string());
+        }
+        if shared.guest_has_ended() {
+            return Err("the guest has stopped".to_string());
+        }
+        if shared.phase() != Phase::Protected {
+            return Err("this primary runs unprotected (no secondary in sync): nothing to switch over to".to_string());
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if !shared.request_switch(tx) {
+            return Err("a switchover is already under way".to_string());
+        }
+        // Wake a guest asleep in a HLT until the vCPU takes the request (a
+        // spurious wake-up, which every guest tolerates).
+        let asked = Instant::now();
+        loop {
+            match rx.recv_timeout(Duration::from_millis(1)) {
+                Ok(answer) => return answer,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err("the guest stopped before the switchover".to_string())
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if !shared.switch_requested() {
+                // Taken: the vCPU carries it out.
+                break;
+            }
+            if asked.elapsed() > EXIT_TIMEOUT {
+                if shared.withdraw_switch() {
+                    return Err(format!(
+                        "the guest reached no exit in {} s: switchover not started",
+                        EXIT_TIMEOUT.as_secs()
+                    ));
+                }
+                break;
+            }
+            stop.kick();
+        }
+        match rx.recv_timeout(SWITCH_TIMEOUT) {
+            Ok(answer) => answer,
+            Err(_) => Err(format!("no answer from the switchover in {} s", SWITCH_TIMEOUT.as_secs())),
+        }
+    })
+}
+
+/// How the attempt ended.
+enum Outcome {
+    /// The other copy is live: this guest must never run again.
+    Done(serde_json::Value),
+    /// Nothing changed: the guest goes on as the protected primary.
+    Refused(String),
+    /// The secondary was lost midway and this side won the arbiter: the
+    /// guest goes on alone.
+    Alone(String),
+    /// The arbiter cannot be reached: nobody may be sure who is live, so
+    /// this guest stops.
+    Fenced(String),
+}
+
+/// The vCPU thread's share of the switchover.
+pub(crate) struct Switcher {
+    pub(crate) name: String,
+    pub(crate) log: Arc<LogShared>,
+    pub(crate) links: Arc<Links>,
+    pub(crate) releaser: SharedReleaser,
+    pub(crate) board: Arc<Board>,
+    pub(crate) shared: Arc<PrimaryShared>,
+}
+
+impl Switcher {
+    /// At exit `exit`, before it is handled: carry out a pending request.
+    /// `true`: switched over (or fenced): the guest must not run on.
+    fn at_exit(&self, exit: ExitIndex) -> bool {
+        let Some(reply) = self.shared.take_switch() else { return false };
+        let (stopped, stopped_at) = (Instant::now(), SystemTime::now());
+        self.shared.switching.store(true, Ordering::SeqCst);
+        let outcome = self.switch(exit, stopped, stopped_at);
+        let (answer, end) = match outcome {
+            Outcome::Done(v) => (Ok(v), true),
+            Outcome::Refused(e) => (Err(e), false),
+            Outcome::Alone(e) => (Err(e), false),
+            Outcome::Fenced(e) => {
+                self.shared.set_phase(Phase::Fenced);
+                (Err(e), true)
+            }
+        };
+        self.shared.switching.store(false, Ordering::SeqCst);
+        let _ = reply.send(answer);
+        end
+    }
+
+    fn switch(&self, exit: ExitIndex, stopped: Instant, stopped_at: SystemTime) -> Outcome {
+        if self.shared.phase() != Phase::Protected {
+            return Outcome::Refused(
+                "this primary runs unprotected (no secondary in sync): nothing to switch over to".into(),
+            );
+        }
+        let Some(f) = self.links.failover() else {
+            return Outcome::Refused("no --arbiter: a switchover hands the guest over through the arbiter".into());
+        };
+        let Some(chan) = self.links.chan() else {
+            return Outcome::Refused("no secondary: nothing to switch over to".into());
+        };
+        if chan.error().is_some() {
+            return Outcome::Refused("the logging channel to the secondary is down".into());
+        }
+        if f.yield_claim() {
+            return Outcome::Refused(
+                "the secondary is not in sync yet (a re-protection is under way): try again once protected".into(),
+            );
+        }
+        // 1. Everything logged acknowledged, every output released.
+        let upto = self.log.appended();
+        if !self.wait_acked(upto, &chan) {
+            if chan.error().is_some() {
+                return self.lost_midway(&f, "the secondary was lost before it acknowledged the log");
+            }
+            f.unyield();
+            return Outcome::Refused(format!(
+                "the secondary did not acknowledge the log in {} s: switchover not started",
+                STEP_TIMEOUT.as_secs()
+            ));
+        }
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while self.releaser.held() > 0 && Instant::now() < deadline {
+            if let Err(e) = self.releaser.release_ready() {
+                tracing::warn!(error = %e, "releasing held outputs failed");
+            }
+            if self.releaser.held() > 0 {
+                self.log.wait_changed(Duration::from_millis(1));
+            }
+        }
+        if self.releaser.held() > 0 {
+            f.unyield();
+            return Outcome::Refused("held outputs could not be released: switchover not started".into());
+        }
+        // 2. Tell the secondary: it replays to here and goes live.
+        let at = self.log.append(Record::Switchover { exit });
+        self.log.request_flush();
+        let told = self.wait_acked(at, &chan);
+        // 3. The secondary claims the arbiter at once.
+        let taken = told && matches!(f.taken_by_peer(STEP_TIMEOUT), Ok(true));
+        if !taken {
+            match f.claim_after_handover() {
+                Verdict::Won => {
+                    return self.alone(&f, "the secondary did not take the guest over; this copy carries on alone")
+                }
+                Verdict::Lost => {}
+                Verdict::Unreachable(e) => {
+                    return Outcome::Fenced(format!(
+                        "the arbiter cannot be reached ({e}) while handing over: this copy stopped its guest"
+                    ))
+                }
+            }
+        }
+        // The other copy is live: this guest never runs again.
+        f.stop_heartbeats();
+        let pause = stopped.elapsed();
+        let event = SwitchoverEvent::now("secondary", exit.0, pause, stopped_at);
+        self.board.switched(event.clone());
+        self.board.set_state("switched over: the other copy is live; becoming its standby");
+        self.board.set_peer(false);
+        *self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(event.clone());
+        eprintln!(
+            "ftvm: primary {}: switched over at guest exit #{exit}: the other copy is live ({:.2} ms after this guest stopped)",
+            self.name,
+            pause.as_secs_f64() * 1e3
+        );
+        Outcome::Done(serde_json::json!({
+            "name": self.name,
+            "exit": exit.0,
+            "pause_ms": event.pause_ms,
+            "stopped_unix_ms": event.at_unix_ms,
+            "log_position": at.0,
+        }))
+    }
+
+    /// Wait (at most [`STEP_TIMEOUT`]) until `upto` is acknowledged; `false`
+    /// when it is not, or the channel failed.
+    fn wait_acked(&self, upto: replication::record::LogPosition, chan: &replication::channel::PrimaryChannel) -> bool {
+        self.log.request_flush();
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !self.log.is_acked(upto) {
+            if chan.error().is_some() || Instant::now() >= deadline {
+                return false;
+            }
+            self.log.wait_changed(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// The secondary was lost midway: claim as for a lost peer.
+    fn lost_midway(&self, f: &Arc<Failover>, why: &str) -> Outcome {
+        match f.claim_after_handover() {
+            Verdict::Won => self.alone(f, why),
+            Verdict::Lost => Outcome::Fenced(format!("{why}; it went live (won the arbiter): this copy stopped")),
+            Verdict::Unreachable(e) => Outcome::Fenced(format!("{why}; the arbiter cannot be reached ({e})")),
+        }
+    }
+
+    /// Won the arbiter: carry on alone, as after a lost secondary.
+    fn alone(&self, f: &Arc<Failover>, why: &str) -> Outcome {
+        self.shared.set_phase(Phase::Alone);
+        self.log.set_unprotected();
+        let _ = self.releaser.release_ready();
+        self.board.set_role(Role::Standalone);
+        self.board.set_peer(false);
+        self.board.set_state("running: live, unprotected");
+        f.stop_heartbeats();
+        eprintln!("ftvm: primary {}: switchover failed: {why}; running UNPROTECTED", self.name);
+        Outcome::Alone(format!("switchover failed: {why}"))
+    }
+}
+
+/// The primary's input source, with the switchover's stop point in front.
+pub(crate) struct Switchable {
+    pub(crate) inner: Box<dyn InputSource>,
+    pub(crate) switcher: Arc<Switcher>,
+}
+
+impl InputSource for Switchable {
+    fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
+        if self.switcher.shared.switch_requested() && self.switcher.at_exit(exit) {
+            // Not handled here: the new primary handles this exit itself.
+            return Err(HookError::Ended { exit_index: exit });
+        }
+        self.inner.on_exit(exit, kind)
+    }
+    fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
+        self.inner.clock_ns(exit)
+    }
+    fn entropy(&mut self, exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
+        self.inner.entropy(exit, buf)
+    }
+    fn halt(&mut self, exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
+        self.inner.halt(exit, deadline)
+    }
+    fn receive_frame(&mut self, exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
+        self.inner.receive_frame(exit)
+    }
+    fn digest(&mut self, exit: ExitIndex, digest: &StateDigest) -> Result<(), HookError> {
+        self.inner.digest(exit, digest)
+    }
+}
