@@ -290,7 +290,7 @@ pub fn secondary(
         kept.clone(),
     ));
     let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
-    run_secondary(settings, &config, vm, session, serial, &health, pair, signals, &kept)
+    run_secondary(settings, &config, vm, session, serial, &health, pair, signals, kept)
 }
 
 /// `ftvm secondary` without guest settings: a standby. It waits for a
@@ -357,7 +357,7 @@ fn standby_after(
     own.ip = guest.ip;
     own.gateway = guest.gateway;
     own.mac = mac;
-    run_secondary(&own, &config, vm, session, serial, &health, pair, signals, &kept)
+    run_secondary(&own, &config, vm, session, serial, &health, pair, signals, kept)
 }
 
 /// Run a secondary's guest (replay, then live after a go-live) and map how
@@ -372,7 +372,7 @@ fn run_secondary(
     health: &Arc<Health>,
     pair: &PairConfig,
     signals: crate::CaughtSignals,
-    kept: &pair::live::KeptTap,
+    kept: pair::live::KeptTap,
 ) -> Result<i32> {
     session.repair_with(vm.checkpointer(), pair.standby.clone());
     let caught = signals.stop(&vm)?;
@@ -425,8 +425,10 @@ fn run_secondary(
         ))),
         SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
         SecondaryEnd::SwitchedOver(event) => {
-            // Never run again: the other copy is live.
+            // Never run again: the other copy is live. The TAP opened at
+            // go-live goes with it (a later go-live opens it again).
             drop(vm);
+            drop(kept);
             drop(caught);
             after_switchover(settings, serial, pair, event)
         }

@@ -234,6 +234,34 @@ impl OutputSink for DynSink {
 
 pub(crate) type SharedReleaser = Arc<Releaser<DynSink>>;
 
+/// The live output sink, which a switchover takes away (with the TAP it
+/// holds, which the process needs again if it goes live later): nothing
+/// more may reach the world from this copy.
+type LiveSlot = Arc<Mutex<Option<Box<dyn OutputSink>>>>;
+
+struct Retirable(LiveSlot);
+
+impl Retirable {
+    fn with(&self, f: impl FnOnce(&mut dyn OutputSink) -> Result<(), HookError>) -> Result<(), HookError> {
+        match self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            Some(sink) => f(sink.as_mut()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl OutputSink for Retirable {
+    fn serial(&mut self, exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
+        self.with(|s| s.serial(exit, bytes))
+    }
+    fn transmit_frame(&mut self, exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        self.with(|s| s.transmit_frame(exit, frame))
+    }
+    fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
+        self.with(|s| s.signal(exit, signal))
+    }
+}
+
 /// The current secondary's channel and the current pair's failover: both
 /// replaced when a repair pairs this primary with a new secondary.
 pub(crate) struct Links {
@@ -277,6 +305,7 @@ pub struct PrimarySession {
     releaser_thread: JoinHandle<Result<(), HookError>>,
     health: Option<Arc<Health>>,
     switchable: bool,
+    live: LiveSlot,
 }
 
 impl PrimarySession {
@@ -310,7 +339,8 @@ impl PrimarySession {
         } else {
             board.set_health(false, OutputMode::Fast);
         }
-        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let live = Arc::new(Mutex::new(Some(live_output)));
+        let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
         let shared = Arc::new(PrimaryShared::new(Phase::Protected));
@@ -358,6 +388,7 @@ impl PrimarySession {
             releaser_thread,
             health: config.health.clone(),
             switchable: config.switchable,
+            live,
         };
         let sink: Box<dyn OutputSink> = match &config.health {
             Some(h) => Box::new(h.barrier_sink(gate, session.log.clone()).with_board(session.board.clone())),
@@ -382,7 +413,8 @@ impl PrimarySession {
         let rt = crate::runtime()?;
         let log = Arc::new(LogShared::default());
         log.set_unprotected();
-        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let live = Arc::new(Mutex::new(Some(live_output)));
+        let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
         let shared = Arc::new(PrimaryShared::new(Phase::Alone));
@@ -422,6 +454,7 @@ impl PrimarySession {
             releaser_thread,
             health: None,
             switchable: config.switchable,
+            live,
         };
         Ok((session, Box::new(gate)))
     }
@@ -612,6 +645,8 @@ impl PrimarySession {
         self.shared.guest_ended.store(true, Ordering::SeqCst);
         self.shared.ended.notify_waiters();
         self.releaser.stop();
+        // Nothing more reaches the world from here; the TAP is let go.
+        drop(self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
         self.shared.shipping.store(false, Ordering::SeqCst);
         self.log.request_flush();
         let _ = self.shipper_thread.join();
