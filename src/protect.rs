@@ -136,24 +136,64 @@ pub fn switchover(control: &Path, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// After a planned switchover handed this copy's guest away: wait as the
-/// new primary's standby on `--switch-listen` (a primary) or `--listen`
-/// (a secondary that had become the primary), take the guest's state from
-/// its re-protection and replay as its secondary.
+/// How long the old primary of a switchover waits for the new primary's
+/// logging channel before it waits for a transfer instead.
+const REJOIN_WAIT: Duration = Duration::from_secs(30);
+
+/// After a planned switchover handed this copy's guest away: its stopped
+/// VM, at the switch's exit, becomes the new primary's secondary with no
+/// transfer: a replayer built from the same memory and the state at that
+/// exit, waiting on `--switch-listen` (a primary) or `--listen` (a
+/// secondary that had become the primary) for the log from the new
+/// primary's go-live on. If that log does not come, it waits there as a
+/// standby for a transfer.
 fn after_switchover(
     settings: &GuestSettings,
     serial: SharedSerial,
     pair: &PairConfig,
-    event: pair::status::SwitchoverEvent,
+    switched: pair::switchover::Switched,
+    mut vm: Vm,
 ) -> Result<i32> {
+    let pair::switchover::Switched { event, listener, identity } = switched;
     let listen = pair.switch_listen.clone().ok_or_else(|| anyhow!("switched over without a --switch-listen"))?;
-    eprintln!(
-        "ftvm: {}: switched over at guest exit #{}: the other copy is live; waiting on {listen} as its standby",
-        settings.name, event.exit
-    );
     let mut own = pair.clone();
-    own.address = listen;
-    standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event))
+    own.address = listen.clone();
+    // The state at the switch's exit, and its memory; the VM itself goes
+    // (nothing of it runs again).
+    let state = vm.checkpoint().context("cannot read the stopped guest's state")?;
+    let memory = vm.memory().clone();
+    drop(vm);
+    // Its pages are the restored VM's starting point for the digests.
+    vmm::checkpoint::reuse_memory(&memory);
+    let Some(listener) = listener else {
+        return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event));
+    };
+    let signals = crate::catch_signals()?;
+    let key = SharedKey::from_file(&pair.key_file)?;
+    let mut session_config = SecondaryConfig::new(&settings.name, &listen, ChannelConfig::new(key, identity));
+    session_config.failover = pair.failover();
+    session_config.control = Some(pair.control_for(&settings.name));
+    let health = pair.health(settings)?;
+    session_config.health = Some(health.clone());
+    let session = match SecondarySession::accept_switched(session_config, listener, state.exit_index, REJOIN_WAIT) {
+        Ok(session) => session,
+        Err(e) if e.is::<pair::NoPrimary>() => {
+            eprintln!("ftvm: {}: {e}: waiting for a transfer instead", settings.name);
+            return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event));
+        }
+        Err(e) => return Err(e),
+    };
+    session.board().switched(event);
+    let guest = state.settings.clone();
+    let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
+    let mac = guest.mac.unwrap_or(settings.mac);
+    let kept = pair::live::KeptTap::default();
+    let (input, output) =
+        session.hooks(pair::live::tap_world_kept(tap, mac, guest.ip, Box::new(serial.clone()), kept.clone()));
+    let vm = Vm::restore(&state, memory, input, output)
+        .with_context(|| format!("cannot rebuild guest {} at the switch's exit", settings.name))?;
+    let config = guest.config();
+    run_secondary(settings, &config, vm, session, serial, &health, &own, signals, kept)
 }
 
 /// Write the final vCPU state and all guest memory to `path` (tests compare
@@ -188,7 +228,7 @@ pub fn primary(
     session_config.control = Some(pair.control_for(&settings.name));
     session_config.health = Some(health.clone());
     session_config.standby = pair.standby.clone();
-    session_config.switchable = pair.switch_listen.is_some();
+    session_config.switch_listen = pair.switch_listen.clone();
     let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
@@ -224,12 +264,12 @@ pub fn primary(
         PrimaryEnd::Faulted(_) => {
             return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair);
         }
-        PrimaryEnd::SwitchedOver(event) => {
-            // Never run again: the other copy is live. The TAP goes with it.
-            drop(vm);
+        PrimaryEnd::SwitchedOver(switched) => {
+            // Never run again as the primary: the other copy is live. The
+            // TAP goes (a later go-live opens it again).
             drop(tap);
             drop(caught);
-            return after_switchover(settings, serial, pair, event);
+            return after_switchover(settings, serial, pair, switched, vm);
         }
         PrimaryEnd::LostArbiter => {
             eprintln!(
@@ -424,13 +464,12 @@ fn run_secondary(
             "secondary {name}: primary lost; no --arbiter, so this copy stops (replayed to guest exit #{exit})"
         ))),
         SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
-        SecondaryEnd::SwitchedOver(event) => {
-            // Never run again: the other copy is live. The TAP opened at
-            // go-live goes with it (a later go-live opens it again).
-            drop(vm);
+        SecondaryEnd::SwitchedOver(switched) => {
+            // Never run again as the primary: the other copy is live. The
+            // TAP opened at go-live goes (a later go-live opens it again).
             drop(kept);
             drop(caught);
-            after_switchover(settings, serial, pair, event)
+            after_switchover(settings, serial, pair, switched, vm)
         }
     }
 }

@@ -54,9 +54,15 @@ pub struct PrimaryConfig {
     /// `--standby`: spare hosts a primary running alone re-protects itself
     /// onto (a live transfer, then the log), tried in turn.
     pub standby: Vec<String>,
-    /// `--switch-listen` given: after a planned switchover this process
-    /// becomes the new primary's standby, so `ftvm switchover` may be run.
-    pub switchable: bool,
+    /// `--switch-listen`: where this process waits as the new primary's
+    /// secondary after a planned switchover; `None`: `ftvm switchover` is
+    /// refused.
+    pub switch_listen: Option<String>,
+    /// A copy that went live by a planned switchover
+    /// ([`PrimarySession::start_alone`]): the old primary holds the state at
+    /// the switch, so the log is kept from the start and the first repair
+    /// joins it there, with no transfer.
+    pub rejoin: bool,
 }
 
 impl PrimaryConfig {
@@ -72,7 +78,8 @@ impl PrimaryConfig {
             max_held_bytes: output_rule::DEFAULT_MAX_HELD_BYTES,
             health: None,
             standby: Vec::new(),
-            switchable: false,
+            switch_listen: None,
+            rejoin: false,
         }
     }
 }
@@ -101,7 +108,7 @@ pub enum PrimaryEnd {
     /// A planned switchover (`ftvm switchover`): the secondary took the
     /// guest over at this exit and is live; this copy's guest must never
     /// run again (it may become the new primary's standby).
-    SwitchedOver(crate::status::SwitchoverEvent),
+    SwitchedOver(crate::switchover::Switched),
 }
 
 /// Where a primary stands.
@@ -139,11 +146,14 @@ pub(crate) struct PrimaryShared {
     /// log after it is kept (not dropped) while alone, for the new
     /// secondary.
     kept_after: Mutex<Option<u64>>,
-    /// A switchover request waiting for the vCPU thread.
-    switch_request: Mutex<Option<crate::switchover::Reply>>,
-    switch_pending: AtomicBool,
-    /// The vCPU thread is carrying a switchover out: the failover decision
-    /// waits for its outcome.
+    /// The VM's checkpointer: a switchover stops the guest at one of its
+    /// checkpoints.
+    checkpointer: OnceLock<vmm::checkpoint::Checkpointer>,
+    /// Where this copy waits as the new primary's secondary, bound for a
+    /// switchover under way.
+    pub(crate) switch_listener: Mutex<Option<std::net::TcpListener>>,
+    /// A switchover is under way: the failover decision waits for its
+    /// outcome.
     pub(crate) switching: AtomicBool,
     /// The switchover is done: the other copy is live.
     pub(crate) switched: Mutex<Option<crate::status::SwitchoverEvent>>,
@@ -178,36 +188,14 @@ impl PrimaryShared {
             stopped_guest: AtomicBool::new(false),
             stop: OnceLock::new(),
             kept_after: Mutex::new(None),
-            switch_request: Mutex::new(None),
-            switch_pending: AtomicBool::new(false),
+            checkpointer: OnceLock::new(),
+            switch_listener: Mutex::new(None),
             switching: AtomicBool::new(false),
             switched: Mutex::new(None),
         }
     }
-    /// Queue a switchover for the vCPU thread; `false` when one is pending.
-    pub(crate) fn request_switch(&self, reply: crate::switchover::Reply) -> bool {
-        let mut slot = self.switch_request.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if slot.is_some() || self.switching.load(Ordering::SeqCst) {
-            return false;
-        }
-        *slot = Some(reply);
-        self.switch_pending.store(true, Ordering::SeqCst);
-        true
-    }
-    /// Whether a switchover waits for the vCPU thread.
-    pub(crate) fn switch_requested(&self) -> bool {
-        self.switch_pending.load(Ordering::Relaxed)
-    }
-    /// The vCPU thread takes the pending request.
-    pub(crate) fn take_switch(&self) -> Option<crate::switchover::Reply> {
-        let mut slot = self.switch_request.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.switch_pending.store(false, Ordering::SeqCst);
-        slot.take()
-    }
-    /// Withdraw a request the vCPU thread has not taken; `false` when it
-    /// has.
-    pub(crate) fn withdraw_switch(&self) -> bool {
-        self.take_switch().is_some()
+    pub(crate) fn checkpointer(&self) -> Option<vmm::checkpoint::Checkpointer> {
+        self.checkpointer.get().cloned()
     }
     fn stop_guest(&self) {
         self.stopped_guest.store(true, Ordering::SeqCst);
@@ -304,7 +292,8 @@ pub struct PrimarySession {
     shipper_thread: JoinHandle<Result<(), ChannelError>>,
     releaser_thread: JoinHandle<Result<(), HookError>>,
     health: Option<Arc<Health>>,
-    switchable: bool,
+    switch_listen: Option<String>,
+    identity: replication::frame::GuestIdentity,
     live: LiveSlot,
 }
 
@@ -371,6 +360,7 @@ impl PrimarySession {
             standby: config.standby.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
+            rejoin: false,
         });
         let session = PrimarySession {
             name: config.name,
@@ -387,7 +377,8 @@ impl PrimarySession {
             shipper_thread,
             releaser_thread,
             health: config.health.clone(),
-            switchable: config.switchable,
+            switch_listen: config.switch_listen.clone(),
+            identity: config.channel.identity.clone(),
             live,
         };
         let sink: Box<dyn OutputSink> = match &config.health {
@@ -418,6 +409,11 @@ impl PrimarySession {
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
         let shared = Arc::new(PrimaryShared::new(Phase::Alone));
+        if config.rejoin {
+            // The old primary holds the state at the switch: the log from
+            // the first record on is kept for it.
+            shared.keep_after(Some(0));
+        }
         let shipper = Shipper::new(log.clone(), None, board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
@@ -437,6 +433,7 @@ impl PrimarySession {
             standby: config.standby.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
+            rejoin: config.rejoin,
         });
         let session = PrimarySession {
             name: config.name,
@@ -453,7 +450,8 @@ impl PrimarySession {
             shipper_thread,
             releaser_thread,
             health: None,
-            switchable: config.switchable,
+            switch_listen: config.switch_listen.clone(),
+            identity: config.channel.identity.clone(),
             live,
         };
         Ok((session, Box::new(gate)))
@@ -463,9 +461,23 @@ impl PrimarySession {
     /// on: a repair's failover may stop it through `stop`.
     pub fn running_alone(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
-        let handler = crate::switchover::handler(self.shared.clone(), stop.clone(), self.switchable);
-        self.board.set_switch_handler(Some(handler));
+        self.serve_switchover(&stop);
         self.releaser.set_abort(Box::new(move || stop.is_stopped()));
+    }
+
+    /// Answer `ftvm switchover` from now on.
+    fn serve_switchover(&self, stop: &StopHandle) {
+        let switcher = crate::switchover::Switcher {
+            name: self.name.clone(),
+            log: self.log.clone(),
+            links: self.links.clone(),
+            releaser: self.releaser.clone(),
+            board: self.board.clone(),
+            shared: self.shared.clone(),
+            stop: stop.clone(),
+        };
+        let handler = crate::switchover::handler(Arc::new(switcher), self.switch_listen.clone());
+        self.board.set_switch_handler(Some(handler));
     }
 
     /// The status board.
@@ -483,27 +495,17 @@ impl PrimarySession {
 
     fn observed<L: InputSource + 'static>(&self, live: L) -> Box<dyn InputSource> {
         let log = self.log.clone();
-        let observed = Box::new(Observed {
+        Box::new(Observed {
             inner: Recorder::new(live, self.log.clone()),
             board: self.board.clone(),
             position: Arc::new(move || log.appended().0),
-        });
-        let switcher = crate::switchover::Switcher {
-            name: self.name.clone(),
-            log: self.log.clone(),
-            links: self.links.clone(),
-            releaser: self.releaser.clone(),
-            board: self.board.clone(),
-            shared: self.shared.clone(),
-        };
-        Box::new(crate::switchover::Switchable { inner: observed, switcher: Arc::new(switcher) })
+        })
     }
 
     /// The guest is about to run: failover may stop it through `stop`.
     pub fn running(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
-        let handler = crate::switchover::handler(self.shared.clone(), stop.clone(), self.switchable);
-        self.board.set_switch_handler(Some(handler));
+        self.serve_switchover(&stop);
         if let Some(h) = &self.health {
             h.arm();
             if let Err(e) = h.watch(stop.clone()) {
@@ -521,6 +523,7 @@ impl PrimarySession {
     /// a spare (a live transfer through `checkpointer`, then the log from
     /// the transfer's checkpoint on). Call once the guest is about to run.
     pub fn repair_with(&self, checkpointer: vmm::checkpoint::Checkpointer) -> Result<()> {
+        let _ = self.shared.checkpointer.set(checkpointer.clone());
         let Some(config) = self.repair.clone() else { return Ok(()) };
         crate::repair::spawn(crate::repair::Repairer {
             config,
@@ -642,6 +645,8 @@ impl PrimarySession {
     /// The switchover is done (the other copy is live): wind down without
     /// a `Shutdown` record, releasing nothing more, claiming nothing.
     fn switched_over(self, event: crate::status::SwitchoverEvent) -> PrimaryEnd {
+        let listener = self.shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let switched = crate::switchover::Switched { event, listener, identity: self.identity.clone() };
         self.shared.guest_ended.store(true, Ordering::SeqCst);
         self.shared.ended.notify_waiters();
         self.releaser.stop();
@@ -658,7 +663,7 @@ impl PrimarySession {
         drop(self.shipper);
         self.board.set_role(Role::Secondary);
         self.board.set_state("switched over: the other copy is live");
-        PrimaryEnd::SwitchedOver(event)
+        PrimaryEnd::SwitchedOver(switched)
     }
 
     /// The guest stopped at `exit`: tell the secondary where, release what

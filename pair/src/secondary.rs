@@ -90,7 +90,7 @@ pub enum SecondaryEnd {
     /// This copy went live and was later switched over (`ftvm switchover`
     /// on it as the primary): the other copy is live, this one's guest
     /// must not run again.
-    SwitchedOver(crate::status::SwitchoverEvent),
+    SwitchedOver(crate::switchover::Switched),
 }
 
 /// The state the session's tasks share.
@@ -182,6 +182,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// it with a standby as any lone primary.
 struct Relive {
     name: String,
+    /// `--listen`: where this process waits as the new primary's
+    /// secondary after a switchover of its own.
+    listen: String,
     channel: ChannelConfig,
     failover: Option<FailoverConfig>,
     repair: Mutex<Option<(Vec<String>, vmm::checkpoint::Checkpointer)>>,
@@ -276,6 +279,37 @@ impl SecondarySession {
         Ok((session, received))
     }
 
+    /// The old primary of a planned switchover: its stopped guest is at
+    /// `at`, the switch's exit, and the VM the caller builds from it (the
+    /// same memory, no transfer) replays the new primary's log from its
+    /// first record on. Waits on `listener` (bound before the switch) for
+    /// the new primary's channel, at most `wait` ([`NoPrimary`]: the new
+    /// primary re-protects by transfer instead). Failover starts once the
+    /// arbiter is free, as on a standby.
+    pub fn accept_switched(
+        config: SecondaryConfig,
+        listener: std::net::TcpListener,
+        at: ExitIndex,
+        wait: Duration,
+    ) -> Result<SecondarySession> {
+        let board = Arc::new(Board::new(config.name.clone(), Role::Secondary));
+        board.set_state("switched over: waiting for the new primary's log");
+        board.exit_index.store(at.0, Ordering::SeqCst);
+        let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
+        let rt = crate::runtime()?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _entered = rt.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        eprintln!(
+            "ftvm: secondary {}: switched over at guest exit #{at}: waiting for the new primary's log on {}",
+            config.name,
+            listener.local_addr()?
+        );
+        Self::pair_within(config, board, control, rt, listener, true, Some(wait))
+    }
+
     fn listen(
         config: &SecondaryConfig,
         state: &str,
@@ -300,8 +334,22 @@ impl SecondarySession {
         listener: tokio::net::TcpListener,
         late_failover: bool,
     ) -> Result<SecondarySession> {
+        Self::pair_within(config, board, control, rt, listener, late_failover, None)
+    }
+
+    /// [`SecondarySession::pair`], giving up ([`NoPrimary`]) when no
+    /// primary pairs within `wait`.
+    fn pair_within(
+        config: SecondaryConfig,
+        board: Arc<Board>,
+        control: Option<ControlSocket>,
+        rt: tokio::runtime::Runtime,
+        listener: tokio::net::TcpListener,
+        late_failover: bool,
+        wait: Option<Duration>,
+    ) -> Result<SecondarySession> {
         let local = listener.local_addr()?;
-        let chan = accept(&rt, &listener, &config)?;
+        let chan = accept(&rt, &listener, &config, wait)?;
         board.set_peer(true);
         board.set_state("replaying");
         let key = config.channel.key.as_bytes().to_vec();
@@ -387,6 +435,7 @@ impl SecondarySession {
         eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
         let relive = Arc::new(Relive {
             name: config.name.clone(),
+            listen: config.listen.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
             repair: Mutex::new(None),
@@ -437,6 +486,7 @@ impl SecondarySession {
             let live_shared = shared.clone();
             let live_stop = stop.clone();
             let health_live = health.clone();
+            let held_live = held.clone();
             let attach: Attach = Box::new(move |clock: u64| {
                 let mut world = make_live(clock, wake)?;
                 if let Some(h) = &health {
@@ -448,6 +498,12 @@ impl SecondarySession {
                         tracing::error!(error = %e, "cannot start the health watchdog");
                     }
                 }
+                let switch = *lock(&live_shared.switch);
+                if let Some((exit, _)) = switch {
+                    // Every output up to the switch's exit was released by
+                    // the primary: only what this copy made past it is new.
+                    held_live.released_through_exit(exit);
+                }
                 let repair = lock(&relive.repair).take();
                 if let Some((standby, checkpointer)) = repair {
                     // Live and alone: record and gate from here, so that a
@@ -455,9 +511,12 @@ impl SecondarySession {
                     let mut pc = crate::primary::PrimaryConfig::new(&relive.name, "", relive.channel.clone());
                     pc.failover = relive.failover.clone();
                     pc.standby = standby;
-                    // Switched over, this process waits as a standby on its
-                    // own --listen again.
-                    pc.switchable = true;
+                    // Switched over, this process waits as the secondary on
+                    // its own --listen again.
+                    pc.switch_listen = Some(relive.listen.clone());
+                    // Went live by a switchover: the old primary holds the
+                    // state at the switch and waits for the log from here.
+                    pc.rejoin = switch.is_some();
                     let (session, sink) =
                         crate::primary::PrimarySession::start_alone(pc, live_board.clone(), world.output, slot_f.get())
                             .map_err(|e| HookError::Output(std::io::Error::other(format!("{e:#}"))))?;
@@ -495,7 +554,6 @@ impl SecondarySession {
                         outage_ms: crate::status::millis(reaction + recovery),
                     });
                 }
-                let switch = *lock(&live_shared.switch);
                 if let Some((exit, arrived)) = switch {
                     let event = crate::status::SwitchoverEvent::now(
                         "primary",
@@ -614,6 +672,11 @@ fn hook_error(e: &VmError) -> Option<&HookError> {
     }
 }
 
+/// No primary paired within the time given.
+#[derive(Debug, thiserror::Error)]
+#[error("no primary paired within {} s", .0.as_secs())]
+pub struct NoPrimary(pub Duration);
+
 /// Wait for an authenticated primary of the same guest. The channel
 /// refuses (and logs) a wrong key, a broken or idle connection, garbage or
 /// another protocol version, and keeps waiting, handshaking with several
@@ -623,8 +686,16 @@ fn accept(
     rt: &tokio::runtime::Runtime,
     listener: &tokio::net::TcpListener,
     config: &SecondaryConfig,
+    wait: Option<Duration>,
 ) -> Result<SecondaryChannel> {
-    let accepted = rt.block_on(crate::unless_signalled(SecondaryChannel::accept(listener, config.channel.clone())))?;
+    let accepting = SecondaryChannel::accept(listener, config.channel.clone());
+    let accepted = match wait {
+        None => rt.block_on(crate::unless_signalled(accepting))?,
+        Some(wait) => match rt.block_on(crate::unless_signalled(async { tokio::time::timeout(wait, accepting).await }))? {
+            Ok(accepted) => accepted,
+            Err(_) => return Err(NoPrimary(wait).into()),
+        },
+    };
     accepted.map_err(|e| match e {
         ChannelError::IdentityMismatch { .. } => anyhow!(e).context("the primary's guest does not match this one"),
         e => anyhow!(e).context(format!("cannot accept the primary on {}", config.listen)),

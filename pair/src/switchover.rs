@@ -1,33 +1,38 @@
 //! A planned switchover (`ftvm switchover`), the primary's side: the roles
-//! of a healthy pair swap at an exit boundary.
+//! of a healthy pair swap at an exit boundary, with no state transfer.
 //!
-//! The request arrives on the control socket ([`handler`]) and is carried
-//! out on the vCPU thread, at the next exit, before that exit is handled
-//! (the guest stands still from here; a guest asleep in a HLT is woken):
+//! The request arrives on the control socket ([`handler`]), which first
+//! binds the address this copy will wait on as the new secondary
+//! (`--switch-listen`), then asks the VM for a live checkpoint whose mark
+//! carries the switchover out on the vCPU thread, the guest standing still
+//! right after an exit `E` was handled (at a digest point when the VM
+//! computes digests, so that both copies' page hashes agree from there):
 //!
 //! 1. the secondary acknowledges everything logged, and every held output
 //!    is released (nothing the world may see stays behind);
-//! 2. a `Switchover` record at this exit `E` is logged and acknowledged: the
+//! 2. a `Switchover` record at `E` is logged and acknowledged: the
 //!    secondary replays the log to its end, claims the arbiter at once (no
 //!    timeout, no head start) and goes live at its first input past `E`;
 //! 3. this side, which yielded its claim in 1 (it never claims while the
-//!    secondary may), waits until the arbiter names the other copy; then
-//!    its guest never runs again (the vCPU's run ends here) and the caller
-//!    turns this process into a standby of the new primary.
+//!    secondary may), waits until the arbiter names the other copy; then it
+//!    stops its vCPU (which never enters the guest again) and the caller
+//!    turns the stopped VM, whose state is the one at `E`, into the new
+//!    primary's secondary: a replayer built from the same memory, which
+//!    waits on the bound address for the new primary's logging channel.
 //!
 //! A refusal before 2 changes nothing: the guest goes on as before. When
 //! the secondary is lost during 2 or 3 this side claims the arbiter as for
 //! a lost peer: won, it carries on alone (and re-protects onto
 //! `--standby`); lost, the other copy is live (a switchover all the same).
 
-use std::sync::atomic::Ordering;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use replication::log::LogShared;
-use replication::record::Record;
-use vmm::digest::StateDigest;
-use vmm::hook::{ExitIndex, ExitKind, HookError, InputSource, Wake};
+use replication::record::{LogPosition, Record};
+use vmm::hook::ExitIndex;
 use vmm::vcpu::StopHandle;
 
 use crate::failover::{Failover, Verdict};
@@ -36,64 +41,89 @@ use crate::status::{Board, Role, SwitchHandler, SwitchoverEvent};
 
 /// How long each step may wait for the secondary (its acks, its claim).
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the request waits for the guest to reach an exit.
+/// How long the request waits for the guest to reach the stop point.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the request waits for the switchover, once started.
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The answer to one request.
-pub(crate) type Reply = std::sync::mpsc::Sender<Result<serde_json::Value, String>>;
+/// What a finished switchover hands the caller: the event, and the
+/// listener this copy waits on as the new primary's secondary.
+#[derive(Debug)]
+pub struct Switched {
+    pub event: SwitchoverEvent,
+    pub listener: Option<TcpListener>,
+    /// The guest's identity, for the new logging channel.
+    pub identity: replication::frame::GuestIdentity,
+}
 
-/// What answers `ftvm switchover` for a primary session. `switchable`:
-/// this process can become the new primary's standby afterwards
-/// (`--switch-listen`).
-pub(crate) fn handler(shared: Arc<PrimaryShared>, stop: StopHandle, switchable: bool) -> SwitchHandler {
+/// What answers `ftvm switchover` for a primary session. `switch_listen`:
+/// where this process waits as the new primary's secondary afterwards
+/// (`--switch-listen`); `None` refuses.
+pub(crate) fn handler(switcher: Arc<Switcher>, switch_listen: Option<String>) -> SwitchHandler {
     Arc::new(move || {
-        if !switchable {
+        let shared = &switcher.shared;
+        let Some(listen) = &switch_listen else {
             return Err("this primary has no --switch-listen: after a switchover it could not become the \
                         secondary (start it with --switch-listen HOST:PORT)"
                 .to_string());
-        }
+        };
         if shared.guest_has_ended() {
             return Err("the guest has stopped".to_string());
         }
         if shared.phase() != Phase::Protected {
             return Err("this primary runs unprotected (no secondary in sync): nothing to switch over to".to_string());
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        if !shared.request_switch(tx) {
+        let Some(checkpointer) = shared.checkpointer() else {
+            return Err("the guest is not running yet".to_string());
+        };
+        if shared.switching.swap(true, Ordering::SeqCst) {
             return Err("a switchover is already under way".to_string());
         }
-        // Wake a guest asleep in a HLT until the vCPU takes the request (a
-        // spurious wake-up, which every guest tolerates).
-        let asked = Instant::now();
-        loop {
-            match rx.recv_timeout(Duration::from_millis(1)) {
-                Ok(answer) => return answer,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err("the guest stopped before the switchover".to_string())
+        let answer = (|| {
+            // Bound before the secondary is told: the new primary's channel
+            // waits in the backlog until this copy accepts it.
+            let listener = TcpListener::bind(listen.as_str())
+                .map_err(|e| format!("cannot listen on --switch-listen {listen}: {e}"))?;
+            *shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let started = Arc::new(AtomicBool::new(false));
+            let mark = {
+                let (switcher, started) = (switcher.clone(), started.clone());
+                Box::new(move || {
+                    started.store(true, Ordering::SeqCst);
+                    let _ = tx.send(switcher.at_stop_point());
+                    0
+                })
+            };
+            let _checkpoint = checkpointer.request_marked(mark);
+            // Wake a guest asleep in a HLT until the vCPU reaches the stop
+            // point (a spurious wake-up, which every guest tolerates).
+            let asked = Instant::now();
+            while !started.load(Ordering::SeqCst) {
+                if asked.elapsed() > EXIT_TIMEOUT || shared.guest_has_ended() {
+                    checkpointer.cancel();
+                    if !started.load(Ordering::SeqCst) {
+                        return Err(format!(
+                            "the guest reached no stop point in {} s: switchover not started",
+                            EXIT_TIMEOUT.as_secs()
+                        ));
+                    }
+                    break;
                 }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            }
-            if !shared.switch_requested() {
-                // Taken: the vCPU carries it out.
-                break;
-            }
-            if asked.elapsed() > EXIT_TIMEOUT {
-                if shared.withdraw_switch() {
-                    return Err(format!(
-                        "the guest reached no exit in {} s: switchover not started",
-                        EXIT_TIMEOUT.as_secs()
-                    ));
+                checkpointer.nudge();
+                if let Ok(answer) = rx.recv_timeout(Duration::from_millis(1)) {
+                    return answer;
                 }
-                break;
             }
-            stop.kick();
+            rx.recv_timeout(SWITCH_TIMEOUT)
+                .unwrap_or_else(|_| Err(format!("no answer from the switchover in {} s", SWITCH_TIMEOUT.as_secs())))
+        })();
+        if answer.is_err() {
+            // Refused or failed: the port is let go.
+            drop(shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
         }
-        match rx.recv_timeout(SWITCH_TIMEOUT) {
-            Ok(answer) => answer,
-            Err(_) => Err(format!("no answer from the switchover in {} s", SWITCH_TIMEOUT.as_secs())),
-        }
+        shared.switching.store(false, Ordering::SeqCst);
+        answer
     })
 }
 
@@ -119,28 +149,28 @@ pub(crate) struct Switcher {
     pub(crate) releaser: SharedReleaser,
     pub(crate) board: Arc<Board>,
     pub(crate) shared: Arc<PrimaryShared>,
+    pub(crate) stop: StopHandle,
 }
 
 impl Switcher {
-    /// At exit `exit`, before it is handled: carry out a pending request.
-    /// `true`: switched over (or fenced): the guest must not run on.
-    fn at_exit(&self, exit: ExitIndex) -> bool {
-        let Some(reply) = self.shared.take_switch() else { return false };
+    /// At the stop point (the vCPU thread, the guest standing still right
+    /// after the exit the board shows was handled): carry the switchover
+    /// out.
+    fn at_stop_point(&self) -> Result<serde_json::Value, String> {
+        let exit = ExitIndex(self.board.exit_index.load(Ordering::SeqCst));
         let (stopped, stopped_at) = (Instant::now(), SystemTime::now());
-        self.shared.switching.store(true, Ordering::SeqCst);
-        let outcome = self.switch(exit, stopped, stopped_at);
-        let (answer, end) = match outcome {
-            Outcome::Done(v) => (Ok(v), true),
-            Outcome::Refused(e) => (Err(e), false),
-            Outcome::Alone(e) => (Err(e), false),
+        match self.switch(exit, stopped, stopped_at) {
+            Outcome::Done(v) => {
+                self.stop.stop();
+                Ok(v)
+            }
+            Outcome::Refused(e) | Outcome::Alone(e) => Err(e),
             Outcome::Fenced(e) => {
                 self.shared.set_phase(Phase::Fenced);
-                (Err(e), true)
+                self.stop.stop();
+                Err(e)
             }
-        };
-        self.shared.switching.store(false, Ordering::SeqCst);
-        let _ = reply.send(answer);
-        end
+        }
     }
 
     fn switch(&self, exit: ExitIndex, stopped: Instant, stopped_at: SystemTime) -> Outcome {
@@ -231,7 +261,7 @@ impl Switcher {
 
     /// Wait (at most [`STEP_TIMEOUT`]) until `upto` is acknowledged; `false`
     /// when it is not, or the channel failed.
-    fn wait_acked(&self, upto: replication::record::LogPosition, chan: &replication::channel::PrimaryChannel) -> bool {
+    fn wait_acked(&self, upto: LogPosition, chan: &replication::channel::PrimaryChannel) -> bool {
         self.log.request_flush();
         let deadline = Instant::now() + STEP_TIMEOUT;
         while !self.log.is_acked(upto) {
@@ -266,33 +296,3 @@ impl Switcher {
     }
 }
 
-/// The primary's input source, with the switchover's stop point in front.
-pub(crate) struct Switchable {
-    pub(crate) inner: Box<dyn InputSource>,
-    pub(crate) switcher: Arc<Switcher>,
-}
-
-impl InputSource for Switchable {
-    fn on_exit(&mut self, exit: ExitIndex, kind: &ExitKind) -> Result<(), HookError> {
-        if self.switcher.shared.switch_requested() && self.switcher.at_exit(exit) {
-            // Not handled here: the new primary handles this exit itself.
-            return Err(HookError::Ended { exit_index: exit });
-        }
-        self.inner.on_exit(exit, kind)
-    }
-    fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
-        self.inner.clock_ns(exit)
-    }
-    fn entropy(&mut self, exit: ExitIndex, buf: &mut [u8]) -> Result<(), HookError> {
-        self.inner.entropy(exit, buf)
-    }
-    fn halt(&mut self, exit: ExitIndex, deadline: Option<u64>) -> Result<Wake, HookError> {
-        self.inner.halt(exit, deadline)
-    }
-    fn receive_frame(&mut self, exit: ExitIndex) -> Result<Option<Vec<u8>>, HookError> {
-        self.inner.receive_frame(exit)
-    }
-    fn digest(&mut self, exit: ExitIndex, digest: &StateDigest) -> Result<(), HookError> {
-        self.inner.digest(exit, digest)
-    }
-}

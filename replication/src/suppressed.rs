@@ -67,6 +67,14 @@ impl HeldOutputs {
         }
     }
 
+    /// A planned switchover: the primary released every output up to its
+    /// guest's exit `exit` (it stood still there): stop holding those. What
+    /// this copy produced past `exit` (replaying up to its first input past
+    /// it) the primary never did: that stays, for the go-live.
+    pub fn released_through_exit(&self, exit: ExitIndex) {
+        self.lock().held.retain(|(_, at, _)| *at > exit);
+    }
+
     /// Outputs held now.
     pub fn len(&self) -> usize {
         self.lock().held.len()
