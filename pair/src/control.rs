@@ -85,7 +85,8 @@ impl ControlSocket {
                     let board = board.clone();
                     // A switchover answers when it is done: status queries
                     // meanwhile are served on their own threads.
-                    let spawned = std::thread::Builder::new().name("control-conn".into()).spawn(move || answer(conn, &board));
+                    let spawned =
+                        std::thread::Builder::new().name("control-conn".into()).spawn(move || answer(conn, &board));
                     if let Err(e) = spawned {
                         tracing::warn!(error = %e, "cannot answer on the control socket");
                     }

@@ -378,7 +378,7 @@ impl PrimarySession {
             releaser_thread,
             health: config.health.clone(),
             switch_listen: config.switch_listen.clone(),
-            identity: config.channel.identity.clone(),
+            identity: config.channel.identity,
             live,
         };
         let sink: Box<dyn OutputSink> = match &config.health {
@@ -451,7 +451,7 @@ impl PrimarySession {
             releaser_thread,
             health: None,
             switch_listen: config.switch_listen.clone(),
-            identity: config.channel.identity.clone(),
+            identity: config.channel.identity,
             live,
         };
         Ok((session, Box::new(gate)))
@@ -646,7 +646,7 @@ impl PrimarySession {
     /// a `Shutdown` record, releasing nothing more, claiming nothing.
     fn switched_over(self, event: crate::status::SwitchoverEvent) -> PrimaryEnd {
         let listener = self.shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        let switched = crate::switchover::Switched { event, listener, identity: self.identity.clone() };
+        let switched = crate::switchover::Switched { event, listener, identity: self.identity };
         self.shared.guest_ended.store(true, Ordering::SeqCst);
         self.shared.ended.notify_waiters();
         self.releaser.stop();

@@ -555,12 +555,8 @@ impl SecondarySession {
                     });
                 }
                 if let Some((exit, arrived)) = switch {
-                    let event = crate::status::SwitchoverEvent::now(
-                        "primary",
-                        exit.0,
-                        arrived.elapsed(),
-                        SystemTime::now(),
-                    );
+                    let event =
+                        crate::status::SwitchoverEvent::now("primary", exit.0, arrived.elapsed(), SystemTime::now());
                     eprintln!(
                         "ftvm: secondary {}: switchover: live from guest exit #{exit}, {:.2} ms after the primary's word",
                         live_board.snapshot().name,
@@ -691,10 +687,12 @@ fn accept(
     let accepting = SecondaryChannel::accept(listener, config.channel.clone());
     let accepted = match wait {
         None => rt.block_on(crate::unless_signalled(accepting))?,
-        Some(wait) => match rt.block_on(crate::unless_signalled(async { tokio::time::timeout(wait, accepting).await }))? {
-            Ok(accepted) => accepted,
-            Err(_) => return Err(NoPrimary(wait).into()),
-        },
+        Some(wait) => {
+            match rt.block_on(crate::unless_signalled(async { tokio::time::timeout(wait, accepting).await }))? {
+                Ok(accepted) => accepted,
+                Err(_) => return Err(NoPrimary(wait).into()),
+            }
+        }
     };
     accepted.map_err(|e| match e {
         ChannelError::IdentityMismatch { .. } => anyhow!(e).context("the primary's guest does not match this one"),

@@ -357,7 +357,9 @@ impl Board {
             Some(h) => h(),
             None => Err(match self.role() {
                 Role::Secondary => "this copy is the secondary: run `ftvm switchover` on the primary".to_string(),
-                Role::Standalone => "this copy runs unprotected (no secondary in sync): nothing to switch over to".to_string(),
+                Role::Standalone => {
+                    "this copy runs unprotected (no secondary in sync): nothing to switch over to".to_string()
+                }
                 Role::Primary => format!("the primary is not running its guest ({})", lock(&self.state)),
             }),
         }

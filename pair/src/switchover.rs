@@ -295,4 +295,3 @@ impl Switcher {
         Outcome::Alone(format!("switchover failed: {why}"))
     }
 }
-

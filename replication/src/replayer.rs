@@ -149,7 +149,16 @@ impl Replayer {
     /// Replay the records arriving on `records`; `stop` ends a wait for the
     /// next record.
     pub fn new(records: Receiver<Record>, stop: StopHandle, consumed: Arc<AtomicU64>) -> Self {
-        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0, switched: false, last_clock: 0 }
+        Replayer {
+            records,
+            next: None,
+            stop,
+            consumed,
+            shutdown_at: None,
+            digests_checked: 0,
+            switched: false,
+            last_clock: 0,
+        }
     }
 
     /// Whether the primary's switchover was read from the log.
