@@ -154,7 +154,7 @@ fn after_switchover(
     switched: pair::switchover::Switched,
     mut vm: Vm,
 ) -> Result<i32> {
-    let pair::switchover::Switched { event, listener, identity } = switched;
+    let pair::switchover::Switched { event, listener, identity, board } = switched;
     let listen = pair.switch_listen.clone().ok_or_else(|| anyhow!("switched over without a --switch-listen"))?;
     let mut own = pair.clone();
     own.address = listen.clone();
@@ -175,7 +175,8 @@ fn after_switchover(
     session_config.control = Some(pair.control_for(&settings.name));
     let health = pair.health(settings)?;
     session_config.health = Some(health.clone());
-    let session = match SecondarySession::accept_switched(session_config, listener, state.exit_index, REJOIN_WAIT) {
+    let accepted = SecondarySession::accept_switched(session_config, board, listener, state.exit_index, REJOIN_WAIT);
+    let session = match accepted {
         Ok(session) => session,
         Err(e) if e.is::<pair::NoPrimary>() => {
             eprintln!("ftvm: {}: {e}: waiting for a transfer instead", settings.name);
@@ -183,7 +184,6 @@ fn after_switchover(
         }
         Err(e) => return Err(e),
     };
-    session.board().switched(event);
     let guest = state.settings.clone();
     let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
     let mac = guest.mac.unwrap_or(settings.mac);

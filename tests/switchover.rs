@@ -243,6 +243,9 @@ fn kvm_netns_switchover_under_load_swaps_roles_loses_nothing_and_switches_back()
     let (a, b) = pair.wait_protected("a", "b", &mut w);
     assert_eq!(a["last_switchover"]["became"], "primary", "{a}");
     assert_eq!(b["last_switchover"]["became"], "secondary", "{b}");
+    // Each process went on with its own status board through both roles.
+    assert_eq!((a["switchovers"].as_u64(), b["switchovers"].as_u64()), (Some(2), Some(2)), "{a}\n{b}");
+    assert_eq!(a["name"], "kvstore", "{a}");
     let pause_2 = pause_ms(&b, &a);
     wait_digest_past_switch(&pair, "b", &mut w);
     let a_log = std::fs::read_to_string(pair.dir.path().join("a.log")).unwrap();

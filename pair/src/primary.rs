@@ -646,7 +646,8 @@ impl PrimarySession {
     /// a `Shutdown` record, releasing nothing more, claiming nothing.
     fn switched_over(self, event: crate::status::SwitchoverEvent) -> PrimaryEnd {
         let listener = self.shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        let switched = crate::switchover::Switched { event, listener, identity: self.identity };
+        let switched =
+            crate::switchover::Switched { event, listener, identity: self.identity, board: self.board.clone() };
         self.shared.guest_ended.store(true, Ordering::SeqCst);
         self.shared.ended.notify_waiters();
         self.releaser.stop();

@@ -288,12 +288,12 @@ impl SecondarySession {
     /// arbiter is free, as on a standby.
     pub fn accept_switched(
         config: SecondaryConfig,
+        board: Arc<Board>,
         listener: std::net::TcpListener,
         at: ExitIndex,
         wait: Duration,
     ) -> Result<SecondarySession> {
-        let board = Arc::new(Board::new(config.name.clone(), Role::Secondary));
-        board.set_state("switched over: waiting for the new primary's log");
+        board.start_over(Role::Secondary, "switched over: waiting for the new primary's log");
         board.exit_index.store(at.0, Ordering::SeqCst);
         let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
         let rt = crate::runtime()?;

@@ -333,6 +333,31 @@ impl Board {
         }
     }
 
+    /// The process goes on in a new role (a planned switchover's old
+    /// primary becoming the secondary): the positions, counters and peer of
+    /// the last session start over; its failures, faults and switchovers
+    /// stay.
+    pub fn start_over(&self, role: Role, state: impl Into<String>) {
+        self.set_role(role);
+        self.set_state(state);
+        self.set_peer(false);
+        for counter in [
+            &self.log_position,
+            &self.acked_position,
+            &self.released_position,
+            &self.received,
+            &self.outputs_held,
+            &self.outputs_held_bytes,
+            &self.log_bytes,
+            &self.log_wire_bytes,
+            &self.last_barrier_exit,
+        ] {
+            counter.store(0, Ordering::SeqCst);
+        }
+        self.replay_lag_us.store(u64::MAX, Ordering::SeqCst);
+        *lock(&self.heartbeats) = None;
+    }
+
     /// Record a planned switchover this process took part in.
     pub fn switched(&self, event: SwitchoverEvent) {
         tracing::info!(became = event.became, exit = event.exit, pause_ms = event.pause_ms, "switchover");

@@ -48,12 +48,20 @@ const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a finished switchover hands the caller: the event, and the
 /// listener this copy waits on as the new primary's secondary.
-#[derive(Debug)]
 pub struct Switched {
     pub event: SwitchoverEvent,
     pub listener: Option<TcpListener>,
     /// The guest's identity, for the new logging channel.
     pub identity: replication::frame::GuestIdentity,
+    /// The process's status board, which its next role goes on with (its
+    /// control socket, its metrics, its switchover count).
+    pub board: Arc<Board>,
+}
+
+impl std::fmt::Debug for Switched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switched").field("event", &self.event).field("listener", &self.listener).finish_non_exhaustive()
+    }
 }
 
 /// What answers `ftvm switchover` for a primary session. `switch_listen`:
