@@ -26,7 +26,7 @@
 //! `--standby`); lost, the other copy is live (a switchover all the same).
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,6 +43,12 @@ use crate::status::{Board, Role, SwitchHandler, SwitchoverEvent};
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the request waits for the guest to reach the stop point.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The request's stop point: not reached yet, reached (the switchover
+/// runs), given up (the mark does nothing).
+const WAITING: u8 = 0;
+const STARTED: u8 = 1;
+const GAVE_UP: u8 = 2;
+
 /// How long the request waits for the switchover, once started.
 const SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -94,12 +100,16 @@ pub(crate) fn handler(switcher: Arc<Switcher>, switch_listen: Option<String>) ->
                 .map_err(|e| format!("cannot listen on --switch-listen {listen}: {e}"))?;
             *shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(listener);
             let (tx, rx) = std::sync::mpsc::channel();
-            let started = Arc::new(AtomicBool::new(false));
+            // Either the vCPU starts the switchover or the request gives up
+            // waiting, never both.
+            let state = Arc::new(AtomicU8::new(WAITING));
+            let started = || state.load(Ordering::SeqCst) == STARTED;
             let mark = {
-                let (switcher, started) = (switcher.clone(), started.clone());
+                let (switcher, state) = (switcher.clone(), state.clone());
                 Box::new(move || {
-                    started.store(true, Ordering::SeqCst);
-                    let _ = tx.send(switcher.at_stop_point());
+                    if state.compare_exchange(WAITING, STARTED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+                        let _ = tx.send(switcher.at_stop_point());
+                    }
                     0
                 })
             };
@@ -107,16 +117,14 @@ pub(crate) fn handler(switcher: Arc<Switcher>, switch_listen: Option<String>) ->
             // Wake a guest asleep in a HLT until the vCPU reaches the stop
             // point (a spurious wake-up, which every guest tolerates).
             let asked = Instant::now();
-            while !started.load(Ordering::SeqCst) {
-                if asked.elapsed() > EXIT_TIMEOUT || shared.guest_has_ended() {
+            while !started() {
+                let late = asked.elapsed() > EXIT_TIMEOUT || shared.guest_has_ended();
+                if late && state.compare_exchange(WAITING, GAVE_UP, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
                     checkpointer.cancel();
-                    if !started.load(Ordering::SeqCst) {
-                        return Err(format!(
-                            "the guest reached no stop point in {} s: switchover not started",
-                            EXIT_TIMEOUT.as_secs()
-                        ));
-                    }
-                    break;
+                    return Err(format!(
+                        "the guest reached no stop point in {} s: switchover not started",
+                        EXIT_TIMEOUT.as_secs()
+                    ));
                 }
                 checkpointer.nudge();
                 if let Ok(answer) = rx.recv_timeout(Duration::from_millis(1)) {
