@@ -198,6 +198,26 @@ mod tests {
     }
 
     #[test]
+    fn answers_switchover_requests_with_one_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.sock");
+        let board = Arc::new(Board::new("kv", Role::Secondary));
+        let _sock = ControlSocket::serve(&path, board.clone()).unwrap();
+        let wait = Duration::from_secs(5);
+        let v = request(&path, "switchover", wait).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("this copy is the secondary"), "{v}");
+        board.set_role(Role::Primary);
+        board.set_switch_handler(Some(Arc::new(|| Ok(serde_json::json!({ "exit": 1000 })))));
+        let v = request(&path, "switchover", wait).unwrap();
+        assert_eq!((v["ok"].as_bool(), v["exit"].as_u64()), (Some(true), Some(1000)), "{v}");
+        let v = request(&path, "reboot", wait).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        // An empty request is a status query.
+        assert_eq!(query(&path).unwrap()["role"], "primary");
+    }
+
+    #[test]
     fn refuses_to_replace_a_regular_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("precious");

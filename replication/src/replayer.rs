@@ -290,3 +290,27 @@ impl InputSource for Replayer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_switchover_record_ends_the_log_without_ending_the_guest() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(Record::Clock { exit: ExitIndex(1), ns: 7 }).unwrap();
+        tx.send(Record::Switchover { exit: ExitIndex(2) }).unwrap();
+        let stop = StopHandle::detached().unwrap();
+        let mut replayer = Replayer::new(rx, stop, Arc::new(AtomicU64::new(0)));
+        assert_eq!(replayer.clock_ns(ExitIndex(1)).unwrap(), 7);
+        assert!(matches!(replayer.clock_ns(ExitIndex(3)), Err(HookError::Ended { .. })));
+        assert!(replayer.switchover_seen() && !replayer.shutdown_seen());
+        // The guest runs on past the switch (live, once the decision is in):
+        // no exit is refused as past an end.
+        assert!(replayer.on_exit(ExitIndex(4), &ExitKind::Hlt).is_ok());
+        // Nothing after the switchover is served from the log.
+        tx.send(Record::Clock { exit: ExitIndex(5), ns: 9 }).unwrap();
+        assert!(matches!(replayer.clock_ns(ExitIndex(5)), Err(HookError::Ended { .. })));
+        assert_eq!(replayer.consumed(), 1);
+    }
+}

@@ -154,6 +154,20 @@ mod tests {
     }
 
     #[test]
+    fn a_switchover_forgets_the_outputs_up_to_its_exit_and_keeps_the_later_ones() {
+        let held = Arc::new(HeldOutputs::default());
+        let position = Arc::new(AtomicU64::new(4));
+        let mut sink = Suppressor::new(held.clone(), position);
+        // The same log position: no input between them.
+        for n in 1..=4u8 {
+            sink.transmit_frame(ExitIndex(10 + u64::from(n)), &[n]).unwrap();
+        }
+        held.released_through_exit(ExitIndex(12));
+        let out: Vec<_> = held.drain();
+        assert_eq!(out, vec![(ExitIndex(13), frame(3)), (ExitIndex(14), frame(4))]);
+    }
+
+    #[test]
     fn an_output_produced_below_the_reported_position_is_not_kept() {
         let held = Arc::new(HeldOutputs::default());
         let position = Arc::new(AtomicU64::new(3));
