@@ -53,9 +53,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Planned switchover: swap the roles of a protected pair (run on the
     /// primary's host). The secondary takes the guest over at an exit
-    /// boundary and goes live; this primary becomes its standby
-    /// (--switch-listen) and the new primary re-protects onto it. Exits 0
-    /// once the other copy is live, 1 with the reason otherwise
+    /// boundary and goes live; this primary's stopped copy becomes its
+    /// secondary with no state transfer (it waits on --switch-listen for the
+    /// new primary's log). Exits 0 once the other copy is live, 1 with the
+    /// reason otherwise
     Switchover(SwitchoverArgs),
     /// Print a new random shared key (64 hex digits) for --key-file.
     Keygen(KeygenArgs),
@@ -218,10 +219,10 @@ pub struct PrimaryArgs {
     /// turn, retrying with backoff
     #[arg(long, value_name = "HOST:PORT")]
     pub standby: Vec<String>,
-    /// Where this copy waits, as a standby, after a planned switchover
-    /// (`ftvm switchover`) handed its guest to the secondary: the new
-    /// primary (started with `--standby` naming this address) re-protects
-    /// onto it. Without it `ftvm switchover` is refused
+    /// Where this copy waits as the new primary's secondary after a planned
+    /// switchover (`ftvm switchover`) handed its guest over: the new primary
+    /// (the secondary, started with `--standby` naming this address) sends
+    /// its log here. Without it `ftvm switchover` is refused
     #[arg(long, value_name = "HOST:PORT")]
     pub switch_listen: Option<String>,
     #[command(flatten)]
