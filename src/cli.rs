@@ -51,6 +51,13 @@ pub enum Command {
     Secondary(SecondaryArgs),
     /// Show a running pair process's role, exit index, log positions, peer.
     Status(StatusArgs),
+    /// Planned switchover: swap the roles of a protected pair (run on the
+    /// primary's host). The secondary takes the guest over at an exit
+    /// boundary and goes live; this primary's stopped copy becomes its
+    /// secondary with no state transfer (it waits on --switch-listen for the
+    /// new primary's log). Exits 0 once the other copy is live, 1 with the
+    /// reason otherwise
+    Switchover(SwitchoverArgs),
     /// Print a new random shared key (64 hex digits) for --key-file.
     Keygen(KeygenArgs),
     /// Show the split-brain arbiter's generation and owner, or release an
@@ -212,6 +219,12 @@ pub struct PrimaryArgs {
     /// turn, retrying with backoff
     #[arg(long, value_name = "HOST:PORT")]
     pub standby: Vec<String>,
+    /// Where this copy waits as the new primary's secondary after a planned
+    /// switchover (`ftvm switchover`) handed its guest over: the new primary
+    /// (the secondary, started with `--standby` naming this address) sends
+    /// its log here. Without it `ftvm switchover` is refused
+    #[arg(long, value_name = "HOST:PORT")]
+    pub switch_listen: Option<String>,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
@@ -248,6 +261,20 @@ pub struct StatusArgs {
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
     /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `ftvm switchover`.
+#[derive(Debug, Args)]
+pub struct SwitchoverArgs {
+    /// The primary's control socket [default: /run/ftvm/NAME.sock].
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// The VM name, for the default control socket.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Print the answer as one JSON object.
     #[arg(long)]
     pub json: bool,
 }

@@ -408,6 +408,11 @@ pub struct PairConfig {
     pub health: HealthSettings,
     /// `--standby` (primary): spare hosts to re-protect onto, checked.
     pub standby: Vec<String>,
+    /// Where this process waits as the new primary's standby after a
+    /// planned switchover handed its guest away: a primary's
+    /// `--switch-listen`, a secondary's `--listen`; `None`: a switchover
+    /// is refused.
+    pub switch_listen: Option<String>,
 }
 
 /// The health flags, validated (README, "Application health").
@@ -604,6 +609,7 @@ pub fn resolve_pair(
         address,
         health: resolve_health(pair, &file)?,
         standby: Vec::new(),
+        switch_listen: None,
     };
     Ok((merge(guest, file)?, config))
 }
@@ -615,6 +621,11 @@ fn in_range(flag: &'static str, value: Option<u64>, default: u64, min: u64, max:
     } else {
         Err(ConfigError::OutOfRange { flag, value: v, min, max })
     }
+}
+
+/// `--switch-listen`: a HOST:PORT as `--listen` is.
+pub fn check_switch_listen(value: Option<&str>) -> Result<Option<String>, ConfigError> {
+    value.map(|v| check_address("--switch-listen", v, false).map(|()| v.to_string())).transpose()
 }
 
 /// `--standby`: each a HOST:PORT as `--peer` is.

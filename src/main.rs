@@ -139,6 +139,17 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
+        Command::Switchover(args) => {
+            let name = args.name.as_deref().unwrap_or(config::DEFAULT_GUEST);
+            if !config::is_valid_name(name) {
+                return Err(UsageError(format!(
+                    "--name {name:?} is not a valid name: use 1 to {} characters from A-Z a-z 0-9 _ . -",
+                    config::MAX_NAME_LEN
+                ))
+                .into());
+            }
+            Ok(protect::switchover(&control_path(args.control.as_deref(), name), args.json)?)
+        }
         Command::Arbiter(args) => arbiter(&args),
         Command::Demo(args) => {
             match args.fault {
@@ -381,6 +392,7 @@ fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Primary;
     let (settings, mut pair) = config::resolve_pair(&args.guest, &args.pair, args.peer.as_deref(), role)?;
     pair.standby = config::check_standby(&args.standby)?;
+    pair.switch_listen = config::check_switch_listen(args.switch_listen.as_deref())?;
     if args.unprotected_start {
         return unprotected_start(&settings, &pair, args.metrics.metrics);
     }
@@ -419,6 +431,9 @@ fn secondary(args: &cli::SecondaryArgs) -> Result<i32, Failure> {
     let role = config::PairRole::Secondary;
     let (settings, mut pair) = config::resolve_pair(&args.guest, &args.pair, args.listen.as_deref(), role)?;
     pair.standby = config::check_standby(&args.standby)?;
+    // Switched over, a secondary that became the primary waits as a standby
+    // where it listened before.
+    pair.switch_listen = Some(pair.address.clone());
     if config::is_standby(&args.guest)? {
         if let Some(tap) = &settings.tap {
             if !vmm::tap::Tap::exists(tap) {

@@ -137,6 +137,13 @@ impl Collector for BoardCollector {
             s.outputs_held_bytes,
         )?;
         counter(&mut e, "ftvm_divergences", "Replay divergences detected", None, s.divergences)?;
+        counter(
+            &mut e,
+            "ftvm_switchovers",
+            "Planned switchovers (ftvm switchover) this process took part in",
+            None,
+            s.switchovers,
+        )?;
         gauge(
             &mut e,
             "ftvm_peer_up",

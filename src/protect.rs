@@ -113,6 +113,89 @@ pub fn status(control: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// `ftvm switchover`: ask the primary at `control` for a planned
+/// switchover and wait for the answer: 0 once the other copy is live, an
+/// error (status 1) with the reason otherwise.
+pub fn switchover(control: &Path, json: bool) -> Result<i32> {
+    let v = pair::control::request(control, "switchover", pair::control::SWITCHOVER_WAIT)?;
+    let ok = v.get("ok").and_then(|b| b.as_bool()).unwrap_or(false);
+    if json {
+        println!("{v}");
+    }
+    if !ok {
+        let why = v.get("error").and_then(|e| e.as_str()).unwrap_or("the primary refused");
+        return Err(anyhow!("switchover refused: {why}"));
+    }
+    if !json {
+        println!(
+            "switched over at guest exit #{}: the other copy is live, {:.2} ms after this guest stopped; this copy becomes its standby",
+            v.get("exit").and_then(|e| e.as_u64()).unwrap_or(0),
+            v.get("pause_ms").and_then(|p| p.as_f64()).unwrap_or(0.0)
+        );
+    }
+    Ok(0)
+}
+
+/// How long the old primary of a switchover waits for the new primary's
+/// logging channel before it waits for a transfer instead.
+const REJOIN_WAIT: Duration = Duration::from_secs(30);
+
+/// After a planned switchover handed this copy's guest away: its stopped
+/// VM, at the switch's exit, becomes the new primary's secondary with no
+/// transfer: a replayer built from the same memory and the state at that
+/// exit, waiting on `--switch-listen` (a primary) or `--listen` (a
+/// secondary that had become the primary) for the log from the new
+/// primary's go-live on. If that log does not come, it waits there as a
+/// standby for a transfer.
+fn after_switchover(
+    settings: &GuestSettings,
+    serial: SharedSerial,
+    pair: &PairConfig,
+    switched: pair::switchover::Switched,
+    mut vm: Vm,
+) -> Result<i32> {
+    let pair::switchover::Switched { event, listener, identity, board } = switched;
+    let listen = pair.switch_listen.clone().ok_or_else(|| anyhow!("switched over without a --switch-listen"))?;
+    let mut own = pair.clone();
+    own.address = listen.clone();
+    // The state at the switch's exit, and its memory; the VM itself goes
+    // (nothing of it runs again).
+    let state = vm.checkpoint().context("cannot read the stopped guest's state")?;
+    let memory = vm.memory().clone();
+    drop(vm);
+    // Its pages are the restored VM's starting point for the digests.
+    vmm::checkpoint::reuse_memory(&memory);
+    let Some(listener) = listener else {
+        return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event));
+    };
+    let signals = crate::catch_signals()?;
+    let key = SharedKey::from_file(&pair.key_file)?;
+    let mut session_config = SecondaryConfig::new(&settings.name, &listen, ChannelConfig::new(key, identity));
+    session_config.failover = pair.failover();
+    session_config.control = Some(pair.control_for(&settings.name));
+    let health = pair.health(settings)?;
+    session_config.health = Some(health.clone());
+    let accepted = SecondarySession::accept_switched(session_config, board, listener, state.exit_index, REJOIN_WAIT);
+    let session = match accepted {
+        Ok(session) => session,
+        Err(e) if e.is::<pair::NoPrimary>() => {
+            eprintln!("ftvm: {}: {e}: waiting for a transfer instead", settings.name);
+            return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event));
+        }
+        Err(e) => return Err(e),
+    };
+    let guest = state.settings.clone();
+    let tap = settings.tap.clone().map_or(pair::live::LiveTap::None, pair::live::LiveTap::Later);
+    let mac = guest.mac.unwrap_or(settings.mac);
+    let kept = pair::live::KeptTap::default();
+    let (input, output) =
+        session.hooks(pair::live::tap_world_kept(tap, mac, guest.ip, Box::new(serial.clone()), kept.clone()));
+    let vm = Vm::restore(&state, memory, input, output)
+        .with_context(|| format!("cannot rebuild guest {} at the switch's exit", settings.name))?;
+    let config = guest.config();
+    run_secondary(settings, &config, vm, session, serial, &health, &own, signals, kept)
+}
+
 /// Write the final vCPU state and all guest memory to `path` (tests compare
 /// the primary's and the secondary's byte for byte).
 fn dump_state(vm: &mut Vm, memory_mib: u64, path: &Path) -> Result<()> {
@@ -145,6 +228,7 @@ pub fn primary(
     session_config.control = Some(pair.control_for(&settings.name));
     session_config.health = Some(health.clone());
     session_config.standby = pair.standby.clone();
+    session_config.switch_listen = pair.switch_listen.clone();
     let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
@@ -179,6 +263,13 @@ pub fn primary(
         }
         PrimaryEnd::Faulted(_) => {
             return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair);
+        }
+        PrimaryEnd::SwitchedOver(switched) => {
+            // Never run again as the primary: the other copy is live. The
+            // TAP goes (a later go-live opens it again).
+            drop(tap);
+            drop(caught);
+            return after_switchover(settings, serial, pair, switched, vm);
         }
         PrimaryEnd::LostArbiter => {
             eprintln!(
@@ -239,7 +330,7 @@ pub fn secondary(
         kept.clone(),
     ));
     let vm = Vm::new(&config, input, output).with_context(|| format!("cannot start guest {}", settings.name))?;
-    run_secondary(settings, &config, vm, session, serial, &health, pair, signals, &kept)
+    run_secondary(settings, &config, vm, session, serial, &health, pair, signals, kept)
 }
 
 /// `ftvm secondary` without guest settings: a standby. It waits for a
@@ -255,6 +346,19 @@ pub fn standby(
     ack_delay: Duration,
     metrics: Option<crate::metrics::Endpoint>,
 ) -> Result<i32> {
+    standby_after(settings, serial, pair, ack_delay, metrics, None)
+}
+
+/// [`standby`], with the switchover that made this process one, if any
+/// (shown in its status).
+fn standby_after(
+    settings: &GuestSettings,
+    serial: Box<dyn Write + Send>,
+    pair: &PairConfig,
+    ack_delay: Duration,
+    metrics: Option<crate::metrics::Endpoint>,
+    switched: Option<pair::status::SwitchoverEvent>,
+) -> Result<i32> {
     let signals = crate::catch_signals()?;
     let key = SharedKey::from_file(&pair.key_file)?;
     // Replaced by the identity the transfer carries.
@@ -267,6 +371,9 @@ pub fn standby(
     let health = pair.health(settings)?;
     session_config.health = Some(health.clone());
     let (session, received) = SecondarySession::accept_transfer(session_config, None)?;
+    if let Some(event) = switched {
+        session.board().switched(event);
+    }
     if let Some(m) = metrics {
         m.serve(session.board())?;
     }
@@ -290,7 +397,7 @@ pub fn standby(
     own.ip = guest.ip;
     own.gateway = guest.gateway;
     own.mac = mac;
-    run_secondary(&own, &config, vm, session, serial, &health, pair, signals, &kept)
+    run_secondary(&own, &config, vm, session, serial, &health, pair, signals, kept)
 }
 
 /// Run a secondary's guest (replay, then live after a go-live) and map how
@@ -305,7 +412,7 @@ fn run_secondary(
     health: &Arc<Health>,
     pair: &PairConfig,
     signals: crate::CaughtSignals,
-    kept: &pair::live::KeptTap,
+    kept: pair::live::KeptTap,
 ) -> Result<i32> {
     session.repair_with(vm.checkpointer(), pair.standby.clone());
     let caught = signals.stop(&vm)?;
@@ -357,6 +464,13 @@ fn run_secondary(
             "secondary {name}: primary lost; no --arbiter, so this copy stops (replayed to guest exit #{exit})"
         ))),
         SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
+        SecondaryEnd::SwitchedOver(switched) => {
+            // Never run again as the primary: the other copy is live. The
+            // TAP opened at go-live goes (a later go-live opens it again).
+            drop(kept);
+            drop(caught);
+            after_switchover(settings, serial, pair, switched, vm)
+        }
     }
 }
 

@@ -1,5 +1,12 @@
-//! The control socket: a unix socket on which each connection gets the
-//! status as one JSON line, and the client that `ftvm status` uses.
+//! The control socket: a unix socket on which each connection sends one
+//! request line and gets one JSON line back, and the clients that `ftvm
+//! status` and `ftvm switchover` use.
+//!
+//! Requests: nothing (the client closes its sending side at once, or sends
+//! an empty line): the status; `switchover`: a planned switchover, answered
+//! once it is done (`{"ok": true, ...}`) or refused (`{"error": "..."}`). A
+//! client that neither sends nor closes gets the status after
+//! [`REQUEST_WAIT`].
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,6 +20,13 @@ use crate::status::Board;
 /// Mode of the control socket: its owner only (status shows the pair's
 /// addresses and state).
 pub const SOCKET_MODE: u32 = 0o600;
+
+/// How long a connection may take to send its request before it is taken
+/// for a status query.
+pub const REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// How long `ftvm switchover` waits for the answer.
+pub const SWITCHOVER_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -67,14 +81,47 @@ impl ControlSocket {
             .name("control".into())
             .spawn(move || {
                 for conn in listener.incoming() {
-                    let Ok(mut conn) = conn else { continue };
-                    let line = serde_json::to_string(&board.snapshot()).unwrap_or_else(|_| "{}".into());
-                    let _ = writeln!(conn, "{line}");
+                    let Ok(conn) = conn else { continue };
+                    let board = board.clone();
+                    // A switchover answers when it is done: status queries
+                    // meanwhile are served on their own threads.
+                    let spawned =
+                        std::thread::Builder::new().name("control-conn".into()).spawn(move || answer(conn, &board));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "cannot answer on the control socket");
+                    }
                 }
             })
             .map_err(|source| ControlError::Bind { path: path.to_path_buf(), source })?;
         Ok(ControlSocket { path: path.to_path_buf() })
     }
+}
+
+/// Read one request line (at most 256 bytes) and answer it.
+fn answer(mut conn: UnixStream, board: &Board) {
+    let _ = conn.set_read_timeout(Some(REQUEST_WAIT));
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while request.len() < 256 {
+        match conn.read(&mut byte) {
+            Ok(1) if byte[0] != b'\n' => request.push(byte[0]),
+            _ => break,
+        }
+    }
+    let line = match String::from_utf8_lossy(&request).trim() {
+        "" | "status" => serde_json::to_string(&board.snapshot()).unwrap_or_else(|_| "{}".into()),
+        "switchover" => match board.switchover() {
+            Ok(mut report) => {
+                if let Some(map) = report.as_object_mut() {
+                    map.insert("ok".into(), serde_json::Value::Bool(true));
+                }
+                report.to_string()
+            }
+            Err(e) => serde_json::json!({ "ok": false, "error": e }).to_string(),
+        },
+        other => serde_json::json!({ "ok": false, "error": format!("unknown request {other:?}") }).to_string(),
+    };
+    let _ = writeln!(conn, "{line}");
 }
 
 impl Drop for ControlSocket {
@@ -85,6 +132,11 @@ impl Drop for ControlSocket {
 
 /// Read the status a control socket serves.
 pub fn query(path: &Path) -> Result<serde_json::Value, ControlError> {
+    request(path, "", Duration::from_secs(5))
+}
+
+/// Send one request line and read the JSON answer, waiting at most `wait`.
+pub fn request(path: &Path, line: &str, wait: Duration) -> Result<serde_json::Value, ControlError> {
     let mut conn = UnixStream::connect(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {
             ControlError::Permission { path: path.to_path_buf() }
@@ -93,7 +145,12 @@ pub fn query(path: &Path) -> Result<serde_json::Value, ControlError> {
         }
     })?;
     let read = |source| ControlError::Read { path: path.to_path_buf(), source };
-    conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(read)?;
+    if !line.is_empty() {
+        writeln!(conn, "{line}").map_err(read)?;
+    }
+    // The request is complete: an empty one is a status query.
+    conn.shutdown(std::net::Shutdown::Write).map_err(read)?;
+    conn.set_read_timeout(Some(wait)).map_err(read)?;
     let mut text = String::new();
     conn.read_to_string(&mut text).map_err(read)?;
     serde_json::from_str(text.trim()).map_err(|_| ControlError::NotJson { path: path.to_path_buf() })
@@ -138,6 +195,26 @@ mod tests {
         assert!(matches!(ControlSocket::serve(&path, board), Err(ControlError::InUse { .. })));
         drop(sock);
         assert!(!path.exists(), "the socket file is removed on drop");
+    }
+
+    #[test]
+    fn answers_switchover_requests_with_one_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kv.sock");
+        let board = Arc::new(Board::new("kv", Role::Secondary));
+        let _sock = ControlSocket::serve(&path, board.clone()).unwrap();
+        let wait = Duration::from_secs(5);
+        let v = request(&path, "switchover", wait).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("this copy is the secondary"), "{v}");
+        board.set_role(Role::Primary);
+        board.set_switch_handler(Some(Arc::new(|| Ok(serde_json::json!({ "exit": 1000 })))));
+        let v = request(&path, "switchover", wait).unwrap();
+        assert_eq!((v["ok"].as_bool(), v["exit"].as_u64()), (Some(true), Some(1000)), "{v}");
+        let v = request(&path, "reboot", wait).unwrap();
+        assert_eq!(v["ok"], false, "{v}");
+        // An empty request is a status query.
+        assert_eq!(query(&path).unwrap()["role"], "primary");
     }
 
     #[test]

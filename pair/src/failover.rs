@@ -378,6 +378,33 @@ impl Failover {
         }
     }
 
+    /// A planned switchover was given up before the secondary was told: this
+    /// side may claim again, as before [`Failover::yield_claim`].
+    pub fn unyield(&self) {
+        let mut held = lock_hold(&self.ownership);
+        if let Hold::Yielded = *held {
+            *held = Hold::Open;
+        }
+    }
+
+    /// After a handover: whether the peer won this pair's generation
+    /// (the arbiter moved past it, owned by someone else) within `wait`.
+    /// Blocking (file I/O, polling every millisecond); call it off the
+    /// async workers.
+    pub fn taken_by_peer(&self, wait: Duration) -> Result<bool, ArbiterError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let (generation, owner) = self.arbiter.current()?;
+            if generation != self.generation && owner.as_ref() != Some(&self.owner) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// The handover did not go through (the peer never acknowledged the
     /// fault): claim now, as for a lost peer. Won: this side keeps the
     /// guest and applies `--on-fault`; lost: the peer went live. Blocking

@@ -30,13 +30,14 @@ pub mod repair;
 pub mod secondary;
 mod shipper;
 pub mod status;
+pub mod switchover;
 
 pub use control::{ControlError, ControlSocket};
 
 pub use failover::{Failover, FailoverConfig, Verdict};
 pub use health::{Health, HealthConfig, OnFault, OutputMode};
 pub use primary::{PrimaryConfig, PrimaryEnd, PrimarySession};
-pub use secondary::{MakeLive, SecondaryConfig, SecondaryEnd, SecondarySession};
+pub use secondary::{MakeLive, NoPrimary, SecondaryConfig, SecondaryEnd, SecondarySession};
 pub use status::{Board, FaultEvent, Role, Status};
 
 use replication::channel::ChannelError;

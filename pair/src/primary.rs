@@ -54,6 +54,15 @@ pub struct PrimaryConfig {
     /// `--standby`: spare hosts a primary running alone re-protects itself
     /// onto (a live transfer, then the log), tried in turn.
     pub standby: Vec<String>,
+    /// `--switch-listen`: where this process waits as the new primary's
+    /// secondary after a planned switchover; `None`: `ftvm switchover` is
+    /// refused.
+    pub switch_listen: Option<String>,
+    /// A copy that went live by a planned switchover
+    /// ([`PrimarySession::start_alone`]): the old primary holds the state at
+    /// the switch, so the log is kept from the start and the first repair
+    /// joins it there, with no transfer.
+    pub rejoin: bool,
 }
 
 impl PrimaryConfig {
@@ -69,6 +78,8 @@ impl PrimaryConfig {
             max_held_bytes: output_rule::DEFAULT_MAX_HELD_BYTES,
             health: None,
             standby: Vec::new(),
+            switch_listen: None,
+            rejoin: false,
         }
     }
 }
@@ -94,6 +105,10 @@ pub enum PrimaryEnd {
     /// holds the guest and `--on-fault` decides (clean restart, or exit
     /// status 5). Nothing more was released.
     Faulted(Detected),
+    /// A planned switchover (`ftvm switchover`): the secondary took the
+    /// guest over at this exit and is live; this copy's guest must never
+    /// run again (it may become the new primary's standby).
+    SwitchedOver(crate::switchover::Switched),
 }
 
 /// Where a primary stands.
@@ -131,6 +146,17 @@ pub(crate) struct PrimaryShared {
     /// log after it is kept (not dropped) while alone, for the new
     /// secondary.
     kept_after: Mutex<Option<u64>>,
+    /// The VM's checkpointer: a switchover stops the guest at one of its
+    /// checkpoints.
+    checkpointer: OnceLock<vmm::checkpoint::Checkpointer>,
+    /// Where this copy waits as the new primary's secondary, bound for a
+    /// switchover under way.
+    pub(crate) switch_listener: Mutex<Option<std::net::TcpListener>>,
+    /// A switchover is under way: the failover decision waits for its
+    /// outcome.
+    pub(crate) switching: AtomicBool,
+    /// The switchover is done: the other copy is live.
+    pub(crate) switched: Mutex<Option<crate::status::SwitchoverEvent>>,
 }
 
 impl PrimaryShared {
@@ -151,6 +177,25 @@ impl PrimaryShared {
     }
     pub(crate) fn shipping(&self) -> bool {
         self.shipping.load(Ordering::SeqCst)
+    }
+    fn new(phase: Phase) -> PrimaryShared {
+        PrimaryShared {
+            phase: Mutex::new(phase),
+            shipping: AtomicBool::new(true),
+            guest_ended: AtomicBool::new(false),
+            ended: tokio::sync::Notify::new(),
+            channel_error: Mutex::new(None),
+            stopped_guest: AtomicBool::new(false),
+            stop: OnceLock::new(),
+            kept_after: Mutex::new(None),
+            checkpointer: OnceLock::new(),
+            switch_listener: Mutex::new(None),
+            switching: AtomicBool::new(false),
+            switched: Mutex::new(None),
+        }
+    }
+    pub(crate) fn checkpointer(&self) -> Option<vmm::checkpoint::Checkpointer> {
+        self.checkpointer.get().cloned()
     }
     fn stop_guest(&self) {
         self.stopped_guest.store(true, Ordering::SeqCst);
@@ -176,6 +221,34 @@ impl OutputSink for DynSink {
 }
 
 pub(crate) type SharedReleaser = Arc<Releaser<DynSink>>;
+
+/// The live output sink, which a switchover takes away (with the TAP it
+/// holds, which the process needs again if it goes live later): nothing
+/// more may reach the world from this copy.
+type LiveSlot = Arc<Mutex<Option<Box<dyn OutputSink>>>>;
+
+struct Retirable(LiveSlot);
+
+impl Retirable {
+    fn with(&self, f: impl FnOnce(&mut dyn OutputSink) -> Result<(), HookError>) -> Result<(), HookError> {
+        match self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            Some(sink) => f(sink.as_mut()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl OutputSink for Retirable {
+    fn serial(&mut self, exit: ExitIndex, bytes: &[u8]) -> Result<(), HookError> {
+        self.with(|s| s.serial(exit, bytes))
+    }
+    fn transmit_frame(&mut self, exit: ExitIndex, frame: &[u8]) -> Result<(), HookError> {
+        self.with(|s| s.transmit_frame(exit, frame))
+    }
+    fn signal(&mut self, exit: ExitIndex, signal: GuestSignal) -> Result<(), HookError> {
+        self.with(|s| s.signal(exit, signal))
+    }
+}
 
 /// The current secondary's channel and the current pair's failover: both
 /// replaced when a repair pairs this primary with a new secondary.
@@ -219,6 +292,9 @@ pub struct PrimarySession {
     shipper_thread: JoinHandle<Result<(), ChannelError>>,
     releaser_thread: JoinHandle<Result<(), HookError>>,
     health: Option<Arc<Health>>,
+    switch_listen: Option<String>,
+    identity: replication::frame::GuestIdentity,
+    live: LiveSlot,
 }
 
 impl PrimarySession {
@@ -252,19 +328,11 @@ impl PrimarySession {
         } else {
             board.set_health(false, OutputMode::Fast);
         }
-        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let live = Arc::new(Mutex::new(Some(live_output)));
+        let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
-        let shared = Arc::new(PrimaryShared {
-            phase: Mutex::new(Phase::Protected),
-            shipping: AtomicBool::new(true),
-            guest_ended: AtomicBool::new(false),
-            ended: tokio::sync::Notify::new(),
-            channel_error: Mutex::new(None),
-            stopped_guest: AtomicBool::new(false),
-            stop: OnceLock::new(),
-            kept_after: Mutex::new(None),
-        });
+        let shared = Arc::new(PrimaryShared::new(Phase::Protected));
         spawn_ack_task(rt.handle(), &chan, &log, &board, &releaser, failover.clone());
         spawn_channel_watch(rt.handle(), &chan, &board, &shared, &log, failover.clone());
         if let (Some(f), Some(fc)) = (&failover, &config.failover) {
@@ -292,6 +360,7 @@ impl PrimarySession {
             standby: config.standby.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
+            rejoin: false,
         });
         let session = PrimarySession {
             name: config.name,
@@ -308,6 +377,9 @@ impl PrimarySession {
             shipper_thread,
             releaser_thread,
             health: config.health.clone(),
+            switch_listen: config.switch_listen.clone(),
+            identity: config.channel.identity,
+            live,
         };
         let sink: Box<dyn OutputSink> = match &config.health {
             Some(h) => Box::new(h.barrier_sink(gate, session.log.clone()).with_board(session.board.clone())),
@@ -332,19 +404,16 @@ impl PrimarySession {
         let rt = crate::runtime()?;
         let log = Arc::new(LogShared::default());
         log.set_unprotected();
-        let (gate, releaser) = output_rule::gate(DynSink(live_output), log.clone());
+        let live = Arc::new(Mutex::new(Some(live_output)));
+        let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
-        let shared = Arc::new(PrimaryShared {
-            phase: Mutex::new(Phase::Alone),
-            shipping: AtomicBool::new(true),
-            guest_ended: AtomicBool::new(false),
-            ended: tokio::sync::Notify::new(),
-            channel_error: Mutex::new(None),
-            stopped_guest: AtomicBool::new(false),
-            stop: OnceLock::new(),
-            kept_after: Mutex::new(None),
-        });
+        let shared = Arc::new(PrimaryShared::new(Phase::Alone));
+        if config.rejoin {
+            // The old primary holds the state at the switch: the log from
+            // the first record on is kept for it.
+            shared.keep_after(Some(0));
+        }
         let shipper = Shipper::new(log.clone(), None, board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
@@ -364,6 +433,7 @@ impl PrimarySession {
             standby: config.standby.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
+            rejoin: config.rejoin,
         });
         let session = PrimarySession {
             name: config.name,
@@ -380,6 +450,9 @@ impl PrimarySession {
             shipper_thread,
             releaser_thread,
             health: None,
+            switch_listen: config.switch_listen.clone(),
+            identity: config.channel.identity,
+            live,
         };
         Ok((session, Box::new(gate)))
     }
@@ -388,7 +461,23 @@ impl PrimarySession {
     /// on: a repair's failover may stop it through `stop`.
     pub fn running_alone(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
+        self.serve_switchover(&stop);
         self.releaser.set_abort(Box::new(move || stop.is_stopped()));
+    }
+
+    /// Answer `ftvm switchover` from now on.
+    fn serve_switchover(&self, stop: &StopHandle) {
+        let switcher = crate::switchover::Switcher {
+            name: self.name.clone(),
+            log: self.log.clone(),
+            links: self.links.clone(),
+            releaser: self.releaser.clone(),
+            board: self.board.clone(),
+            shared: self.shared.clone(),
+            stop: stop.clone(),
+        };
+        let handler = crate::switchover::handler(Arc::new(switcher), self.switch_listen.clone());
+        self.board.set_switch_handler(Some(handler));
     }
 
     /// The status board.
@@ -416,6 +505,7 @@ impl PrimarySession {
     /// The guest is about to run: failover may stop it through `stop`.
     pub fn running(&self, stop: StopHandle) {
         let _ = self.shared.stop.set(stop.clone());
+        self.serve_switchover(&stop);
         if let Some(h) = &self.health {
             h.arm();
             if let Err(e) = h.watch(stop.clone()) {
@@ -433,6 +523,7 @@ impl PrimarySession {
     /// a spare (a live transfer through `checkpointer`, then the log from
     /// the transfer's checkpoint on). Call once the guest is about to run.
     pub fn repair_with(&self, checkpointer: vmm::checkpoint::Checkpointer) -> Result<()> {
+        let _ = self.shared.checkpointer.set(checkpointer.clone());
         let Some(config) = self.repair.clone() else { return Ok(()) };
         crate::repair::spawn(crate::repair::Repairer {
             config,
@@ -452,6 +543,14 @@ impl PrimarySession {
     /// (handed over to the secondary) when containment is on; anything else
     /// ends as [`PrimarySession::finish`] says.
     pub fn finish_outcome(self, exit: ExitIndex, outcome: &Result<RunOutcome, VmError>) -> Result<PrimaryEnd> {
+        self.board.set_switch_handler(None);
+        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(event) = switched {
+            if let Some(h) = &self.health {
+                h.close();
+            }
+            return Ok(self.switched_over(event));
+        }
         let fault = self.health.as_ref().and_then(|h| {
             h.close();
             h.ended(outcome)
@@ -543,9 +642,42 @@ impl PrimarySession {
         Ok(end)
     }
 
+    /// The switchover is done (the other copy is live): wind down without
+    /// a `Shutdown` record, releasing nothing more, claiming nothing.
+    fn switched_over(self, event: crate::status::SwitchoverEvent) -> PrimaryEnd {
+        let listener = self.shared.switch_listener.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let switched =
+            crate::switchover::Switched { event, listener, identity: self.identity, board: self.board.clone() };
+        self.shared.guest_ended.store(true, Ordering::SeqCst);
+        self.shared.ended.notify_waiters();
+        self.releaser.stop();
+        // Nothing more reaches the world from here; the TAP is let go.
+        drop(self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+        self.shared.shipping.store(false, Ordering::SeqCst);
+        self.log.request_flush();
+        let _ = self.shipper_thread.join();
+        let _ = self.releaser_thread.join();
+        if let Some(f) = &self.links.failover() {
+            f.stop_heartbeats();
+        }
+        drop(self.links);
+        drop(self.shipper);
+        self.board.set_role(Role::Secondary);
+        self.board.set_state("switched over: the other copy is live");
+        PrimaryEnd::SwitchedOver(switched)
+    }
+
     /// The guest stopped at `exit`: tell the secondary where, release what
     /// its acks allow (bounded wait), close the channel, join the threads.
     pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
+        self.board.set_switch_handler(None);
+        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(event) = switched {
+            if let Some(h) = &self.health {
+                h.close();
+            }
+            return Ok(self.switched_over(event));
+        }
         if let Some(h) = &self.health {
             h.close();
         }
@@ -674,6 +806,15 @@ pub(crate) fn spawn_decide(
     let (shared, board, log, releaser) = (shared.clone(), board.clone(), log.clone(), releaser.clone());
     rt.spawn(async move {
         let (loss, verdict) = f.clone().decide().await;
+        // A switchover under way yielded this side's claim: its own outcome
+        // (switched, alone, fenced) stands, not this verdict.
+        while shared.switching.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let switched = shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_some();
+        if switched || shared.phase() != Phase::Protected {
+            return;
+        }
         board.set_peer(false);
         if shared.guest_ended.load(Ordering::SeqCst) {
             return;

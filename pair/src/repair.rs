@@ -88,6 +88,14 @@ pub fn decode_identity(blob: &[u8]) -> Result<(GuestIdentity, String)> {
     Ok((GuestIdentity { image, memory_bytes: u64::from_le_bytes(memory), config }, name))
 }
 
+fn resolve(standby: &str) -> Result<std::net::SocketAddr> {
+    standby
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve --standby {standby}"))?
+        .next()
+        .ok_or_else(|| anyhow!("--standby {standby} resolves to no address"))
+}
+
 /// What a primary needs to re-protect itself.
 #[derive(Clone)]
 pub(crate) struct RepairConfig {
@@ -95,6 +103,9 @@ pub(crate) struct RepairConfig {
     pub(crate) standby: Vec<String>,
     pub(crate) channel: ChannelConfig,
     pub(crate) failover: Option<FailoverConfig>,
+    /// This copy went live by a planned switchover: first join the old
+    /// primary, which holds the state at the switch, with no transfer.
+    pub(crate) rejoin: bool,
 }
 
 /// The repair thread's share of the primary session.
@@ -122,6 +133,9 @@ impl Repairer {
     }
 
     fn run(self) {
+        if self.config.rejoin {
+            self.rejoin_switched();
+        }
         let mut backoff = MIN_BACKOFF;
         let mut next = 0usize;
         let count = self.config.standby.len().max(1);
@@ -161,12 +175,59 @@ impl Repairer {
         self.board.set_peer(false);
     }
 
+    /// After a planned switchover: the old primary, whose stopped guest is
+    /// at the switch's exit, waits as a secondary on one of the standby
+    /// addresses (its `--switch-listen`) for the log from this copy's
+    /// go-live on, which was kept. No transfer: repair's steps 2 to 4 with
+    /// the mark at position 0. Tried for [`SYNC_TIMEOUT`]; then the log is
+    /// dropped again and repair goes on as after a failure (a transfer).
+    fn rejoin_switched(&self) {
+        let deadline = Instant::now() + SYNC_TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline && !self.ended() && self.shared.phase() == Phase::Alone {
+            for standby in &self.config.standby {
+                self.board.set_state(format!("running: live, unprotected; rejoining the old primary at {standby}"));
+                let chan = resolve(standby).and_then(|addr| {
+                    let connect = PrimaryChannel::connect(addr, self.config.channel.clone());
+                    match self.handle.block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connect).await }) {
+                        Ok(Ok(chan)) => Ok((addr, Arc::new(chan))),
+                        Ok(Err(e)) => Err(anyhow!(e).context("no logging channel")),
+                        Err(_) => bail!("no logging channel in {} s", CONNECT_TIMEOUT.as_secs()),
+                    }
+                });
+                match chan {
+                    Ok((addr, chan)) => {
+                        // The kept log goes to this channel: whatever happens,
+                        // there is no second try without a transfer.
+                        if let Err(e) = self.join(addr, standby, chan, 0, None) {
+                            eprintln!(
+                                "ftvm: primary {}: the old primary at {standby} did not rejoin: {e:#}; re-protecting by transfer",
+                                self.config.name
+                            );
+                        }
+                        return;
+                    }
+                    Err(e) => last = Some(format!("{standby}: {e:#}")),
+                }
+                if self.shared.phase() != Phase::Alone {
+                    return;
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+        if self.shared.phase() == Phase::Alone {
+            eprintln!(
+                "ftvm: primary {}: the old primary did not rejoin after the switchover ({}); re-protecting by transfer",
+                self.config.name,
+                last.unwrap_or_else(|| "no --standby".into())
+            );
+            self.shared.keep_after(None);
+            self.board.set_state("running: live, unprotected");
+        }
+    }
+
     fn once(&self, standby: &str) -> Result<()> {
-        let addr = standby
-            .to_socket_addrs()
-            .with_context(|| format!("cannot resolve --standby {standby}"))?
-            .next()
-            .ok_or_else(|| anyhow!("--standby {standby} resolves to no address"))?;
+        let addr = resolve(standby)?;
         let stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).context("cannot reach the standby")?;
         let (log, shared) = (self.log.clone(), self.shared.clone());
         let mark: vmm::checkpoint::Mark = Box::new(move || {
@@ -204,9 +265,23 @@ impl Repairer {
             self.shared.keep_after(None);
             bail!("the guest stopped during the transfer");
         }
+        self.join(addr, standby, chan, report.mark, Some(&report))
+    }
+
+    /// Repair's steps 3 and 4: protected again from `mark` on over `chan`,
+    /// in sync once the new secondary acknowledged the log, then a new
+    /// failover. `transfer`: the transfer that brought the state, if any.
+    fn join(
+        &self,
+        addr: std::net::SocketAddr,
+        standby: &str,
+        chan: Arc<PrimaryChannel>,
+        mark: u64,
+        transfer: Option<&transfer::TransferReport>,
+    ) -> Result<()> {
         // Protected again from here: outputs wait for the new secondary's
         // acks (the checkpoint covers everything up to its mark).
-        self.log.set_protected(LogPosition(report.mark));
+        self.log.set_protected(LogPosition(mark));
         let upto = self.log.appended();
         self.shipper.rejoin(chan.clone());
         self.links.set_chan(chan.clone());
@@ -234,12 +309,18 @@ impl Repairer {
         self.board.set_peer_address(standby.to_string());
         self.board.set_role(Role::Primary);
         self.board.set_state("running");
+        let how = match transfer {
+            Some(report) => format!(
+                "transfer {} ms, final pause {:.2} ms, from guest exit #{}",
+                report.total.as_millis(),
+                report.pause.as_secs_f64() * 1e3,
+                report.exit_index
+            ),
+            None => "no transfer: it holds the state at the switchover".to_string(),
+        };
         eprintln!(
-            "ftvm: primary {}: re-protected onto {standby} (transfer {} ms, final pause {:.2} ms, from guest exit #{}{}): protected",
+            "ftvm: primary {}: re-protected onto {standby} ({how}{}): protected",
             self.config.name,
-            report.total.as_millis(),
-            report.pause.as_secs_f64() * 1e3,
-            report.exit_index,
             repair_ms.map_or_else(String::new, |ms| format!("; redundancy restored {ms:.0} ms after the failure")),
         );
         match &self.config.failover {

@@ -87,6 +87,10 @@ pub enum SecondaryEnd {
     Diverged(VmError),
     /// Anything else the guest did.
     Guest(Result<RunOutcome, VmError>),
+    /// This copy went live and was later switched over (`ftvm switchover`
+    /// on it as the primary): the other copy is live, this one's guest
+    /// must not run again.
+    SwitchedOver(crate::switchover::Switched),
 }
 
 /// The state the session's tasks share.
@@ -109,6 +113,8 @@ struct SecondaryShared {
     fault: Mutex<Option<ReceivedFault>>,
     /// The go-live is a containment (decided on the primary's fault).
     contained: AtomicBool,
+    /// The primary's switchover record: its exit, and when it arrived.
+    switch: Mutex<Option<(ExitIndex, Instant)>>,
 }
 
 /// A fault the primary reported.
@@ -176,6 +182,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// it with a standby as any lone primary.
 struct Relive {
     name: String,
+    /// `--listen`: where this process waits as the new primary's
+    /// secondary after a switchover of its own.
+    listen: String,
     channel: ChannelConfig,
     failover: Option<FailoverConfig>,
     repair: Mutex<Option<(Vec<String>, vmm::checkpoint::Checkpointer)>>,
@@ -270,6 +279,37 @@ impl SecondarySession {
         Ok((session, received))
     }
 
+    /// The old primary of a planned switchover: its stopped guest is at
+    /// `at`, the switch's exit, and the VM the caller builds from it (the
+    /// same memory, no transfer) replays the new primary's log from its
+    /// first record on. Waits on `listener` (bound before the switch) for
+    /// the new primary's channel, at most `wait` ([`NoPrimary`]: the new
+    /// primary re-protects by transfer instead). Failover starts once the
+    /// arbiter is free, as on a standby.
+    pub fn accept_switched(
+        config: SecondaryConfig,
+        board: Arc<Board>,
+        listener: std::net::TcpListener,
+        at: ExitIndex,
+        wait: Duration,
+    ) -> Result<SecondarySession> {
+        board.start_over(Role::Secondary, "switched over: waiting for the new primary's log");
+        board.exit_index.store(at.0, Ordering::SeqCst);
+        let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
+        let rt = crate::runtime()?;
+        listener.set_nonblocking(true)?;
+        let listener = {
+            let _entered = rt.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
+        eprintln!(
+            "ftvm: secondary {}: switched over at guest exit #{at}: waiting for the new primary's log on {}",
+            config.name,
+            listener.local_addr()?
+        );
+        Self::pair_within(config, board, control, rt, listener, true, Some(wait))
+    }
+
     fn listen(
         config: &SecondaryConfig,
         state: &str,
@@ -294,8 +334,22 @@ impl SecondarySession {
         listener: tokio::net::TcpListener,
         late_failover: bool,
     ) -> Result<SecondarySession> {
+        Self::pair_within(config, board, control, rt, listener, late_failover, None)
+    }
+
+    /// [`SecondarySession::pair`], giving up ([`NoPrimary`]) when no
+    /// primary pairs within `wait`.
+    fn pair_within(
+        config: SecondaryConfig,
+        board: Arc<Board>,
+        control: Option<ControlSocket>,
+        rt: tokio::runtime::Runtime,
+        listener: tokio::net::TcpListener,
+        late_failover: bool,
+        wait: Option<Duration>,
+    ) -> Result<SecondarySession> {
         let local = listener.local_addr()?;
-        let chan = accept(&rt, &listener, &config)?;
+        let chan = accept(&rt, &listener, &config, wait)?;
         board.set_peer(true);
         board.set_state("replaying");
         let key = config.channel.key.as_bytes().to_vec();
@@ -320,12 +374,14 @@ impl SecondarySession {
             last_barrier_at: Mutex::new(None),
             fault: Mutex::new(None),
             contained: AtomicBool::new(false),
+            switch: Mutex::new(None),
         });
         let held = Arc::new(HeldOutputs::default());
         let slot = FailoverSlot::new(failover.clone());
         let (tx, records) = queues::received_records();
         let cancel = Arc::new(Notify::new());
         let contain = Arc::new(Notify::new());
+        let switch = Arc::new(Notify::new());
         let (decide, decisions) = queues::decisions();
         let consumed = Arc::new(AtomicU64::new(0));
         let receiving = Receiving {
@@ -338,6 +394,7 @@ impl SecondarySession {
             delayed: spawn_ack_delayer(&rt, &chan, config.ack_delay),
             ack_delay: config.ack_delay,
             contain: contain.clone(),
+            switch: switch.clone(),
             // Without failover nothing may go live: a lost primary or a
             // fault ends replay.
             decide: decide.clone(),
@@ -345,7 +402,7 @@ impl SecondarySession {
         };
         rt.spawn(receiving.run(chan));
         if let Some(f) = failover.clone() {
-            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, contain, decide));
+            rt.spawn(decide_failover(f, board.clone(), shared.clone(), cancel, contain, switch, decide));
         } else if let (Some(fc), true) = (config.failover.clone(), late_failover) {
             let late = LateFailover {
                 config: fc,
@@ -358,6 +415,7 @@ impl SecondarySession {
                 consumed: consumed.clone(),
                 cancel,
                 contain,
+                switch,
                 decide,
             };
             rt.spawn(late.run());
@@ -377,6 +435,7 @@ impl SecondarySession {
         eprintln!("ftvm: secondary {}: paired with the primary: replaying", config.name);
         let relive = Arc::new(Relive {
             name: config.name.clone(),
+            listen: config.listen.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
             repair: Mutex::new(None),
@@ -427,6 +486,7 @@ impl SecondarySession {
             let live_shared = shared.clone();
             let live_stop = stop.clone();
             let health_live = health.clone();
+            let held_live = held.clone();
             let attach: Attach = Box::new(move |clock: u64| {
                 let mut world = make_live(clock, wake)?;
                 if let Some(h) = &health {
@@ -438,6 +498,12 @@ impl SecondarySession {
                         tracing::error!(error = %e, "cannot start the health watchdog");
                     }
                 }
+                let switch = *lock(&live_shared.switch);
+                if let Some((exit, _)) = switch {
+                    // Every output up to the switch's exit was released by
+                    // the primary: only what this copy made past it is new.
+                    held_live.released_through_exit(exit);
+                }
                 let repair = lock(&relive.repair).take();
                 if let Some((standby, checkpointer)) = repair {
                     // Live and alone: record and gate from here, so that a
@@ -445,6 +511,12 @@ impl SecondarySession {
                     let mut pc = crate::primary::PrimaryConfig::new(&relive.name, "", relive.channel.clone());
                     pc.failover = relive.failover.clone();
                     pc.standby = standby;
+                    // Switched over, this process waits as the secondary on
+                    // its own --listen again.
+                    pc.switch_listen = Some(relive.listen.clone());
+                    // Went live by a switchover: the old primary holds the
+                    // state at the switch and waits for the log from here.
+                    pc.rejoin = switch.is_some();
                     let (session, sink) =
                         crate::primary::PrimarySession::start_alone(pc, live_board.clone(), world.output, slot_f.get())
                             .map_err(|e| HookError::Output(std::io::Error::other(format!("{e:#}"))))?;
@@ -482,7 +554,16 @@ impl SecondarySession {
                         outage_ms: crate::status::millis(reaction + recovery),
                     });
                 }
-                if !live_shared.contained.load(Ordering::SeqCst) {
+                if let Some((exit, arrived)) = switch {
+                    let event =
+                        crate::status::SwitchoverEvent::now("primary", exit.0, arrived.elapsed(), SystemTime::now());
+                    eprintln!(
+                        "ftvm: secondary {}: switchover: live from guest exit #{exit}, {:.2} ms after the primary's word",
+                        live_board.snapshot().name,
+                        event.pause_ms
+                    );
+                    live_board.switched(event);
+                } else if !live_shared.contained.load(Ordering::SeqCst) {
                     if let Some((loss, at, _)) = lock(&live_shared.verdict).as_ref() {
                         live_board.failure("primary lost", loss, *at);
                     }
@@ -530,6 +611,9 @@ impl SecondarySession {
                 Ok(crate::primary::PrimaryEnd::LostArbiter) => {
                     self.board.set_state("stopped: lost the arbiter");
                     return SecondaryEnd::LostArbiter;
+                }
+                Ok(crate::primary::PrimaryEnd::SwitchedOver(event)) => {
+                    return SecondaryEnd::SwitchedOver(event);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "winding the re-protected copy down failed"),
@@ -584,6 +668,11 @@ fn hook_error(e: &VmError) -> Option<&HookError> {
     }
 }
 
+/// No primary paired within the time given.
+#[derive(Debug, thiserror::Error)]
+#[error("no primary paired within {} s", .0.as_secs())]
+pub struct NoPrimary(pub Duration);
+
 /// Wait for an authenticated primary of the same guest. The channel
 /// refuses (and logs) a wrong key, a broken or idle connection, garbage or
 /// another protocol version, and keeps waiting, handshaking with several
@@ -593,8 +682,18 @@ fn accept(
     rt: &tokio::runtime::Runtime,
     listener: &tokio::net::TcpListener,
     config: &SecondaryConfig,
+    wait: Option<Duration>,
 ) -> Result<SecondaryChannel> {
-    let accepted = rt.block_on(crate::unless_signalled(SecondaryChannel::accept(listener, config.channel.clone())))?;
+    let accepting = SecondaryChannel::accept(listener, config.channel.clone());
+    let accepted = match wait {
+        None => rt.block_on(crate::unless_signalled(accepting))?,
+        Some(wait) => {
+            match rt.block_on(crate::unless_signalled(async { tokio::time::timeout(wait, accepting).await }))? {
+                Ok(accepted) => accepted,
+                Err(_) => return Err(NoPrimary(wait).into()),
+            }
+        }
+    };
     accepted.map_err(|e| match e {
         ChannelError::IdentityMismatch { .. } => anyhow!(e).context("the primary's guest does not match this one"),
         e => anyhow!(e).context(format!("cannot accept the primary on {}", config.listen)),
@@ -638,6 +737,7 @@ struct LateFailover {
     consumed: Arc<AtomicU64>,
     cancel: Arc<Notify>,
     contain: Arc<Notify>,
+    switch: Arc<Notify>,
     decide: Sender<Decision>,
 }
 
@@ -659,7 +759,8 @@ impl LateFailover {
                     let every = self.config.heartbeat / 2;
                     crate::lag::spawn_secondary_reporter(&handle, self.board.clone(), f.clone(), self.consumed, every);
                     eprintln!("ftvm: secondary {}: in sync with the primary: protected", self.name);
-                    decide_failover(f, self.board, self.shared, self.cancel, self.contain, self.decide).await;
+                    decide_failover(f, self.board, self.shared, self.cancel, self.contain, self.switch, self.decide)
+                        .await;
                     return;
                 }
                 Err(e) if e.is::<crate::failover::LiveElsewhere>() => {
@@ -687,6 +788,8 @@ struct Receiving {
     ack_delay: Duration,
     /// Told when the primary's fault is stored and acknowledged.
     contain: Arc<Notify>,
+    /// Told when the primary's switchover is stored and acknowledged.
+    switch: Arc<Notify>,
     /// Without failover: ends replay when the primary is lost or faulted.
     decide: Sender<Decision>,
     /// Records replayed; a copy that took its state from a transfer starts
@@ -744,6 +847,12 @@ impl Receiving {
                             }
                             break;
                         }
+                        if lock(&self.shared.switch).is_some() {
+                            // Stored and acknowledged: claim and go live at
+                            // the end of the log (a failover started late
+                            // finds the permit when it starts).
+                            self.switch.notify_one();
+                        }
                         if lock(&self.shared.fault).is_some() {
                             // Stored and acknowledged: the primary hands over.
                             // The channel stays open until the primary closes
@@ -794,6 +903,12 @@ impl Receiving {
             f.note_life();
         }
         for r in records {
+            if let Record::Switchover { exit } = &r {
+                // A planned switchover: nothing before it can be rolled
+                // back (every output was released), so replay all of it.
+                self.shared.limits.primary_ended();
+                *lock(&self.shared.switch) = Some((*exit, Instant::now()));
+            }
             if matches!(r, Record::Shutdown { .. }) {
                 // The primary's orderly end is in the log: whatever the
                 // channel does from here (the last ack may meet a closed
@@ -882,22 +997,28 @@ async fn decide_failover(
     shared: Arc<SecondaryShared>,
     cancel: Arc<Notify>,
     contain: Arc<Notify>,
+    switch: Arc<Notify>,
     decide: Sender<Decision>,
 ) {
-    let (loss, contained) = tokio::select! {
-        loss = f.peer_lost() => (loss, false),
+    let (loss, contained, switched) = tokio::select! {
+        loss = f.peer_lost() => (loss, false, false),
         () = contain.notified() => {
             // A coordinated handover: no timeout, no head start.
             let now = Instant::now();
-            (Loss { last_heard: now, decided: now, by: crate::status::Detection::GuestFault }, true)
+            (Loss { last_heard: now, decided: now, by: crate::status::Detection::GuestFault }, true, false)
+        }
+        () = switch.notified() => {
+            // A planned switchover: the primary yielded its claim.
+            let now = Instant::now();
+            (Loss { last_heard: now, decided: now, by: crate::status::Detection::Switchover }, false, true)
         }
     };
-    if shared.clean_end.load(Ordering::SeqCst) && !contained {
+    if shared.clean_end.load(Ordering::SeqCst) && !contained && !switched {
         return;
     }
     shared.contained.store(contained, Ordering::SeqCst);
     board.set_peer(false);
-    if !contained {
+    if !contained && !switched {
         cancel.notify_one();
     }
     let verdict = f.claim(&loss).await;

@@ -47,6 +47,10 @@ pub enum Detection {
     /// (containment): no timeout involved.
     #[serde(rename = "guest fault")]
     GuestFault,
+    /// A planned switchover (`ftvm switchover`): the primary handed the
+    /// guest over on purpose.
+    #[serde(rename = "switchover")]
+    Switchover,
 }
 
 impl Detection {
@@ -57,6 +61,7 @@ impl Detection {
             Detection::ChannelClosed => "log channel closed",
             Detection::Lagging => "replay lag",
             Detection::GuestFault => "guest fault",
+            Detection::Switchover => "switchover",
         }
     }
 }
@@ -114,6 +119,44 @@ pub struct FaultEvent {
     /// `reaction_ms + recovery_ms`.
     pub outage_ms: f64,
 }
+
+/// One planned switchover (`ftvm switchover`) as this process saw it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SwitchoverEvent {
+    /// What this process became: `secondary` (it was the primary and
+    /// handed its guest over) or `primary` (it took the guest over).
+    pub became: &'static str,
+    /// When this side's part ended, RFC 3339 UTC.
+    pub at: String,
+    /// The exit the guest stood still at on the old primary.
+    pub exit: u64,
+    /// Old primary: guest stopped → the other copy won the arbiter (it goes
+    /// live right after replaying the log's tail). New primary: the
+    /// switchover record arrived → live world attached.
+    pub pause_ms: f64,
+    /// Old primary: when its guest stopped; new primary: when its guest
+    /// went live; milliseconds since the Unix epoch (on one clock, their
+    /// difference is the pause the guest saw).
+    pub at_unix_ms: f64,
+}
+
+impl SwitchoverEvent {
+    /// An event of this side, ending now.
+    pub fn now(became: &'static str, exit: u64, pause: Duration, at: SystemTime) -> SwitchoverEvent {
+        SwitchoverEvent {
+            became,
+            at: rfc3339(SystemTime::now()),
+            exit,
+            pause_ms: millis(pause),
+            at_unix_ms: at.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3),
+        }
+    }
+}
+
+/// What answers `ftvm switchover` on this process's control socket: set by
+/// a primary session while its guest runs. Returns the switchover's report
+/// or one clear error.
+pub type SwitchHandler = std::sync::Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
 
 /// Heartbeat counters, when failover is on.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -207,6 +250,10 @@ pub struct Status {
     pub faults: u64,
     /// The last of them.
     pub last_fault: Option<FaultEvent>,
+    /// Planned switchovers this process took part in.
+    pub switchovers: u64,
+    /// The last of them.
+    pub last_switchover: Option<SwitchoverEvent>,
 }
 
 /// The live status, updated by the session's threads.
@@ -242,6 +289,9 @@ pub struct Board {
     pub(crate) last_barrier_exit: AtomicU64,
     faults: AtomicU64,
     last_fault: Mutex<Option<FaultEvent>>,
+    switchovers: AtomicU64,
+    last_switchover: Mutex<Option<SwitchoverEvent>>,
+    switch: Mutex<Option<SwitchHandler>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -277,6 +327,66 @@ impl Board {
             last_barrier_exit: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             last_fault: Mutex::new(None),
+            switchovers: AtomicU64::new(0),
+            last_switchover: Mutex::new(None),
+            switch: Mutex::new(None),
+        }
+    }
+
+    /// The process goes on in a new role (a planned switchover's old
+    /// primary becoming the secondary): the positions, counters and peer of
+    /// the last session start over; its failures, faults and switchovers
+    /// stay.
+    pub fn start_over(&self, role: Role, state: impl Into<String>) {
+        self.set_role(role);
+        self.set_state(state);
+        self.set_peer(false);
+        for counter in [
+            &self.log_position,
+            &self.acked_position,
+            &self.released_position,
+            &self.received,
+            &self.outputs_held,
+            &self.outputs_held_bytes,
+            &self.log_bytes,
+            &self.log_wire_bytes,
+            &self.last_barrier_exit,
+        ] {
+            counter.store(0, Ordering::SeqCst);
+        }
+        self.replay_lag_us.store(u64::MAX, Ordering::SeqCst);
+        *lock(&self.heartbeats) = None;
+    }
+
+    /// Record a planned switchover this process took part in.
+    pub fn switched(&self, event: SwitchoverEvent) {
+        tracing::info!(became = event.became, exit = event.exit, pause_ms = event.pause_ms, "switchover");
+        self.switchovers.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.last_switchover) = Some(event);
+    }
+
+    pub fn last_switchover(&self) -> Option<SwitchoverEvent> {
+        lock(&self.last_switchover).clone()
+    }
+
+    /// Set (or clear) what answers `ftvm switchover`.
+    pub fn set_switch_handler(&self, handler: Option<SwitchHandler>) {
+        *lock(&self.switch) = handler;
+    }
+
+    /// `ftvm switchover`: run the primary session's switchover, or say why
+    /// this process cannot.
+    pub fn switchover(&self) -> Result<serde_json::Value, String> {
+        let handler = lock(&self.switch).clone();
+        match handler {
+            Some(h) => h(),
+            None => Err(match self.role() {
+                Role::Secondary => "this copy is the secondary: run `ftvm switchover` on the primary".to_string(),
+                Role::Standalone => {
+                    "this copy runs unprotected (no secondary in sync): nothing to switch over to".to_string()
+                }
+                Role::Primary => format!("the primary is not running its guest ({})", lock(&self.state)),
+            }),
         }
     }
 
@@ -442,6 +552,8 @@ impl Board {
             },
             faults: self.faults.load(Ordering::SeqCst),
             last_fault: self.last_fault(),
+            switchovers: self.switchovers.load(Ordering::SeqCst),
+            last_switchover: self.last_switchover(),
         }
     }
 }

@@ -436,7 +436,7 @@ pub fn encoded_record_len(record: &Record) -> usize {
         // Mode, slot, length.
         Record::Frame { frame, .. } => frame.len().saturating_add(7),
         Record::Digest { .. } => 24,
-        Record::Shutdown { .. } | Record::Barrier { .. } => 0,
+        Record::Shutdown { .. } | Record::Barrier { .. } | Record::Switchover { .. } => 0,
         Record::Fault { .. } => 1,
     })
 }
@@ -650,7 +650,7 @@ fn fill_records(
                 out.put_u64_le(*devices);
                 out.put_u64_le(*memory);
             }
-            Record::Shutdown { .. } | Record::Barrier { .. } => {}
+            Record::Shutdown { .. } | Record::Barrier { .. } | Record::Switchover { .. } => {}
             Record::Fault { fault, .. } => out.put_u8(fault.byte()),
         }
         // Stop early rather than fill a megabyte past the cap.
@@ -1162,6 +1162,7 @@ fn parse_records(p: &mut Payload, context: &mut RecordContext) -> Result<Message
             RecordKind::Digest => Record::Digest { exit, vcpu: p.u64()?, devices: p.u64()?, memory: p.u64()? },
             RecordKind::Shutdown => Record::Shutdown { exit },
             RecordKind::Barrier => Record::Barrier { exit },
+            RecordKind::Switchover => Record::Switchover { exit },
             RecordKind::Fault => {
                 let byte = p.u8()?;
                 let fault = FaultKind::from_byte(byte).ok_or(FrameError::Malformed { what: "fault kind" })?;
@@ -1330,6 +1331,7 @@ mod tests {
                 .prop_map(|(exit, vcpu, devices, memory)| Record::Digest { exit, vcpu, devices, memory }),
             exit.clone().prop_map(|exit| Record::Shutdown { exit }),
             exit.clone().prop_map(|exit| Record::Barrier { exit }),
+            exit.clone().prop_map(|exit| Record::Switchover { exit }),
             (exit, proptest::sample::select(FaultKind::ALL.to_vec()))
                 .prop_map(|(exit, fault)| Record::Fault { exit, fault }),
         ]

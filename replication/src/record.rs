@@ -66,6 +66,8 @@ pub enum RecordKind {
     Barrier = 6,
     /// [`Record::Fault`].
     Fault = 7,
+    /// [`Record::Switchover`].
+    Switchover = 8,
 }
 
 impl RecordKind {
@@ -85,6 +87,7 @@ impl RecordKind {
             5 => RecordKind::Shutdown,
             6 => RecordKind::Barrier,
             7 => RecordKind::Fault,
+            8 => RecordKind::Switchover,
             _ => return None,
         })
     }
@@ -100,6 +103,7 @@ impl fmt::Display for RecordKind {
             RecordKind::Shutdown => "shutdown",
             RecordKind::Barrier => "barrier",
             RecordKind::Fault => "fault",
+            RecordKind::Switchover => "switchover",
         })
     }
 }
@@ -131,6 +135,10 @@ pub enum Record {
     /// The primary saw a guest fault at this exit: the secondary must not
     /// replay past the last barrier before it.
     Fault { exit: ExitIndex, fault: FaultKind },
+    /// A planned switchover: the primary's guest stands still before this
+    /// exit, every output before it was released, and the secondary replays
+    /// the log to here and goes live (`ftvm switchover`). The log ends here.
+    Switchover { exit: ExitIndex },
 }
 
 /// What went wrong inside the guest, as a health source saw it. The byte
@@ -214,7 +222,8 @@ impl Record {
             | Record::Digest { exit, .. }
             | Record::Shutdown { exit }
             | Record::Barrier { exit }
-            | Record::Fault { exit, .. } => *exit,
+            | Record::Fault { exit, .. }
+            | Record::Switchover { exit } => *exit,
         }
     }
 
@@ -228,6 +237,7 @@ impl Record {
             Record::Shutdown { .. } => RecordKind::Shutdown,
             Record::Barrier { .. } => RecordKind::Barrier,
             Record::Fault { .. } => RecordKind::Fault,
+            Record::Switchover { .. } => RecordKind::Switchover,
         }
     }
 }
@@ -246,11 +256,12 @@ mod tests {
             RecordKind::Shutdown,
             RecordKind::Barrier,
             RecordKind::Fault,
+            RecordKind::Switchover,
         ] {
             assert_eq!(RecordKind::from_byte(kind.byte()), Some(kind));
         }
         assert_eq!(RecordKind::from_byte(0), None);
-        assert_eq!(RecordKind::from_byte(8), None);
+        assert_eq!(RecordKind::from_byte(9), None);
         assert_eq!(RecordKind::from_byte(0xff), None);
     }
 
@@ -265,6 +276,7 @@ mod tests {
             (Record::Shutdown { exit }, RecordKind::Shutdown),
             (Record::Barrier { exit }, RecordKind::Barrier),
             (Record::Fault { exit, fault: FaultKind::Halt }, RecordKind::Fault),
+            (Record::Switchover { exit }, RecordKind::Switchover),
         ];
         for (record, kind) in records {
             assert_eq!(record.exit(), exit);

@@ -120,6 +120,8 @@ pub struct Replayer {
     /// The primary stopped cleanly at this exit: replay ends there.
     shutdown_at: Option<ExitIndex>,
     digests_checked: u64,
+    /// The primary's switchover record was read: the log ended there.
+    switched: bool,
     /// The last clock reading served: a go-live continues the guest's clock
     /// from here.
     last_clock: u64,
@@ -137,6 +139,7 @@ fn what(r: &Record) -> String {
         Record::Shutdown { exit } => format!("the primary's shutdown at exit {exit}"),
         Record::Barrier { exit } => format!("a barrier at exit {exit}"),
         Record::Fault { exit, fault } => format!("a guest fault ({fault}) at exit {exit}"),
+        Record::Switchover { exit } => format!("the primary's switchover at exit {exit}"),
         #[allow(unreachable_patterns)]
         other => format!("{other:?}"),
     }
@@ -146,7 +149,21 @@ impl Replayer {
     /// Replay the records arriving on `records`; `stop` ends a wait for the
     /// next record.
     pub fn new(records: Receiver<Record>, stop: StopHandle, consumed: Arc<AtomicU64>) -> Self {
-        Replayer { records, next: None, stop, consumed, shutdown_at: None, digests_checked: 0, last_clock: 0 }
+        Replayer {
+            records,
+            next: None,
+            stop,
+            consumed,
+            shutdown_at: None,
+            digests_checked: 0,
+            switched: false,
+            last_clock: 0,
+        }
+    }
+
+    /// Whether the primary's switchover was read from the log.
+    pub fn switchover_seen(&self) -> bool {
+        self.switched
     }
 
     /// Records consumed so far.
@@ -179,7 +196,7 @@ impl Replayer {
                 Some(Record::Barrier { .. } | Record::Fault { .. }) => self.pass(),
                 Some(_) => break,
                 None => {
-                    if self.stop.is_stopped() || self.shutdown_at.is_some() {
+                    if self.switched || self.stop.is_stopped() || self.shutdown_at.is_some() {
                         return Err(HookError::Ended { exit_index: exit });
                     }
                     match self.records.recv_timeout(Duration::from_millis(20)) {
@@ -193,10 +210,14 @@ impl Replayer {
         self.next.as_ref().ok_or(HookError::Ended { exit_index: exit })
     }
 
-    /// A record read from the log: the primary's clean end, or the next.
+    /// A record read from the log: the primary's clean end, a planned
+    /// switchover (the log ends there, and the secondary goes live at the
+    /// first input past it: the decision comes from the receiving side,
+    /// which claimed the arbiter), or the next.
     fn note(&mut self, record: Record) {
         match record {
             Record::Shutdown { exit } => self.shutdown_at = Some(exit),
+            Record::Switchover { .. } => self.switched = true,
             r => self.next = Some(r),
         }
     }
@@ -236,7 +257,7 @@ impl InputSource for Replayer {
             match &self.next {
                 Some(Record::Barrier { exit: at } | Record::Fault { exit: at, .. }) if *at <= exit => self.pass(),
                 Some(_) => break,
-                None if self.shutdown_at.is_some() => break,
+                None if self.shutdown_at.is_some() || self.switched => break,
                 None => match self.records.try_recv() {
                     Ok(r) => self.note(r),
                     Err(_) => break,
@@ -348,5 +369,24 @@ mod tests {
         // An input needed past barriers not yet counted passes them.
         assert_eq!(r.clock_ns(ExitIndex(9)).unwrap(), 30);
         assert_eq!(consumed.load(Ordering::SeqCst), 6);
+    }
+
+    #[test]
+    fn a_switchover_record_ends_the_log_without_ending_the_guest() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        tx.send(Record::Clock { exit: ExitIndex(1), ns: 7 }).unwrap();
+        tx.send(Record::Switchover { exit: ExitIndex(2) }).unwrap();
+        let stop = StopHandle::detached().unwrap();
+        let mut replayer = Replayer::new(rx, stop, Arc::new(AtomicU64::new(0)));
+        assert_eq!(replayer.clock_ns(ExitIndex(1)).unwrap(), 7);
+        assert!(matches!(replayer.clock_ns(ExitIndex(3)), Err(HookError::Ended { .. })));
+        assert!(replayer.switchover_seen() && !replayer.shutdown_seen());
+        // The guest runs on past the switch (live, once the decision is in):
+        // no exit is refused as past an end.
+        assert!(replayer.on_exit(ExitIndex(4), &ExitKind::Hlt).is_ok());
+        // Nothing after the switchover is served from the log.
+        tx.send(Record::Clock { exit: ExitIndex(5), ns: 9 }).unwrap();
+        assert!(matches!(replayer.clock_ns(ExitIndex(5)), Err(HookError::Ended { .. })));
+        assert_eq!(replayer.consumed(), 1);
     }
 }

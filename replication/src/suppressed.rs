@@ -67,6 +67,14 @@ impl HeldOutputs {
         }
     }
 
+    /// A planned switchover: the primary released every output up to its
+    /// guest's exit `exit` (it stood still there): stop holding those. What
+    /// this copy produced past `exit` (replaying up to its first input past
+    /// it) the primary never did: that stays, for the go-live.
+    pub fn released_through_exit(&self, exit: ExitIndex) {
+        self.lock().held.retain(|(_, at, _)| *at > exit);
+    }
+
     /// Outputs held now.
     pub fn len(&self) -> usize {
         self.lock().held.len()
@@ -143,6 +151,20 @@ mod tests {
         let out: Vec<_> = held.drain().into_iter().map(|(_, o)| o).collect();
         assert_eq!(out, vec![frame(3), frame(4), frame(5), frame(6), Output::Serial(b"x".to_vec())]);
         assert!(held.is_empty() && held.drain().is_empty());
+    }
+
+    #[test]
+    fn a_switchover_forgets_the_outputs_up_to_its_exit_and_keeps_the_later_ones() {
+        let held = Arc::new(HeldOutputs::default());
+        let position = Arc::new(AtomicU64::new(4));
+        let mut sink = Suppressor::new(held.clone(), position);
+        // The same log position: no input between them.
+        for n in 1..=4u8 {
+            sink.transmit_frame(ExitIndex(10 + u64::from(n)), &[n]).unwrap();
+        }
+        held.released_through_exit(ExitIndex(12));
+        let out: Vec<_> = held.drain();
+        assert_eq!(out, vec![(ExitIndex(13), frame(3)), (ExitIndex(14), frame(4))]);
     }
 
     #[test]

@@ -368,6 +368,29 @@ pub fn new_memory(settings: &GuestSettings) -> Result<GuestMem, crate::VmError> 
     GuestMem::from_ranges(&[(GuestAddress(0), len)]).map_err(|source| crate::VmError::Memory { mib, source })
 }
 
+/// Memory of a stopped VM, to build its successor from in place
+/// ([`crate::Vm::restore`] with the same memory, no copy: a planned
+/// switchover's old primary becoming the secondary): every page the host
+/// backs is marked as written by the VMM, so that the new VM's digests take
+/// their contents as the starting point, as they do for a transferred
+/// checkpoint's pages. Without pagemap, every page is marked.
+pub fn reuse_memory(mem: &GuestMem) {
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let pages: usize = mem.iter().map(|r| usize::try_from(r.len()).unwrap_or(0) / PAGE_SIZE).sum();
+    let touched = touched_pages(mem, pages);
+    for region in mem.iter() {
+        let bitmap = std::ops::Deref::deref(region).bitmap();
+        let first = usize::try_from(region.start_addr().0).unwrap_or(usize::MAX) / PAGE_SIZE;
+        let len = usize::try_from(region.len()).unwrap_or(0);
+        for (i, offset) in (0..len).step_by(PAGE_SIZE).enumerate() {
+            if touched.as_ref().is_none_or(|t| t.is_set(first.saturating_add(i))) {
+                bitmap.mark_dirty(offset, PAGE_SIZE);
+            }
+        }
+    }
+}
+
 /// Write one page into `mem` (a restored VM's memory). Refuses a page that
 /// is not 4 KiB or lies outside memory.
 pub fn write_page(mem: &GuestMem, mib: u64, addr: u64, data: &[u8]) -> Result<(), CheckpointError> {
