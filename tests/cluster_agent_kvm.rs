@@ -192,12 +192,12 @@ impl Drop for Stopped {
 }
 
 /// Two agents on one host stand for two nodes (each its own state and
-/// control directories): promote forms a pair, demote hands the guest over
-/// through ftvm's failover, the other side's promote confirms it, and the
-/// demoted node's standby is what the new live copy re-protects itself onto:
-/// the pair is protected again, the other way round.
+/// control directories): promote forms a pair, demote is a planned
+/// switchover (`ftvm switchover`): the other copy goes live, the demoted one
+/// becomes its secondary in place, the pair protected throughout; the other
+/// side's promote confirms it. What `crm_resource --move` does.
 #[test]
-fn kvm_agent_promote_pairs_and_demote_hands_over_through_ftvm_failover() {
+fn kvm_agent_promote_pairs_and_demote_switches_over() {
     if !(common::kvm() && lab::require_root()) {
         return;
     }
@@ -225,50 +225,66 @@ fn kvm_agent_promote_pairs_and_demote_hands_over_through_ftvm_failover() {
     let (rc, text) = action(&d2, &p2, "promote", &[("takeover_wait", "1")]);
     assert_eq!(rc, 1, "{text}");
     assert_eq!(common::status_json(d2.join("run/ocf17121.sock").to_str().unwrap())["role"], "secondary");
-    // Demote n1: the guest goes on at n2 through ftvm's failover.
+    // Demote n1: a planned switchover; it returns once n2's copy is live
+    // and n1's is its secondary, with no failure on either side.
     let (rc, text) = action(&d1, &p1, "demote", &[]);
     assert_eq!(rc, 0, "{text}");
-    // Demote returned once n2's claim won; its go-live follows at once, and
-    // its re-protection onto n1's standby may follow within a second (a
-    // primary again): either way n2's copy is the live one.
+    let sock1 = d1.join("run/ocf17121.sock");
     let sock2 = d2.join("run/ocf17121.sock");
     let log = |d: &Path| std::fs::read_to_string(d.join("log/ocf17121.log")).unwrap_or_default();
+    // Demote returned once n2's claim won the arbiter; its go-live (at its
+    // first input past the switch) follows at once.
+    let mut st2 = serde_json::Value::Null;
     let live = lab::wait_for(Duration::from_secs(10), || {
-        let st = status(&sock2);
-        (st["role"] == "standalone" || st["role"] == "primary") && st["last_failure"]["kind"] == "primary lost"
+        st2 = status(&sock2);
+        st2["role"] == "primary"
     });
-    assert!(live, "{}\n--- n1\n{}--- n2\n{}", status(&sock2), log(&d1), log(&d2));
+    assert!(live, "n2's copy is live: {st2}\n--- n1\n{}--- n2\n{}", log(&d1), log(&d2));
+    assert!(st2["last_failure"].is_null(), "a switchover is no failure: {st2}");
+    assert_eq!(st2["switchovers"], 1, "{st2}");
+    let mut st1 = status(&sock1);
+    assert_eq!(st1["role"], "secondary", "n1's copy is n2's secondary: {st1}\n--- n1\n{}", log(&d1));
+    assert_eq!(st1["switchovers"], 1, "{st1}");
+    assert!(log(&d1).contains("switched over at guest exit"), "{}", log(&d1));
     // Until Pacemaker promotes it, n2's unpromoted monitor says unpromoted,
-    // degraded (190; a promoted answer would be a failure to recover from),
-    // also once it re-protected itself (a primary again); a probe tells the
-    // truth: promoted, unprotected (191) or, re-protected already, promoted (8).
+    // degraded (190: a promoted answer would be a failure to recover from);
+    // a probe tells the truth: promoted (8, protected, or 191 while the
+    // pair is joining).
     assert_eq!(action(&d2, &p2, "monitor", &unpromoted_mon).0, 190);
     let (rc, _) = action(&d2, &p2, "monitor", &probe);
     assert!(rc == 191 || rc == 8, "probe of the live copy: {rc}");
     let (rc, text) = action(&d2, &p2, "promote", &[]);
     assert_eq!(rc, 0, "promote confirms: {text}");
-    // n1 runs a standby (the arbiter names n2's copy): unpromoted, 190 while
-    // it waits for or takes the guest's state, and never promoted: promote
-    // waits for a failover that does not come (the guest is live at n2).
-    let sock1 = d1.join("run/ocf17121.sock");
-    let st = common::status_json(sock1.to_str().unwrap());
-    assert_eq!(st["role"], "secondary", "{st}");
+    // n1 is never promoted while n2's copy is live: promote waits for a
+    // failover that does not come.
     let (rc, text) = action(&d1, &p1, "promote", &[("takeover_wait", "1")]);
     assert_eq!(rc, 1, "{text}");
-    // n2 re-protects itself onto it: n2 promoted and protected (8), n1 an
-    // in-sync secondary (0), as the pair was before, the other way round.
+    // The pair is protected the other way round: n2 promoted and protected
+    // (8), n1 an in-sync secondary (0), with no transfer and no failure.
     let mut rcs = (0, 0);
     let protected = lab::wait_for(Duration::from_secs(60), || {
         rcs = (action(&d2, &p2, "monitor", &promoted_mon).0, action(&d1, &p1, "monitor", &unpromoted_mon).0);
         rcs == (8, 0)
     });
     assert!(protected, "monitors {rcs:?}\n--- n1\n{}--- n2\n{}", log(&d1), log(&d2));
-    let (s1, s2) = (common::status_json(sock1.to_str().unwrap()), common::status_json(sock2.to_str().unwrap()));
-    assert_eq!((s2["role"].as_str(), s2["peer"].as_str()), (Some("primary"), Some("up")), "{s2}");
-    assert!(s2["last_failure"]["repair_ms"].is_f64(), "{s2}");
-    assert_eq!((s1["role"].as_str(), s1["state"].as_str()), (Some("secondary"), Some("replaying")), "{s1}");
-    assert!(s1["arbiter_generation"].is_u64(), "n1 runs its failover: {s1}");
+    st1 = status(&sock1);
+    let st2 = status(&sock2);
+    assert_eq!((st2["role"].as_str(), st2["peer"].as_str()), (Some("primary"), Some("up")), "{st2}");
+    assert!(st2["last_failure"].is_null(), "{st2}");
+    assert_eq!((st1["role"].as_str(), st1["peer"].as_str()), (Some("secondary"), Some("up")), "{st1}");
+    assert_eq!(st1["divergences"], 0, "{st1}");
     assert_eq!(action(&d1, &p1, "monitor", &probe).0, 0, "a probe of n1: unpromoted");
+    // And back: demote n2, promote n1.
+    let (rc, text) = action(&d2, &p2, "demote", &[]);
+    assert_eq!(rc, 0, "{text}");
+    let (rc, text) = action(&d1, &p1, "promote", &[]);
+    assert_eq!(rc, 0, "{text}\n--- n1\n{}--- n2\n{}", log(&d1), log(&d2));
+    let back = lab::wait_for(Duration::from_secs(60), || {
+        rcs = (action(&d1, &p1, "monitor", &promoted_mon).0, action(&d2, &p2, "monitor", &unpromoted_mon).0);
+        rcs == (8, 0)
+    });
+    assert!(back, "after the switch back: monitors {rcs:?}\n--- n1\n{}--- n2\n{}", log(&d1), log(&d2));
+    assert_eq!(status(&sock1)["switchovers"], 2);
     for (d, p) in [(&d1, &p1), (&d2, &p2)] {
         assert_eq!(action(d, p, "stop", &[]).0, 0);
         assert_eq!(action(d, p, "monitor", &probe).0, 7);

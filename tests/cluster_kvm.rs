@@ -8,7 +8,10 @@
 //! re-protects itself onto it by a live state transfer while the client
 //! writes on, and the pair is protected again (Promoted and Unpromoted).
 //! Then the same node, the secondary's now, is killed and returns: the
-//! primary that lost its secondary re-protects itself onto it too.
+//! primary that lost its secondary re-protects itself onto it too. Last, a
+//! planned move (`crm_resource --move --promoted`) while the client writes:
+//! the agent's demote is `ftvm switchover`, the roles swap with no client
+//! error, nothing lost, no state transfer and no failure.
 //!
 //! Each node is a lab host's network namespace (TAP on the LAN, the
 //! dedicated link, which carries Corosync's knet and ftvm's channel) plus
@@ -256,7 +259,8 @@ fn online(mon: &str, node: &str) -> bool {
 }
 
 #[test]
-fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_reprotects_onto_the_returning_node() {
+fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_reprotects_onto_the_returning_node_and_moves_it(
+) {
     if !(common::kvm() && lab::require_root()) {
         return;
     }
@@ -563,6 +567,57 @@ fn kvm_netns_pacemaker_promotes_a_pair_follows_ftvm_through_a_node_kill_and_repr
         worst.as_secs_f64() * 1e3,
         protected_after.as_secs_f64() * 1e3,
         live["last_failure"]["repair_ms"],
+    );
+    // A planned move while the client writes: `crm_resource --move` of the
+    // promoted instance to the other node. Pacemaker demotes the primary
+    // (the agent's `ftvm switchover`: the secondary takes the guest over at
+    // an exit boundary, the demoted copy becomes its secondary in place, no
+    // state transfer) and promotes the other copy (promote confirms). The
+    // client sees no error, nothing acknowledged is lost, the pair stays
+    // protected and no failure is recorded.
+    let stop = Arc::new(AtomicBool::new(false));
+    let moved_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let writer = writes(conn, acked, stop.clone(), moved_at.clone());
+    let base = status(&nodes[si])["acked_position"].as_u64().unwrap_or(0);
+    let flowing = lab::wait_for(Duration::from_secs(60), || {
+        status(&nodes[si])["acked_position"].as_u64().is_some_and(|p| p > base + 300)
+    });
+    assert!(flowing, "no writes before the move: {}", status(&nodes[si]));
+    let moved = Instant::now();
+    *moved_at.lock().unwrap() = Some(moved);
+    let out = nodes[si].exec(&["crm_resource", "--move", "--resource", "kv-clone", "--node", &dead, "--promoted"]);
+    assert!(out.status.success(), "crm_resource --move: {}", String::from_utf8_lossy(&out.stderr));
+    let (mut new_primary, mut old_primary) = (serde_json::Value::Null, serde_json::Value::Null);
+    let swapped = lab::wait_for(Duration::from_secs(120), || {
+        seen = nodes[si].crm_mon();
+        new_primary = status(&again);
+        old_primary = status(&nodes[si]);
+        promoted(&seen).as_deref() == Some(dead.as_str())
+            && new_primary["role"] == "primary"
+            && new_primary["peer"] == "up"
+            && old_primary["role"] == "secondary"
+            && old_primary["peer"] == "up"
+    });
+    let move_took = moved.elapsed();
+    assert!(
+        swapped,
+        "the move did not swap the roles:\n{seen}\nnew: {new_primary}\nold: {old_primary}\n{}{}",
+        again.logs(),
+        nodes[si].logs()
+    );
+    stop.store(true, Ordering::SeqCst);
+    let (mut conn, acked, worst) = writer.join().expect("the client's writes through the move");
+    check_writes(&mut conn, acked);
+    assert_eq!(new_primary["switchovers"], 1, "a switchover, not a failover: {new_primary}");
+    assert!(old_primary["last_switchover"]["pause_ms"].is_f64(), "{old_primary}");
+    let out = nodes[si].exec(&["crm_resource", "--clear", "--resource", "kv-clone"]);
+    assert!(out.status.success(), "crm_resource --clear: {}", String::from_utf8_lossy(&out.stderr));
+    eprintln!(
+        "cluster: crm_resource --move -> crm_mon promoted on {dead} with the pair protected the other way round after \
+         {:.2} s; switchover pause {} ms; the slowest write during the move {:.1} ms; {acked} writes acknowledged in all",
+        move_took.as_secs_f64(),
+        old_primary["last_switchover"]["pause_ms"],
+        worst.as_secs_f64() * 1e3,
     );
     // Both nodes go down whole; the lab's namespaces go on drop.
     drop(again);
