@@ -445,6 +445,14 @@ fn run_secondary(
             on_fault(settings, config, tap, serial, health, &board, &outcome, pair)
         }
         SecondaryEnd::WentLive(outcome) | SecondaryEnd::Guest(outcome) => crate::finish(settings, outcome, &caught),
+        SecondaryEnd::HandedOver(fault) => {
+            eprintln!(
+                "ftvm: {name}: guest fault ({}, seen by {}) at guest exit #{exit}: handed over to the secondary that re-protected this copy, which goes live from the last healthy point; released nothing more",
+                fault.kind,
+                fault.source.as_str()
+            );
+            Ok(EXIT_LOST_ARBITER)
+        }
         SecondaryEnd::LostArbiter => {
             eprintln!("ftvm: secondary {name}: the primary is unreachable but holds the arbiter; stopped at guest exit #{exit}");
             Ok(EXIT_LOST_ARBITER)

@@ -426,3 +426,108 @@ fn kvm_netns_a_primary_that_lost_a_lagging_secondary_reprotects_and_the_standby_
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Containment goes on after a failover and a repair: the copy that went
+/// live and re-protected itself logs barriers as a primary does, so a guest
+/// fault there is handed over to the new secondary, which goes live from
+/// the last barrier (before, the re-protected pair logged none, and the
+/// fault was left to `--on-fault` while the new secondary replayed into
+/// it). The fault is a host-side probe of B's copy that the test makes
+/// fail; `strict` outputs, so the client's connection and every
+/// acknowledged write survive both events.
+#[test]
+fn kvm_netns_a_guest_fault_after_a_failover_and_a_repair_is_contained_onto_the_new_secondary() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("rc");
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
+    eprintln!("logs in {}", dir.path().display());
+    let key = common::key_file(dir.path(), "k");
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    let spare_a = format!("{}:7001", lab.host_a().link_ip());
+    let spare_b = format!("{}:7001", lab.host_b().link_ip());
+    let cidr = lab.guest_cidr();
+    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
+    // Each host's probe fails once the test creates its file.
+    let probe = |host: &str| format!("exec:test ! -e {}/fail-{host}", dir.path().display());
+    let (probe_a, probe_b) = (probe("a"), probe("b"));
+    let common_args = [
+        "--key-file",
+        &key,
+        "--arbiter",
+        &arbiter,
+        "--dead-after",
+        common::TEST_DEAD_AFTER,
+        "--health-deadline-ms",
+        "0",
+        "--output-mode",
+        "strict",
+        "--probe-timeout-ms",
+        "2000",
+    ];
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap(), "--probe", &probe_b]);
+    sec.args(["--listen", &listen, "--standby", &spare_a, "--control", &d("s.sock")]);
+    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap(), "--probe", &probe_a]);
+    pri.args(["--peer", &listen, "--standby", &spare_b, "--control", &d("p.sock")]);
+    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
+    let mut w = Writer { s: connect(&lab), acked: 0 };
+    for _ in 0..30 {
+        w.write();
+    }
+    // The primary's VMM dies: B goes live; a standby on A takes the state.
+    primary.0.kill().unwrap();
+    let _ = primary.0.wait();
+    let mut sb = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sb.arg("secondary").args(common_args).args(["--tap", lab.host_a().tap(), "--probe", &probe_a]);
+    sb.args(["--listen", &spare_a, "--control", &d("sb.sock")]);
+    let mut standby = spawn(&mut sb, dir.path(), "standby.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        w.write();
+        let st = common::status_json(&d("s.sock"));
+        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
+    }
+    // Barriers reach the new secondary: it holds replay at them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        w.write();
+        let st = common::status_json(&d("sb.sock"));
+        if st["role"] == "secondary" && st["last_barrier_exit"].is_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no barrier at the new secondary: {st}\n{}", logs(dir.path()));
+    }
+    for _ in 0..30 {
+        w.write();
+    }
+    // B's service fails its probe: contained onto A.
+    std::fs::write(dir.path().join("fail-b"), b"").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let handed = loop {
+        w.write();
+        if let Some(status) = secondary.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "B's copy did not hand its fault over\n{}", logs(dir.path()));
+    };
+    assert_eq!(handed.code(), Some(4), "B handed the guest over (status 4)\n{}", logs(dir.path()));
+    for _ in 0..30 {
+        w.write();
+    }
+    let st = common::status_json(&d("sb.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    assert_eq!(st["last_fault"]["action"], "contained", "{st}");
+    assert_eq!(st["last_fault"]["source"], "probe", "{st}");
+    w.check_all();
+    assert!(standby.0.try_wait().unwrap().is_none(), "the live copy runs on");
+    eprintln!("contained after a repair: {} in all; the event: {}", w.acked, st["last_fault"]);
+}

@@ -404,6 +404,11 @@ impl PrimarySession {
         let rt = crate::runtime()?;
         let log = Arc::new(LogShared::default());
         log.set_unprotected();
+        if let Some(h) = &config.health {
+            // Outputs go at once while alone; once a repair pairs this copy
+            // again, strict holds them for an acknowledged barrier.
+            log.set_strict(h.config().output_mode == OutputMode::Strict);
+        }
         let live = Arc::new(Mutex::new(Some(live_output)));
         let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
         let releaser = Arc::new(releaser);
@@ -449,12 +454,20 @@ impl PrimarySession {
             drain_for: config.drain_for,
             shipper_thread,
             releaser_thread,
-            health: None,
+            health: config.health.clone(),
             switch_listen: config.switch_listen.clone(),
             identity: config.channel.identity,
             live,
         };
-        Ok((session, Box::new(gate)))
+        // With application health the copy logs barriers as a primary
+        // does (dropped while alone): a secondary that a repair brings in
+        // replays no further than the last one, and a guest fault is
+        // contained onto it.
+        let sink: Box<dyn OutputSink> = match &config.health {
+            Some(h) => Box::new(h.barrier_sink(gate, session.log.clone()).with_board(session.board.clone())),
+            None => Box::new(gate),
+        };
+        Ok((session, sink))
     }
 
     /// A copy started by [`PrimarySession::start_alone`] is about to run

@@ -87,6 +87,10 @@ pub enum SecondaryEnd {
     Diverged(VmError),
     /// Anything else the guest did.
     Guest(Result<RunOutcome, VmError>),
+    /// This copy went live, a repair paired it again, and then its guest
+    /// faulted: the fault was handed over to the new secondary, which goes
+    /// live from the last barrier (exit status 4, as a primary's).
+    HandedOver(crate::health::Detected),
     /// This copy went live and was later switched over (`ftvm switchover`
     /// on it as the primary): the other copy is live, this one's guest
     /// must not run again.
@@ -489,10 +493,16 @@ impl SecondarySession {
             let held_live = held.clone();
             let attach: Attach = Box::new(move |clock: u64| {
                 let mut world = make_live(clock, wake)?;
+                let repair = lock(&relive.repair).take();
                 if let Some(h) = &health {
                     // Live now: this copy's own health sources watch it.
                     world.input = Box::new(h.input(crate::health::BoxedInput(world.input)));
-                    world.output = Box::new(h.sink(crate::primary::DynSink(world.output)));
+                    if repair.is_none() {
+                        // Nobody to log barriers for: reports only. (With
+                        // a repair, the primary session's barrier sink
+                        // takes them, below.)
+                        world.output = Box::new(h.sink(crate::primary::DynSink(world.output)));
+                    }
                     h.arm();
                     if let Err(e) = h.watch(live_stop.clone()) {
                         tracing::error!(error = %e, "cannot start the health watchdog");
@@ -504,13 +514,14 @@ impl SecondarySession {
                     // the primary: only what this copy made past it is new.
                     held_live.released_through_exit(exit);
                 }
-                let repair = lock(&relive.repair).take();
                 if let Some((standby, checkpointer)) = repair {
                     // Live and alone: record and gate from here, so that a
                     // standby can be brought in.
                     let mut pc = crate::primary::PrimaryConfig::new(&relive.name, "", relive.channel.clone());
                     pc.failover = relive.failover.clone();
                     pc.standby = standby;
+                    // Barriers and containment go on in the new pair.
+                    pc.health = health_live.clone();
                     // Switched over, this process waits as the secondary on
                     // its own --listen again.
                     pc.switch_listen = Some(relive.listen.clone());
@@ -606,14 +617,22 @@ impl SecondarySession {
         let relived = lock(&self.relive.session).take();
         if let Some(session) = relived {
             // Live, and maybe re-protected: tell the new secondary where the
-            // guest stopped (or learn that it took over).
-            match session.finish(exit) {
+            // guest stopped (or learn that it took over); a guest fault is
+            // contained onto it as a primary's is (`--on-fault` when this
+            // copy runs alone).
+            match session.finish_outcome(exit, &outcome) {
                 Ok(crate::primary::PrimaryEnd::LostArbiter) => {
                     self.board.set_state("stopped: lost the arbiter");
                     return SecondaryEnd::LostArbiter;
                 }
                 Ok(crate::primary::PrimaryEnd::SwitchedOver(event)) => {
                     return SecondaryEnd::SwitchedOver(event);
+                }
+                Ok(crate::primary::PrimaryEnd::HandedOver(fault)) => {
+                    if let Some(f) = self.failover.get() {
+                        f.release();
+                    }
+                    return SecondaryEnd::HandedOver(fault);
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "winding the re-protected copy down failed"),

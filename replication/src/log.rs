@@ -78,7 +78,9 @@ impl LogShared {
         tail.pending.push(record);
         let pos = self.appended.fetch_add(1, Ordering::SeqCst) + 1;
         drop(tail);
-        if barrier && self.strict.load(Ordering::SeqCst) {
+        // Alone, nobody acknowledges barriers: none is kept (a repair's
+        // `set_protected` starts the bookkeeping over).
+        if barrier && self.strict.load(Ordering::SeqCst) && !self.unprotected.load(Ordering::SeqCst) {
             self.barriers.lock().unwrap_or_else(|e| e.into_inner()).push_back(pos);
         }
         LogPosition(pos)
