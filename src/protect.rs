@@ -166,7 +166,7 @@ fn after_switchover(
     // Its pages are the restored VM's starting point for the digests.
     vmm::checkpoint::reuse_memory(&memory);
     let Some(listener) = listener else {
-        return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event));
+        return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event), 0);
     };
     let signals = crate::catch_signals()?;
     let key = SharedKey::from_file(&pair.key_file)?;
@@ -180,7 +180,7 @@ fn after_switchover(
         Ok(session) => session,
         Err(e) if e.is::<pair::NoPrimary>() => {
             eprintln!("ftvm: {}: {e}: waiting for a transfer instead", settings.name);
-            return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event));
+            return standby_after(settings, Box::new(serial), &own, Duration::ZERO, None, Some(event), 0);
         }
         Err(e) => return Err(e),
     };
@@ -346,11 +346,11 @@ pub fn standby(
     ack_delay: Duration,
     metrics: Option<crate::metrics::Endpoint>,
 ) -> Result<i32> {
-    standby_after(settings, serial, pair, ack_delay, metrics, None)
+    standby_after(settings, serial, pair, ack_delay, metrics, None, 0)
 }
 
-/// [`standby`], with the switchover that made this process one, if any
-/// (shown in its status).
+/// [`standby`], with the switchover that made this process one, if any,
+/// and the divergences it healed by becoming one (shown in its status).
 fn standby_after(
     settings: &GuestSettings,
     serial: Box<dyn Write + Send>,
@@ -358,6 +358,7 @@ fn standby_after(
     ack_delay: Duration,
     metrics: Option<crate::metrics::Endpoint>,
     switched: Option<pair::status::SwitchoverEvent>,
+    diverged: u64,
 ) -> Result<i32> {
     let signals = crate::catch_signals()?;
     let key = SharedKey::from_file(&pair.key_file)?;
@@ -373,6 +374,9 @@ fn standby_after(
     let (session, received) = SecondarySession::accept_transfer(session_config, None)?;
     if let Some(event) = switched {
         session.board().switched(event);
+    }
+    for _ in 0..diverged {
+        session.board().count_divergence();
     }
     if let Some(m) = metrics {
         m.serve(session.board())?;
@@ -471,6 +475,23 @@ fn run_secondary(
         SecondaryEnd::PrimaryLost(e) => Err(anyhow!(e).context(format!(
             "secondary {name}: primary lost; no --arbiter, so this copy stops (replayed to guest exit #{exit})"
         ))),
+        SecondaryEnd::Diverged(e) if pair.failover().is_some() => {
+            // Healed, not only reported: this copy's state is worthless,
+            // the primary (which now runs alone, having won the arbiter)
+            // re-protects itself by a fresh transfer onto whatever waits at
+            // its --standby addresses. This process becomes one, on its own
+            // --listen, so a primary that names it there (the cluster
+            // agents do) heals the pair without an operator.
+            eprintln!(
+                "ftvm: secondary {name}: replay diverged at guest exit #{exit} ({:#}); healing: waiting on {} as a standby for a fresh transfer",
+                anyhow!(e),
+                pair.address
+            );
+            drop(kept);
+            drop(caught);
+            drop(vm);
+            standby_after(settings, Box::new(serial), pair, Duration::ZERO, None, None, board.snapshot().divergences)
+        }
         SecondaryEnd::Diverged(e) => Err(anyhow!(e).context(format!("secondary {name}: replay diverged"))),
         SecondaryEnd::SwitchedOver(switched) => {
             // Never run again as the primary: the other copy is live. The

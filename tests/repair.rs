@@ -531,3 +531,82 @@ fn kvm_netns_a_guest_fault_after_a_failover_and_a_repair_is_contained_onto_the_n
     assert!(standby.0.try_wait().unwrap().is_none(), "the live copy runs on");
     eprintln!("contained after a repair: {} in all; the event: {}", w.acked, st["last_fault"]);
 }
+
+/// A divergence is healed, not only reported: the secondary whose replay
+/// departs from the log (a clock reading served one nanosecond off, the
+/// test hook `FTVM_TEST_DIVERGE_AT_EXIT`) drops its state and waits on its
+/// own --listen as a standby; the primary, alone, re-protects itself onto
+/// it by a fresh transfer while the client writes; then a failover to the
+/// healed copy loses nothing.
+#[test]
+fn kvm_netns_a_diverged_secondary_is_healed_by_a_fresh_transfer() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let lab = Lab::pair("rv");
+    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
+    eprintln!("logs in {}", dir.path().display());
+    let key = common::key_file(dir.path(), "k");
+    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
+    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let listen = format!("{}:7000", lab.host_b().link_ip());
+    let cidr = lab.guest_cidr();
+    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
+    let common_args = [
+        "--key-file",
+        &key,
+        "--arbiter",
+        &arbiter,
+        "--dead-after",
+        common::TEST_DEAD_AFTER,
+        "--health-deadline-ms",
+        "0",
+    ];
+    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    sec.env("FTVM_TEST_DIVERGE_AT_EXIT", "3000");
+    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
+    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
+    // The log is "standby.log" so that `logs` shows it.
+    let secondary = spawn(&mut sec, dir.path(), "standby.log");
+    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
+    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
+    pri.args(["--peer", &listen, "--standby", &listen, "--control", &d("p.sock")]);
+    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
+    let mut w = Writer { s: connect(&lab), acked: 0 };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let repair_ms = loop {
+        w.write();
+        let st = common::status_json(&d("p.sock"));
+        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
+            break st["last_failure"]["repair_ms"].as_f64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "not healed within 120 s: {st}\n{}", logs(dir.path()));
+    };
+    let healed = std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default();
+    assert!(healed.contains("replay diverged") && healed.contains("healing"), "{healed}");
+    // The healed copy runs its failover once the primary freed the arbiter.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        w.write();
+        let st = common::status_json(&d("s.sock"));
+        if st["role"] == "secondary" && st["peer"] == "up" && st["arbiter_generation"].is_u64() {
+            assert_eq!(st["divergences"], 1, "the healed divergence is counted: {st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the healed copy is not in sync: {st}\n{}", logs(dir.path()));
+    }
+    for _ in 0..30 {
+        w.write();
+    }
+    // In step now: a failover to it loses nothing.
+    primary.0.kill().unwrap();
+    let _ = primary.0.wait();
+    for _ in 0..30 {
+        w.write();
+    }
+    w.check_all();
+    let st = common::status_json(&d("s.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    eprintln!("divergence healed: repair_ms {repair_ms}; {} writes in all", w.acked);
+    drop(secondary);
+}

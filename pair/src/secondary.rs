@@ -582,7 +582,10 @@ impl SecondarySession {
                 eprintln!("ftvm: secondary {}: went live; running UNPROTECTED", live_board.snapshot().name);
                 Ok(world)
             });
-            let replayer = Replayer::new(records, stop.clone(), consumed.clone());
+            let mut replayer = Replayer::new(records, stop.clone(), consumed.clone());
+            if let Some(at) = test_divergence_at() {
+                replayer = replayer.skew_clock_at(at);
+            }
             let switch = SwitchInput::new(replayer, decisions, attach, slot, held, stop.clone(), went)
                 .with_limits(shared.limits.clone());
             Box::new(Observed { inner: switch, board, position: Arc::new(move || consumed.load(Ordering::Relaxed)) })
@@ -675,6 +678,17 @@ impl SecondarySession {
             _ => SecondaryEnd::Guest(outcome),
         }
     }
+}
+
+/// A test hook: `FTVM_TEST_DIVERGE_AT_EXIT=N` makes the first replay of
+/// this process serve the clock readings at or past exit N one nanosecond
+/// off, so that replay diverges at the next digest (tests of divergence
+/// handling; once per process, so a copy that heals by a fresh transfer
+/// replays true).
+fn test_divergence_at() -> Option<ExitIndex> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let at = std::env::var("FTVM_TEST_DIVERGE_AT_EXIT").ok()?.parse().ok()?;
+    (!TAKEN.swap(true, Ordering::SeqCst)).then_some(ExitIndex(at))
 }
 
 /// The replication hook's error behind a guest's end, whether the vCPU loop

@@ -125,6 +125,9 @@ pub struct Replayer {
     /// The last clock reading served: a go-live continues the guest's clock
     /// from here.
     last_clock: u64,
+    /// Test hook ([`Replayer::skew_clock_at`]): clock readings served at
+    /// or past this exit are one nanosecond off.
+    skew_at: Option<ExitIndex>,
 }
 
 fn what(r: &Record) -> String {
@@ -158,7 +161,18 @@ impl Replayer {
             digests_checked: 0,
             switched: false,
             last_clock: 0,
+            skew_at: None,
         }
+    }
+
+    /// A test hook: serve the clock readings at or past `exit` one
+    /// nanosecond off the log, so that this copy's guest state departs from
+    /// the primary's and the next digest reports a divergence (what a
+    /// hardware fault or a lockstep bug would do). Tests of divergence
+    /// handling use it through `FTVM_TEST_DIVERGE_AT_EXIT`.
+    pub fn skew_clock_at(mut self, exit: ExitIndex) -> Self {
+        self.skew_at = Some(exit);
+        self
     }
 
     /// Whether the primary's switchover was read from the log.
@@ -284,6 +298,10 @@ impl InputSource for Replayer {
     fn clock_ns(&mut self, exit: ExitIndex) -> Result<u64, HookError> {
         match self.take(exit, "a clock reading", |r| matches!(r, Record::Clock { .. }))? {
             Record::Clock { ns, .. } => {
+                let ns = match self.skew_at {
+                    Some(at) if exit >= at => ns.wrapping_add(1),
+                    _ => ns,
+                };
                 self.last_clock = ns;
                 Ok(ns)
             }
