@@ -2,62 +2,32 @@
 //! secondary re-protects itself onto a standby (`ftvm secondary` with no
 //! guest settings) by a live transfer while a client keeps writing; the
 //! standby then takes over when the primary is killed, the client's
-//! connection and every acknowledged write intact.
+//! connection and every acknowledged write intact. Also: a transfer cut
+//! midway and retried, a double failure, a lagging secondary's loss, a
+//! guest fault after a repair (contained onto the new secondary), and a
+//! diverged secondary healed by a fresh transfer.
 
 mod common;
 
-use common::{connect_kvstore as connect, reply, resp, Proc};
+use common::rig::{args, Rig, Writer};
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ftvm_lab as lab;
-use lab::Lab;
 
-/// Writes on one kvstore connection: an INCR of `counter` (each reply must
-/// be the count acknowledged so far plus one) and a SET of `k<i>`.
-struct Writer {
-    s: std::io::BufReader<std::net::TcpStream>,
-    acked: i64,
+/// Re-protected: a primary again, with `repair_ms` on its failure.
+fn repaired(st: &serde_json::Value) -> bool {
+    st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64()
 }
 
-impl Writer {
-    fn write(&mut self) {
-        let i = self.acked + 1;
-        self.s.get_mut().write_all(&resp(&["INCR", "counter"])).unwrap();
-        assert_eq!(reply(&mut self.s), format!(":{i}\r\n"), "INCR after {} acknowledged", self.acked);
-        self.s.get_mut().write_all(&resp(&["SET", &format!("k{i}"), &i.to_string()])).unwrap();
-        assert_eq!(reply(&mut self.s), "+OK\r\n");
-        self.acked = i;
+/// Write on until the standby's log says it runs its failover (the primary
+/// freed the arbiter for the new pair).
+fn until_standby_protected(rig: &Rig, w: &mut Writer) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !rig.log("standby.log").contains("protected") {
+        w.write();
+        assert!(std::time::Instant::now() < deadline, "the standby never started failover\n{}", rig.logs());
     }
-
-    /// Every acknowledged write is there.
-    fn check_all(&mut self) {
-        self.s.get_mut().write_all(&resp(&["GET", "counter"])).unwrap();
-        let n = self.acked.to_string();
-        assert_eq!(reply(&mut self.s), format!("${}\r\n{n}\r\n", n.len()));
-        for i in 1..=self.acked {
-            self.s.get_mut().write_all(&resp(&["GET", &format!("k{i}")])).unwrap();
-            assert_eq!(reply(&mut self.s), format!("${}\r\n{i}\r\n", i.to_string().len()), "k{i}");
-        }
-    }
-}
-
-fn log(dir: &std::path::Path, name: &str) -> std::fs::File {
-    std::fs::File::create(dir.join(name)).unwrap()
-}
-
-fn logs(dir: &std::path::Path) -> String {
-    let mut out = String::new();
-    for n in ["primary.log", "secondary.log", "standby.log"] {
-        out += &format!("--- {n}\n{}\n", std::fs::read_to_string(dir.join(n)).unwrap_or_default());
-    }
-    out
-}
-
-fn spawn(cmd: &mut Command, dir: &std::path::Path, name: &str) -> Proc {
-    Proc(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log(dir, name)).spawn().unwrap())
 }
 
 #[test]
@@ -65,92 +35,39 @@ fn kvm_netns_a_lone_primary_reprotects_onto_a_standby_under_load_and_a_failover_
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("rp");
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-    let key = common::key_file(dir.path(), "k");
-    eprintln!("logs in {}", dir.path().display());
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let listen = format!("{}:7000", lab.host_b().link_ip());
-    let spare = format!("{}:7001", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
-    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
-    // No health deadline: this test is about repair, and on a loaded
-    // two-core machine a 30 ms stall of the vCPU thread is a fault.
-    let common_args = [
-        "--key-file",
-        &key,
-        "--arbiter",
-        &arbiter,
-        "--dead-after",
-        common::TEST_DEAD_AFTER,
-        "--health-deadline-ms",
-        "0",
-    ];
-
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
-    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
-    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
-    pri.args(["--peer", &listen, "--standby", &spare, "--control", &d("p.sock")]);
-    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
-
-    let mut w = Writer { s: connect(&lab), acked: 0 };
-    for _ in 0..50 {
-        w.write();
-    }
+    let rig = Rig::new("rp");
+    let spare = rig.link(rig.lab.host_b(), 7001);
+    let (mut secondary, mut primary) = rig.pair(&rig.kvstore(32), &[], &[], &["--standby", &spare]);
+    let mut w = Writer::new(&rig.lab);
+    w.writes(50);
     // The secondary's VMM dies: the primary carries on alone.
     secondary.0.kill().unwrap();
     let _ = secondary.0.wait();
-    for _ in 0..50 {
-        w.write();
-    }
-    let st = common::status_json(&d("p.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    w.writes(50);
+    let st = common::status_json(&rig.path("p.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
 
     // A standby comes up on the failed secondary's host, with no guest
     // settings: the primary re-protects itself onto it while the client
     // writes on.
-    let mut sb = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sb.arg("secondary").args(common_args).args(["--tap", lab.host_b().tap()]);
-    sb.args(["--listen", &spare, "--control", &d("sb.sock")]);
-    let standby = spawn(&mut sb, dir.path(), "standby.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let repair_ms = loop {
-        w.write();
-        let st = common::status_json(&d("p.sock"));
-        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
-            assert_eq!(st["peer"], "up", "{st}");
-            break st["last_failure"]["repair_ms"].as_f64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
-    };
-    // The standby holds the whole log once its failover runs (the primary
-    // freed the arbiter for the new pair).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default().contains("protected") {
-        w.write();
-        assert!(Instant::now() < deadline, "the standby never started failover\n{}", logs(dir.path()));
-    }
-    let st = common::status_json(&d("sb.sock"));
+    let standby = rig.standby(rig.lab.host_b(), &spare, &[]);
+    let st = rig.write_until(&mut w, &rig.path("p.sock"), Duration::from_secs(120), "repair", repaired);
+    assert_eq!(st["peer"], "up", "{st}");
+    let repair_ms = st["last_failure"]["repair_ms"].as_f64().unwrap();
+    until_standby_protected(&rig, &mut w);
+    let st = common::status_json(&rig.path("sb.sock"));
     assert_eq!(st["role"], "secondary", "{st}");
     assert_eq!(st["name"], "kvstore", "the name travels with the state: {st}");
-    for _ in 0..50 {
-        w.write();
-    }
+    w.writes(50);
     let before = w.acked;
 
     // Now the primary dies: the standby, which never had the image, goes live.
     primary.0.kill().unwrap();
     let _ = primary.0.wait();
-    for _ in 0..50 {
-        w.write();
-    }
+    w.writes(50);
     w.check_all();
-    let st = common::status_json(&d("sb.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    let st = common::status_json(&rig.path("sb.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
     assert_eq!(st["last_failure"]["kind"], "primary lost", "{st}");
     eprintln!("repair: {repair_ms} ms (failure → new secondary in sync); {before} writes before the second failover, {} in all", w.acked);
     drop(standby);
@@ -161,97 +78,47 @@ fn kvm_netns_a_standby_killed_mid_transfer_leaves_the_primary_serving_and_a_retr
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("rk");
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-    eprintln!("logs in {}", dir.path().display());
-    let key = common::key_file(dir.path(), "k");
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let spare = format!("{}:7001", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
+    let rig = Rig::new("rk");
+    let spare = rig.link(rig.lab.host_b(), 7001);
     // A guest with more memory written makes a longer transfer to cut.
-    let guest = ["--guest", "kvstore", "--memory-mib", "64", "--ip", &cidr];
-    let common_args = [
-        "--key-file",
-        &key,
-        "--arbiter",
-        &arbiter,
-        "--dead-after",
-        common::TEST_DEAD_AFTER,
-        "--health-deadline-ms",
-        "0",
-    ];
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    let listen = format!("{}:7000", lab.host_b().link_ip());
-    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
-    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
-    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
-    pri.args(["--peer", &listen, "--standby", &spare, "--control", &d("p.sock")]);
-    let primary = spawn(&mut pri, dir.path(), "primary.log");
-    let mut w = Writer { s: connect(&lab), acked: 0 };
-    for _ in 0..20 {
-        w.write();
-    }
+    let (mut secondary, primary) = rig.pair(&rig.kvstore(64), &[], &[], &["--standby", &spare]);
+    let mut w = Writer::new(&rig.lab);
+    w.writes(20);
     secondary.0.kill().unwrap();
     let _ = secondary.0.wait();
-    for _ in 0..20 {
-        w.write();
-    }
+    w.writes(20);
 
     // A standby that dies while the state streams to it.
-    let standby_cmd = || {
-        let mut sb = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-        sb.arg("secondary").args(common_args).args(["--tap", lab.host_b().tap()]);
-        sb.args(["--listen", &spare, "--control", &d("sb.sock")]);
-        sb
-    };
-    let mut standby = spawn(&mut standby_cmd(), dir.path(), "standby.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut standby = rig.standby(rig.lab.host_b(), &spare, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         // The control socket answers once the standby listens.
-        let out = common::ftvm().args(["status", "--control", &d("sb.sock"), "--json"]).output().unwrap();
-        if out.status.success() {
-            let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if let Some(st) = common::rig::try_status(&rig.path("sb.sock")) {
             if st["state"].as_str().is_some_and(|s| s.contains("receiving the guest's state")) {
                 break;
             }
             assert!(
                 st["state"].as_str().is_some_and(|s| s.starts_with("standby")),
                 "the transfer ended before it could be cut: {st}\n{}",
-                logs(dir.path())
+                rig.logs()
             );
         }
-        assert!(Instant::now() < deadline, "no transfer began\n{}", logs(dir.path()));
+        assert!(std::time::Instant::now() < deadline, "no transfer began\n{}", rig.logs());
     }
     standby.0.kill().unwrap();
     let _ = standby.0.wait();
     // The primary runs on, alone, and serves.
-    for _ in 0..20 {
-        w.write();
-    }
-    let st = common::status_json(&d("p.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    w.writes(20);
+    let st = common::status_json(&rig.path("p.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
     assert!(st["last_failure"]["repair_ms"].is_null(), "{st}");
-    let primary_log = std::fs::read_to_string(dir.path().join("primary.log")).unwrap();
-    assert!(primary_log.contains("re-protection onto"), "{primary_log}");
+    assert!(rig.log("primary.log").contains("re-protection onto"), "{}", rig.log("primary.log"));
 
     // The standby comes back (as systemd would restart it): the retry succeeds.
-    std::fs::rename(dir.path().join("standby.log"), dir.path().join("standby-killed.log")).unwrap();
-    let standby = spawn(&mut standby_cmd(), dir.path(), "standby.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        w.write();
-        let st = common::status_json(&d("p.sock"));
-        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
-    }
-    for _ in 0..20 {
-        w.write();
-    }
+    std::fs::rename(rig.dir.path().join("standby.log"), rig.dir.path().join("standby-killed.log")).unwrap();
+    let standby = rig.standby(rig.lab.host_b(), &spare, &[]);
+    rig.write_until(&mut w, &rig.path("p.sock"), Duration::from_secs(120), "repair after the retry", repaired);
+    w.writes(20);
     w.check_all();
     drop((primary, standby));
 }
@@ -261,84 +128,38 @@ fn kvm_netns_double_failure_the_survivor_reprotects_onto_a_spare_and_the_client_
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("rd");
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-    eprintln!("logs in {}", dir.path().display());
-    let key = common::key_file(dir.path(), "k");
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let listen = format!("{}:7000", lab.host_b().link_ip());
+    let rig = Rig::new("rd");
     // Each host's spare port: the other side's --standby.
-    let spare_a = format!("{}:7001", lab.host_a().link_ip());
-    let spare_b = format!("{}:7001", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
-    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
-    let common_args = [
-        "--key-file",
-        &key,
-        "--arbiter",
-        &arbiter,
-        "--dead-after",
-        common::TEST_DEAD_AFTER,
-        "--health-deadline-ms",
-        "0",
-    ];
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
-    sec.args(["--listen", &listen, "--standby", &spare_a, "--control", &d("s.sock")]);
-    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
-    pri.args(["--peer", &listen, "--standby", &spare_b, "--control", &d("p.sock")]);
-    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
-    let mut w = Writer { s: connect(&lab), acked: 0 };
-    for _ in 0..30 {
-        w.write();
-    }
+    let spare_a = rig.link(rig.lab.host_a(), 7001);
+    let spare_b = rig.link(rig.lab.host_b(), 7001);
+    let (mut secondary, mut primary) =
+        rig.pair(&rig.kvstore(32), &[], &["--standby", &spare_a], &["--standby", &spare_b]);
+    let mut w = Writer::new(&rig.lab);
+    w.writes(30);
 
     // First failure: the primary's VMM dies; the secondary goes live.
     primary.0.kill().unwrap();
     let _ = primary.0.wait();
-    for _ in 0..30 {
-        w.write();
-    }
-    let st = common::status_json(&d("s.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    w.writes(30);
+    let st = common::status_json(&rig.path("s.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
 
     // The failed primary's host comes back as a spare; the survivor
     // re-protects itself onto it while the client writes on.
-    let mut sb = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sb.arg("secondary").args(common_args).args(["--tap", lab.host_a().tap()]);
-    sb.args(["--listen", &spare_a, "--control", &d("sb.sock")]);
-    let standby = spawn(&mut sb, dir.path(), "standby.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let repair_ms = loop {
-        w.write();
-        let st = common::status_json(&d("s.sock"));
-        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
-            assert_eq!(st["last_failure"]["kind"], "primary lost", "{st}");
-            break st["last_failure"]["repair_ms"].as_f64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default().contains("protected") {
-        w.write();
-        assert!(Instant::now() < deadline, "the standby never started failover\n{}", logs(dir.path()));
-    }
-    for _ in 0..30 {
-        w.write();
-    }
+    let standby = rig.standby(rig.lab.host_a(), &spare_a, &[]);
+    let st = rig.write_until(&mut w, &rig.path("s.sock"), Duration::from_secs(120), "repair", repaired);
+    assert_eq!(st["last_failure"]["kind"], "primary lost", "{st}");
+    let repair_ms = st["last_failure"]["repair_ms"].as_f64().unwrap();
+    until_standby_protected(&rig, &mut w);
+    w.writes(30);
 
     // Second failure: the survivor dies too; the spare goes live.
     secondary.0.kill().unwrap();
     let _ = secondary.0.wait();
-    for _ in 0..30 {
-        w.write();
-    }
+    w.writes(30);
     w.check_all();
-    let st = common::status_json(&d("sb.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    let st = common::status_json(&rig.path("sb.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
     eprintln!("double failure: repair after the first in {repair_ms} ms; {} writes, none lost", w.acked);
     drop(standby);
 }
@@ -354,77 +175,49 @@ fn kvm_netns_a_primary_that_lost_a_lagging_secondary_reprotects_and_the_standby_
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("rl");
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-    let key = common::key_file(dir.path(), "k");
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let listen = format!("{}:7000", lab.host_b().link_ip());
-    let spare = format!("{}:7001", lab.host_b().link_ip());
-    let guest = ["--guest", "crunch", "--memory-mib", "16", "--param", "rounds=1000000000", "--digest-every", "100"];
-    let common_args = [
-        "--key-file",
-        &key,
-        "--arbiter",
-        &arbiter,
-        "--dead-after",
-        common::TEST_DEAD_AFTER,
-        "--health-deadline-ms",
-        "0",
-        "--max-lag-ms",
-        "60000",
-    ];
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.arg("secondary").args(guest).args(common_args);
-    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
-    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(common_args);
-    pri.args(["--peer", &listen, "--standby", &spare, "--control", &d("p.sock")]);
-    let _primary = spawn(&mut pri, dir.path(), "primary.log");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(dir.path().join("primary.log")).unwrap_or_default().contains("protected") {
-        assert!(Instant::now() < deadline, "never paired\n{}", logs(dir.path()));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let rig = Rig::new("rl");
+    let spare = rig.link(rig.lab.host_b(), 7001);
+    let guest =
+        args(&["--guest", "crunch", "--memory-mib", "16", "--param", "rounds=1000000000", "--digest-every", "100"]);
+    let (a, b) = (rig.lab.host_a(), rig.lab.host_b());
+    let listen = rig.link(b, 7000);
+    let base = || guest.iter().cloned().chain(rig.common()).chain(args(&["--max-lag-ms", "60000"]));
+    let mut s = args(&["secondary"]);
+    s.extend(base().chain(args(&["--listen", &listen, "--control", &rig.path("s.sock")])));
+    let mut secondary = rig.spawn(b, "secondary.log", &s);
+    let mut p = args(&["primary"]);
+    p.extend(base().chain(args(&["--peer", &listen, "--standby", &spare, "--control", &rig.path("p.sock")])));
+    let _primary = rig.spawn(a, "primary.log", &p);
+    let paired = lab::wait_for(Duration::from_secs(60), || rig.log("primary.log").contains("protected"));
+    assert!(paired, "never paired\n{}", rig.logs());
     // Let the guest run ahead a while, then the secondary's VMM dies.
-    let st = loop {
-        let st = common::status_json(&d("p.sock"));
-        if st["log_position"].as_u64().unwrap_or(0) > 300 {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "the guest made no progress: {st}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut st = serde_json::Value::Null;
+    let ahead = lab::wait_for(Duration::from_secs(60), || {
+        st = common::status_json(&rig.path("p.sock"));
+        st["log_position"].as_u64().unwrap_or(0) > 300
+    });
+    assert!(ahead, "the guest made no progress: {st}");
     eprintln!("secondary killed at log position {}", st["log_position"]);
     secondary.0.kill().unwrap();
     let _ = secondary.0.wait();
-    let mut sb = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sb.arg("secondary").args(common_args);
-    sb.args(["--listen", &spare, "--control", &d("sb.sock")]);
-    let _standby = spawn(&mut sb, dir.path(), "standby.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let st = common::status_json(&d("p.sock"));
-        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut sb = args(&["secondary"]);
+    sb.extend(rig.common().into_iter().chain(args(&["--max-lag-ms", "60000"])));
+    sb.extend(args(&["--listen", &spare, "--control", &rig.path("sb.sock")]));
+    let _standby = rig.spawn(b, "standby.log", &sb);
+    let done = lab::wait_for(Duration::from_secs(120), || {
+        st = common::status_json(&rig.path("p.sock"));
+        repaired(&st)
+    });
+    assert!(done, "no repair within 120 s: {st}\n{}", rig.logs());
     // In step: the standby replays on past several digest points.
-    let start = common::status_json(&d("sb.sock"))["log_position"].as_u64().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = common::status_json(&d("sb.sock"));
-        assert_eq!(st["role"], "secondary", "{st}\n{}", logs(dir.path()));
-        assert_eq!(st["divergences"], 0, "{st}\n{}", logs(dir.path()));
-        if st["log_position"].as_u64().unwrap_or(0) > start + 300 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the standby does not replay on: {st}\n{}", logs(dir.path()));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let start = common::status_json(&rig.path("sb.sock"))["log_position"].as_u64().unwrap_or(0);
+    let on = lab::wait_for(Duration::from_secs(60), || {
+        st = common::status_json(&rig.path("sb.sock"));
+        assert_eq!(st["role"], "secondary", "{st}\n{}", rig.logs());
+        assert_eq!(st["divergences"], 0, "{st}\n{}", rig.logs());
+        st["log_position"].as_u64().unwrap_or(0) > start + 300
+    });
+    assert!(on, "the standby does not replay on: {st}\n{}", rig.logs());
 }
 
 /// Containment goes on after a failover and a repair: the copy that went
@@ -440,94 +233,51 @@ fn kvm_netns_a_guest_fault_after_a_failover_and_a_repair_is_contained_onto_the_n
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("rc");
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-    eprintln!("logs in {}", dir.path().display());
-    let key = common::key_file(dir.path(), "k");
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let listen = format!("{}:7000", lab.host_b().link_ip());
-    let spare_a = format!("{}:7001", lab.host_a().link_ip());
-    let spare_b = format!("{}:7001", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
-    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
+    let rig = Rig::new("rc");
+    let spare_a = rig.link(rig.lab.host_a(), 7001);
+    let spare_b = rig.link(rig.lab.host_b(), 7001);
     // Each host's probe fails once the test creates its file.
-    let probe = |host: &str| format!("exec:test ! -e {}/fail-{host}", dir.path().display());
+    let probe = |host: &str| format!("exec:test ! -e {}/fail-{host}", rig.dir.path().display());
     let (probe_a, probe_b) = (probe("a"), probe("b"));
-    let common_args = [
-        "--key-file",
-        &key,
-        "--arbiter",
-        &arbiter,
-        "--dead-after",
-        common::TEST_DEAD_AFTER,
-        "--health-deadline-ms",
-        "0",
-        "--output-mode",
-        "strict",
-        "--probe-timeout-ms",
-        "2000",
-    ];
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap(), "--probe", &probe_b]);
-    sec.args(["--listen", &listen, "--standby", &spare_a, "--control", &d("s.sock")]);
-    let mut secondary = spawn(&mut sec, dir.path(), "secondary.log");
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap(), "--probe", &probe_a]);
-    pri.args(["--peer", &listen, "--standby", &spare_b, "--control", &d("p.sock")]);
-    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
-    let mut w = Writer { s: connect(&lab), acked: 0 };
-    for _ in 0..30 {
-        w.write();
-    }
+    let extra = args(&["--output-mode", "strict", "--probe-timeout-ms", "2000"]);
+    let (mut secondary, mut primary) = rig.pair(
+        &rig.kvstore(32),
+        &extra,
+        &["--standby", &spare_a, "--probe", &probe_b],
+        &["--standby", &spare_b, "--probe", &probe_a],
+    );
+    let mut w = Writer::new(&rig.lab);
+    w.writes(30);
     // The primary's VMM dies: B goes live; a standby on A takes the state.
     primary.0.kill().unwrap();
     let _ = primary.0.wait();
-    let mut sb = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sb.arg("secondary").args(common_args).args(["--tap", lab.host_a().tap(), "--probe", &probe_a]);
-    sb.args(["--listen", &spare_a, "--control", &d("sb.sock")]);
-    let mut standby = spawn(&mut sb, dir.path(), "standby.log");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        w.write();
-        let st = common::status_json(&d("s.sock"));
-        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no repair within 120 s: {st}\n{}", logs(dir.path()));
-    }
+    let mut sb_extra = extra.clone();
+    sb_extra.extend(args(&["--probe", &probe_a]));
+    let standby = rig.standby(rig.lab.host_a(), &spare_a, &sb_extra);
+    rig.write_until(&mut w, &rig.path("s.sock"), Duration::from_secs(120), "repair", repaired);
     // Barriers reach the new secondary: it holds replay at them.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        w.write();
-        let st = common::status_json(&d("sb.sock"));
-        if st["role"] == "secondary" && st["last_barrier_exit"].is_u64() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no barrier at the new secondary: {st}\n{}", logs(dir.path()));
-    }
-    for _ in 0..30 {
-        w.write();
-    }
+    rig.write_until(&mut w, &rig.path("sb.sock"), Duration::from_secs(60), "a barrier at the new secondary", |st| {
+        st["role"] == "secondary" && st["last_barrier_exit"].is_u64()
+    });
+    w.writes(30);
     // B's service fails its probe: contained onto A.
-    std::fs::write(dir.path().join("fail-b"), b"").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    std::fs::write(rig.dir.path().join("fail-b"), b"").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let handed = loop {
         w.write();
         if let Some(status) = secondary.0.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "B's copy did not hand its fault over\n{}", logs(dir.path()));
+        assert!(std::time::Instant::now() < deadline, "B's copy did not hand its fault over\n{}", rig.logs());
     };
-    assert_eq!(handed.code(), Some(4), "B handed the guest over (status 4)\n{}", logs(dir.path()));
-    for _ in 0..30 {
-        w.write();
-    }
-    let st = common::status_json(&d("sb.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    assert_eq!(handed.code(), Some(4), "B handed the guest over (status 4)\n{}", rig.logs());
+    w.writes(30);
+    let st = common::status_json(&rig.path("sb.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
     assert_eq!(st["last_fault"]["action"], "contained", "{st}");
     assert_eq!(st["last_fault"]["source"], "probe", "{st}");
     w.check_all();
+    let mut standby = standby;
     assert!(standby.0.try_wait().unwrap().is_none(), "the live copy runs on");
     eprintln!("contained after a repair: {} in all; the event: {}", w.acked, st["last_fault"]);
 }
@@ -543,70 +293,35 @@ fn kvm_netns_a_diverged_secondary_is_healed_by_a_fresh_transfer() {
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("rv");
-    let dir = tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-    eprintln!("logs in {}", dir.path().display());
-    let key = common::key_file(dir.path(), "k");
-    let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-    let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-    let listen = format!("{}:7000", lab.host_b().link_ip());
-    let cidr = lab.guest_cidr();
-    let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
-    let common_args = [
-        "--key-file",
-        &key,
-        "--arbiter",
-        &arbiter,
-        "--dead-after",
-        common::TEST_DEAD_AFTER,
-        "--health-deadline-ms",
-        "0",
-    ];
-    let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    sec.env("FTVM_TEST_DIVERGE_AT_EXIT", "3000");
-    sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
-    sec.args(["--listen", &listen, "--control", &d("s.sock")]);
-    // The log is "standby.log" so that `logs` shows it.
-    let secondary = spawn(&mut sec, dir.path(), "standby.log");
-    let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-    pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
-    pri.args(["--peer", &listen, "--standby", &listen, "--control", &d("p.sock")]);
-    let mut primary = spawn(&mut pri, dir.path(), "primary.log");
-    let mut w = Writer { s: connect(&lab), acked: 0 };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let repair_ms = loop {
-        w.write();
-        let st = common::status_json(&d("p.sock"));
-        if st["role"] == "primary" && st["last_failure"]["repair_ms"].is_f64() {
-            break st["last_failure"]["repair_ms"].as_f64().unwrap();
-        }
-        assert!(Instant::now() < deadline, "not healed within 120 s: {st}\n{}", logs(dir.path()));
-    };
-    let healed = std::fs::read_to_string(dir.path().join("standby.log")).unwrap_or_default();
+    let rig = Rig::new("rv");
+    let (a, b) = (rig.lab.host_a(), rig.lab.host_b());
+    let listen = rig.link(b, 7000);
+    let mut s = args(&["secondary"]);
+    s.extend(rig.kvstore(32).into_iter().chain(rig.common()));
+    s.extend(args(&["--tap", b.tap(), "--listen", &listen, "--control", &rig.path("s.sock")]));
+    let secondary = rig.spawn_env(b, "secondary.log", &s, &[("FTVM_TEST_DIVERGE_AT_EXIT", "3000")]);
+    let mut p = args(&["primary"]);
+    p.extend(rig.kvstore(32).into_iter().chain(rig.common()));
+    p.extend(args(&["--tap", a.tap(), "--peer", &listen, "--standby", &listen, "--control", &rig.path("p.sock")]));
+    let mut primary = rig.spawn(a, "primary.log", &p);
+    let mut w = Writer::new(&rig.lab);
+    let st = rig.write_until(&mut w, &rig.path("p.sock"), Duration::from_secs(120), "healed", repaired);
+    let repair_ms = st["last_failure"]["repair_ms"].as_f64().unwrap();
+    let healed = rig.log("secondary.log");
     assert!(healed.contains("replay diverged") && healed.contains("healing"), "{healed}");
     // The healed copy runs its failover once the primary freed the arbiter.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        w.write();
-        let st = common::status_json(&d("s.sock"));
-        if st["role"] == "secondary" && st["peer"] == "up" && st["arbiter_generation"].is_u64() {
-            assert_eq!(st["divergences"], 1, "the healed divergence is counted: {st}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the healed copy is not in sync: {st}\n{}", logs(dir.path()));
-    }
-    for _ in 0..30 {
-        w.write();
-    }
+    let st = rig.write_until(&mut w, &rig.path("s.sock"), Duration::from_secs(60), "the healed copy in sync", |st| {
+        st["role"] == "secondary" && st["peer"] == "up" && st["arbiter_generation"].is_u64()
+    });
+    assert_eq!(st["divergences"], 1, "the healed divergence is counted: {st}");
+    w.writes(30);
     // In step now: a failover to it loses nothing.
     primary.0.kill().unwrap();
     let _ = primary.0.wait();
-    for _ in 0..30 {
-        w.write();
-    }
+    w.writes(30);
     w.check_all();
-    let st = common::status_json(&d("s.sock"));
-    assert_eq!(st["role"], "standalone", "{st}\n{}", logs(dir.path()));
+    let st = common::status_json(&rig.path("s.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
     eprintln!("divergence healed: repair_ms {repair_ms}; {} writes in all", w.acked);
     drop(secondary);
 }

@@ -6,126 +6,51 @@
 
 mod common;
 
-use common::{connect_kvstore as connect, reply, resp, Proc};
+use common::rig::{args, try_status, Rig, Writer};
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use ftvm_lab as lab;
-use lab::Lab;
-
-/// Writes on one kvstore connection: an INCR of `counter` (each reply must
-/// be the count acknowledged so far plus one) and a SET of `k<i>`.
-struct Writer {
-    s: std::io::BufReader<std::net::TcpStream>,
-    acked: i64,
-    /// The longest single write (INCR + SET) seen: the client-seen gap.
-    longest: Duration,
-}
-
-impl Writer {
-    fn new(lab: &Lab) -> Writer {
-        Writer { s: connect(lab), acked: 0, longest: Duration::ZERO }
-    }
-
-    fn write(&mut self) {
-        let started = Instant::now();
-        let i = self.acked + 1;
-        self.s.get_mut().write_all(&resp(&["INCR", "counter"])).unwrap();
-        assert_eq!(reply(&mut self.s), format!(":{i}\r\n"), "INCR after {} acknowledged", self.acked);
-        self.s.get_mut().write_all(&resp(&["SET", &format!("k{i}"), &i.to_string()])).unwrap();
-        assert_eq!(reply(&mut self.s), "+OK\r\n");
-        self.acked = i;
-        self.longest = self.longest.max(started.elapsed());
-    }
-
-    /// Every acknowledged write is there.
-    fn check_all(&mut self) {
-        self.s.get_mut().write_all(&resp(&["GET", "counter"])).unwrap();
-        let n = self.acked.to_string();
-        assert_eq!(reply(&mut self.s), format!("${}\r\n{n}\r\n", n.len()));
-        for i in 1..=self.acked {
-            self.s.get_mut().write_all(&resp(&["GET", &format!("k{i}")])).unwrap();
-            assert_eq!(reply(&mut self.s), format!("${}\r\n{i}\r\n", i.to_string().len()), "k{i}");
-        }
-    }
-}
-
-fn logs(dir: &std::path::Path) -> String {
-    let mut out = String::new();
-    for n in ["a.log", "b.log"] {
-        out += &format!("--- {n}\n{}\n", std::fs::read_to_string(dir.join(n)).unwrap_or_default());
-    }
-    out
-}
-
-fn spawn(cmd: &mut Command, dir: &std::path::Path, name: &str) -> Proc {
-    let log = std::fs::File::create(dir.join(name)).unwrap();
-    Proc(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap())
-}
-
-/// The status, or `None` while nobody serves the socket (a process between
-/// two roles).
-fn try_status(control: &str) -> Option<serde_json::Value> {
-    let out = common::ftvm().args(["status", "--control", control, "--json"]).output().unwrap();
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
-}
 
 /// The pair of the tests: host A runs the primary (`--switch-listen` on
 /// A:7001, `--standby` B:7000), host B the secondary (`--listen` B:7000,
-/// `--standby` A:7001): each side can re-protect onto the other.
-struct Pair<'a> {
-    lab: &'a Lab,
-    dir: tempfile::TempDir,
-    a: Proc,
-    b: Proc,
+/// `--standby` A:7001): each side can re-protect onto the other. Logs
+/// `a.log` and `b.log`, control sockets `a.sock` and `b.sock`.
+struct Pair {
+    rig: Rig,
+    a: common::Proc,
+    b: common::Proc,
 }
 
-impl Pair<'_> {
-    fn start(lab: &Lab, switch_listen: bool) -> Pair<'_> {
-        let dir =
-            tempfile::Builder::new().disable_cleanup(std::env::var_os("FTVM_TEST_KEEP").is_some()).tempdir().unwrap();
-        eprintln!("logs in {}", dir.path().display());
-        let key = common::key_file(dir.path(), "k");
-        let arbiter = format!("file:{}", dir.path().join("arbiter").display());
-        let d = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
-        let listen_b = format!("{}:7000", lab.host_b().link_ip());
-        let listen_a = format!("{}:7001", lab.host_a().link_ip());
-        let cidr = lab.guest_cidr();
-        let guest = ["--guest", "kvstore", "--memory-mib", "32", "--ip", &cidr];
-        // No health deadline: on a loaded two-core machine a 30 ms stall of
-        // the vCPU thread is a fault, and this test is about switchover.
-        let common_args = [
-            "--key-file",
-            &key,
-            "--arbiter",
-            &arbiter,
-            "--dead-after",
-            common::TEST_DEAD_AFTER,
-            "--health-deadline-ms",
-            "0",
-        ];
-        let mut sec = lab.host_b().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-        sec.arg("secondary").args(guest).args(common_args).args(["--tap", lab.host_b().tap()]);
-        sec.args(["--listen", &listen_b, "--standby", &listen_a, "--control", &d("b.sock")]);
-        let b = spawn(&mut sec, dir.path(), "b.log");
-        let mut pri = lab.host_a().netns().command(env!("CARGO_BIN_EXE_ftvm"));
-        pri.arg("primary").args(guest).args(common_args).args(["--tap", lab.host_a().tap()]);
-        pri.args(["--peer", &listen_b, "--standby", &listen_b, "--control", &d("a.sock")]);
+impl Pair {
+    fn start(name: &str, switch_listen: bool) -> Pair {
+        let rig = Rig::new(name);
+        let (ha, hb) = (rig.lab.host_a(), rig.lab.host_b());
+        let listen_b = rig.link(hb, 7000);
+        let listen_a = rig.link(ha, 7001);
+        let mut sec = args(&["secondary"]);
+        sec.extend(rig.kvstore(32).into_iter().chain(rig.common()));
+        sec.extend(args(&["--tap", hb.tap(), "--listen", &listen_b, "--standby", &listen_a]));
+        sec.extend(args(&["--control", &rig.path("b.sock")]));
+        let b = rig.spawn(hb, "b.log", &sec);
+        let mut pri = args(&["primary"]);
+        pri.extend(rig.kvstore(32).into_iter().chain(rig.common()));
+        pri.extend(args(&["--tap", ha.tap(), "--peer", &listen_b, "--standby", &listen_b]));
+        pri.extend(args(&["--control", &rig.path("a.sock")]));
         if switch_listen {
-            pri.args(["--switch-listen", &listen_a]);
+            pri.extend(args(&["--switch-listen", &listen_a]));
         }
-        let a = spawn(&mut pri, dir.path(), "a.log");
-        Pair { lab, dir, a, b }
+        let a = rig.spawn(ha, "a.log", &pri);
+        Pair { rig, a, b }
     }
 
     fn sock(&self, n: &str) -> String {
-        self.dir.path().join(format!("{n}.sock")).to_str().unwrap().to_string()
+        self.rig.path(&format!("{n}.sock"))
     }
 
     fn logs(&self) -> String {
-        logs(self.dir.path())
+        self.rig.logs()
     }
 
     /// `ftvm switchover` on `from`'s control socket while `w` writes on:
@@ -208,12 +133,9 @@ fn kvm_netns_switchover_under_load_swaps_roles_loses_nothing_and_switches_back()
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("sw");
-    let mut pair = Pair::start(&lab, true);
-    let mut w = Writer::new(pair.lab);
-    for _ in 0..50 {
-        w.write();
-    }
+    let mut pair = Pair::start("sw", true);
+    let mut w = Writer::new(&pair.rig.lab);
+    w.writes(50);
     let st = common::status_json(&pair.sock("a"));
     assert_eq!(st["role"], "primary", "{st}");
 
@@ -222,16 +144,14 @@ fn kvm_netns_switchover_under_load_swaps_roles_loses_nothing_and_switches_back()
     let answer = pair.switchover_under_load("a", &mut w);
     assert_eq!(answer["ok"], true, "{answer}");
     let gap_1 = w.longest;
-    for _ in 0..50 {
-        w.write();
-    }
+    w.writes(50);
     let (b, a) = pair.wait_protected("b", "a", &mut w);
     assert_eq!(b["last_switchover"]["became"], "primary", "{b}");
     assert_eq!(a["last_switchover"]["became"], "secondary", "{a}");
     assert_eq!(b["divergences"], 0, "{b}");
     let pause_1 = pause_ms(&a, &b);
     wait_digest_past_switch(&pair, "a", &mut w);
-    let b_log = std::fs::read_to_string(pair.dir.path().join("b.log")).unwrap();
+    let b_log = pair.rig.log("b.log");
     assert!(b_log.contains("(no transfer: it holds the state at the switchover): protected"), "{}", pair.logs());
     w.check_all();
 
@@ -248,7 +168,7 @@ fn kvm_netns_switchover_under_load_swaps_roles_loses_nothing_and_switches_back()
     assert_eq!(a["name"], "kvstore", "{a}");
     let pause_2 = pause_ms(&b, &a);
     wait_digest_past_switch(&pair, "b", &mut w);
-    let a_log = std::fs::read_to_string(pair.dir.path().join("a.log")).unwrap();
+    let a_log = pair.rig.log("a.log");
     assert!(a_log.contains("(no transfer: it holds the state at the switchover): protected"), "{}", pair.logs());
     w.check_all();
 
@@ -256,9 +176,7 @@ fn kvm_netns_switchover_under_load_swaps_roles_loses_nothing_and_switches_back()
     // (B) loses nothing.
     pair.a.0.kill().unwrap();
     let _ = pair.a.0.wait();
-    for _ in 0..50 {
-        w.write();
-    }
+    w.writes(50);
     w.check_all();
     let st = common::status_json(&pair.sock("b"));
     assert_eq!(st["role"], "standalone", "{st}\n{}", pair.logs());
@@ -276,12 +194,9 @@ fn kvm_netns_switchover_refusals_change_nothing() {
     if !(common::kvm() && lab::require_root()) {
         return;
     }
-    let lab = Lab::pair("sr");
-    let mut pair = Pair::start(&lab, true);
-    let mut w = Writer::new(pair.lab);
-    for _ in 0..20 {
-        w.write();
-    }
+    let mut pair = Pair::start("sr", true);
+    let mut w = Writer::new(&pair.rig.lab);
+    w.writes(20);
     let refused = |sock: &str, want: &str| {
         let out = common::ftvm().args(["switchover", "--control", sock]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).to_string();
@@ -291,27 +206,21 @@ fn kvm_netns_switchover_refusals_change_nothing() {
     };
     // On the secondary.
     refused(&pair.sock("b"), "this copy is the secondary");
-    for _ in 0..20 {
-        w.write();
-    }
+    w.writes(20);
     assert_eq!(common::status_json(&pair.sock("a"))["role"], "primary");
     assert_eq!(common::status_json(&pair.sock("b"))["role"], "secondary");
 
     // On a primary that runs unprotected (its secondary lost).
     pair.b.0.kill().unwrap();
     let _ = pair.b.0.wait();
-    for _ in 0..20 {
-        w.write();
-    }
+    w.writes(20);
     let deadline = Instant::now() + Duration::from_secs(60);
     while common::status_json(&pair.sock("a"))["role"] != "standalone" {
         w.write();
         assert!(Instant::now() < deadline, "the primary never ran alone\n{}", pair.logs());
     }
     refused(&pair.sock("a"), "unprotected");
-    for _ in 0..20 {
-        w.write();
-    }
+    w.writes(20);
     let st = common::status_json(&pair.sock("a"));
     assert_eq!(st["role"], "standalone", "{st}");
     assert_eq!(st["switchovers"], 0, "{st}");
@@ -319,16 +228,11 @@ fn kvm_netns_switchover_refusals_change_nothing() {
     drop(pair);
 
     // A primary without --switch-listen could not become the secondary.
-    let lab = Lab::pair("sn");
-    let pair = Pair::start(&lab, false);
-    let mut w = Writer::new(pair.lab);
-    for _ in 0..20 {
-        w.write();
-    }
+    let pair = Pair::start("sn", false);
+    let mut w = Writer::new(&pair.rig.lab);
+    w.writes(20);
     refused(&pair.sock("a"), "--switch-listen");
-    for _ in 0..20 {
-        w.write();
-    }
+    w.writes(20);
     assert_eq!(common::status_json(&pair.sock("a"))["role"], "primary");
     w.check_all();
 }

@@ -279,3 +279,4 @@ impl Drop for Logged {
         let _ = self.child.wait();
     }
 }
+pub mod rig;
