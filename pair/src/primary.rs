@@ -297,6 +297,20 @@ pub struct PrimarySession {
     live: LiveSlot,
 }
 
+/// What [`PrimarySession::assemble`] builds a session from.
+struct Parts<'a> {
+    config: &'a PrimaryConfig,
+    board: Arc<Board>,
+    control: Option<ControlSocket>,
+    rt: tokio::runtime::Runtime,
+    log: Arc<LogShared>,
+    shared: Arc<PrimaryShared>,
+    live_output: Box<dyn OutputSink>,
+    chan: Option<Arc<PrimaryChannel>>,
+    failover: Option<Arc<Failover>>,
+    rejoin: bool,
+}
+
 impl PrimarySession {
     /// Serve the control socket, wait for the secondary, start heartbeats
     /// and the shipping machinery. Returns the session and the output sink
@@ -328,18 +342,43 @@ impl PrimarySession {
         } else {
             board.set_health(false, OutputMode::Fast);
         }
+        let shared = Arc::new(PrimaryShared::new(Phase::Protected));
+        let (session, sink) = Self::assemble(Parts {
+            config: &config,
+            board,
+            control,
+            rt,
+            log,
+            shared,
+            live_output,
+            chan: Some(chan.clone()),
+            failover: failover.clone(),
+            rejoin: false,
+        })?;
+        let (handle, board, log, shared) = (session.rt.handle(), &session.board, &session.log, &session.shared);
+        spawn_ack_task(handle, &chan, log, board, &session.releaser, failover.clone());
+        spawn_channel_watch(handle, &chan, board, shared, log, failover.clone());
+        if let (Some(f), Some(fc)) = (&failover, &config.failover) {
+            crate::lag::spawn_primary_watch(handle, log.clone(), board.clone(), f.clone(), shared.clone(), fc.max_lag);
+        }
+        crate::progress::primary(board, log, &session.releaser)?;
+        eprintln!("ftvm: primary {}: paired with the secondary at {}: protected", config.name, config.peer);
+        Ok((session, sink))
+    }
+
+    /// The output gate over `live_output`, the shipper and the releaser
+    /// with their threads, and the session over them; with application
+    /// health, the barrier sink over the gate (the copy logs barriers as a
+    /// primary does, dropped while alone: a secondary that a repair brings
+    /// in replays no further than the last one, and a guest fault is
+    /// contained onto it).
+    fn assemble(parts: Parts<'_>) -> Result<(PrimarySession, Box<dyn OutputSink>)> {
+        let Parts { config, board, control, rt, log, shared, live_output, chan, failover, rejoin } = parts;
         let live = Arc::new(Mutex::new(Some(live_output)));
         let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
         let releaser = Arc::new(releaser);
         releaser.set_max_held_bytes(config.max_held_bytes);
-        let shared = Arc::new(PrimaryShared::new(Phase::Protected));
-        spawn_ack_task(rt.handle(), &chan, &log, &board, &releaser, failover.clone());
-        spawn_channel_watch(rt.handle(), &chan, &board, &shared, &log, failover.clone());
-        if let (Some(f), Some(fc)) = (&failover, &config.failover) {
-            let (log, board, shared) = (log.clone(), board.clone(), shared.clone());
-            crate::lag::spawn_primary_watch(rt.handle(), log, board, f.clone(), shared, fc.max_lag);
-        }
-        let shipper = Shipper::new(log.clone(), Some(chan.clone()), board.clone(), releaser.clone(), shared.clone());
+        let shipper = Shipper::new(log.clone(), chan.clone(), board.clone(), releaser.clone(), shared.clone());
         {
             let s = shipper.clone();
             log.set_flusher(move || {
@@ -353,21 +392,19 @@ impl PrimarySession {
             let releaser = releaser.clone();
             std::thread::Builder::new().name("releaser".into()).spawn(move || releaser.run())?
         };
-        crate::progress::primary(&board, &log, &releaser)?;
-        eprintln!("ftvm: primary {}: paired with the secondary at {}: protected", config.name, config.peer);
         let repair = (!config.standby.is_empty()).then(|| crate::repair::RepairConfig {
             name: config.name.clone(),
             standby: config.standby.clone(),
             channel: config.channel.clone(),
             failover: config.failover.clone(),
-            rejoin: false,
+            rejoin,
         });
         let session = PrimarySession {
-            name: config.name,
+            name: config.name.clone(),
             board,
             _control: control,
             rt,
-            links: Arc::new(Links { chan: Mutex::new(Some(chan)), failover: Mutex::new(failover) }),
+            links: Arc::new(Links { chan: Mutex::new(chan), failover: Mutex::new(failover) }),
             shipper,
             repair,
             log,
@@ -409,65 +446,24 @@ impl PrimarySession {
             // again, strict holds them for an acknowledged barrier.
             log.set_strict(h.config().output_mode == OutputMode::Strict);
         }
-        let live = Arc::new(Mutex::new(Some(live_output)));
-        let (gate, releaser) = output_rule::gate(DynSink(Box::new(Retirable(live.clone()))), log.clone());
-        let releaser = Arc::new(releaser);
-        releaser.set_max_held_bytes(config.max_held_bytes);
         let shared = Arc::new(PrimaryShared::new(Phase::Alone));
         if config.rejoin {
             // The old primary holds the state at the switch: the log from
             // the first record on is kept for it.
             shared.keep_after(Some(0));
         }
-        let shipper = Shipper::new(log.clone(), None, board.clone(), releaser.clone(), shared.clone());
-        {
-            let s = shipper.clone();
-            log.set_flusher(move || {
-                if let Err(e) = s.ship(true) {
-                    tracing::debug!(error = %e, "shipping the log tail failed");
-                }
-            });
-        }
-        let shipper_thread = shipper.spawn()?;
-        let releaser_thread = {
-            let releaser = releaser.clone();
-            std::thread::Builder::new().name("releaser".into()).spawn(move || releaser.run())?
-        };
-        let repair = (!config.standby.is_empty()).then(|| crate::repair::RepairConfig {
-            name: config.name.clone(),
-            standby: config.standby.clone(),
-            channel: config.channel.clone(),
-            failover: config.failover.clone(),
-            rejoin: config.rejoin,
-        });
-        let session = PrimarySession {
-            name: config.name,
+        Self::assemble(Parts {
+            config: &config,
             board,
-            _control: None,
+            control: None,
             rt,
-            links: Arc::new(Links { chan: Mutex::new(None), failover: Mutex::new(failover) }),
-            shipper,
-            repair,
             log,
             shared,
-            releaser,
-            drain_for: config.drain_for,
-            shipper_thread,
-            releaser_thread,
-            health: config.health.clone(),
-            switch_listen: config.switch_listen.clone(),
-            identity: config.channel.identity,
-            live,
-        };
-        // With application health the copy logs barriers as a primary
-        // does (dropped while alone): a secondary that a repair brings in
-        // replays no further than the last one, and a guest fault is
-        // contained onto it.
-        let sink: Box<dyn OutputSink> = match &config.health {
-            Some(h) => Box::new(h.barrier_sink(gate, session.log.clone()).with_board(session.board.clone())),
-            None => Box::new(gate),
-        };
-        Ok((session, sink))
+            live_output,
+            chan: None,
+            failover,
+            rejoin: config.rejoin,
+        })
     }
 
     /// A copy started by [`PrimarySession::start_alone`] is about to run
