@@ -393,12 +393,26 @@ fn primary(args: &cli::PrimaryArgs) -> Result<i32, Failure> {
     let (settings, mut pair) = config::resolve_pair(&args.guest, &args.pair, args.peer.as_deref(), role)?;
     pair.standby = config::check_standby(&args.standby)?;
     pair.switch_listen = config::check_switch_listen(args.switch_listen.as_deref())?;
-    if args.unprotected_start {
+    if args.unprotected_start && pair.standby.is_empty() {
         return unprotected_start(&settings, &pair, args.metrics.metrics);
     }
+    let start = if args.unprotected_start {
+        // Alone, with spares: a primary session from the start, which
+        // re-protects itself onto them. Claims the arbiter first, as below.
+        let ownership =
+            pair.arbiter.as_deref().map(|spec| pair::failover::claim_alone(spec, &settings.name)).transpose()?;
+        let _ = writeln!(
+            std::io::stderr(),
+            "ftvm: primary {}: --unprotected-start: running without a secondary, UNPROTECTED until it re-protects onto --standby",
+            settings.name
+        );
+        protect::Start::Unprotected(ownership)
+    } else {
+        protect::Start::Paired
+    };
     let endpoint = args.metrics.metrics.map(metrics::Endpoint::bind).transpose()?;
     let Prepared { config, tap, serial } = prepare(&settings, Some(pair.digest_every))?;
-    Ok(protect::primary(&settings, config, tap, serial, &pair, endpoint)?)
+    Ok(protect::primary(&settings, config, tap, serial, &pair, endpoint, start)?)
 }
 
 /// `ftvm primary --unprotected-start`: no secondary. A copy that will emit

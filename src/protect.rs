@@ -217,6 +217,7 @@ pub fn primary(
     serial: Box<dyn Write + Send>,
     pair: &PairConfig,
     metrics: Option<crate::metrics::Endpoint>,
+    start: Start,
 ) -> Result<i32> {
     // Caught from here: a signal while the pair forms and the VM is made is
     // kept for the VM, not lost.
@@ -233,7 +234,12 @@ pub fn primary(
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
     }
-    let (session, gate) = PrimarySession::start(session_config, Box::new(output))?;
+    let (session, gate) = match start {
+        Start::Paired => PrimarySession::start(session_config, Box::new(output))?,
+        Start::Unprotected(ownership) => {
+            PrimarySession::start_unprotected(session_config, Box::new(output), ownership)?
+        }
+    };
     if let Some(m) = metrics {
         m.serve(session.board())?;
     }
@@ -293,6 +299,16 @@ pub fn primary(
         dump_state(&mut vm, config.memory_mib, path)?;
     }
     crate::finish(settings, outcome, &caught)
+}
+
+/// How a primary starts.
+pub enum Start {
+    /// Paired: it waits for its secondary (`ftvm primary`).
+    Paired,
+    /// Alone (`--unprotected-start` with `--standby`), holding the
+    /// arbiter's claim if there is an arbiter: it re-protects itself onto
+    /// a spare as a primary that lost its secondary does.
+    Unprotected(Option<pair::failover::Ownership>),
 }
 
 /// `ftvm secondary`: the guest's NIC is attached (the device state must

@@ -325,3 +325,46 @@ fn kvm_netns_a_diverged_secondary_is_healed_by_a_fresh_transfer() {
     eprintln!("divergence healed: repair_ms {repair_ms}; {} writes in all", w.acked);
     drop(secondary);
 }
+
+/// A primary started alone (`--unprotected-start`, no secondary yet) with
+/// `--standby` protects itself as soon as a standby is there, as a primary
+/// that lost its secondary does; it holds the arbiter until the new pair's
+/// failover takes over, and then a failover to the standby loses nothing.
+#[test]
+fn kvm_netns_an_unprotected_start_protects_itself_onto_a_standby() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let rig = Rig::new("ru");
+    let (a, b) = (rig.lab.host_a(), rig.lab.host_b());
+    let spare = rig.link(b, 7001);
+    let mut p = args(&["primary"]);
+    p.extend(rig.kvstore(32).into_iter().chain(rig.common()));
+    p.extend(args(&["--tap", a.tap(), "--peer", &rig.link(b, 7000), "--unprotected-start", "--standby", &spare]));
+    p.extend(args(&["--control", &rig.path("p.sock")]));
+    let mut primary = rig.spawn(a, "primary.log", &p);
+    let mut w = Writer::new(&rig.lab);
+    w.writes(30);
+    let st = common::status_json(&rig.path("p.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
+    // The arbiter names the lone copy: nothing else may go live.
+    let arbiter = std::fs::read_to_string(rig.dir.path().join("arbiter")).unwrap_or_default();
+    assert!(arbiter.contains("standalone"), "the arbiter: {arbiter:?}");
+    let standby = rig.standby(b, &spare, &[]);
+    rig.write_until(&mut w, &rig.path("p.sock"), Duration::from_secs(120), "protected", |st| {
+        st["role"] == "primary" && st["peer"] == "up"
+    });
+    assert!(rig.log("primary.log").contains("re-protected onto"), "{}", rig.logs());
+    // The standby runs the new pair's failover (the lone claim is gone).
+    rig.write_until(&mut w, &rig.path("sb.sock"), Duration::from_secs(60), "the standby's failover", |st| {
+        st["role"] == "secondary" && st["arbiter_generation"].is_u64()
+    });
+    w.writes(30);
+    primary.0.kill().unwrap();
+    let _ = primary.0.wait();
+    w.writes(30);
+    w.check_all();
+    let st = common::status_json(&rig.path("sb.sock"));
+    assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
+    drop(standby);
+}

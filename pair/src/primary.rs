@@ -255,6 +255,10 @@ impl OutputSink for Retirable {
 pub(crate) struct Links {
     chan: Mutex<Option<Arc<PrimaryChannel>>>,
     failover: Mutex<Option<Arc<Failover>>>,
+    /// An `--unprotected-start`'s claim on the arbiter: released when a
+    /// repair hands the guest's ownership to the new pair's failover, or
+    /// when the session ends.
+    ownership: Mutex<Option<crate::failover::Ownership>>,
 }
 
 impl Links {
@@ -273,6 +277,12 @@ impl Links {
     }
     pub(crate) fn set_failover(&self, f: Option<Arc<Failover>>) {
         *self.failover.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = f;
+    }
+    /// Release an `--unprotected-start`'s claim on the arbiter, if held.
+    pub(crate) fn release_ownership(&self) {
+        if let Some(o) = self.ownership.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            o.release();
+        }
     }
 }
 
@@ -404,7 +414,11 @@ impl PrimarySession {
             board,
             _control: control,
             rt,
-            links: Arc::new(Links { chan: Mutex::new(chan), failover: Mutex::new(failover) }),
+            links: Arc::new(Links {
+                chan: Mutex::new(chan),
+                failover: Mutex::new(failover),
+                ownership: Mutex::new(None),
+            }),
             shipper,
             repair,
             log,
@@ -464,6 +478,30 @@ impl PrimarySession {
             failover,
             rejoin: config.rejoin,
         })
+    }
+
+    /// `--unprotected-start`: a primary that runs alone from the start
+    /// (it holds the arbiter's claim `ownership`, if there is an arbiter)
+    /// and, with `config.standby`, re-protects itself onto a spare as a
+    /// primary that lost its secondary does: the claim goes when the new
+    /// pair's failover takes over, or when the session ends. Serves
+    /// `config.control`. Call [`PrimarySession::running`] before the guest
+    /// runs.
+    pub fn start_unprotected(
+        config: PrimaryConfig,
+        live_output: Box<dyn OutputSink>,
+        ownership: Option<crate::failover::Ownership>,
+    ) -> Result<(PrimarySession, Box<dyn OutputSink>)> {
+        let board = Arc::new(Board::new(config.name.clone(), Role::Standalone));
+        board.set_state("running unprotected (--unprotected-start)");
+        if let Some(h) = &config.health {
+            board.set_health(h.containment(), h.config().output_mode);
+        }
+        let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
+        let (mut session, sink) = Self::start_alone(config, board, live_output, None)?;
+        session._control = control;
+        *session.links.ownership.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ownership;
+        Ok((session, sink))
     }
 
     /// A copy started by [`PrimarySession::start_alone`] is about to run
@@ -564,10 +602,15 @@ impl PrimarySession {
             h.close();
             h.ended(outcome)
         });
-        match fault {
+        let links = self.links.clone();
+        let end = match fault {
             Some(fault) => self.contain(exit, fault),
             None => self.finish(exit),
-        }
+        };
+        // An `--unprotected-start`'s claim, if no repair took it over: the
+        // guest stopped here (or a restart claims afresh).
+        links.release_ownership();
+        end
     }
 
     /// The guest faulted at `exit`: release nothing more, log the fault,

@@ -339,6 +339,7 @@ impl Repairer {
         if let Some(old) = self.links.failover() {
             old.release();
         }
+        self.links.release_ownership();
         let key = self.config.channel.key.as_bytes();
         let local = std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0);
         let role = heartbeat::Role::Primary;
