@@ -539,6 +539,82 @@ impl Write for SharedSerial {
     }
 }
 
+/// How a restarted guest's run ended.
+enum Restarted {
+    /// With this exit status.
+    Ended(i32),
+    /// In a guest fault this copy keeps (it ran alone): `--on-fault` again.
+    Faulted(Result<vmm::vcpu::RunOutcome, vmm::VmError>),
+}
+
+/// `--on-fault restart` with `--standby`: the guest booted afresh in a
+/// primary session that runs alone (holding the arbiter's claim
+/// `ownership`) and re-protects itself onto a spare; its faults are then
+/// contained onto that spare as a primary's are.
+#[allow(clippy::too_many_arguments)]
+fn restart_protectable(
+    settings: &GuestSettings,
+    config: &VmConfig,
+    tap: &Option<Arc<vmm::tap::Tap>>,
+    serial: &SharedSerial,
+    health: &Arc<Health>,
+    board: &Arc<pair::Board>,
+    pair: &PairConfig,
+    ownership: Option<pair::failover::Ownership>,
+) -> Result<Restarted> {
+    let name = &settings.name;
+    let mut pc = PrimaryConfig::new(name, &pair.address, pair.channel(&config.elf, settings)?);
+    pc.failover = pair.failover();
+    pc.health = Some(health.clone());
+    pc.standby = pair.standby.clone();
+    pc.switch_listen = pair.switch_listen.clone();
+    let mut output = LiveOutput::new(Box::new(serial.clone()));
+    if let Some(t) = tap {
+        output = output.with_tap(t.clone());
+    }
+    let (session, gate) = PrimarySession::start_alone(pc, board.clone(), Box::new(output), None)?;
+    session.hold_arbiter(ownership);
+    let input = |stop: &vmm::vcpu::StopHandle| {
+        let live = LiveInput::new(0, vec![stop.wake_fd()]);
+        session.input(match tap.clone() {
+            Some(t) => live.with_tap(t),
+            None => live,
+        })
+    };
+    let mut vm = Vm::new(config, input, gate).with_context(|| format!("cannot restart guest {name}"))?;
+    session.running(vm.stop_handle());
+    session.repair_with(vm.checkpointer())?;
+    let caught = crate::stop_on_signals(&vm)?;
+    let ran = vm.run();
+    let exit = vm.exit_index();
+    let signalled = caught.load(std::sync::atomic::Ordering::SeqCst) != 0;
+    Ok(match session.finish_outcome(exit, &ran)? {
+        PrimaryEnd::HandedOver(fault) => {
+            eprintln!(
+                "ftvm: {name}: guest fault ({}, seen by {}) at guest exit #{exit}: handed over to the secondary, which goes live from the last healthy point; released nothing more",
+                fault.kind,
+                fault.source.as_str()
+            );
+            Restarted::Ended(EXIT_LOST_ARBITER)
+        }
+        PrimaryEnd::LostArbiter => {
+            eprintln!("ftvm: {name}: lost the arbiter: the secondary went live; stopped at guest exit #{exit}");
+            Restarted::Ended(EXIT_LOST_ARBITER)
+        }
+        PrimaryEnd::SwitchedOver(switched) => {
+            drop(caught);
+            Restarted::Ended(after_switchover(settings, serial.clone(), pair, switched, vm)?)
+        }
+        PrimaryEnd::Faulted(_) if !signalled => Restarted::Faulted(ran),
+        PrimaryEnd::SecondaryLost(e) => {
+            return Err(anyhow!(e).context(format!(
+                "{name}: the secondary is lost and there is no --arbiter, so the guest stopped at guest exit #{exit}"
+            )))
+        }
+        _ => Restarted::Ended(crate::finish(settings, ran, &caught)?),
+    })
+}
+
 /// A copy that holds the guest and cannot hand its fault over (it runs
 /// alone, the channel is down, or the fault came within `--fault-window` of
 /// a containment): `--on-fault` decides. `stop`: exit status 5. `restart`:
@@ -592,6 +668,17 @@ fn on_fault(
             }
         }
         let ownership = arbiter.map(|a| pair::failover::claim_alone(a, name)).transpose()?;
+        if !pair.standby.is_empty() {
+            // With spares, the restarted guest runs in a primary session
+            // alone, which re-protects itself onto one.
+            match restart_protectable(settings, config, &tap, &serial, &health, board, pair, ownership)? {
+                Restarted::Ended(code) => return Ok(code),
+                Restarted::Faulted(ran) => {
+                    outcome_now = Some(ran);
+                    continue;
+                }
+            }
+        }
         let mut output = LiveOutput::new(Box::new(serial.clone()));
         if let Some(t) = &tap {
             output = output.with_tap(t.clone());

@@ -368,3 +368,55 @@ fn kvm_netns_an_unprotected_start_protects_itself_onto_a_standby() {
     assert_eq!(st["role"], "standalone", "{st}\n{}", rig.logs());
     drop(standby);
 }
+
+/// A copy that cannot hand a fault over (it runs alone) and restarts its
+/// guest (`--on-fault restart`) protects the restarted guest onto a spare
+/// as soon as one answers: the restart is a primary session alone, not a
+/// bare VM. Then a failover to the spare loses nothing written since.
+#[test]
+fn kvm_netns_a_guest_restarted_by_on_fault_protects_itself_onto_a_standby() {
+    if !(common::kvm() && lab::require_root()) {
+        return;
+    }
+    let rig = Rig::new("ro");
+    let (a, b) = (rig.lab.host_a(), rig.lab.host_b());
+    let spare = rig.link(b, 7001);
+    let fail = rig.dir.path().join("fail");
+    let probe = format!("exec:test ! -e {}", fail.display());
+    let mut p = args(&["primary"]);
+    p.extend(rig.kvstore(32).into_iter().chain(rig.common()));
+    p.extend(args(&["--tap", a.tap(), "--peer", &rig.link(b, 7000), "--unprotected-start", "--standby", &spare]));
+    p.extend(args(&["--on-fault", "restart", "--probe", &probe, "--probe-timeout-ms", "2000"]));
+    p.extend(args(&["--control", &rig.path("p.sock")]));
+    let mut primary = rig.spawn(a, "primary.log", &p);
+    let mut w = Writer::new(&rig.lab);
+    w.writes(20);
+    // The service fails its probe while the copy runs alone: restarted.
+    std::fs::write(&fail, b"").unwrap();
+    let restarted = lab::wait_for(Duration::from_secs(60), || rig.log("primary.log").contains("--on-fault restart"));
+    assert!(restarted, "no restart\n{}", rig.logs());
+    std::fs::remove_file(&fail).unwrap();
+    drop(w);
+    // The restarted guest serves (a fresh boot: a new connection), and
+    // protects itself onto the standby that comes up.
+    let mut w = Writer::new(&rig.lab);
+    w.writes(20);
+    let standby = rig.standby(b, &spare, &[]);
+    let st =
+        rig.write_until(&mut w, &rig.path("p.sock"), Duration::from_secs(120), "protected after the restart", |st| {
+            st["role"] == "primary" && st["peer"] == "up"
+        });
+    // The fault's events: the session's (left to --on-fault) and the restart.
+    assert!(st["faults"].as_u64().is_some_and(|n| n >= 1), "{st}");
+    assert_eq!(st["last_fault"]["action"], "restart", "{st}");
+    rig.write_until(&mut w, &rig.path("sb.sock"), Duration::from_secs(60), "the standby's failover", |st| {
+        st["role"] == "secondary" && st["arbiter_generation"].is_u64()
+    });
+    w.writes(20);
+    primary.0.kill().unwrap();
+    let _ = primary.0.wait();
+    w.writes(20);
+    w.check_all();
+    assert_eq!(common::status_json(&rig.path("sb.sock"))["role"], "standalone");
+    drop(standby);
+}

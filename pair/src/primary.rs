@@ -500,8 +500,15 @@ impl PrimarySession {
         let control = config.control.as_deref().map(|p| ControlSocket::serve(p, board.clone())).transpose()?;
         let (mut session, sink) = Self::start_alone(config, board, live_output, None)?;
         session._control = control;
-        *session.links.ownership.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ownership;
+        session.hold_arbiter(ownership);
         Ok((session, sink))
+    }
+
+    /// A copy started alone holds the arbiter's claim `ownership` (if any):
+    /// released when a repair hands the guest's ownership to the new pair's
+    /// failover, or when the session ends.
+    pub fn hold_arbiter(&self, ownership: Option<crate::failover::Ownership>) {
+        *self.links.ownership.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = ownership;
     }
 
     /// A copy started by [`PrimarySession::start_alone`] is about to run
