@@ -127,28 +127,12 @@ fn dispatch(cli: Cli) -> Result<i32, Failure> {
         Command::Primary(args) => primary(&args),
         Command::Secondary(args) => secondary(&args),
         Command::Status(args) => {
-            let name = args.name.as_deref().unwrap_or(config::DEFAULT_GUEST);
-            if !config::is_valid_name(name) {
-                return Err(UsageError(format!(
-                    "--name {name:?} is not a valid name: use 1 to {} characters from A-Z a-z 0-9 _ . -",
-                    config::MAX_NAME_LEN
-                ))
-                .into());
-            }
-            protect::status(&control_path(args.control.as_deref(), name), args.json)?;
+            protect::status(&named_control(args.control.as_deref(), args.name.as_deref())?, args.json)?;
             Ok(0)
         }
         Command::Keygen(args) => keygen(args.out.as_deref()),
         Command::Switchover(args) => {
-            let name = args.name.as_deref().unwrap_or(config::DEFAULT_GUEST);
-            if !config::is_valid_name(name) {
-                return Err(UsageError(format!(
-                    "--name {name:?} is not a valid name: use 1 to {} characters from A-Z a-z 0-9 _ . -",
-                    config::MAX_NAME_LEN
-                ))
-                .into());
-            }
-            Ok(protect::switchover(&control_path(args.control.as_deref(), name), args.json)?)
+            Ok(protect::switchover(&named_control(args.control.as_deref(), args.name.as_deref())?, args.json)?)
         }
         Command::Arbiter(args) => arbiter(&args),
         Command::Demo(args) => {
@@ -380,6 +364,21 @@ fn run(
     let caught = stop_on_signals(&vm)?;
     tracing::info!(vm = %settings.name, memory_mib = settings.memory_mib, "guest starting");
     Ok(finish(settings, vm.run(), &caught)?)
+}
+
+/// The control socket a client command (`status`, `switchover`) talks to:
+/// `--control`, or that of `--name` (the default guest's without it); a
+/// name that is not one is bad usage.
+fn named_control(control: Option<&std::path::Path>, name: Option<&str>) -> Result<std::path::PathBuf, Failure> {
+    let name = name.unwrap_or(config::DEFAULT_GUEST);
+    if !config::is_valid_name(name) {
+        return Err(UsageError(format!(
+            "--name {name:?} is not a valid name: use 1 to {} characters from A-Z a-z 0-9 _ . -",
+            config::MAX_NAME_LEN
+        ))
+        .into());
+    }
+    Ok(control_path(control, name))
 }
 
 /// The control socket: the flag, or /run/ftvm/NAME.sock.

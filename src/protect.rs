@@ -224,12 +224,8 @@ pub fn primary(
     let signals = crate::catch_signals()?;
     let serial = SharedSerial::new(serial);
     let health = pair.health(settings)?;
-    let mut session_config = PrimaryConfig::new(&settings.name, &pair.address, pair.channel(&config.elf, settings)?);
-    session_config.failover = pair.failover();
+    let mut session_config = primary_config(settings, &config, pair, &health)?;
     session_config.control = Some(pair.control_for(&settings.name));
-    session_config.health = Some(health.clone());
-    session_config.standby = pair.standby.clone();
-    session_config.switch_listen = pair.switch_listen.clone();
     let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = &tap {
         output = output.with_tap(t.clone());
@@ -243,6 +239,58 @@ pub fn primary(
     if let Some(m) = metrics {
         m.serve(session.board())?;
     }
+    match run_session(settings, &config, tap, serial.clone(), pair, session, gate, signals)? {
+        Ended::Exit(code) => Ok(code),
+        Ended::Faulted { outcome, board, tap, .. } => {
+            on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair)
+        }
+    }
+}
+
+/// A primary session's settings from the pair's: the channel, failover,
+/// health, spares and switchover address.
+fn primary_config(
+    settings: &GuestSettings,
+    config: &VmConfig,
+    pair: &PairConfig,
+    health: &Arc<Health>,
+) -> Result<PrimaryConfig> {
+    let mut pc = PrimaryConfig::new(&settings.name, &pair.address, pair.channel(&config.elf, settings)?);
+    pc.failover = pair.failover();
+    pc.health = Some(health.clone());
+    pc.standby = pair.standby.clone();
+    pc.switch_listen = pair.switch_listen.clone();
+    Ok(pc)
+}
+
+/// How a primary session's guest ended.
+enum Ended {
+    /// With this exit status.
+    Exit(i32),
+    /// In a guest fault this copy keeps (it could not hand it over):
+    /// `--on-fault` decides, with the session's board and the TAP.
+    Faulted {
+        outcome: Result<vmm::vcpu::RunOutcome, vmm::VmError>,
+        board: Arc<pair::Board>,
+        tap: Option<Arc<vmm::tap::Tap>>,
+        /// The signal that stopped the guest meanwhile (0: none).
+        signal: i32,
+    },
+}
+
+/// Run a primary session's guest (`gate`: the session's output sink) and
+/// map how the session ended to an exit status, or to a fault it keeps.
+#[allow(clippy::too_many_arguments)]
+fn run_session(
+    settings: &GuestSettings,
+    config: &VmConfig,
+    tap: Option<Arc<vmm::tap::Tap>>,
+    serial: SharedSerial,
+    pair: &PairConfig,
+    session: PrimarySession,
+    gate: Box<dyn vmm::hook::OutputSink>,
+    signals: crate::CaughtSignals,
+) -> Result<Ended> {
     let input = |stop: &vmm::vcpu::StopHandle| {
         let live = LiveInput::new(0, vec![stop.wake_fd()]);
         session.input(match tap.clone() {
@@ -250,7 +298,7 @@ pub fn primary(
             None => live,
         })
     };
-    let mut vm = Vm::new(&config, input, gate).with_context(|| format!("cannot start guest {}", settings.name))?;
+    let mut vm = Vm::new(config, input, gate).with_context(|| format!("cannot start guest {}", settings.name))?;
     session.running(vm.stop_handle());
     session.repair_with(vm.checkpointer())?;
     let caught = signals.stop(&vm)?;
@@ -265,24 +313,25 @@ pub fn primary(
                 fault.kind,
                 fault.source.as_str()
             );
-            return Ok(EXIT_LOST_ARBITER);
+            return Ok(Ended::Exit(EXIT_LOST_ARBITER));
         }
         PrimaryEnd::Faulted(_) => {
-            return on_fault(settings, &config, tap, serial, &health, &board, &outcome, pair);
+            let signal = caught.load(std::sync::atomic::Ordering::SeqCst);
+            return Ok(Ended::Faulted { outcome, board, tap, signal });
         }
         PrimaryEnd::SwitchedOver(switched) => {
             // Never run again as the primary: the other copy is live. The
             // TAP goes (a later go-live opens it again).
             drop(tap);
             drop(caught);
-            return after_switchover(settings, serial, pair, switched, vm);
+            return after_switchover(settings, serial, pair, switched, vm).map(Ended::Exit);
         }
         PrimaryEnd::LostArbiter => {
             eprintln!(
                 "ftvm: primary {}: lost the arbiter: the secondary went live; stopped at guest exit #{exit} without releasing anything",
                 settings.name
             );
-            return Ok(EXIT_LOST_ARBITER);
+            return Ok(Ended::Exit(EXIT_LOST_ARBITER));
         }
         PrimaryEnd::SecondaryLost(e) => {
             if let Some(path) = &pair.state_dump {
@@ -298,7 +347,7 @@ pub fn primary(
     if let Some(path) = &pair.state_dump {
         dump_state(&mut vm, config.memory_mib, path)?;
     }
-    crate::finish(settings, outcome, &caught)
+    crate::finish(settings, outcome, &caught).map(Ended::Exit)
 }
 
 /// How a primary starts.
@@ -539,14 +588,6 @@ impl Write for SharedSerial {
     }
 }
 
-/// How a restarted guest's run ended.
-enum Restarted {
-    /// With this exit status.
-    Ended(i32),
-    /// In a guest fault this copy keeps (it ran alone): `--on-fault` again.
-    Faulted(Result<vmm::vcpu::RunOutcome, vmm::VmError>),
-}
-
 /// `--on-fault restart` with `--standby`: the guest booted afresh in a
 /// primary session that runs alone (holding the arbiter's claim
 /// `ownership`) and re-protects itself onto a spare; its faults are then
@@ -561,58 +602,16 @@ fn restart_protectable(
     board: &Arc<pair::Board>,
     pair: &PairConfig,
     ownership: Option<pair::failover::Ownership>,
-) -> Result<Restarted> {
-    let name = &settings.name;
-    let mut pc = PrimaryConfig::new(name, &pair.address, pair.channel(&config.elf, settings)?);
-    pc.failover = pair.failover();
-    pc.health = Some(health.clone());
-    pc.standby = pair.standby.clone();
-    pc.switch_listen = pair.switch_listen.clone();
+) -> Result<Ended> {
+    let signals = crate::catch_signals()?;
+    let pc = primary_config(settings, config, pair, health)?;
     let mut output = LiveOutput::new(Box::new(serial.clone()));
     if let Some(t) = tap {
         output = output.with_tap(t.clone());
     }
     let (session, gate) = PrimarySession::start_alone(pc, board.clone(), Box::new(output), None)?;
     session.hold_arbiter(ownership);
-    let input = |stop: &vmm::vcpu::StopHandle| {
-        let live = LiveInput::new(0, vec![stop.wake_fd()]);
-        session.input(match tap.clone() {
-            Some(t) => live.with_tap(t),
-            None => live,
-        })
-    };
-    let mut vm = Vm::new(config, input, gate).with_context(|| format!("cannot restart guest {name}"))?;
-    session.running(vm.stop_handle());
-    session.repair_with(vm.checkpointer())?;
-    let caught = crate::stop_on_signals(&vm)?;
-    let ran = vm.run();
-    let exit = vm.exit_index();
-    let signalled = caught.load(std::sync::atomic::Ordering::SeqCst) != 0;
-    Ok(match session.finish_outcome(exit, &ran)? {
-        PrimaryEnd::HandedOver(fault) => {
-            eprintln!(
-                "ftvm: {name}: guest fault ({}, seen by {}) at guest exit #{exit}: handed over to the secondary, which goes live from the last healthy point; released nothing more",
-                fault.kind,
-                fault.source.as_str()
-            );
-            Restarted::Ended(EXIT_LOST_ARBITER)
-        }
-        PrimaryEnd::LostArbiter => {
-            eprintln!("ftvm: {name}: lost the arbiter: the secondary went live; stopped at guest exit #{exit}");
-            Restarted::Ended(EXIT_LOST_ARBITER)
-        }
-        PrimaryEnd::SwitchedOver(switched) => {
-            drop(caught);
-            Restarted::Ended(after_switchover(settings, serial.clone(), pair, switched, vm)?)
-        }
-        PrimaryEnd::Faulted(_) if !signalled => Restarted::Faulted(ran),
-        PrimaryEnd::SecondaryLost(e) => {
-            return Err(anyhow!(e).context(format!(
-                "{name}: the secondary is lost and there is no --arbiter, so the guest stopped at guest exit #{exit}"
-            )))
-        }
-        _ => Restarted::Ended(crate::finish(settings, ran, &caught)?),
-    })
+    run_session(settings, config, tap.clone(), serial.clone(), pair, session, gate, signals)
 }
 
 /// A copy that holds the guest and cannot hand its fault over (it runs
@@ -672,11 +671,15 @@ fn on_fault(
             // With spares, the restarted guest runs in a primary session
             // alone, which re-protects itself onto one.
             match restart_protectable(settings, config, &tap, &serial, &health, board, pair, ownership)? {
-                Restarted::Ended(code) => return Ok(code),
-                Restarted::Faulted(ran) => {
-                    outcome_now = Some(ran);
+                Ended::Faulted { outcome, signal: 0, .. } => {
+                    outcome_now = Some(outcome);
                     continue;
                 }
+                // Stopped by a signal as it faulted: the signal wins.
+                Ended::Faulted { outcome, signal, .. } => {
+                    return crate::finish(settings, outcome, &std::sync::atomic::AtomicI32::new(signal))
+                }
+                Ended::Exit(code) => return Ok(code),
             }
         }
         let mut output = LiveOutput::new(Box::new(serial.clone()));

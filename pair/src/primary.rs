@@ -592,17 +592,25 @@ impl PrimarySession {
         })
     }
 
+    /// The session ends: no more switchover requests. The switchover
+    /// that ended it, if one did (the health sources closed then).
+    fn switched_end(&self) -> Option<crate::status::SwitchoverEvent> {
+        self.board.set_switch_handler(None);
+        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if switched.is_some() {
+            if let Some(h) = &self.health {
+                h.close();
+            }
+        }
+        switched
+    }
+
     /// The guest's run ended at `exit` with `outcome`: a guest fault (how
     /// the run ended, or a health source that stopped it) is contained
     /// (handed over to the secondary) when containment is on; anything else
     /// ends as [`PrimarySession::finish`] says.
     pub fn finish_outcome(self, exit: ExitIndex, outcome: &Result<RunOutcome, VmError>) -> Result<PrimaryEnd> {
-        self.board.set_switch_handler(None);
-        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        if let Some(event) = switched {
-            if let Some(h) = &self.health {
-                h.close();
-            }
+        if let Some(event) = self.switched_end() {
             return Ok(self.switched_over(event));
         }
         let fault = self.health.as_ref().and_then(|h| {
@@ -729,12 +737,7 @@ impl PrimarySession {
     /// The guest stopped at `exit`: tell the secondary where, release what
     /// its acks allow (bounded wait), close the channel, join the threads.
     pub fn finish(self, exit: ExitIndex) -> Result<PrimaryEnd> {
-        self.board.set_switch_handler(None);
-        let switched = self.shared.switched.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-        if let Some(event) = switched {
-            if let Some(h) = &self.health {
-                h.close();
-            }
+        if let Some(event) = self.switched_end() {
             return Ok(self.switched_over(event));
         }
         if let Some(h) = &self.health {

@@ -219,7 +219,7 @@ impl SecondarySession {
             crate::failover::check_free(&f.arbiter)?;
         }
         let (board, control, rt, listener) = Self::listen(&config, "waiting for the primary")?;
-        Self::pair(config, board, control, rt, listener, false)
+        Self::pair_within(config, board, control, rt, listener, false, None)
     }
 
     /// A standby (`ftvm secondary` without guest settings): wait for a
@@ -278,7 +278,7 @@ impl SecondarySession {
         );
         board.set_name(&config.name);
         board.set_state("waiting for the primary");
-        let session = Self::pair(config, board, control, rt, listener, true)?;
+        let session = Self::pair_within(config, board, control, rt, listener, true, None)?;
         session.board.exit_index.store(received.state.exit_index.0, Ordering::SeqCst);
         Ok((session, received))
     }
@@ -330,19 +330,8 @@ impl SecondarySession {
         Ok((board, control, rt, listener))
     }
 
-    fn pair(
-        config: SecondaryConfig,
-        board: Arc<Board>,
-        control: Option<ControlSocket>,
-        rt: tokio::runtime::Runtime,
-        listener: tokio::net::TcpListener,
-        late_failover: bool,
-    ) -> Result<SecondarySession> {
-        Self::pair_within(config, board, control, rt, listener, late_failover, None)
-    }
-
-    /// [`SecondarySession::pair`], giving up ([`NoPrimary`]) when no
-    /// primary pairs within `wait`.
+    /// Wait on `listener` for the primary and pair with it; with `wait`,
+    /// give up ([`NoPrimary`]) when no primary pairs within it.
     fn pair_within(
         config: SecondaryConfig,
         board: Arc<Board>,

@@ -52,6 +52,27 @@ fn primary_h(
     PrimarySession::start(c, Box::new(WorldOutput(world.clone()))).unwrap()
 }
 
+/// A pair on `addr` (with failover on `arb` when given): the primary's
+/// session with health `primary` and its output gate, the secondary's with
+/// health `secondary`, and each side's world.
+struct TestPair {
+    ps: PrimarySession,
+    gate: Box<dyn OutputSink>,
+    pw: Arc<World>,
+    ss: SecondarySession,
+    sw: Arc<World>,
+    health: Arc<Health>,
+}
+
+fn pair_of(addr: SocketAddr, arb: Option<&Arbiter>, primary: HealthConfig, secondary: HealthConfig) -> TestPair {
+    let sec = secondary_h(addr, arb.map(failover), secondary);
+    let pw = Arc::new(World::default());
+    let health = Health::new(primary);
+    let (ps, gate) = primary_h(addr, arb.map(failover), &pw, &health);
+    let ss = sec.join().unwrap();
+    TestPair { ps, gate, pw, ss, sw: Arc::new(World::default()), health }
+}
+
 type Guest = std::thread::JoinHandle<Result<RunOutcome, VmError>>;
 
 fn start_primary(
@@ -113,12 +134,7 @@ fn fault_after(board: &Status, pw: &World) {
 #[test]
 fn replay_holds_at_the_last_barrier_until_the_primary_ends() {
     let addr = free_port();
-    let sec = secondary_h(addr, None, quiet(true));
-    let pw = Arc::new(World::default());
-    let health = Health::new(quiet(true));
-    let (ps, gate) = primary_h(addr, None, &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, None, quiet(true), quiet(true));
     let (_s_stop, s_guest) = start_secondary(&ss, &sw, 3000, Duration::ZERO, |g| {
         g.healthy_every = 16;
         g.healthy_until = 1600;
@@ -147,12 +163,7 @@ fn replay_holds_at_the_last_barrier_until_the_primary_ends() {
 #[test]
 fn a_transient_fault_is_contained_from_the_last_barrier() {
     let (addr, arb) = (free_port(), arbiter());
-    let sec = secondary_h(addr, Some(failover(&arb)), quiet(true));
-    let pw = Arc::new(World::default());
-    let health = Health::new(quiet(true));
-    let (ps, gate) = primary_h(addr, Some(failover(&arb)), &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, Some(&arb), quiet(true), quiet(true));
     let pace = Duration::from_micros(100);
     let (_s_stop, s_guest) = start_secondary(&ss, &sw, 4000, pace, healthy_every(16));
     let (_p_stop, p_guest) = start_primary(&ps, gate, &pw, 4000, pace, healthy_every(16));
@@ -194,12 +205,7 @@ fn a_transient_fault_is_contained_from_the_last_barrier() {
 #[test]
 fn with_containment_off_the_secondary_replays_into_the_fault() {
     let addr = free_port();
-    let sec = secondary_h(addr, None, quiet(false));
-    let pw = Arc::new(World::default());
-    let health = Health::new(quiet(false));
-    let (ps, gate) = primary_h(addr, None, &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, None, quiet(false), quiet(false));
     let (_s_stop, s_guest) = start_secondary(&ss, &sw, 4000, Duration::ZERO, healthy_every(16));
     let (_p_stop, p_guest) = start_primary(&ps, gate, &pw, 4000, Duration::from_micros(100), healthy_every(16));
     let pb = ps.board();
@@ -218,12 +224,8 @@ fn with_containment_off_the_secondary_replays_into_the_fault() {
 #[test]
 fn a_fault_on_a_primary_running_alone_is_left_to_on_fault() {
     let (addr, arb) = (free_port(), arbiter());
-    let sec = secondary_h(addr, Some(failover(&arb)), quiet(true));
-    let pw = Arc::new(World::default());
-    let health = Health::new(HealthConfig { on_fault: OnFault::Restart, ..quiet(true) });
-    let (ps, gate) = primary_h(addr, Some(failover(&arb)), &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, health } =
+        pair_of(addr, Some(&arb), HealthConfig { on_fault: OnFault::Restart, ..quiet(true) }, quiet(true));
     let pace = Duration::from_micros(200);
     let (s_stop, s_guest) = start_secondary(&ss, &sw, 1_000_000, pace, healthy_every(16));
     let (_p_stop, p_guest) = start_primary(&ps, gate, &pw, 1_000_000, pace, healthy_every(16));
@@ -248,12 +250,7 @@ fn a_fault_on_a_primary_running_alone_is_left_to_on_fault() {
 #[test]
 fn a_persistent_fault_escalates_after_one_containment() {
     let (addr, arb) = (free_port(), arbiter());
-    let sec = secondary_h(addr, Some(failover(&arb)), quiet(true));
-    let pw = Arc::new(World::default());
-    let health = Health::new(quiet(true));
-    let (ps, gate) = primary_h(addr, Some(failover(&arb)), &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, Some(&arb), quiet(true), quiet(true));
     let persistent = |g: &mut ScriptedGuest| {
         g.healthy_every = 16;
         g.panic_at = Some(2000);
@@ -285,12 +282,7 @@ fn a_persistent_fault_escalates_after_one_containment() {
 fn released_lines(mode: OutputMode) -> (usize, usize) {
     let addr = free_port();
     let cfg = HealthConfig { output_mode: mode, ..quiet(true) };
-    let sec = secondary_h(addr, None, cfg.clone());
-    let pw = Arc::new(World::default());
-    let health = Health::new(cfg);
-    let (ps, gate) = primary_h(addr, None, &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, None, cfg.clone(), cfg);
     let reports = |g: &mut ScriptedGuest| {
         g.healthy_every = 64;
         g.healthy_until = 1024;
@@ -333,12 +325,7 @@ fn strict_never_releases_an_output_past_the_last_acknowledged_barrier() {
 fn a_missed_health_report_is_contained() {
     let (addr, arb) = (free_port(), arbiter());
     let cfg = HealthConfig { deadline: Some(Duration::from_millis(50)), hang: None, ..HealthConfig::default() };
-    let sec = secondary_h(addr, Some(failover(&arb)), cfg.clone());
-    let pw = Arc::new(World::default());
-    let health = Health::new(cfg);
-    let (ps, gate) = primary_h(addr, Some(failover(&arb)), &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, Some(&arb), cfg.clone(), cfg);
     let pace = Duration::from_micros(200);
     // The application stops reporting at exit 800 (the guest runs on).
     let reports = |g: &mut ScriptedGuest| {
@@ -362,12 +349,7 @@ fn a_missed_health_report_is_contained() {
 #[test]
 fn a_fault_and_the_primarys_death_at_once_leave_exactly_one_live_copy() {
     let (addr, arb) = (free_port(), arbiter());
-    let sec = secondary_h(addr, Some(failover(&arb)), quiet(true));
-    let pw = Arc::new(World::default());
-    let health = Health::new(quiet(true));
-    let (ps, gate) = primary_h(addr, Some(failover(&arb)), &pw, &health);
-    let ss = sec.join().unwrap();
-    let sw = Arc::new(World::default());
+    let TestPair { ps, gate, pw, ss, sw, .. } = pair_of(addr, Some(&arb), quiet(true), quiet(true));
     let pace = Duration::from_micros(100);
     let (s_stop, s_guest) = start_secondary(&ss, &sw, 1_000_000, pace, healthy_every(16));
     let (_p_stop, p_guest) = start_primary(&ps, gate, &pw, 1_000_000, pace, healthy_every(16));
